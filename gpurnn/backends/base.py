@@ -1,0 +1,81 @@
+"""What a backend implements: the recurrence primitive's forward and backward.
+
+A backend never sees modules, layers or PackedSequences: only one (layer, direction)
+recurrence at a time, in the time-major layout of the primitive (see gpurnn.recurrence).
+Every backend is reached through the `gpurnn::recurrence` custom op, which owns autograd;
+a backend's forward may return one `workspace` tensor of whatever it wants to keep for its
+backward (gate activations, cell states), or an empty tensor if it recomputes.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+
+class Grads(NamedTuple):
+    """Gradients of the primitive's differentiable inputs; None where an input was absent."""
+
+    xg: Tensor
+    w_hh: Tensor
+    h0: Tensor | None
+    c0: Tensor | None
+    b_hn: Tensor | None
+    w_hr: Tensor | None
+
+
+class Backend(ABC):
+    name: str = "?"
+
+    def unavailable_reason(self) -> str | None:
+        """None when the backend can run on this machine, else why it cannot."""
+        return None
+
+    def unsupported_reason(self, cell: str, xg: Tensor, w_hr: Tensor | None) -> str | None:
+        """None when the backend runs this case (device, dtype, cell, projection), else why not."""
+        return None
+
+    def workspace_spec(
+        self, cell: str, T: int, B: int, H: int, dtype: torch.dtype, save: bool
+    ) -> tuple[tuple[int, ...], torch.dtype]:
+        """Shape and dtype of the workspace `forward` returns (used by the fake kernel too)."""
+        return (0,), dtype
+
+    @abstractmethod
+    def forward(
+        self,
+        cell: str,
+        xg: Tensor,
+        w_hh: Tensor,
+        h0: Tensor | None,
+        c0: Tensor | None,
+        lengths: Tensor | None,
+        reverse: bool,
+        b_hn: Tensor | None,
+        w_hr: Tensor | None,
+        save: bool,
+    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+        """Returns (y, h_T, c_T or None, workspace). `save` is False when no backward will run."""
+
+    @abstractmethod
+    def backward(
+        self,
+        cell: str,
+        xg: Tensor,
+        w_hh: Tensor,
+        h0: Tensor | None,
+        c0: Tensor | None,
+        lengths: Tensor | None,
+        reverse: bool,
+        b_hn: Tensor | None,
+        w_hr: Tensor | None,
+        y: Tensor,
+        workspace: Tensor,
+        dy: Tensor,
+        dh_T: Tensor,
+        dc_T: Tensor | None,
+    ) -> Grads:
+        """Gradients of the inputs, given those of (y, h_T, c_T); dc_T is None unless LSTM."""

@@ -1,0 +1,1 @@
+"""Device code: Triton kernels (tl/) and CUDA sources (cuda/), shipped as gpurnn._kernels."""

@@ -1,0 +1,1 @@
+"""CUDA C++ sources that the cupy backend compiles at run time with NVRTC."""
