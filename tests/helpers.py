@@ -6,8 +6,12 @@ import numpy as np
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-TORCH_MODULES = {"rnn_tanh": torch.nn.RNN, "rnn_relu": torch.nn.RNN,
-                 "lstm": torch.nn.LSTM, "gru": torch.nn.GRU}
+TORCH_MODULES = {
+    "rnn_tanh": torch.nn.RNN,
+    "rnn_relu": torch.nn.RNN,
+    "lstm": torch.nn.LSTM,
+    "gru": torch.nn.GRU,
+}
 
 # (atol, rtol) per dtype for comparisons against the float64 reference
 TOLERANCES = {
@@ -18,10 +22,24 @@ TOLERANCES = {
 }
 
 
-def module_kwargs(cell, input_size, hidden_size, num_layers=1, bias=True,
-                  bidirectional=False, proj_size=0, batch_first=False):
-    kw = dict(input_size=input_size, hidden_size=hidden_size, num_layers=num_layers,
-              bias=bias, bidirectional=bidirectional, batch_first=batch_first)
+def module_kwargs(
+    cell,
+    input_size,
+    hidden_size,
+    num_layers=1,
+    bias=True,
+    bidirectional=False,
+    proj_size=0,
+    batch_first=False,
+):
+    kw = dict(
+        input_size=input_size,
+        hidden_size=hidden_size,
+        num_layers=num_layers,
+        bias=bias,
+        bidirectional=bidirectional,
+        batch_first=batch_first,
+    )
     if cell.startswith("rnn"):
         kw["nonlinearity"] = cell[4:]
     if proj_size:
@@ -55,8 +73,9 @@ def run_torch_style(model, x, hx, lengths, batch_first=False):
 def assert_close(actual, expected, dtype, what):
     atol, rtol = TOLERANCES[dtype]
     actual = np.asarray(actual.detach().double().cpu() if torch.is_tensor(actual) else actual)
-    expected = np.asarray(expected.detach().double().cpu() if torch.is_tensor(expected)
-                          else expected)
+    expected = np.asarray(
+        expected.detach().double().cpu() if torch.is_tensor(expected) else expected
+    )
     assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
     assert np.isfinite(actual).all(), f"{what}: non-finite values (unwritten output?)"
     np.testing.assert_allclose(actual, expected, atol=atol, rtol=rtol, err_msg=what)

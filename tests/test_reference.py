@@ -11,18 +11,32 @@ from tests.helpers import assert_close, make_torch_module, run_torch_style, unev
 
 CASES = [
     # cell, bias, bidirectional, num_layers, proj_size, packed
-    *itertools.product(["rnn_tanh", "rnn_relu", "gru", "lstm"], [True, False], [False, True],
-                       [1, 2], [0], [False, True]),
+    *itertools.product(
+        ["rnn_tanh", "rnn_relu", "gru", "lstm"],
+        [True, False],
+        [False, True],
+        [1, 2],
+        [0],
+        [False, True],
+    ),
     *itertools.product(["lstm"], [True, False], [False, True], [1, 2], [3], [False, True]),
 ]
 
 
 @pytest.mark.parametrize("cell,bias,bidirectional,num_layers,proj_size,packed", CASES)
-def test_module_reference_matches_torch_autograd(cell, bias, bidirectional, num_layers,
-                                                 proj_size, packed):
+def test_module_reference_matches_torch_autograd(
+    cell, bias, bidirectional, num_layers, proj_size, packed
+):
     T, B, F, H = 5, 3, 4, 6
-    model = make_torch_module(cell, input_size=F, hidden_size=H, num_layers=num_layers,
-                              bias=bias, bidirectional=bidirectional, proj_size=proj_size)
+    model = make_torch_module(
+        cell,
+        input_size=F,
+        hidden_size=H,
+        num_layers=num_layers,
+        bias=bias,
+        bidirectional=bidirectional,
+        proj_size=proj_size,
+    )
     D = 2 if bidirectional else 1
     H_out = proj_size or H
     x = torch.randn(T, B, F, dtype=torch.float64, requires_grad=True)
@@ -35,24 +49,32 @@ def test_module_reference_matches_torch_autograd(cell, bias, bidirectional, num_
     h_n, c_n = hidden if cell == "lstm" else (hidden, None)
     d_out, d_hn = torch.randn_like(out), torch.randn_like(h_n)
     d_cn = torch.randn_like(c_n) if c_n is not None else None
-    loss = (out * d_out).sum() + (h_n * d_hn).sum() + ((c_n * d_cn).sum() if c_n is not None
-                                                       else 0)
+    loss = (out * d_out).sum() + (h_n * d_hn).sum() + ((c_n * d_cn).sum() if c_n is not None else 0)
     loss.backward()
 
     params = {k: v.detach().numpy() for k, v in model.named_parameters()}
     np_len = lengths.numpy() if lengths is not None else None
     c0_np = c0.detach().numpy() if cell == "lstm" else None
     kw = dict(num_layers=num_layers, bidirectional=bidirectional, lengths=np_len)
-    r_out, r_hn, r_cn = reference.rnn_forward(cell, x.detach().numpy(), params,
-                                              h0.detach().numpy(), c0_np, **kw)
+    r_out, r_hn, r_cn = reference.rnn_forward(
+        cell, x.detach().numpy(), params, h0.detach().numpy(), c0_np, **kw
+    )
     assert_close(r_out, out, torch.float64, "output")
     assert_close(r_hn, h_n, torch.float64, "h_n")
     if cell == "lstm":
         assert_close(r_cn, c_n, torch.float64, "c_n")
 
     dx, dh0, dc0, dparams = reference.rnn_backward(
-        cell, x.detach().numpy(), params, h0.detach().numpy(), c0_np, d_out.numpy(),
-        d_hn.numpy(), d_cn.numpy() if d_cn is not None else None, **kw)
+        cell,
+        x.detach().numpy(),
+        params,
+        h0.detach().numpy(),
+        c0_np,
+        d_out.numpy(),
+        d_hn.numpy(),
+        d_cn.numpy() if d_cn is not None else None,
+        **kw,
+    )
     assert_close(dx, x.grad, torch.float64, "grad input")
     assert_close(dh0, h0.grad, torch.float64, "grad h0")
     if cell == "lstm":
@@ -85,12 +107,24 @@ def test_primitive_backward_matches_finite_differences(cell, reverse):
 
     def loss(**kw):
         y, h_T, c_T = reference.recurrence_forward(cell, lengths=lengths, reverse=reverse, **kw)
-        return (y * dy).sum() + (h_T * dh_T).sum() + ((c_T * dc_T).sum() if c_T is not None
-                                                      else 0.0)
+        return (
+            (y * dy).sum() + (h_T * dh_T).sum() + ((c_T * dc_T).sum() if c_T is not None else 0.0)
+        )
 
-    grads = reference.recurrence_backward(cell, inputs["xg"], inputs["w_hh"], None, None,
-                                          lengths, reverse, inputs["b_hn"], inputs["w_hr"],
-                                          dy, dh_T, dc_T)
+    grads = reference.recurrence_backward(
+        cell,
+        inputs["xg"],
+        inputs["w_hh"],
+        None,
+        None,
+        lengths,
+        reverse,
+        inputs["b_hn"],
+        inputs["w_hr"],
+        dy,
+        dh_T,
+        dc_T,
+    )
     assert grads["h0"] is None and grads["c0"] is None
     eps = 1e-6
     for name, value in inputs.items():

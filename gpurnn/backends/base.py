@@ -29,6 +29,9 @@ class Grads(NamedTuple):
 
 class Backend(ABC):
     name: str = "?"
+    # False when `backward` works from the workspace and outputs alone, so the custom op
+    # need not keep the (T, B, G*H) input projection alive until backward; xg is then None.
+    backward_uses_xg: bool = True
 
     def unavailable_reason(self) -> str | None:
         """None when the backend can run on this machine, else why it cannot."""
@@ -64,7 +67,7 @@ class Backend(ABC):
     def backward(
         self,
         cell: str,
-        xg: Tensor,
+        xg: Tensor | None,
         w_hh: Tensor,
         h0: Tensor | None,
         c0: Tensor | None,

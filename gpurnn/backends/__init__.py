@@ -1,0 +1,128 @@
+"""Backend registry and selection.
+
+Names: "triton", "cupy", "torch", "numpy", and "auto" (the fastest that runs the case).
+Which one runs, most specific first:
+  1. the `backend=` keyword of a module or of `gpurnn.recurrence`,
+  2. `with gpurnn.use_backend(name):`,
+  3. the environment variable GPURNN_BACKEND,
+  4. "auto".
+A backend asked for by name runs or raises a clear error; "auto" falls back quietly to
+the next one and says so at debug log level.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import importlib
+import logging
+import os
+
+from gpurnn.backends.base import Backend, Grads
+
+__all__ = [
+    "Backend",
+    "Grads",
+    "BACKENDS",
+    "available_backends",
+    "get_backend",
+    "resolve_backend",
+    "use_backend",
+    "requested_backend",
+]
+
+log = logging.getLogger("gpurnn")
+
+# name -> "module:class"; "auto" tries them in this order
+_IMPLEMENTATIONS = {
+    "triton": "gpurnn.backends.triton:TritonBackend",
+    "cupy": "gpurnn.backends.cupy:CupyBackend",
+    "torch": "gpurnn.backends.torch:TorchBackend",
+    "numpy": "gpurnn.backends.numpy:NumpyBackend",
+}
+# "auto" never picks numpy: it is the reference, not a fast path
+_AUTO_ORDER = ("triton", "cupy", "torch")
+_GPU_KERNELS = ("triton", "cupy")
+BACKENDS = (*_IMPLEMENTATIONS, "auto")
+
+_instances: dict[str, Backend] = {}
+_import_errors: dict[str, str] = {}
+_requested: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "gpurnn_backend", default=None
+)
+
+
+def _check_name(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+def get_backend(name: str) -> Backend | None:
+    """The backend object, or None if its module cannot be imported here."""
+    _check_name(name)
+    if name not in _instances and name not in _import_errors:
+        module, cls = _IMPLEMENTATIONS[name].split(":")
+        try:
+            _instances[name] = getattr(importlib.import_module(module), cls)()
+        except ModuleNotFoundError as e:
+            _import_errors[name] = (
+                "not part of this version of gpurnn yet"
+                if e.name == module
+                else f"cannot import {module}: {e}"
+            )
+        except ImportError as e:
+            _import_errors[name] = f"cannot import {module}: {e}"
+    return _instances.get(name)
+
+
+def _unavailable_reason(name: str) -> str | None:
+    backend = get_backend(name)
+    return _import_errors[name] if backend is None else backend.unavailable_reason()
+
+
+def available_backends() -> dict[str, str | None]:
+    """Every backend name -> None if it works on this machine, else the reason it does not."""
+    return {name: _unavailable_reason(name) for name in _IMPLEMENTATIONS}
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Run gpurnn modules inside the block on backend `name` (unless a module names its own)."""
+    token = _requested.set(_check_name(name))
+    try:
+        yield
+    finally:
+        _requested.reset(token)
+
+
+def requested_backend(explicit: str | None = None) -> str:
+    """The backend name in force: explicit keyword, then use_backend, then GPURNN_BACKEND."""
+    if explicit is not None:
+        return _check_name(explicit)
+    name = _requested.get() or os.environ.get("GPURNN_BACKEND") or "auto"
+    return _check_name(name)
+
+
+def resolve_backend(name: str, cell: str, xg, w_hr=None) -> Backend:
+    """The backend that runs this case: `name` itself (or a clear error), or for "auto"
+    the first in triton, cupy, torch that is available and supports it."""
+    if name != "auto":
+        reason = _unavailable_reason(name)
+        backend = get_backend(name)
+        if reason is None:
+            reason = backend.unsupported_reason(cell, xg, w_hr)
+        if reason is not None:
+            raise RuntimeError(f"gpurnn backend {name!r} cannot run this case: {reason}")
+        return backend
+    for candidate in _AUTO_ORDER:
+        if candidate in _GPU_KERNELS and xg.device.type != "cuda":
+            # the interpreter runs Triton on CPU tensors, but only when asked for by name
+            continue
+        reason = _unavailable_reason(candidate)
+        if reason is None:
+            reason = get_backend(candidate).unsupported_reason(cell, xg, w_hr)
+        if reason is None:
+            return get_backend(candidate)
+        log.debug("gpurnn auto: skipping %s (%s)", candidate, reason)
+    raise RuntimeError(f"no gpurnn backend can run cell={cell} dtype={xg.dtype} device={xg.device}")

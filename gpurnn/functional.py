@@ -1,0 +1,125 @@
+"""Layers and cells built from the recurrence primitive (the module layer's engine).
+
+Everything here is time-major and differentiable with ordinary autograd: the input
+projection is one large GEMM per (layer, direction) done by torch, the recurrence is the
+`gpurnn::recurrence` custom op.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from gpurnn.recurrence import recurrence
+
+
+def input_projection(
+    cell: str, x: Tensor, w_ih: Tensor, b_ih: Tensor | None, b_hh: Tensor | None
+) -> tuple[Tensor, Tensor | None]:
+    """xg = x W_ihᵀ + b_ih + b_hh for all steps at once, and GRU's b_hn, which must stay
+    inside r ⊙ (W_hn h + b_hn) and so cannot be folded."""
+    if b_ih is None:
+        return F.linear(x, w_ih), None
+    if cell != "gru":
+        return F.linear(x, w_ih, b_ih + b_hh), None
+    H = w_ih.shape[0] // 3
+    folded = torch.cat([b_ih[: 2 * H] + b_hh[: 2 * H], b_ih[2 * H :]])
+    return F.linear(x, w_ih, folded), b_hh[2 * H :]
+
+
+def rnn(
+    cell: str,
+    x: Tensor,
+    h0: Tensor,
+    c0: Tensor | None,
+    weights: list[tuple],
+    *,
+    num_layers: int,
+    bidirectional: bool,
+    dropout: float = 0.0,
+    training: bool = False,
+    lengths: Tensor | None = None,
+    backend: str | None = None,
+):
+    """A stack of recurrent layers, as torch.nn runs them.
+
+    x (T, B, F); h0 (L*D, B, H_out); c0 (L*D, B, H) for LSTM; weights[layer*D + d] =
+    (w_ih, w_hh, b_ih, b_hh, w_hr), biases and w_hr None where absent; lengths (B,) or
+    None. Dropout applies to the outputs of every layer but the last, in training only.
+    Returns (output (T, B, D*H_out), h_n (L*D, B, H_out), c_n (L*D, B, H) or None).
+    """
+    D = 2 if bidirectional else 1
+    layer_in = x
+    h_n, c_n = [], []
+    for layer in range(num_layers):
+        if layer > 0 and dropout > 0 and training:
+            layer_in = F.dropout(layer_in, dropout, training=True)
+        outputs = []
+        for d in range(D):
+            k = layer * D + d
+            w_ih, w_hh, b_ih, b_hh, w_hr = weights[k]
+            xg, b_hn = input_projection(cell, layer_in, w_ih, b_ih, b_hh)
+            # under autocast the GEMM above runs in the autocast dtype: follow it
+            dtype = xg.dtype
+            y, h_T, c_T = recurrence(
+                cell,
+                xg,
+                w_hh.to(dtype),
+                h0[k].to(dtype),
+                c0[k].to(dtype) if c0 is not None else None,
+                lengths=lengths,
+                reverse=d == 1,
+                b_hn=b_hn.to(dtype) if b_hn is not None else None,
+                w_hr=w_hr.to(dtype) if w_hr is not None else None,
+                backend=backend,
+            )
+            outputs.append(y)
+            h_n.append(h_T)
+            c_n.append(c_T)
+        layer_in = outputs[0] if D == 1 else torch.cat(outputs, dim=-1)
+    return layer_in, torch.stack(h_n), torch.stack(c_n) if cell == "lstm" else None
+
+
+def cell_step(
+    cell: str,
+    x: Tensor,
+    h: Tensor,
+    c: Tensor | None,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None,
+    b_hh: Tensor | None,
+    backend: str | None = None,
+):
+    """One step of a cell for a batch: x (B, F), h (B, H), c (B, H) for LSTM.
+    Returns (h', c' or None)."""
+    xg, b_hn = input_projection(cell, x, w_ih, b_ih, b_hh)
+    dtype = xg.dtype
+    _, h_new, c_new = recurrence(
+        cell,
+        xg[None],
+        w_hh.to(dtype),
+        h.to(dtype),
+        c.to(dtype) if c is not None else None,
+        b_hn=b_hn.to(dtype) if b_hn is not None else None,
+        backend=backend,
+    )
+    return h_new, c_new
+
+
+def layer_weights(module) -> list[tuple]:
+    """(w_ih, w_hh, b_ih, b_hh, w_hr) per (layer, direction) of a torch.nn-style RNN module,
+    read by name so that torch.func.functional_call's substituted tensors are used."""
+    D = 2 if module.bidirectional else 1
+    out = []
+    for layer in range(module.num_layers):
+        for d in range(D):
+            sfx = f"_l{layer}" + ("_reverse" if d == 1 else "")
+            out.append(
+                tuple(
+                    getattr(module, f"{kind}{sfx}", None)
+                    for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
+                )
+            )
+    return out

@@ -1,0 +1,235 @@
+"""The one primitive every layer reduces to, as a torch.library custom op.
+
+    recurrence(cell, xg, w_hh, h0=None, c0=None, *, lengths=None, reverse=False,
+               b_hn=None, w_hr=None, backend=None) -> (y, h_T, c_T)
+
+One layer, one direction. `xg` (T, B, G*H) is the input projection x W_ihᵀ + biases for
+all steps (GRU's b_hn kept apart), computed outside by one large GEMM. See gpurnn/cells.py
+for the cells and DESIGN.md §2 for the contract.
+
+The op `gpurnn::recurrence` dispatches to a backend (gpurnn/backends); its autograd is
+registered with `torch.library.register_autograd` and runs a second op,
+`gpurnn::recurrence_backward`. Both have fake implementations, so torch.compile traces
+through a gpurnn layer with no graph break; the backend's name travels as an argument.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from gpurnn.backends import get_backend, requested_backend, resolve_backend
+from gpurnn.cells import GATES, check_cell
+
+_OPTIONAL_GRADS = ("h0", "c0", "b_hn", "w_hr")
+
+
+def _empty(like: Tensor) -> Tensor:
+    """Stands for an absent tensor in a custom op's outputs (which must all be tensors)."""
+    return like.new_empty(0)
+
+
+@torch.library.custom_op("gpurnn::recurrence", mutates_args=())
+def _recurrence_op(
+    cell: str,
+    xg: Tensor,
+    w_hh: Tensor,
+    h0: Tensor | None,
+    c0: Tensor | None,
+    lengths: Tensor | None,
+    reverse: bool,
+    b_hn: Tensor | None,
+    w_hr: Tensor | None,
+    backend: str,
+    save: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    y, h_T, c_T, workspace = get_backend(backend).forward(
+        cell, xg, w_hh, h0, c0, lengths, reverse, b_hn, w_hr, save
+    )
+    return y, h_T, c_T if c_T is not None else _empty(xg), workspace
+
+
+@_recurrence_op.register_fake
+def _recurrence_fake(cell, xg, w_hh, h0, c0, lengths, reverse, b_hn, w_hr, backend, save):
+    T, B, GH = xg.shape
+    H, H_out = GH // GATES[cell], w_hh.shape[1]
+    shape, dtype = get_backend(backend).workspace_spec(cell, T, B, H, xg.dtype, save)
+    return (
+        xg.new_empty(T, B, H_out),
+        xg.new_empty(B, H_out),
+        xg.new_empty(B, H) if cell == "lstm" else _empty(xg),
+        xg.new_empty(shape, dtype=dtype),
+    )
+
+
+@torch.library.custom_op("gpurnn::recurrence_backward", mutates_args=())
+def _recurrence_backward_op(
+    cell: str,
+    xg: Tensor | None,
+    w_hh: Tensor,
+    h0: Tensor | None,
+    c0: Tensor | None,
+    lengths: Tensor | None,
+    reverse: bool,
+    b_hn: Tensor | None,
+    w_hr: Tensor | None,
+    y: Tensor,
+    workspace: Tensor,
+    dy: Tensor,
+    dh_T: Tensor,
+    dc_T: Tensor | None,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    grads = get_backend(backend).backward(
+        cell, xg, w_hh, h0, c0, lengths, reverse, b_hn, w_hr, y, workspace, dy, dh_T, dc_T
+    )
+    return tuple(g if g is not None else _empty(y) for g in grads)
+
+
+@_recurrence_backward_op.register_fake
+def _recurrence_backward_fake(
+    cell, xg, w_hh, h0, c0, lengths, reverse, b_hn, w_hr, y, workspace, dy, dh_T, dc_T, backend
+):
+    T, B, _ = y.shape
+    return (
+        y.new_empty(T, B, w_hh.shape[0]),
+        torch.empty_like(w_hh),
+        *(torch.empty_like(t) if t is not None else _empty(y) for t in (h0, c0, b_hn, w_hr)),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    cell, xg, w_hh, h0, c0, lengths, reverse, b_hn, w_hr, backend, _ = inputs
+    y, _, _, workspace = output
+    ctx.cell, ctx.reverse, ctx.backend = cell, reverse, backend
+    ctx.absent = [t is None for t in (xg, h0, c0, lengths, b_hn, w_hr)]
+    keep_xg = get_backend(backend).backward_uses_xg
+    ctx.keep_xg = keep_xg
+    ctx.save_for_backward(
+        *(t for t in (xg if keep_xg else None, h0, c0, lengths, b_hn, w_hr) if t is not None),
+        w_hh,
+        y,
+        workspace,
+    )
+    ctx.mark_non_differentiable(workspace)
+
+
+def _backward(ctx, dy, dh_T, dc_T, _d_workspace):
+    saved = list(ctx.saved_tensors)
+    w_hh, y, workspace = saved[-3:]
+    rest = iter(saved[:-3])
+    xg, h0, c0, lengths, b_hn, w_hr = (
+        None if absent or (i == 0 and not ctx.keep_xg) else next(rest)
+        for i, absent in enumerate(ctx.absent)
+    )
+    is_lstm = ctx.cell == "lstm"
+    dy = dy if dy is not None else torch.zeros_like(y)
+    dh_T = dh_T if dh_T is not None else y.new_zeros(y.shape[1:])
+    if is_lstm and (dc_T is None or dc_T.numel() == 0):
+        dc_T = y.new_zeros(y.shape[1], w_hh.shape[0] // 4)
+    d_xg, d_w_hh, *optional = _recurrence_backward_op(
+        ctx.cell,
+        xg,
+        w_hh,
+        h0,
+        c0,
+        lengths,
+        ctx.reverse,
+        b_hn,
+        w_hr,
+        y,
+        workspace,
+        dy,
+        dh_T,
+        dc_T if is_lstm else None,
+        ctx.backend,
+    )
+    d_h0, d_c0, d_b_hn, d_w_hr = (
+        g if t is not None else None for g, t in zip(optional, (h0, c0, b_hn, w_hr))
+    )
+    return None, d_xg, d_w_hh, d_h0, d_c0, None, None, d_b_hn, d_w_hr, None, None
+
+
+torch.library.register_autograd("gpurnn::recurrence", _backward, setup_context=_setup_context)
+
+
+def _check_args(cell, xg, w_hh, h0, c0, lengths, b_hn, w_hr):
+    check_cell(cell)
+    if not isinstance(xg, Tensor) or xg.dim() != 3:
+        raise ValueError(
+            f"xg must be a 3-D tensor (T, B, G*H), got "
+            f"{tuple(xg.shape) if isinstance(xg, Tensor) else type(xg)}"
+        )
+    if not xg.is_floating_point():
+        raise TypeError(f"xg must be a floating-point tensor, got {xg.dtype}")
+    T, B, GH = xg.shape
+    G = GATES[cell]
+    if GH % G:
+        raise ValueError(f"xg.size(2) must be {G} * hidden_size for {cell}, got {GH}")
+    H = GH // G
+    if w_hh.dim() != 2 or w_hh.shape[0] != GH:
+        raise ValueError(f"w_hh must have shape ({GH}, H_out), got {tuple(w_hh.shape)}")
+    H_out = w_hh.shape[1]
+    if w_hr is not None:
+        if cell != "lstm":
+            raise ValueError(f"w_hr (projection) is only for lstm, not {cell}")
+        if tuple(w_hr.shape) != (H_out, H):
+            raise ValueError(f"w_hr must have shape ({H_out}, {H}), got {tuple(w_hr.shape)}")
+    elif H_out != H:
+        raise ValueError(f"w_hh must have shape ({GH}, {H}), got {tuple(w_hh.shape)}")
+    expected = {"h0": (B, H_out), "c0": (B, H), "b_hn": (H,)}
+    for name, t in (("w_hh", w_hh), ("h0", h0), ("c0", c0), ("b_hn", b_hn), ("w_hr", w_hr)):
+        if t is None:
+            continue
+        if name in expected and tuple(t.shape) != expected[name]:
+            raise ValueError(f"{name} must have shape {expected[name]}, got {tuple(t.shape)}")
+        if t.dtype != xg.dtype:
+            raise TypeError(f"{name} dtype ({t.dtype}) must match xg dtype ({xg.dtype})")
+        if t.device != xg.device:
+            raise ValueError(f"{name} is on {t.device} but xg is on {xg.device}")
+    if c0 is not None and cell != "lstm":
+        raise ValueError(f"c0 is only for lstm, not {cell}")
+    if b_hn is not None and cell != "gru":
+        raise ValueError(f"b_hn is only for gru, not {cell}")
+    if lengths is not None:
+        if lengths.dim() != 1 or lengths.shape[0] != B or lengths.is_floating_point():
+            raise ValueError(
+                f"lengths must be an integer tensor of shape ({B},), got "
+                f"{lengths.dtype} {tuple(lengths.shape)}"
+            )
+        if (
+            not torch.compiler.is_compiling()
+            and lengths.numel()
+            and (int(lengths.min()) < 0 or int(lengths.max()) > T)
+        ):
+            raise ValueError(
+                f"lengths must lie in [0, {T}] (T = xg.size(0)), got {lengths.tolist()}"
+            )
+
+
+def recurrence(
+    cell,
+    xg,
+    w_hh,
+    h0=None,
+    c0=None,
+    *,
+    lengths=None,
+    reverse=False,
+    b_hn=None,
+    w_hr=None,
+    backend=None,
+):
+    """Runs one recurrent layer in one direction. Returns (y, h_T, c_T); c_T is None
+    unless cell is "lstm". Differentiable in xg, w_hh, h0, c0, b_hn and w_hr."""
+    _check_args(cell, xg, w_hh, h0, c0, lengths, b_hn, w_hr)
+    chosen = resolve_backend(requested_backend(backend), cell, xg, w_hr)
+    if lengths is not None:
+        lengths = lengths.to(device=xg.device, dtype=torch.int64)
+    save = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (xg, w_hh, h0, c0, b_hn, w_hr)
+    )
+    y, h_T, c_T, _ = _recurrence_op(
+        cell, xg, w_hh, h0, c0, lengths, reverse, b_hn, w_hr, chosen.name, save
+    )
+    return y, h_T, (c_T if cell == "lstm" else None)
