@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from gpurnn import functional
-from gpurnn.backends import BACKENDS, requested_backend, resolve_backend
+from gpurnn.backends import BACKENDS, choose_backend
 from gpurnn.backends import torch as torch_backend
 from gpurnn.cells import MODE_TO_CELL
 
@@ -53,10 +53,11 @@ def _check_parameters_device(module: nn.Module, input: Tensor) -> None:
 
 
 def _runs_natively(backend_name: str) -> bool:
+    # under torch.compile the primitive (a custom op) runs instead: Dynamo traces it
     return (
-        backend_name == "torch"
+        not torch.compiler.is_compiling()
+        and backend_name == "torch"
         and torch_backend.USE_NATIVE_LAYERS
-        and not torch.compiler.is_compiling()
     )
 
 
@@ -123,10 +124,8 @@ class _RNNBase(nn.RNNBase):
             h0 = h0.index_select(1, sorted_indices)
             c0 = c0.index_select(1, sorted_indices) if c0 is not None else None
 
-        backend = resolve_backend(
-            requested_backend(self.backend), cell, input, getattr(self, "weight_hr_l0", None)
-        )
-        if _runs_natively(backend.name):
+        backend = choose_backend(self.backend, cell, input.device, input.dtype, self.proj_size > 0)
+        if _runs_natively(backend):
             self._update_flat_weights()
             output, h_n, c_n = torch_backend.native_rnn(
                 cell,
@@ -142,9 +141,7 @@ class _RNNBase(nn.RNNBase):
                 self.batch_first,
             )
         else:
-            output, h_n, c_n = self._forward_primitive(
-                cell, input, batch_sizes, h0, c0, backend.name
-            )
+            output, h_n, c_n = self._forward_primitive(cell, input, batch_sizes, h0, c0, backend)
 
         if unsorted_indices is not None:
             h_n = h_n.index_select(1, unsorted_indices)
@@ -312,9 +309,9 @@ class _CellBase(nn.RNNCellBase):
             )
         _check_parameters_device(self, input)
 
-        backend = resolve_backend(requested_backend(self.backend), cell, input)
+        backend = choose_backend(self.backend, cell, input.device, input.dtype, False)
         h, c = states[0], (states[1] if is_lstm else None)
-        if _runs_natively(backend.name):
+        if _runs_natively(backend):
             out = torch_backend.native_cell(
                 cell,
                 input,
@@ -335,7 +332,7 @@ class _CellBase(nn.RNNCellBase):
                 self.weight_hh,
                 self.bias_ih,
                 self.bias_hh,
-                backend=backend.name,
+                backend=backend,
             )
         if not is_batched:
             h_new = h_new.squeeze(0)

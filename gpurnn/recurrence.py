@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from gpurnn.backends import get_backend, requested_backend, resolve_backend
+from gpurnn.backends import choose_backend, get_backend
 from gpurnn.cells import GATES, check_cell
 
 _OPTIONAL_GRADS = ("h0", "c0", "b_hn", "w_hr")
@@ -223,13 +223,13 @@ def recurrence(
     """Runs one recurrent layer in one direction. Returns (y, h_T, c_T); c_T is None
     unless cell is "lstm". Differentiable in xg, w_hh, h0, c0, b_hn and w_hr."""
     _check_args(cell, xg, w_hh, h0, c0, lengths, b_hn, w_hr)
-    chosen = resolve_backend(requested_backend(backend), cell, xg, w_hr)
+    chosen = choose_backend(backend, cell, xg.device, xg.dtype, w_hr is not None)
     if lengths is not None:
         lengths = lengths.to(device=xg.device, dtype=torch.int64)
     save = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (xg, w_hh, h0, c0, b_hn, w_hr)
     )
     y, h_T, c_T, _ = _recurrence_op(
-        cell, xg, w_hh, h0, c0, lengths, reverse, b_hn, w_hr, chosen.name, save
+        cell, xg, w_hh, h0, c0, lengths, reverse, b_hn, w_hr, chosen, save
     )
     return y, h_T, (c_T if cell == "lstm" else None)

@@ -18,6 +18,9 @@ import importlib
 import logging
 import os
 
+# not `import torch`: that would bind the name of our own submodule gpurnn.backends.torch
+import torch as _torch
+
 from gpurnn.backends.base import Backend, Grads
 
 __all__ = [
@@ -26,7 +29,7 @@ __all__ = [
     "BACKENDS",
     "available_backends",
     "get_backend",
-    "resolve_backend",
+    "choose_backend",
     "use_backend",
     "requested_backend",
 ]
@@ -104,25 +107,36 @@ def requested_backend(explicit: str | None = None) -> str:
     return _check_name(name)
 
 
-def resolve_backend(name: str, cell: str, xg, w_hr=None) -> Backend:
-    """The backend that runs this case: `name` itself (or a clear error), or for "auto"
-    the first in triton, cupy, torch that is available and supports it."""
+def _reason_against(name: str, cell: str, device, dtype, projected: bool) -> str | None:
+    reason = _unavailable_reason(name)
+    if reason is None:
+        reason = get_backend(name).unsupported_reason(cell, device, dtype, projected)
+    return reason
+
+
+@_torch.compiler.assume_constant_result
+def choose_backend(
+    explicit: str | None, cell: str, device: _torch.device, dtype: _torch.dtype, projected: bool
+) -> str:
+    """Name of the backend that runs this case: the one requested (explicit keyword, then
+    use_backend, then GPURNN_BACKEND) or a clear error; for "auto", the first of triton,
+    cupy, torch that is available here and supports the case.
+
+    A constant for torch.compile: it depends on nothing a graph computes, and Dynamo need
+    not trace the imports and environment look-ups behind it.
+    """
+    name = requested_backend(explicit)
     if name != "auto":
-        reason = _unavailable_reason(name)
-        backend = get_backend(name)
-        if reason is None:
-            reason = backend.unsupported_reason(cell, xg, w_hr)
+        reason = _reason_against(name, cell, device, dtype, projected)
         if reason is not None:
             raise RuntimeError(f"gpurnn backend {name!r} cannot run this case: {reason}")
-        return backend
+        return name
     for candidate in _AUTO_ORDER:
-        if candidate in _GPU_KERNELS and xg.device.type != "cuda":
+        if candidate in _GPU_KERNELS and device.type != "cuda":
             # the interpreter runs Triton on CPU tensors, but only when asked for by name
             continue
-        reason = _unavailable_reason(candidate)
+        reason = _reason_against(candidate, cell, device, dtype, projected)
         if reason is None:
-            reason = get_backend(candidate).unsupported_reason(cell, xg, w_hr)
-        if reason is None:
-            return get_backend(candidate)
+            return candidate
         log.debug("gpurnn auto: skipping %s (%s)", candidate, reason)
-    raise RuntimeError(f"no gpurnn backend can run cell={cell} dtype={xg.dtype} device={xg.device}")
+    raise RuntimeError(f"no gpurnn backend can run cell={cell} dtype={dtype} device={device}")

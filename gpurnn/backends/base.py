@@ -37,8 +37,12 @@ class Backend(ABC):
         """None when the backend can run on this machine, else why it cannot."""
         return None
 
-    def unsupported_reason(self, cell: str, xg: Tensor, w_hr: Tensor | None) -> str | None:
-        """None when the backend runs this case (device, dtype, cell, projection), else why not."""
+    def unsupported_reason(
+        self, cell: str, device: torch.device, dtype: torch.dtype, projected: bool
+    ) -> str | None:
+        """None when the backend runs this case (cell, device, dtype, LSTM projection),
+        else why not. Must depend on nothing else: the choice is a constant under
+        torch.compile."""
         return None
 
     def workspace_spec(

@@ -1,0 +1,36 @@
+"""`python -m gpurnn info` and `check`."""
+
+import subprocess
+import sys
+
+from gpurnn import cli
+from gpurnn.backends import get_backend
+
+
+def test_info_lists_versions_and_backends():
+    out = subprocess.run(
+        [sys.executable, "-m", "gpurnn", "info"], capture_output=True, text=True, check=True
+    ).stdout
+    assert "torch" in out and "numpy" in out
+    for name in ("triton", "cupy", "torch", "numpy"):
+        assert f"  {name}" in out
+
+
+def test_check_passes_on_cpu_backends(capsys):
+    assert cli.main(["check", "--backends", "torch,numpy", "--dtypes", "fp64,fp32"]) == 0
+    out = capsys.readouterr().out
+    assert "40 cases checked against the float64 reference, 0 failed" in out
+
+
+def test_check_fails_on_a_wrong_backend(monkeypatch, capsys):
+    backend = get_backend("torch")
+    original = type(backend).forward
+
+    def off_by_a_little(self, *args):
+        y, h_T, c_T, ws = original(self, *args)
+        return y, h_T + 1e-3, c_T, ws
+
+    monkeypatch.setattr(type(backend), "forward", off_by_a_little)
+    assert cli.main(["check", "--backends", "torch", "--dtypes", "fp64"]) == 1
+    out = capsys.readouterr().out
+    assert "NO" in out and "failed" in out

@@ -1,0 +1,162 @@
+"""Bad input is rejected as torch.nn rejects it, with an error naming what was expected."""
+
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import gpurnn
+from gpurnn.backends import torch as torch_backend
+
+
+@pytest.fixture(params=["torch", "torch-loop", "numpy"])
+def backend(request, monkeypatch):
+    if request.param == "torch-loop":
+        monkeypatch.setattr(torch_backend, "USE_NATIVE_LAYERS", False)
+        return "torch"
+    return request.param
+
+
+def pair(cls_name, backend, *args, **kwargs):
+    torch.manual_seed(0)
+    return getattr(torch.nn, cls_name)(*args, **kwargs), getattr(gpurnn, cls_name)(
+        *args, **kwargs, backend=backend
+    )
+
+
+def raises_like_torch(ref, ours, *call_args, match):
+    """Both modules reject the call with the same exception type; ours says `match`."""
+    with pytest.raises(Exception) as expected:
+        ref(*call_args)
+    with pytest.raises(expected.type, match=match):
+        ours(*call_args)
+
+
+@pytest.mark.parametrize("cls_name", ["RNN", "LSTM", "GRU"])
+def test_input_rank(backend, cls_name):
+    ref, ours = pair(cls_name, backend, 3, 4)
+    raises_like_torch(ref, ours, torch.randn(2, 2, 2, 3), match="Expected input to be 2D or 3D")
+    raises_like_torch(ref, ours, torch.randn(3), match="Expected input to be 2D or 3D")
+
+
+@pytest.mark.parametrize("cls_name", ["RNN", "LSTM", "GRU"])
+def test_input_feature_size(backend, cls_name):
+    ref, ours = pair(cls_name, backend, 3, 4)
+    raises_like_torch(ref, ours, torch.randn(5, 2, 7), match="input_size. Expected 3, got 7")
+
+
+@pytest.mark.parametrize("cls_name", ["RNN", "GRU"])
+def test_hidden_shape(backend, cls_name):
+    ref, ours = pair(cls_name, backend, 3, 4, num_layers=2, bidirectional=True)
+    x = torch.randn(5, 2, 3)
+    raises_like_torch(ref, ours, x, torch.randn(2, 2, 4), match=r"hidden size \(4, 2, 4\)")
+    raises_like_torch(ref, ours, x, torch.randn(4, 3, 4), match=r"hidden size \(4, 2, 4\)")
+    raises_like_torch(ref, ours, x, torch.randn(4, 4), match="hx should also be 3-D")
+    raises_like_torch(ref, ours, x[:, 0], torch.randn(4, 1, 4), match="hx should also be 2-D")
+
+
+def test_lstm_hidden_shapes_with_projection(backend):
+    ref, ours = pair("LSTM", backend, 3, 6, proj_size=2)
+    x = torch.randn(5, 2, 3)
+    h_ok, c_ok = torch.randn(1, 2, 2), torch.randn(1, 2, 6)
+    # h must have proj_size features, c hidden_size
+    raises_like_torch(
+        ref, ours, x, (torch.randn(1, 2, 6), c_ok), match=r"hidden\[0\] size \(1, 2, 2\)"
+    )
+    raises_like_torch(
+        ref, ours, x, (h_ok, torch.randn(1, 2, 2)), match=r"hidden\[1\] size \(1, 2, 6\)"
+    )
+    raises_like_torch(ref, ours, x, (h_ok, c_ok[0]), match="hx and cx should also be 3-D")
+
+
+def test_input_dtype_mismatch(backend):
+    ref, ours = pair("GRU", backend, 3, 4)
+    raises_like_torch(
+        ref,
+        ours,
+        torch.randn(5, 2, 3, dtype=torch.float64),
+        match=r"input dtype \(torch.float64\) does not match weight dtype",
+    )
+
+
+@pytest.mark.parametrize("cls_name", ["RNN", "LSTM", "GRU"])
+def test_hidden_dtype_mismatch(backend, cls_name):
+    ours = getattr(gpurnn, cls_name)(3, 4, backend=backend)
+    x = torch.randn(5, 2, 3)
+    h = torch.randn(1, 2, 4, dtype=torch.float64)
+    hx = (h, h.float()) if cls_name == "LSTM" else h
+    what = r"hx\[0\]" if cls_name == "LSTM" else "hidden"
+    with pytest.raises(ValueError, match=rf"{what} dtype \(torch.float64\) does not match input"):
+        ours(x, hx)
+
+
+def test_device_mismatch(backend):
+    """Meta tensors stand in for a second device on a CPU-only machine."""
+    ours = gpurnn.LSTM(3, 4, backend=backend)
+    x = torch.randn(5, 2, 3)
+    h = torch.zeros(1, 2, 4)
+    with pytest.raises(
+        RuntimeError,
+        match="not at the same device.*input tensor at cpu and "
+        r"hx\[1\] tensor at meta",
+    ):
+        ours(x, (h, h.to("meta")))
+    with pytest.raises(
+        RuntimeError,
+        match="Input and parameter tensors are not at the same device, found input tensor at meta",
+    ):
+        ours(x.to("meta"))
+
+
+def test_unsorted_lengths_with_enforce_sorted(backend):
+    ours = gpurnn.LSTM(3, 4, backend=backend)
+    x = torch.randn(5, 3, 3)
+    with pytest.raises(RuntimeError, match="must be sorted in decreasing order"):
+        ours(pack_padded_sequence(x, torch.tensor([2, 5, 3]), enforce_sorted=True))
+
+
+@pytest.mark.parametrize("cls_name", ["RNNCell", "LSTMCell", "GRUCell"])
+def test_cell_errors(backend, cls_name):
+    ref, ours = pair(cls_name, backend, 3, 4)
+    raises_like_torch(ref, ours, torch.randn(2, 2, 3), match="Expected input to be 1D or 2D")
+    raises_like_torch(
+        ref, ours, torch.randn(2, 5), match="inconsistent input_size: got 5, expected 3"
+    )
+    bad_h = torch.randn(3, 4)  # batch 3 for an input of batch 2
+    hx = (bad_h, bad_h) if cls_name == "LSTMCell" else bad_h
+    raises_like_torch(ref, ours, torch.randn(2, 3), hx, match=r"must have shape \(2, 4\)")
+    with pytest.raises(ValueError, match=r"input dtype \(torch.float64\) does not match weight"):
+        ours(torch.randn(2, 3, dtype=torch.float64))
+
+
+def test_constructor_errors():
+    with pytest.raises(ValueError, match="proj_size argument is only supported for LSTM"):
+        gpurnn.GRU(3, 4, proj_size=2)
+    with pytest.raises(ValueError, match="Unknown nonlinearity 'sigmoid'"):
+        gpurnn.RNN(3, 4, nonlinearity="sigmoid")
+    with pytest.raises(ValueError, match="dropout should be a number in range"):
+        gpurnn.LSTM(3, 4, dropout=1.5)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        gpurnn.LSTM(3, 4, backend="cudnn")
+
+
+def test_primitive_argument_errors():
+    xg = torch.randn(4, 2, 12)
+    w = torch.randn(12, 3)
+    gpurnn.recurrence("lstm", xg, w)  # the good call
+    cases = [
+        (dict(cell="cnn"), ValueError, "cell must be one of"),
+        (dict(xg=torch.randn(4, 12)), ValueError, r"xg must be a 3-D tensor"),
+        (dict(xg=torch.randn(4, 2, 10)), ValueError, r"xg.size\(2\) must be 4 \* hidden_size"),
+        (dict(w_hh=torch.randn(12, 4)), ValueError, r"w_hh must have shape \(12, 3\)"),
+        (dict(h0=torch.randn(3, 3)), ValueError, r"h0 must have shape \(2, 3\)"),
+        (dict(c0=torch.randn(2, 3, dtype=torch.float64)), TypeError, "c0 dtype"),
+        (dict(w_hr=torch.randn(2, 3)), ValueError, r"w_hr must have shape \(3, 3\)"),
+        (dict(lengths=torch.tensor([4, 5])), ValueError, r"lengths must lie in \[0, 4\]"),
+        (dict(lengths=torch.tensor([4.0, 2.0])), ValueError, "lengths must be an integer"),
+        (dict(b_hn=torch.randn(3)), ValueError, "b_hn is only for gru"),
+    ]
+    for change, error, match in cases:
+        args = dict(cell="lstm", xg=xg, w_hh=w) | change
+        cell, xg_, w_ = args.pop("cell"), args.pop("xg"), args.pop("w_hh")
+        with pytest.raises(error, match=match):
+            gpurnn.recurrence(cell, xg_, w_, **args)
