@@ -27,6 +27,7 @@ endif
 demo: $(STAMP)
 	$(PY) -m gpurnn info
 	$(PY) -m gpurnn check
+	$(PY) -m gpurnn demo
 
 test: $(STAMP)
 	$(PY) -m ruff check gpurnn kernels tests

@@ -34,3 +34,11 @@ def test_check_fails_on_a_wrong_backend(monkeypatch, capsys):
     assert cli.main(["check", "--backends", "torch", "--dtypes", "fp64"]) == 1
     out = capsys.readouterr().out
     assert "NO" in out and "failed" in out
+
+
+def test_demo_converts_and_trains(capsys):
+    assert cli.main(["demo", "--steps", "10"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "max |output change| = 0.0e+00" in lines[0]
+    losses = [float(line.split()[-1]) for line in lines if line.startswith("step")]
+    assert losses[-1] < losses[0], "the loss goes down"
