@@ -1,0 +1,153 @@
+"""The `triton` backend: persistent Triton kernels (kernels/tl/recurrence.py).
+
+The recurrent part of forward and backward runs in the kernels; the weight gradients
+(dW_hh, db_hn) are single GEMMs over all steps afterwards (DESIGN.md §4).
+
+Options (attributes of the backend object, defaults from the environment):
+  recompute       GPURNN_TRITON_RECOMPUTE=1: forward keeps no workspace; backward reruns the
+                  forward kernel to rebuild the gate activations (saves NW*T*B*H elements
+                  per layer-direction between forward and backward: 5x, 4x, 1x the size of
+                  y for LSTM, GRU, RNN), at the cost of one more forward kernel.
+  fp32_precision  GPURNN_TRITON_FP32_PRECISION: "tf32" (default) or "ieee" (exact fp32 dots)
+                  for float32 inputs.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from gpurnn.backends.base import Backend, Grads
+from gpurnn.backends.torch import previous_states
+from gpurnn.cells import GATES
+
+try:  # triton is optional (e.g. macOS); the kernels module imports it at the top
+    from gpurnn._kernels.tl import recurrence as _tl
+
+    _IMPORT_ERROR = None
+except ImportError as e:  # pragma: no cover - depends on the machine
+    _tl = None
+    _IMPORT_ERROR = f"cannot import triton: {e}"
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _c(t: Tensor | None) -> Tensor | None:
+    return t.contiguous() if t is not None else None
+
+
+class TritonBackend(Backend):
+    name = "triton"
+
+    def __init__(self) -> None:
+        self.recompute = os.environ.get("GPURNN_TRITON_RECOMPUTE", "0") == "1"
+        self.fp32_precision = os.environ.get("GPURNN_TRITON_FP32_PRECISION", "tf32")
+
+    @property
+    def backward_uses_xg(self) -> bool:
+        # only when backward reruns the forward kernel
+        return self.recompute
+
+    # ------------------------------------------------------------------ capability
+
+    def unavailable_reason(self) -> str | None:
+        if _tl is None:
+            return _IMPORT_ERROR
+        if not (torch.cuda.is_available() or _interpreting()):
+            return "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU, slowly)"
+        return None
+
+    def unsupported_reason(
+        self, cell: str, device: torch.device, dtype: torch.dtype, projected: bool
+    ) -> str | None:
+        device = torch.device(device)
+        if projected:
+            return (
+                "LSTM proj_size is not implemented in the triton kernels; "
+                "use backend='torch' (or 'auto', which falls back to it)"
+            )
+        if dtype not in _DTYPES:
+            return f"dtype {dtype} not supported (float16, bfloat16, float32, float64)"
+        if _interpreting():
+            if device.type != "cpu":
+                return "TRITON_INTERPRET=1 runs the kernels on CPU tensors only"
+            if dtype == torch.bfloat16:
+                return "bfloat16 tl.dot is broken in the Triton interpreter (triton#11584)"
+            return None
+        if device.type != "cuda":
+            return f"tensors on {device.type}; the triton backend needs CUDA tensors"
+        if dtype == torch.float64:
+            return "float64 runs only under the interpreter (no fp64 tensor-core dot on GPU)"
+        return None
+
+    def workspace_spec(self, cell, T, B, H, dtype, save):
+        if not save or self.recompute:
+            return (0,), dtype
+        return _tl.workspace_shape(cell, T, B, H), dtype
+
+    # ------------------------------------------------------------------ forward
+
+    def _forward(self, cell, xg, w_hh, h0, c0, lengths, reverse, b_hn, save):
+        return _tl.forward(
+            cell, xg.contiguous(), w_hh.contiguous(), _c(h0), _c(c0),
+            _c(lengths), reverse, _c(b_hn), save, precision=self.fp32_precision,
+        )  # fmt: skip
+
+    def forward(self, cell, xg, w_hh, h0, c0, lengths, reverse, b_hn, w_hr, save):
+        reason = self.unsupported_reason(cell, xg.device, xg.dtype, w_hr is not None)
+        if reason is not None:
+            raise RuntimeError(f"gpurnn triton backend: {reason}")
+        save = save and not self.recompute
+        return self._forward(cell, xg, w_hh, h0, c0, lengths, reverse, b_hn, save)
+
+    # ------------------------------------------------------------------ backward
+
+    def backward(
+        self, cell, xg, w_hh, h0, c0, lengths, reverse, b_hn, w_hr, y, workspace, dy, dh_T, dc_T
+    ):
+        T, B, H = y.shape
+        w_hh = w_hh.contiguous()
+        if workspace.numel() == 0 and T * B * H > 0:
+            # recompute: rebuild the activations (y again too: it is the exchange buffer,
+            # and the values match the saved y bit for bit)
+            if xg is None:
+                raise RuntimeError("triton backward: no workspace saved and no xg to recompute it")
+            y, _, _, workspace = self._forward(cell, xg, w_hh, h0, c0, lengths, reverse, b_hn, True)
+        y = y.contiguous()
+        dxg, dhn, dh0, dc0 = _tl.backward(
+            cell, w_hh, _c(h0), _c(c0), _c(lengths), reverse, y, workspace.contiguous(),
+            dy.contiguous(), dh_T.contiguous(), _c(dc_T) if cell == "lstm" else None,
+            precision=self.fp32_precision,
+        )  # fmt: skip
+
+        # weight gradients: one GEMM over every (t, b) against the state each step started
+        # from (rows past a sequence's end have zero dgates and add nothing)
+        h_init = h0 if h0 is not None else y.new_zeros(B, H)
+        h_prev = previous_states(y, h_init.to(y.dtype), lengths, reverse)
+        d_hidden = dxg if dhn is None else torch.cat([dxg[..., : 2 * H], dhn], dim=-1)
+        acc = torch.float64 if y.dtype == torch.float64 else torch.float32
+        if y.device.type == "cuda" and y.dtype != torch.float64:
+            # cuBLAS accumulates 16-bit GEMMs in fp32 already
+            dw_hh = d_hidden.reshape(-1, GATES[cell] * H).t() @ h_prev.reshape(-1, H)
+        else:
+            dw_hh = d_hidden.reshape(-1, GATES[cell] * H).t().to(acc) @ h_prev.reshape(-1, H).to(
+                acc
+            )
+        db_hn = None
+        if b_hn is not None:
+            db_hn = dhn.to(acc).sum(dim=(0, 1)).to(b_hn.dtype)
+        return Grads(
+            xg=dxg,
+            w_hh=dw_hh.to(w_hh.dtype),
+            h0=dh0.to(h0.dtype) if h0 is not None else None,
+            c0=dc0.to(c0.dtype) if c0 is not None else None,
+            b_hn=db_hn,
+            w_hr=None,
+        )
+

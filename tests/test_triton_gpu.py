@@ -1,0 +1,204 @@
+"""The triton backend on a real GPU, at real sizes, many programs with the grid barrier.
+
+Marked `gpu`: conftest.py skips them without CUDA. Checked against the float64 NumPy
+reference and against torch.nn (cuDNN) in the same dtype. Errors are measured relative to
+the largest magnitude of the expected tensor (T=64 steps of bf16 rounding accumulate).
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from gpurnn._kernels.tl import recurrence as _tl  # noqa: E402
+
+from gpurnn import reference as ref  # noqa: E402
+from gpurnn.backends.triton import TritonBackend  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+
+CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# max |actual - expected| / max(1, max |expected|), per dtype (fp32 with exact "ieee" dots)
+TOL = {torch.bfloat16: 4e-2, torch.float16: 1e-2, torch.float32: 1e-4}
+TOL_TF32 = 1e-2
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    monkeypatch.setattr(_tl, "POISON", True)
+
+
+def _gen(*key):
+    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
+
+
+def make_case(cell, T, B, H, dtype, lengths=None, key=()):
+    g = _gen(cell, T, B, H, str(dtype), key)
+    G = _tl.GATES[cell]
+    s = 0.5 if cell == "rnn_relu" else 1.0
+
+    def rnd(*shape, scale=1.0):
+        x = torch.randn(*shape, generator=g, dtype=torch.float64) * scale
+        return x.to(dtype).cuda()
+
+    case = dict(
+        xg=rnd(T, B, G * H, scale=s),
+        w_hh=rnd(G * H, H, scale=s / H**0.5),
+        h0=rnd(B, H),
+        c0=rnd(B, H) if cell == "lstm" else None,
+        b_hn=rnd(H) if cell == "gru" else None,
+        lengths=None if lengths is None else torch.as_tensor(lengths).cuda(),
+    )
+    gin = dict(dy=rnd(T, B, H), dh_T=rnd(B, H), dc_T=rnd(B, H) if cell == "lstm" else None)
+    return case, gin
+
+
+def _np(t):
+    return None if t is None else t.detach().double().cpu().numpy()
+
+
+def rel_err(actual, expected):
+    a = actual.detach().double().cpu().numpy() if torch.is_tensor(actual) else actual
+    e = expected.detach().double().cpu().numpy() if torch.is_tensor(expected) else expected
+    assert a.shape == e.shape
+    assert np.isfinite(a).all(), "NaN/inf in output (an element not written?)"
+    return float(np.abs(a - e).max() / max(1.0, np.abs(e).max()))
+
+
+def run_vs_reference(cell, case, gin, reverse, tol, be=None, plan=None):
+    be = be or TritonBackend()
+    c = case
+    args = (c["xg"], c["w_hh"], c["h0"], c["c0"], c["lengths"], reverse, c["b_hn"])
+    if plan is None:
+        y, h_T, c_T, ws = be.forward(cell, *args, None, True)
+        gr = be.backward(cell, *args, None, y, ws, gin["dy"], gin["dh_T"], gin["dc_T"])
+        got = dict(xg=gr.xg, w_hh=gr.w_hh, h0=gr.h0, c0=gr.c0, b_hn=gr.b_hn)
+    else:
+        y, h_T, c_T, ws = _tl.forward(cell, *args, True, plan=plan, precision=be.fp32_precision)
+        dxg, _, dh0, dc0 = _tl.backward(
+            cell, c["w_hh"], c["h0"], c["c0"], c["lengths"], reverse, y, ws, gin["dy"],
+            gin["dh_T"], gin["dc_T"], plan=plan, precision=be.fp32_precision,
+        )  # fmt: skip
+        got = dict(xg=dxg, h0=dh0, c0=dc0)
+    torch.cuda.synchronize()
+    n = {k: _np(v) for k, v in c.items()}
+    ry, rh, rc = ref.recurrence_forward(cell, n["xg"], n["w_hh"], n["h0"], n["c0"], n["lengths"],
+                                        reverse, n["b_hn"])  # fmt: skip
+    errs = {"y": rel_err(y, ry), "h_T": rel_err(h_T, rh)}
+    if rc is not None:
+        errs["c_T"] = rel_err(c_T, rc)
+    rg = ref.recurrence_backward(
+        cell, n["xg"], n["w_hh"], n["h0"], n["c0"], n["lengths"], reverse, n["b_hn"], None,
+        _np(gin["dy"]), _np(gin["dh_T"]), _np(gin["dc_T"]),
+    )  # fmt: skip
+    for k, v in got.items():
+        if rg.get(k) is not None:
+            errs["d" + k] = rel_err(v, rg[k])
+    bad = {k: e for k, e in errs.items() if not e <= tol}
+    assert not bad, f"errors over {tol}: {bad} (all: {errs})"
+    return errs
+
+
+def _exact_fp32():
+    be = TritonBackend()
+    be.fp32_precision = "ieee"
+    return be
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("cell", CELLS)
+def test_real_size_vs_reference(cell, dtype):
+    """H=768, B=16, T=64: 96 programs of 8 units, persistent, one barrier per step."""
+    T, B, H = 64, 16, 768
+    L = torch.randint(1, T + 1, (B,), generator=_gen("L", cell))
+    L[0] = T
+    case, gin = make_case(cell, T, B, H, dtype, lengths=L)
+    run_vs_reference(cell, case, gin, reverse=(cell in ("gru", "rnn_relu")), tol=TOL[dtype],
+                     be=_exact_fp32())  # fmt: skip
+
+
+@pytest.mark.parametrize("cell", ("lstm", "gru"))
+def test_tf32_default(cell):
+    case, gin = make_case(cell, 32, 16, 512, torch.float32)
+    run_vs_reference(cell, case, gin, False, TOL_TF32)
+
+
+@pytest.mark.parametrize("cell", ("lstm", "gru"))
+def test_several_batch_tiles_and_reverse_lengths(cell):
+    """B=40: three batch tiles of 16; packed lengths incl. 0 in reverse."""
+    T, B, H = 24, 40, 256
+    L = torch.randint(0, T + 1, (B,), generator=_gen("L40", cell))
+    L[3] = T
+    case, gin = make_case(cell, T, B, H, torch.float16, lengths=L)
+    run_vs_reference(cell, case, gin, True, TOL[torch.float16])
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_streamed_weights_large_H(cell):
+    """H=2048: W_hh does not fit on chip; streamed from L2 each step (BH=16, persistent)."""
+    T, B, H = 12, 8, 2048
+    case, gin = make_case(cell, T, B, H, torch.bfloat16)
+    plan = _tl.make_plan(H, B, _tl.GATES[cell], torch.bfloat16, torch.device("cuda"))
+    assert not plan.resident
+    run_vs_reference(cell, case, gin, False, TOL[torch.bfloat16])
+
+
+@pytest.mark.parametrize("cell", ("lstm", "rnn_tanh"))
+def test_per_step_launch_fallback(cell):
+    T, B, H = 16, 16, 512
+    case, gin = make_case(cell, T, B, H, torch.float32)
+    plan = _tl.make_plan(H, B, _tl.GATES[cell], torch.float32, torch.device("cuda"),
+                         persistent=False)  # fmt: skip
+    run_vs_reference(cell, case, gin, True, TOL[torch.float32], be=_exact_fp32(), plan=plan)
+
+
+def test_barrier_timeout_raises():
+    """spin_max=0: a program that does not find everyone arrived at once flags the error;
+    the launcher raises instead of returning garbage (and nothing hangs)."""
+    case, _ = make_case("lstm", 64, 16, 768, torch.bfloat16)
+    c = case
+    with pytest.raises(RuntimeError, match="barrier timed out"):
+        _tl.forward("lstm", c["xg"], c["w_hh"], c["h0"], c["c0"], None, False, None, False,
+                    spin_max=0)  # fmt: skip
+    # and the next normal call is fine
+    _tl.forward("lstm", c["xg"], c["w_hh"], c["h0"], c["c0"], None, False, None, False)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("cell", CELLS)
+def test_vs_torch_nn(cell, dtype):
+    """Whole layer against torch.nn (cuDNN) in the same dtype: xg from the module's W_ih and
+    biases, the recurrence from the triton backend."""
+    T, B, I, H = 64, 16, 128, 768
+    torch.manual_seed(zlib.crc32(f"nn{cell}{dtype}".encode()))
+    kw = dict(nonlinearity=cell[4:]) if cell.startswith("rnn") else {}
+    mod_cls = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU}.get(cell, torch.nn.RNN)
+    m = mod_cls(I, H, **kw).cuda().to(dtype)
+    x = torch.randn(T, B, I, device="cuda", dtype=dtype)
+    h0 = torch.randn(1, B, H, device="cuda", dtype=dtype)
+    c0 = torch.randn(1, B, H, device="cuda", dtype=dtype) if cell == "lstm" else None
+    with torch.no_grad():
+        out, hid = m(x, (h0, c0) if cell == "lstm" else h0)
+        b_hh = m.bias_hh_l0
+        if cell == "gru":
+            b_hn = b_hh[2 * H :]
+            b_fold = torch.cat([b_hh[: 2 * H], torch.zeros_like(b_hn)])
+        else:
+            b_hn, b_fold = None, b_hh
+        xg = x.float() @ m.weight_ih_l0.float().t() + m.bias_ih_l0.float() + b_fold.float()
+        xg = xg.to(dtype)
+        be = TritonBackend()
+        y, h_T, c_T, _ = be.forward(cell, xg, m.weight_hh_l0, h0[0], c0[0] if c0 is not None
+                                    else None, None, False, b_hn, None, False)  # fmt: skip
+    tol = {torch.bfloat16: 5e-2, torch.float16: 1e-2, torch.float32: 1e-2}[dtype]
+    assert rel_err(y, out) <= tol
+    h_ref = hid[0][0] if cell == "lstm" else hid[0]
+    assert rel_err(h_T, h_ref) <= tol
+    if cell == "lstm":
+        assert rel_err(c_T, hid[1][0]) <= tol

@@ -1,0 +1,292 @@
+"""The triton backend's kernels against the float64 NumPy reference, under the interpreter.
+
+On a CPU-only machine conftest.py sets TRITON_INTERPRET=1, so these run the same kernels
+(one program, or many programs launched one step at a time) on CPU tensors. On a CUDA
+machine this file skips; tests/test_triton_gpu.py runs the kernels there (and bf16).
+Every output is allocated NaN-filled (recurrence.POISON), so an element a kernel forgets
+to write fails the comparison. Inputs are fresh random draws, seeded per test.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from gpurnn._kernels.tl import recurrence as _tl  # noqa: E402
+
+from gpurnn import reference as ref  # noqa: E402
+from gpurnn.backends.triton import TritonBackend  # noqa: E402
+
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("interpreter tests (TRITON_INTERPRET=1, set by conftest.py without CUDA); "
+                "tests/test_triton_gpu.py covers the GPU", allow_module_level=True)  # fmt: skip
+ON_GPU = False
+DEVICE = "cpu"
+
+CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
+# (atol, rtol) against the float64 reference
+TOL = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (5e-5, 5e-5),
+    torch.float16: (2e-2, 2e-2),
+}
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    monkeypatch.setattr(_tl, "POISON", True)
+
+
+def _gen(*key) -> torch.Generator:
+    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
+
+
+def make_case(cell, T, B, H, dtype, *, h0=True, lengths=None, b_hn=True, key=()):
+    """Random inputs of the primitive (CPU float64 master copies cast to dtype)."""
+    g = _gen(cell, T, B, H, str(dtype), h0, key)
+    G = _tl.GATES[cell]
+    scale = 0.5 if cell == "rnn_relu" else 1.0
+
+    def rnd(*shape, s=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * s).to(dtype).to(DEVICE)
+
+    case = dict(
+        xg=rnd(T, B, G * H, s=scale),
+        w_hh=rnd(G * H, H, s=scale / H**0.5),
+        h0=rnd(B, H) if h0 else None,
+        c0=rnd(B, H) if (h0 and cell == "lstm") else None,
+        b_hn=rnd(H) if (b_hn and cell == "gru") else None,
+        lengths=None if lengths is None else torch.as_tensor(lengths).to(DEVICE),
+    )
+    grads_in = dict(dy=rnd(T, B, H), dh_T=rnd(B, H), dc_T=rnd(B, H) if cell == "lstm" else None)
+    return case, grads_in
+
+
+def _np(t):
+    return None if t is None else t.detach().double().cpu().numpy()
+
+
+def check(actual, expected, dtype, what):
+    atol, rtol = TOL[dtype]
+    if expected is None:
+        assert actual is None, f"{what}: expected None"
+        return
+    a = actual.detach().double().cpu().numpy()
+    assert a.shape == expected.shape, f"{what}: shape {a.shape} != {expected.shape}"
+    assert np.isfinite(a).all(), f"{what}: NaN/inf (an element was not written?)"
+    np.testing.assert_allclose(a, expected, atol=atol, rtol=rtol, err_msg=what)
+
+
+def run_and_compare(cell, case, gin, reverse, dtype, backend=None, plan_fwd=None, plan_bwd=None):
+    """Forward and backward through the backend (or the launchers with explicit plans),
+    checked against the reference."""
+    c = case
+    args = (c["xg"], c["w_hh"], c["h0"], c["c0"], c["lengths"], reverse, c["b_hn"])
+    if plan_fwd is None:
+        be = backend or TritonBackend()
+        y, h_T, c_T, ws = be.forward(cell, *args, None, True)
+        grads = be.backward(cell, *args, None, y, ws, gin["dy"], gin["dh_T"], gin["dc_T"])
+        got = dict(xg=grads.xg, w_hh=grads.w_hh, h0=grads.h0, c0=grads.c0, b_hn=grads.b_hn)
+    else:
+        y, h_T, c_T, ws = _tl.forward(cell, *args, True, plan=plan_fwd, precision="ieee")
+        dxg, dhn, dh0, dc0 = _tl.backward(
+            cell, c["w_hh"], c["h0"], c["c0"], c["lengths"], reverse, y, ws,
+            gin["dy"], gin["dh_T"], gin["dc_T"], plan=plan_bwd, precision="ieee",
+        )  # fmt: skip
+        got = dict(xg=dxg, h0=dh0, c0=dc0 if cell == "lstm" else None)
+    npa = {k: _np(v) for k, v in c.items()}
+    ry, rh, rc = ref.recurrence_forward(
+        cell, npa["xg"], npa["w_hh"], npa["h0"], npa["c0"], npa["lengths"], reverse, npa["b_hn"]
+    )
+    check(y, ry, dtype, "y")
+    check(h_T, rh, dtype, "h_T")
+    check(c_T, rc, dtype, "c_T")
+    rg = ref.recurrence_backward(
+        cell, npa["xg"], npa["w_hh"], npa["h0"], npa["c0"], npa["lengths"], reverse, npa["b_hn"],
+        None, _np(gin["dy"]), _np(gin["dh_T"]), _np(gin["dc_T"]),
+    )  # fmt: skip
+    for k, v in got.items():
+        if k in ("h0", "c0") and plan_fwd is not None:
+            # launchers return dh0/dc0 whether or not h0/c0 were given (zeros count)
+            exp = rg[k] if rg[k] is not None else _ref_d_init(cell, npa, reverse, gin, k)
+            check(v, exp, dtype, f"d{k}")
+        else:
+            check(v, rg[k], dtype, f"d{k}")
+    return y, ws
+
+
+def _ref_d_init(cell, npa, reverse, gin, k):
+    """Reference dh0/dc0 with h0/c0 given as explicit zeros."""
+    B = npa["xg"].shape[1]
+    H = npa["w_hh"].shape[1]
+    z = np.zeros((B, H))
+    h0 = npa["h0"] if npa["h0"] is not None else z
+    c0 = (npa["c0"] if npa["c0"] is not None else z) if cell == "lstm" else None
+    rg = ref.recurrence_backward(
+        cell, npa["xg"], npa["w_hh"], h0, c0, npa["lengths"], reverse, npa["b_hn"], None,
+        _np(gin["dy"]), _np(gin["dh_T"]), _np(gin["dc_T"]),
+    )  # fmt: skip
+    return rg[k]
+
+
+# ---------------------------------------------------------------- the full matrix
+
+DTYPES = (torch.float64, torch.float32, torch.float16)
+T_, B_, H_ = 6, 3, 20  # H not a power of two, odd B
+
+
+def _lengths(mode, B, T, key):
+    if mode is None:
+        return None
+    g = _gen("len", key)
+    L = torch.randint(1, T + 1, (B,), generator=g)
+    L[0] = T  # the padded length is T
+    if mode == "with_zero":
+        L[-1] = 0
+    return L
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("h0", (True, False), ids=("h0", "noh0"))
+@pytest.mark.parametrize("lengths", (None, "with_zero"), ids=("full", "lengths"))
+@pytest.mark.parametrize("reverse", (False, True), ids=("fwd", "rev"))
+@pytest.mark.parametrize("cell", CELLS)
+def test_matches_reference(cell, reverse, lengths, h0, dtype):
+    key = (cell, reverse, lengths, h0, str(dtype))
+    L = _lengths(lengths, B_, T_, key)
+    case, gin = make_case(cell, T_, B_, H_, dtype, h0=h0, lengths=L, key=key)
+    run_and_compare(cell, case, gin, reverse, dtype)
+
+
+# ---------------------------------------------------------------- other layouts of the work
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_many_programs_per_step_launches(cell):
+    """Units and batch split over 3 x 2 programs, launched one step at a time (launch
+    boundaries stand in for the grid barrier): exercises the cross-program exchange of h
+    through y and of dgates through dxg, and state carried between launches."""
+    T, B, H = 4, 5, 20
+    L = torch.tensor([4, 2, 0, 3, 1])
+    case, gin = make_case(cell, T, B, H, torch.float64, lengths=L, key="many")
+    plan = _tl.Plan(BH=8, BLOCK_B=4, n_h=3, n_b=2, resident=True, persistent=False, KC=16)
+    run_and_compare(cell, case, gin, True, torch.float64, plan_fwd=plan, plan_bwd=plan)
+
+
+@pytest.mark.parametrize("resident", (True, False), ids=("resident", "streamed"))
+@pytest.mark.parametrize("cell", CELLS)
+def test_k_chunks(cell, resident):
+    """H = 40 over K chunks of 16 (the last one partial): weights kept on chip as a tuple of
+    chunks, or streamed every step."""
+    T, B, H = 4, 2, 40
+    case, gin = make_case(cell, T, B, H, torch.float64, key=("kc", resident))
+    plan = _tl.make_plan(H, B, _tl.GATES[cell], torch.float64, torch.device(DEVICE),
+                         KC=16, resident=resident)  # fmt: skip
+    if ON_GPU:
+        pytest.skip("fp64 plans are interpreter-only")
+    run_and_compare(cell, case, gin, False, torch.float64, plan_fwd=plan, plan_bwd=plan)
+
+
+def test_gru_without_b_hn():
+    case, gin = make_case("gru", 5, 2, 12, torch.float64, b_hn=False, key="nobhn")
+    run_and_compare("gru", case, gin, False, torch.float64)
+
+
+def test_all_sequences_empty_and_T_zero():
+    case, gin = make_case("lstm", 3, 2, 8, torch.float64, lengths=[0, 0], key="empty")
+    run_and_compare("lstm", case, gin, True, torch.float64)
+    be = TritonBackend()
+    xg = torch.randn(0, 2, 32, dtype=torch.float64)
+    w = torch.randn(32, 8, dtype=torch.float64)
+    h0 = torch.randn(2, 8, dtype=torch.float64)
+    y, h_T, c_T, _ = be.forward("lstm", xg, w, h0, None, None, False, None, None, False)
+    assert y.shape == (0, 2, 8) and torch.equal(h_T, h0) and torch.equal(c_T, torch.zeros(2, 8))
+
+
+# ---------------------------------------------------------------- options and introspection
+
+
+@pytest.mark.parametrize("cell", ("lstm", "gru"))
+def test_recompute_option(cell):
+    """recompute: forward keeps no workspace, backward reruns the forward kernel; the
+    gradients are the same as with a saved workspace."""
+    case, gin = make_case(cell, 5, 3, 12, torch.float64, lengths=[5, 3, 1], key="recompute")
+    be = TritonBackend()
+    be.recompute = True
+    assert be.backward_uses_xg
+    assert be.workspace_spec(cell, 5, 3, 12, torch.float64, True)[0] == (0,)
+    y, _, _, ws = be.forward(cell, case["xg"], case["w_hh"], case["h0"], case["c0"],
+                             case["lengths"], False, case["b_hn"], None, True)  # fmt: skip
+    assert ws.numel() == 0
+    run_and_compare(cell, case, gin, False, torch.float64, backend=be)
+
+
+def test_save_false_writes_no_workspace():
+    case, _ = make_case("gru", 4, 2, 8, torch.float64, key="nosave")
+    be = TritonBackend()
+    *_, ws = be.forward("gru", case["xg"], case["w_hh"], None, None, None, False, case["b_hn"],
+                        None, False)  # fmt: skip
+    assert ws.numel() == 0
+    shape, dtype = be.workspace_spec("gru", 4, 2, 8, torch.float64, True)
+    assert shape == (4, 2, 32) and dtype == torch.float64
+
+
+def test_unpack_workspace_lstm():
+    """The workspace holds every step's gates and cell state, as documented."""
+    T, B, H = 4, 3, 8
+    case, _ = make_case("lstm", T, B, H, torch.float64, lengths=[4, 2, 3], key="unpack")
+    be = TritonBackend()
+    y, h_T, c_T, ws = be.forward("lstm", case["xg"], case["w_hh"], case["h0"], case["c0"],
+                                 case["lengths"], False, None, None, True)  # fmt: skip
+    assert ws.shape == be.workspace_spec("lstm", T, B, H, torch.float64, True)[0]
+    f = _tl.unpack_workspace("lstm", ws, H)
+    assert set(f) == {"i", "f", "g", "o", "c"}
+    # step 0 from first principles
+    pre = case["xg"][0] + case["h0"] @ case["w_hh"].T
+    i, fg, g, o = pre.split(H, dim=1)
+    torch.testing.assert_close(f["i"][0], torch.sigmoid(i))
+    torch.testing.assert_close(f["g"][0], torch.tanh(g))
+    c1 = torch.sigmoid(fg) * case["c0"] + torch.sigmoid(i) * torch.tanh(g)
+    torch.testing.assert_close(f["c"][0], c1)
+    torch.testing.assert_close(y[0], torch.sigmoid(o) * torch.tanh(c1))
+    # the last valid step's c is c_T; past a sequence's end everything is 0
+    torch.testing.assert_close(f["c"][1, 1], c_T[1])
+    assert (f["c"][2:, 1] == 0).all() and (f["o"][3:, 2] == 0).all()
+
+
+def test_unsupported_reasons():
+    be = TritonBackend()
+    cpu = torch.device("cpu")
+    assert "proj_size" in be.unsupported_reason("lstm", cpu, torch.float32, True)
+    assert be.unsupported_reason("lstm", cpu, torch.float32, False) is None
+    assert be.unsupported_reason("gru", cpu, torch.float16, False) is None
+    assert be.unsupported_reason("lstm", cpu, torch.int32, False) is not None
+    assert "interpreter" in be.unsupported_reason("lstm", cpu, torch.bfloat16, False)
+    assert be.unavailable_reason() is None
+    with pytest.raises(RuntimeError, match="proj_size"):
+        be.forward("lstm", torch.randn(2, 1, 16), torch.randn(16, 2), None, None, None, False,
+                   None, torch.randn(2, 4), False)  # fmt: skip
+
+
+def test_no_recompile_for_new_T_or_B():
+    """T, B and the step range are not specialised (do_not_specialize), so a new sequence
+    length or batch size reuses the compiled kernel; B only picks a size bucket (BLOCK_B)."""
+    names = ["T", "B", "s_begin", "s_end", "spin_max"]
+    for k in (_tl._recurrence_fwd_kernel, _tl._recurrence_bwd_kernel):
+        if hasattr(k, "do_not_specialize"):  # compiled mode
+            dns = {k.arg_names[i] if isinstance(i, int) else i for i in k.do_not_specialize}
+            assert set(names) <= dns
+        else:  # the interpreter's wrapper drops the decorator arguments: read the source
+            src = inspect.getsource(k.fn)
+            dns = '@triton.jit(do_not_specialize=["T", "B", "s_begin", "s_end", "spin_max"])'
+            assert dns in src
+    if not ON_GPU:
+        plan = _tl.make_plan(20, 3, 4, torch.float32, torch.device("cpu"))
+        assert plan.BLOCK_B == 4 and plan.nprog == 1
