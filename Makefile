@@ -1,5 +1,6 @@
-# make demo   set up .venv, install gpurnn, run the main job (GPU: check at real sizes;
-#             CPU only: the correctness check against the reference, Triton interpreted)
+# make demo   set up .venv, install gpurnn, run the main job (GPU: the correctness check and
+#             the benchmark against cuDNN, plots and README table; CPU only: the correctness
+#             check against the reference, Triton interpreted, and a small training demo)
 # make test   set up .venv, install gpurnn with its test tools, run the whole test suite
 #
 # Without an NVIDIA GPU the CPU build of torch is installed (PyTorch's default wheel is a
@@ -26,8 +27,14 @@ endif
 
 demo: $(STAMP)
 	$(PY) -m gpurnn info
+ifeq ($(HAS_GPU),1)
+	$(PY) -m gpurnn check
+	$(PY) -m gpurnn bench
+	$(PY) -m gpurnn plot --readme
+else
 	$(PY) -m gpurnn check
 	$(PY) -m gpurnn demo
+endif
 
 test: $(STAMP)
 	$(PY) -m ruff check gpurnn kernels tests

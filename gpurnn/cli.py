@@ -1,4 +1,4 @@
-"""Command line: `python -m gpurnn info | check | demo`."""
+"""Command line: `python -m gpurnn info | check | demo | bench | plot | inspect`."""
 
 from __future__ import annotations
 
@@ -76,6 +76,16 @@ def cmd_demo(args) -> int:
     import gpurnn
 
     torch.manual_seed(0)
+    # a 32-unit model: per-step products are tiny, and extra threads cost more than they save
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _train_demo(gpurnn, args.steps)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_demo(gpurnn, steps: int) -> int:
 
     class Forecaster(torch.nn.Module):
         def __init__(self):
@@ -97,15 +107,17 @@ def cmd_demo(args) -> int:
     gpurnn.convert(model)
     with torch.no_grad():
         after = model(x)
-    print(f"converted {type(model.rnn).__module__}.{type(model.rnn).__name__}: max |output "
-          f"change| = {(after - before).abs().max():.1e}")
+    print(
+        f"converted {type(model.rnn).__module__}.{type(model.rnn).__name__}: max |output "
+        f"change| = {(after - before).abs().max():.1e}"
+    )
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for step in range(args.steps + 1):
+    for step in range(steps + 1):
         loss = torch.nn.functional.mse_loss(model(x), target)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        if step % max(1, args.steps // 5) == 0:
+        if step % max(1, steps // 5) == 0:
             print(f"step {step:4d}  mse {loss.item():.4f}")
     return 0
 
@@ -120,5 +132,33 @@ def main(argv=None) -> int:
     check.add_argument("--backends", help="comma-separated backend names (default: all)")
     demo = sub.add_parser("demo", help="convert a torch.nn model and train it a little")
     demo.add_argument("--steps", type=int, default=100)
+
+    from gpurnn import bench, plot
+    from gpurnn import inspect as inspect_
+
+    bench.add_arguments(
+        sub.add_parser(
+            "bench",
+            help="time gpurnn against cuDNN, a cell loop and FlashRNN",
+            description=bench.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
+    plot.add_arguments(
+        sub.add_parser("plot", help="PNG plots and the README table from benchmarks/results.csv")
+    )
+    inspect_.add_arguments(
+        sub.add_parser(
+            "inspect", help="train a small LSTM, record every step's gates and states, plot them"
+        )
+    )
     args = parser.parse_args(argv)
-    return {"info": cmd_info, "check": cmd_check, "demo": cmd_demo}[args.command](args)
+    commands = {
+        "info": cmd_info,
+        "check": cmd_check,
+        "demo": cmd_demo,
+        "bench": bench.run,
+        "plot": plot.run,
+        "inspect": inspect_.cmd_inspect,
+    }
+    return commands[args.command](args)

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# One prepared run on a GPU machine (about 5 minutes): install, GPU tests, the correctness
+# check at real sizes, the quick benchmark and its plots. Everything lands in $OUT
+# (default ./out), seven files at most:
+#   gpu_tests.log  check.log  bench.log  results.csv  speedup_vs_batch.png
+#   speedup_vs_hidden.png  memory.png
+# Every stage runs even when an earlier one failed; the exit status says whether all passed.
+# Per-stage time limits (seconds) can be changed through the environment.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+OUT=${OUT:-./out}
+TESTS_TIMEOUT=${TESTS_TIMEOUT:-100}
+CHECK_TIMEOUT=${CHECK_TIMEOUT:-60}
+BENCH_TIMEOUT=${BENCH_TIMEOUT:-180}
+mkdir -p "$OUT"
+unset TRITON_INTERPRET  # real kernels on the GPU, not the interpreter
+
+failed=()
+stage() {  # stage NAME TIMEOUT LOG COMMAND...: run, tee to LOG, remember a failure
+  local name=$1 limit=$2 log=$3
+  shift 3
+  echo "== $name (limit ${limit}s)"
+  local status=0
+  timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$log" || status=$?
+  if [ "$status" -ne 0 ]; then
+    echo "== $name: exit $status"
+    failed+=("$name($status)")
+  fi
+}
+
+# --no-deps: torch and triton are already on the machine (and nothing can be fetched)
+"$PY" -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -n 3
+nvidia-smi
+"$PY" -m gpurnn info
+
+stage "gpu tests" "$TESTS_TIMEOUT" "$OUT/gpu_tests.log" "$PY" -m pytest -q -m gpu tests
+stage "check" "$CHECK_TIMEOUT" "$OUT/check.log" "$PY" -m gpurnn check
+# rows are appended case by case, so a run cut short still leaves what it measured
+stage "bench --quick" "$BENCH_TIMEOUT" "$OUT/bench.log" \
+  "$PY" -m gpurnn bench --quick --csv "$OUT/results.csv"
+echo "== plot"
+"$PY" -m gpurnn plot --csv "$OUT/results.csv" --out "$OUT" || failed+=("plot($?)")
+
+if [ ${#failed[@]} -ne 0 ]; then
+  echo "device check: FAILED stages: ${failed[*]}"
+  exit 1
+fi
+echo "device check: all stages passed"

@@ -1,0 +1,270 @@
+"""The benchmark harness on CPU: rows, failures, filters, plots and the README table.
+
+The timings themselves mean nothing here (tiny shapes, torch.nn's native CPU kernels);
+what is tested is that the harness measures, checks, records and draws what it should.
+"""
+
+import argparse
+import csv
+
+import pytest
+import torch
+
+from gpurnn import bench, plot
+
+SHAPES = "lstm-T8-B2-H16,lstm-T8-B3-H16-packed,lstm-T8-B3-H16-padded"
+IMPLS = "torch.nn,gpurnn-torch,cell-loop"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # tiny shapes: a second intra-op thread only adds synchronisation, and on a busy
+    # shared machine its spin-waits cost 100x the work
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _bench(csv_path, *extra):
+    return bench.main(["--shapes", SHAPES, "--backends", IMPLS, "--csv", str(csv_path), *extra])
+
+
+@pytest.fixture(scope="module")
+def smoke_csv(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench") / "results.csv"
+    assert _bench(path) == 0
+    return path
+
+
+def test_rows_are_complete_and_sane(smoke_csv):
+    rows = _rows(smoke_csv)
+    # cell-loop runs dense single-layer shapes only: 3 impls x 2 modes + 2 x (2 impls x 2 modes)
+    assert len(rows) == 14
+    assert {r["impl"] for r in rows} == {"torch.nn", "gpurnn-torch", "cell-loop"}
+    assert len({r["run_id"] for r in rows}) == 1
+    cpu_blank = {"driver", "cudnn", "cuda", "peak_mem_mb"}  # CUDA-only facts
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert r["device"] == "cpu" and r["suite"] == "smoke"
+        blank = set(cpu_blank)
+        if r["shape"] == "lstm-T8-B2-H16":
+            blank.add("varlen")
+        if r["mode"] == "fwd":
+            blank.add("grad_err")
+        for field in bench.FIELDS:
+            assert (r[field] == "") == (field in blank), (field, r)
+        assert float(r["ms"]) > 0 and float(r["us_per_step"]) > 0 and float(r["tflops"]) > 0
+        assert float(r["max_err"]) < 1e-5
+        assert float(r["speedup_vs_cudnn"]) > 0
+        assert int(r["repeats"]) >= bench.BUDGETS["cpu"].min_repeats
+        if r["mode"] == "fwdbwd":
+            assert float(r["grad_err"]) < 1e-5
+    for r in rows:
+        if r["impl"] == "torch.nn" and r["varlen"] != "padded":
+            assert float(r["speedup_vs_cudnn"]) == 1.0
+
+
+def test_padded_runs_are_measured_against_packed_cudnn(smoke_csv):
+    rows = {(r["shape"], r["impl"], r["mode"]): r for r in _rows(smoke_csv)}
+    packed = rows[("lstm-T8-B3-H16-packed", "torch.nn", "fwd")]
+    padded = rows[("lstm-T8-B3-H16-padded", "torch.nn", "fwd")]
+    want = float(packed["ms"]) / float(padded["ms"])
+    assert float(padded["speedup_vs_cudnn"]) == pytest.approx(want, rel=0.01)
+
+
+def test_a_failing_implementation_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
+    def broken(self, x):
+        raise RuntimeError("kernel exploded")
+
+    monkeypatch.setattr(bench.CellLoopRunner, "run", broken)
+    path = tmp_path / "r.csv"
+    assert _bench(path) == 0
+    rows = _rows(path)
+    loop = [r for r in rows if r["impl"] == "cell-loop"]
+    assert loop and all(r["status"] == "failed: RuntimeError: kernel exploded" for r in loop)
+    assert all(r["ms"] == "" for r in loop)
+    others = [r for r in rows if r["impl"] != "cell-loop"]
+    assert len(others) == 12 and all(r["status"] == "ok" for r in others)
+    strict = ["--shapes", "lstm-T8-B2-H16", "--backends", IMPLS, "--no-csv", "--strict"]
+    assert bench.main(strict) == 1
+
+
+def test_a_case_that_cannot_be_set_up_fails_its_rows_only(tmp_path, monkeypatch):
+    original = bench.compute_reference
+
+    def out_of_memory_for_gru(shape, base, inputs):
+        if shape.cell == "gru":
+            raise RuntimeError("CUDA out of memory (pretend)")
+        return original(shape, base, inputs)
+
+    monkeypatch.setattr(bench, "compute_reference", out_of_memory_for_gru)
+    path = tmp_path / "r.csv"
+    shapes = "gru-T8-B2-H16,rnn_tanh-T8-B2-H16"
+    assert bench.main(["--shapes", shapes, "--backends", IMPLS, "--csv", str(path)]) == 0
+    rows = _rows(path)
+    assert len(rows) == 12
+    for r in rows:
+        if r["cell"] == "gru":
+            assert r["status"].startswith("failed: setting up the case: RuntimeError: CUDA out")
+        else:
+            assert r["status"] == "ok"
+
+
+def test_a_fast_wrong_result_is_marked_wrong(tmp_path, monkeypatch):
+    original = bench.CellLoopRunner.run
+
+    def off(self, x):
+        out, h, c = original(self, x)
+        return out + 0.1, h, c
+
+    monkeypatch.setattr(bench.CellLoopRunner, "run", off)
+    path = tmp_path / "r.csv"
+    assert bench.main(["--shapes", "lstm-T8-B2-H16", "--backends", IMPLS, "--csv", str(path)]) == 0
+    for r in _rows(path):
+        if r["impl"] == "cell-loop":
+            assert r["status"].startswith("wrong: max_err"), r
+            assert float(r["max_err"]) == pytest.approx(0.1, rel=0.01)
+        else:
+            assert r["status"] == "ok"
+
+
+def test_shape_filters():
+    assert {s.suite for s in bench.select_shapes("cells", ())} == {"cells"}
+    assert len(bench.select_shapes("cells", ())) == 4
+    (fastrnns,) = bench.select_shapes("lstm-T100-B64-H512", ())
+    assert (fastrnns.suite, fastrnns.T, fastrnns.B) == ("fastrnns", 100, 64)
+    assert fastrnns.input_size == fastrnns.H == 512
+    both = bench.select_shapes("stack,lstm-T1024-B1-H768", ())
+    assert [s.id for s in both] == ["lstm-T1024-B1-H768", "lstm-L2-bi-T512-B64-H512"]
+    with pytest.raises(ValueError, match="unknown shapes"):
+        bench.select_shapes("nope", ())
+
+
+def test_shape_table_is_consistent():
+    ids = [(s.suite, s.id) for s in bench.SHAPES]
+    assert len(ids) == len(set(ids))
+    known = {s.id for s in bench.SHAPES}
+    assert all(shape_id in known for shape_id, _ in bench.QUICK)
+    flashrnn = [s for s in bench.SHAPES if s.suite == "flashrnn"]
+    assert sorted(s.B for s in flashrnn if s.H == 768) == [1, 4, 16, 64, 256]
+    (varlen,) = [s for s in bench.SHAPES if s.suite == "varlen" and s.varlen == "packed"]
+    lengths = varlen.lengths()
+    assert lengths.min() >= varlen.T // 4 and lengths.max() == varlen.T
+    assert (lengths == varlen.lengths()).all(), "the same lengths on every run"
+
+
+def test_flops_count_input_and_recurrent_gemms():
+    (shape,) = bench.select_shapes("fastrnns", ())
+    per_step = 2 * shape.B * 4 * shape.H * (shape.input_size + shape.H)
+    assert bench.flops(shape, "fwd") == shape.T * per_step
+    assert bench.flops(shape, "fwdbwd") == 3 * shape.T * per_step
+    (stack,) = bench.select_shapes("stack", ())
+    layer0 = 2 * 2 * stack.T * stack.B * 4 * stack.H * (stack.input_size + stack.H)
+    layer1 = 2 * 2 * stack.T * stack.B * 4 * stack.H * (2 * stack.H + stack.H)
+    assert bench.flops(stack, "fwd") == layer0 + layer1
+
+
+def _args(**kw):
+    defaults = dict(shapes=None, dtypes=None, quick=False)
+    return argparse.Namespace(**{**defaults, **kw})
+
+
+def test_plan_defaults_and_dtype_filter():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    cases, notes = bench.plan(_args(), cpu)
+    assert {s.suite for s, _ in cases} == {"smoke"} and {d for _, d in cases} == {"fp32"}
+    assert "smoke suite" in notes[0]
+    cases, _ = bench.plan(_args(quick=True), cuda)
+    assert [(s.id, d) for s, d in cases] == bench.QUICK
+    cases, _ = bench.plan(_args(quick=True, dtypes="fp16"), cuda)
+    assert [(s.id, d) for s, d in cases] == [("lstm-T1024-B16-H768", "fp16")]
+    cases, _ = bench.plan(_args(dtypes="bf16,fp32"), cuda)
+    assert {s.suite for s, _ in cases} == set(bench.SUITES) - {"smoke"}
+    assert len(cases) == 2 * sum(s.suite != "smoke" for s in bench.SHAPES)
+    with pytest.raises(ValueError, match="unknown dtypes"):
+        bench.plan(_args(dtypes="fp8"), cpu)
+
+
+def test_bad_arguments_exit_2(tmp_path):
+    assert bench.main(["--dtypes", "fp8", "--no-csv"]) == 2
+    assert bench.main(["--backends", "nope", "--no-csv"]) == 2
+    assert bench.main(["--shapes", "nope", "--no-csv"]) == 2
+
+
+def test_backend_filter_and_no_csv(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    args = ["--shapes", "gru-T8-B2-H16", "--backends", "cudnn", "--modes", "fwd", "--no-csv"]
+    assert bench.main(args) == 0
+    out = capsys.readouterr().out
+    assert "[1/1] smoke/gru-T8-B2-H16 fp32 torch.nn fwd" in out  # "cudnn" is torch.nn on CPU
+    assert "1 rows, 0 not ok" in out
+    assert not list(tmp_path.iterdir())
+
+
+def test_append_keeps_old_rows_when_columns_change(tmp_path):
+    path = tmp_path / "r.csv"
+    path.write_text("run_id,ms,old_column\nold,1.5,x\n")
+    bench.append_rows(path, [{"run_id": "new", "ms": "2"}])
+    rows = _rows(path)
+    assert [r["run_id"] for r in rows] == ["old", "new"]
+    assert rows[0]["old_column"] == "x" and rows[1]["old_column"] == ""
+    assert set(bench.FIELDS) <= set(rows[0])
+    bench.append_rows(path, [{"run_id": "third"}])
+    assert [r["run_id"] for r in _rows(path)] == ["old", "new", "third"]
+
+
+def test_plot_writes_pngs_from_cpu_rows(smoke_csv, tmp_path, capsys):
+    out = tmp_path / "plots"
+    assert plot.main(["--csv", str(smoke_csv), "--out", str(out)]) == 0
+    for name in ("speedup_vs_batch.png", "speedup_vs_hidden.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "skipped memory.png" in capsys.readouterr().out  # no CUDA, no peak memory
+
+    rows = _rows(smoke_csv)
+    for r in rows:  # as a CUDA run would have them
+        r["peak_mem_mb"] = "12.5" if r["mode"] == "fwdbwd" else ""
+    with_memory = tmp_path / "with_memory.csv"
+    with with_memory.open("w", newline="") as f:
+        writer = csv.DictWriter(f, rows[0].keys())
+        writer.writeheader()
+        writer.writerows(rows)
+    assert plot.main(["--csv", str(with_memory), "--out", str(out)]) == 0
+    assert (out / "memory.png").stat().st_size > 0
+
+
+def test_plot_uses_the_latest_run_per_card():
+    rows = [
+        {"card": "A", "date": "2026-01-01T00:00:00Z", "run_id": "1"},
+        {"card": "A", "date": "2026-02-01T00:00:00Z", "run_id": "2"},
+        {"card": "B", "date": "2026-01-15T00:00:00Z", "run_id": "3"},
+    ]
+    latest = plot.latest_runs(rows)
+    assert {card: [r["run_id"] for r in rs] for card, rs in latest.items()} == {
+        "A": ["2"],
+        "B": ["3"],
+    }
+
+
+def test_readme_table_is_regenerated_between_markers(smoke_csv, tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# title\n\nbefore\n{plot.START}\nstale table\n{plot.END}\nafter\n")
+    out = tmp_path / "benchmarks" / "plots"
+    args = ["--csv", str(smoke_csv), "--out", str(out), "--readme", str(readme)]
+    assert plot.main(args) == 0
+    text = readme.read_text()
+    assert text.startswith("# title\n\nbefore\n") and text.endswith(f"{plot.END}\nafter\n")
+    assert "stale table" not in text
+    row = _rows(smoke_csv)[0]
+    assert row["card"] in text and row["date"] in text
+    assert "| smoke/lstm-T8-B2-H16 | fp32 | gpurnn-torch |" in text
+    assert "](benchmarks/plots/speedup_vs_batch.png)" in text
+    assert plot.main(args) == 0 and readme.read_text() == text  # idempotent
+
+    readme.write_text("# no markers\n")
+    assert plot.main(args) == 1
