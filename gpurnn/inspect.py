@@ -1,0 +1,391 @@
+"""A window into a recurrent network: every step's gates, cell states and hidden states.
+
+    from gpurnn import inspect
+    rec = inspect.record(model.rnn, x)          # any gpurnn or torch.nn RNN / LSTM / GRU
+    rec.get("f", layer=1, direction=0)          # (T, B, H): the forget gate at every step
+    inspect.plot_heatmap(rec, "c", path="c.png")
+    inspect.plot_gate_saturation(rec, path="saturation.png")
+
+`record` re-runs the module's recurrence with the module's own weights through the torch
+backend's time loop with `save=True`, whose workspace keeps every step's gate activations
+for its backward (LSTM i, f, g, o and c; GRU r, z, n). So it works whatever backend the
+model runs on, with no hooks into kernels, and the values are those of the model's own
+forward: the last layer's recorded hidden states are the module's output, to rounding
+(1e-10 in float64; checked in tests/test_inspect.py against the module and against the
+float64 reference). It records the eval-mode computation: no dropout between layers.
+
+Recorded tensors are time-major, (T, B, units), in the model's dtype (fp32 for 16-bit
+models). Steps past a sequence's end (PackedSequence input) did not happen: they are NaN.
+
+`python -m gpurnn inspect` trains a small LSTM to track the nesting depth of brackets
+(a few seconds on a CPU), records it and writes the pictures: on CPU it reads the depth
+right at 99.9% of steps, and 11 of its 16 hidden units follow the depth (|r| > 0.9).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
+
+from gpurnn import functional
+from gpurnn.backends.torch import TorchBackend, compute_dtype, step_mask
+from gpurnn.cells import MODE_TO_CELL
+
+__all__ = [
+    "GATE_NAMES",
+    "Recording",
+    "record",
+    "saturation",
+    "plot_heatmap",
+    "plot_gate_saturation",
+    "main",
+]
+
+# gate activations per cell, in PyTorch's order (the order of the torch backend's workspace)
+GATE_NAMES = {"lstm": ("i", "f", "g", "o"), "gru": ("r", "z", "n"), "rnn_tanh": (), "rnn_relu": ()}
+# quantities bounded by tanh (range [-1, 1]); the sigmoid gates are in [0, 1]
+_TANH_RANGE = {"g", "n"}
+SATURATION = 0.1  # a sigmoid gate within 0.1 of 0 or 1 (a tanh within 0.1 of ±1) is saturated
+
+
+@dataclass
+class Recording:
+    """What `record` saw. `steps[(layer, direction)][name]` is a (T, B, units) tensor for
+    name in `names`: the gates, "c" (LSTM) and "h"; `lengths` (B,) each sequence's length."""
+
+    cell: str
+    num_layers: int
+    num_directions: int
+    lengths: Tensor
+    steps: dict[tuple[int, int], dict[str, Tensor]] = field(default_factory=dict)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return GATE_NAMES[self.cell] + (("c",) if self.cell == "lstm" else ()) + ("h",)
+
+    def get(self, what: str, layer: int = 0, direction: int = 0) -> Tensor:
+        if what not in self.names:
+            raise KeyError(f"{what!r} not recorded for {self.cell}; choose from {self.names}")
+        return self.steps[(layer, direction)][what]
+
+    def output(self) -> Tensor:
+        """The module's output, time-major and padded with zeros as torch.nn pads."""
+        last = self.num_layers - 1
+        h = torch.cat([self.get("h", last, d) for d in range(self.num_directions)], dim=-1)
+        return h.nan_to_num(0.0)
+
+
+def _initial_states(module, hx, B, like):
+    """h0 (L*D, B, H_out), c0 (L*D, B, H) or None from hx as the module accepts it."""
+    D = 2 if module.bidirectional else 1
+    H_out = module.proj_size or module.hidden_size
+    is_lstm = module.mode == "LSTM"
+    if hx is None:
+        h0 = like.new_zeros(module.num_layers * D, B, H_out)
+        c0 = like.new_zeros(module.num_layers * D, B, module.hidden_size) if is_lstm else None
+        return h0, c0
+    h0, c0 = hx if is_lstm else (hx, None)
+    if h0.dim() == 2:  # unbatched
+        h0, c0 = h0[:, None], (c0[:, None] if c0 is not None else None)
+    return h0, c0
+
+
+@torch.no_grad()
+def record(module, input, hx=None) -> Recording:
+    """Run `module` (gpurnn or torch.nn RNN/LSTM/GRU) on `input` (a tensor laid out as the
+    module takes it, batched or not, or a PackedSequence) and `hx`, keeping every step of
+    every (layer, direction). Batch order is the caller's, also for PackedSequence."""
+    cell = MODE_TO_CELL[module.mode]
+    D = 2 if module.bidirectional else 1
+    lengths = None
+    if isinstance(input, PackedSequence):
+        x, lengths = pad_packed_sequence(input)  # time-major, in the caller's batch order
+    elif input.dim() == 2:
+        x = input[:, None]  # unbatched (T, F): a batch of one
+    else:
+        x = input.transpose(0, 1) if module.batch_first else input
+    T, B = x.shape[:2]
+    h0, c0 = _initial_states(module, hx, B, x)
+    acc = compute_dtype(x.dtype)
+    valid = step_mask(T, lengths, x.device)
+    rec = Recording(
+        cell,
+        module.num_layers,
+        D,
+        lengths if lengths is not None else torch.full((B,), T, dtype=torch.long),
+    )
+    loop = TorchBackend()
+    weights = functional.layer_weights(module)
+    layer_in = x
+    for layer in range(module.num_layers):
+        outputs = []
+        for d in range(D):
+            k = layer * D + d
+            w_ih, w_hh, b_ih, b_hh, w_hr = weights[k]
+            xg, b_hn = functional.input_projection(cell, layer_in, w_ih, b_ih, b_hh)
+            y, _, _, workspace = loop.forward(
+                cell,
+                xg,
+                w_hh,
+                h0[k],
+                c0[k] if c0 is not None else None,
+                lengths,
+                d == 1,
+                b_hn,
+                w_hr,
+                save=True,
+            )
+            outputs.append(y)
+            # the workspace holds the activations side by side: LSTM [i f g o c], GRU [r z n hn]
+            names = GATE_NAMES[cell] + (("c",) if cell == "lstm" else ())
+            blocks = workspace.chunk(len(names) + (cell == "gru"), dim=-1) if names else ()
+            steps = {name: block for name, block in zip(names, blocks)}
+            steps["h"] = y.to(acc)
+            if valid is not None:  # past a sequence's end nothing was computed
+                steps = {n: v.masked_fill(~valid, math.nan) for n, v in steps.items()}
+            rec.steps[(layer, d)] = steps
+        layer_in = torch.cat(outputs, dim=-1)
+    return rec
+
+
+def _share(mask: Tensor) -> float:
+    return mask.float().mean().item() if mask.numel() else math.nan
+
+
+def saturation(recording: Recording, threshold: float = SATURATION) -> dict:
+    """{(layer, direction): {gate: (fraction low, fraction high)}}: the share of a gate's
+    values (all units, steps, sequences) within `threshold` of its lower / upper bound
+    (0 / 1 for sigmoid gates, -1 / 1 for tanh). Cells without gates report "h"."""
+    out = {}
+    names = GATE_NAMES[recording.cell] or ("h",)
+    for key in recording.steps:
+        out[key] = {}
+        for name in names:
+            v = recording.get(name, *key)
+            v = v[~v.isnan()]
+            low = -1.0 if (name in _TANH_RANGE or name == "h") else 0.0
+            out[key][name] = (_share(v < low + threshold), _share(v > 1.0 - threshold))
+    return out
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise ImportError("plotting needs matplotlib: pip install matplotlib") from e
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_heatmap(
+    recording: Recording,
+    what: str = "h",
+    layer: int = 0,
+    direction: int = 0,
+    batch_index: int = 0,
+    path="heatmap.png",
+    *,
+    xticklabels=None,
+    title=None,
+):
+    """A unit-by-time heatmap of one quantity ("h", "c" or a gate name) for one sequence,
+    written to `path` (returned). `xticklabels`: one label per step, e.g. the input tokens."""
+    plt = _pyplot()
+    v = recording.get(what, layer, direction)[:, batch_index].float().cpu().T  # (units, T)
+    if what in GATE_NAMES[recording.cell] and what not in _TANH_RANGE:
+        kw = dict(cmap="viridis", vmin=0.0, vmax=1.0)  # sigmoid gates: closed .. open
+    else:
+        bound = v.nan_to_num(0).abs().max().item() or 1.0
+        if what in _TANH_RANGE or (what == "h" and recording.cell != "rnn_relu"):
+            bound = 1.0
+        kw = dict(cmap="RdBu_r", vmin=-bound, vmax=bound)
+    units, T = v.shape
+    fig, ax = plt.subplots(figsize=(min(14, 2 + 0.12 * T), min(8, 1.2 + 0.18 * units)))
+    im = ax.imshow(v.numpy(), aspect="auto", interpolation="nearest", **kw)
+    fig.colorbar(im, ax=ax, pad=0.01)
+    ax.set_ylabel("unit")
+    ax.set_xlabel("step")
+    if xticklabels is not None:
+        ax.set_xticks(range(T), list(xticklabels)[:T], fontsize=7, family="monospace")
+    direction_name = " (reverse)" if direction == 1 else ""
+    ax.set_title(
+        title or f"{recording.cell} {what}, layer {layer}{direction_name}, sequence {batch_index}"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_gate_saturation(
+    recording: Recording, path="saturation.png", *, threshold: float = SATURATION
+):
+    """Histograms of every gate's activations, one row per (layer, direction), annotated
+    with the fractions within `threshold` of each bound (saturated), written to `path`."""
+    plt = _pyplot()
+    names = GATE_NAMES[recording.cell] or ("h",)
+    keys = sorted(recording.steps)
+    fracs = saturation(recording, threshold)
+    fig, axes = plt.subplots(
+        len(keys),
+        len(names),
+        squeeze=False,
+        figsize=(2.6 * len(names) + 0.5, 2.0 * len(keys) + 0.4),
+    )
+    for row, key in enumerate(keys):
+        for col, name in enumerate(names):
+            v = recording.get(name, *key).float()
+            v = v[~v.isnan()].cpu().numpy()
+            ax = axes[row][col]
+            tanh_like = name in _TANH_RANGE or name == "h"
+            ax.hist(v, bins=50, range=(-1.0 if tanh_like else 0.0, 1.0), color="tab:blue")
+            low, high = fracs[key][name]
+            ax.set_title(f"{name}: {low:.0%} low, {high:.0%} high", fontsize=9)
+            ax.set_yticks([])
+            if col == 0:
+                ax.set_ylabel(f"layer {key[0]}" + (" rev" if key[1] else ""))
+    fig.suptitle(
+        f"{recording.cell} gate activations (saturated: within {threshold} of a bound)", fontsize=10
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------------------
+# python -m gpurnn inspect: a small trained example
+# ----------------------------------------------------------------------------------------
+
+BRACKETS = "()."  # open, close, filler
+
+
+def bracket_batch(batch: int, T: int, max_depth: int = 4, generator=None):
+    """Random bracket strings and their nesting depth after each character.
+    Returns (one-hot x (B, T, 3), depth (B, T) float)."""
+    u = torch.rand(batch, T, generator=generator)
+    tokens = torch.empty(batch, T, dtype=torch.long)
+    depth = torch.empty(batch, T)
+    d = torch.zeros(batch)
+    for t in range(T):
+        # open below max depth with p=0.4, close above 0 with p=0.4, else filler
+        opens = (u[:, t] < 0.4) & (d < max_depth)
+        closes = (u[:, t] >= 0.6) & (d > 0)
+        tokens[:, t] = torch.where(opens, 0, torch.where(closes, 1, 2))
+        d = d + opens.float() - closes.float()
+        depth[:, t] = d
+    return torch.nn.functional.one_hot(tokens, 3).float(), depth
+
+
+class DepthTracker(torch.nn.Module):
+    """An LSTM reads brackets; a linear head reads the depth off its hidden state."""
+
+    def __init__(self, hidden: int = 16):
+        super().__init__()
+        import gpurnn
+
+        self.rnn = gpurnn.LSTM(3, hidden, batch_first=True)
+        self.head = torch.nn.Linear(hidden, 1)
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0]).squeeze(-1)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--steps", type=int, default=300, help="training steps")
+    parser.add_argument("--hidden", type=int, default=16, help="LSTM hidden units")
+    parser.add_argument("--length", type=int, default=60, help="characters per sequence")
+    parser.add_argument("--out", default="inspect_out", help="folder for the PNGs")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    # tiny per-step matmuls: thread start-up costs more than it saves (100x on a busy 2-core)
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (0: torch's default)")
+
+
+def run(args) -> dict:
+    """Train the depth tracker, record it on a fresh sequence, write the pictures."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    device = torch.device(args.device)
+    model = DepthTracker(args.hidden).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses, start = [], time.perf_counter()
+    for step in range(args.steps):
+        x, depth = bracket_batch(64, args.length, generator=gen)
+        loss = torch.nn.functional.mse_loss(model(x.to(device)), depth.to(device))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        if step % max(1, args.steps // 5) == 0 or step == args.steps - 1:
+            print(f"step {step:4d}  mse {loss.item():.4f}")
+    model.eval()
+    x, depth = bracket_batch(256, args.length, generator=gen)
+    x, depth = x.to(device), depth.to(device)
+    with torch.no_grad():
+        accuracy = (model(x).round() == depth).float().mean().item()
+    print(
+        f"trained {args.steps} steps in {time.perf_counter() - start:.1f} s; depth read "
+        f"correctly at {accuracy:.1%} of steps"
+    )
+
+    rec = record(model.rnn, x)
+    # how closely each unit's hidden state follows the depth: the network's counters
+    h = rec.get("h").reshape(-1, args.hidden)
+    dv = depth.T.reshape(-1, 1)  # rec is time-major
+    corr = ((h - h.mean(0)) * (dv - dv.mean())).mean(0) / (h.std(0) * dv.std() + 1e-9)
+    unit = int(corr.abs().argmax())
+    counters = int((corr.abs() > 0.9).sum())
+    print(
+        f"{counters} of {args.hidden} units' hidden states follow the depth (|correlation| > 0.9);"
+        f" closest: unit {unit}, {corr[unit]:+.2f}"
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    chars = [BRACKETS[i] for i in x[0].argmax(-1).tolist()]
+    titles = {"h": "LSTM hidden states reading brackets: many units rise and fall with the depth"}
+    paths = [
+        plot_heatmap(rec, name, path=out / f"{name}.png", xticklabels=chars, title=titles.get(name))
+        for name in rec.names
+    ]
+    paths.append(plot_gate_saturation(rec, path=out / "saturation.png"))
+    for gates in saturation(rec).values():
+        print(
+            "saturated (low/high): "
+            + ", ".join(f"{g} {lo:.0%}/{hi:.0%}" for g, (lo, hi) in gates.items())
+        )
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return {
+        "losses": losses,
+        "accuracy": accuracy,
+        "depth_correlation": corr.tolist(),
+        "paths": paths,
+        "recording": rec,
+    }
+
+
+def cmd_inspect(args) -> int:
+    run(args)
+    return 0
+
+
+def main(argv=None) -> int:
+    """`python -m gpurnn inspect`: train a small LSTM on bracket depth, record, plot."""
+    parser = argparse.ArgumentParser(prog="python -m gpurnn inspect", description=main.__doc__)
+    add_arguments(parser)
+    return cmd_inspect(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
