@@ -6,10 +6,13 @@
     inspect.plot_heatmap(rec, "c", path="c.png")
     inspect.plot_gate_saturation(rec, path="saturation.png")
 
-`record` re-runs the module's recurrence with the module's own weights through the torch
-backend's time loop with `save=True`, whose workspace keeps every step's gate activations
-for its backward (LSTM i, f, g, o and c; GRU r, z, n). So it works whatever backend the
-model runs on, with no hooks into kernels, and the values are those of the model's own
+`record` re-runs the module's recurrence with the module's own weights with `save=True`:
+the workspace a backend keeps for its backward holds every step's gate activations (LSTM
+i, f, g, o and c; GRU r, z, n), in one layout shared by the `torch` time loop and the
+`triton` kernels. With `backend="triton"` (the default for CUDA tensors where the model
+would run on triton) the values come straight from the fused kernels; otherwise from the
+torch backend's loop. So it works whatever backend the model runs on, with no hooks into
+kernels, and the values are those of the model's own
 forward: the last layer's recorded hidden states are the module's output, to rounding
 (1e-10 in float64; checked in tests/test_inspect.py against the module and against the
 float64 reference). It records the eval-mode computation: no dropout between layers.
@@ -35,7 +38,8 @@ from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from gpurnn import functional
-from gpurnn.backends.torch import TorchBackend, compute_dtype, step_mask
+from gpurnn.backends import choose_backend, get_backend
+from gpurnn.backends.torch import compute_dtype, step_mask
 from gpurnn.cells import MODE_TO_CELL
 
 __all__ = [
@@ -97,11 +101,27 @@ def _initial_states(module, hx, B, like):
     return h0, c0
 
 
+# backends whose forward(save=True) workspace has the layout read below
+_RECORDING_BACKENDS = ("torch", "triton")
+
+
+def _recording_backend(module, cell, x, requested):
+    if requested is None:
+        requested = choose_backend(
+            getattr(module, "backend", None), cell, x.device, x.dtype, module.proj_size > 0
+        )
+    if requested not in _RECORDING_BACKENDS:
+        return get_backend("torch")  # e.g. numpy: no workspace; the torch loop is exact too
+    return get_backend(requested)
+
+
 @torch.no_grad()
-def record(module, input, hx=None) -> Recording:
+def record(module, input, hx=None, *, backend: str | None = None) -> Recording:
     """Run `module` (gpurnn or torch.nn RNN/LSTM/GRU) on `input` (a tensor laid out as the
     module takes it, batched or not, or a PackedSequence) and `hx`, keeping every step of
-    every (layer, direction). Batch order is the caller's, also for PackedSequence."""
+    every (layer, direction). Batch order is the caller's, also for PackedSequence.
+    `backend` ("torch" or "triton") says whose kernels compute the recording; by default
+    the one the module itself would run on, or the torch loop for the others."""
     cell = MODE_TO_CELL[module.mode]
     D = 2 if module.bidirectional else 1
     lengths = None
@@ -121,7 +141,7 @@ def record(module, input, hx=None) -> Recording:
         D,
         lengths if lengths is not None else torch.full((B,), T, dtype=torch.long),
     )
-    loop = TorchBackend()
+    runner = _recording_backend(module, cell, x, backend)
     weights = functional.layer_weights(module)
     layer_in = x
     for layer in range(module.num_layers):
@@ -130,7 +150,7 @@ def record(module, input, hx=None) -> Recording:
             k = layer * D + d
             w_ih, w_hh, b_ih, b_hh, w_hr = weights[k]
             xg, b_hn = functional.input_projection(cell, layer_in, w_ih, b_ih, b_hh)
-            y, _, _, workspace = loop.forward(
+            y, _, _, workspace = runner.forward(
                 cell,
                 xg,
                 w_hh,
@@ -142,9 +162,14 @@ def record(module, input, hx=None) -> Recording:
                 w_hr,
                 save=True,
             )
+            names = GATE_NAMES[cell] + (("c",) if cell == "lstm" else ())
+            if names and workspace.numel() == 0:  # a kernel set to recompute keeps none
+                raise RuntimeError(
+                    f"backend {runner.name!r} kept no workspace (recompute mode); "
+                    "record with backend='torch'"
+                )
             outputs.append(y)
             # the workspace holds the activations side by side: LSTM [i f g o c], GRU [r z n hn]
-            names = GATE_NAMES[cell] + (("c",) if cell == "lstm" else ())
             blocks = workspace.chunk(len(names) + (cell == "gru"), dim=-1) if names else ()
             steps = {name: block for name, block in zip(names, blocks)}
             steps["h"] = y.to(acc)
