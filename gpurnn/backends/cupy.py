@@ -1,0 +1,495 @@
+"""The `cupy` backend: CUDA C++ persistent kernels (kernels/cuda/rnn_persistent.cu), compiled
+at run time by NVRTC through CuPy and launched on torch's current stream.
+
+Layers, top to bottom:
+  kernel    kernels/cuda/rnn_persistent.cu: one skeleton, the cell a template parameter
+            (rnn_cells.cuh), W_hh held in shared memory in tensor-core fragment order, batch
+            in the mma's n=8 dimension. Two variants: `grid` (one block per unit slice, h
+            exchanged through L2, a grid barrier per step: cooperative launch) and `cluster`
+            (sm_90: all of W_hh in one 8-block cluster, h exchanged through distributed
+            shared memory with a cluster barrier; one cluster per 8 batch rows).
+  plan      `plan_launch`: which variant, tile sizes and grid for (cell, dtype, H, B) on a
+            device; pure Python, testable without a GPU.
+  pack      `pack_fragments`: W_hh rows/columns for each block, padded and permuted into the
+            order the mma instructions read them (torch ops, on the weights' device).
+  launch    `_compiled` (NVRTC via cupy.RawModule, cached per device and kernel) and the
+            `CupyBackend` methods: T and B are run-time arguments, so a new sequence length
+            or batch size never recompiles.
+
+CuPy is optional: this module imports it only inside functions, and `unavailable_reason`
+says why the backend cannot run (not installed, no GPU, no NVRTC).
+
+Environment: GPURNN_CUPY_VARIANT = auto (default) | grid | cluster forces a variant where it
+can run (for measuring what each buys).
+
+Workspace: the torch backend's layout, fp32: lstm (T, B, 5H) i, f, g, o, c; gru (T, B, 4H)
+r, z, n, hn; rnn none. Entries of steps past a sequence's end are 0.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.resources
+import logging
+import math
+import os
+import re
+import weakref
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from gpurnn.backends.base import Backend, Grads
+from gpurnn.backends.torch import WORKSPACE_GATES, previous_states
+from gpurnn.cells import GATES
+
+log = logging.getLogger("gpurnn")
+
+INSTALL_HINT = "pip install gpurnn[cupy13] (CUDA 13) or gpurnn[cupy12] (CUDA 12)"
+KERNEL_FILE = "rnn_persistent.cu"
+KERNEL_PACKAGE = "gpurnn._kernels.cuda"
+
+# C++ names of the template arguments (rnn_cells.cuh, rnn_common.cuh)
+CELL_TYPES = {"lstm": "LstmCell", "gru": "GruCell", "rnn_tanh": "RnnTanhCell",
+              "rnn_relu": "RnnReluCell"}  # fmt: skip
+ELEM_TYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}
+
+# constants shared with rnn_persistent.cu
+WARPS = 8
+THREADS = 32 * WARPS
+CLUSTER_SIZE = 8
+# k per mma and 16-byte A-fragment words per lane per tile (fp32 keeps hi and lo tf32 halves)
+MMA_K = {torch.float16: 16, torch.bfloat16: 16, torch.float32: 8}
+A_UINT4 = {torch.float16: 1, torch.bfloat16: 1, torch.float32: 2}
+
+# m-tiles (16 rows of A each) per block the launcher may pick; each is one instantiation
+FORWARD_M_TILES = (1, 2, 4)
+BACKWARD_M_TILES = (1, 2)
+CLUSTER_M_TILES = (1, 2, 4, 8)
+N_TILES = (1, 2)  # 8 batch rows each: B <= 8 pays for one
+
+
+# ------------------------------------------------------------------------------- plan
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How one kernel launch is laid out (see rnn_persistent.cu for the terms)."""
+
+    direction: str  # "forward" | "backward"
+    variant: str  # "grid" | "cluster"
+    m_tiles: int
+    n_tiles: int
+    units: int  # hidden units per block
+    blocks: int  # grid size
+    K: int  # reduction length: H (forward) or G*H (backward)
+    KT: int  # k-tiles of MMA_K
+    ldx: int  # exchange row stride, elements
+    batch_rows: int  # exchange rows (grid: B padded to 8*n_tiles; cluster: 8)
+    shared_bytes: int
+
+    def kernel_name(self, cell: str, dtype: torch.dtype) -> str:
+        args = [CELL_TYPES[cell], ELEM_TYPES[dtype], str(self.m_tiles)]
+        if self.variant == "grid":
+            args.append(str(self.n_tiles))
+        return f"gpurnn::rnn_{self.direction}_{self.variant}<{', '.join(args)}>"
+
+
+def units_per_block(direction: str, cell: str, m_tiles: int) -> int:
+    """Forward: a block's A rows are the G gate rows of its units; backward: its units."""
+    rows = 16 * m_tiles
+    return rows // GATES[cell] if direction == "forward" else rows
+
+
+def fragment_bytes(dtype: torch.dtype, m_tiles: int, KT: int) -> int:
+    return m_tiles * KT * A_UINT4[dtype] * 32 * 16
+
+
+def shared_bytes(dtype, m_tiles, n_tiles, KT, cluster_ldx=0) -> int:
+    """Dynamic shared memory: packed fragments | red | (cluster) two exchange planes."""
+    red = WARPS * n_tiles * 16 * m_tiles * 8 * 4
+    planes = 2 * 8 * cluster_ldx * torch.finfo(dtype).bits // 8
+    return fragment_bytes(dtype, m_tiles, KT) + red + planes
+
+
+def plan_launch(direction, cell, dtype, H, B, *, sm_count, smem_limit, has_clusters,
+                variant="auto") -> Plan | None:  # fmt: skip
+    """The launch for one (layer, direction) on a device with `sm_count` SMs and
+    `smem_limit` bytes of opt-in shared memory per block, or None if no variant holds its
+    W_hh slice on chip. `variant` forces "grid" or "cluster" (None if that one cannot)."""
+    G = GATES[cell]
+    K = H if direction == "forward" else G * H
+    KT = math.ceil(K / MMA_K[dtype])
+    ldx = KT * MMA_K[dtype]
+    if has_clusters and variant in ("auto", "cluster"):
+        # smallest tile whose 8 blocks cover H; the whole W_hh then sits in the cluster
+        for m in CLUSTER_M_TILES:
+            units = units_per_block(direction, cell, m)
+            if CLUSTER_SIZE * units < H:
+                continue
+            # +16 bytes per row: the 8 rows' 32-bit fragment loads land in distinct banks
+            cluster_ldx = ldx + 16 * 8 // torch.finfo(dtype).bits
+            smem = shared_bytes(dtype, m, 1, KT, cluster_ldx)
+            if smem <= smem_limit:
+                return Plan(direction, "cluster", m, 1, units, CLUSTER_SIZE * math.ceil(B / 8),
+                            K, KT, cluster_ldx, 8, smem)  # fmt: skip
+            break
+    if variant == "cluster":
+        return None
+    n_tiles = 1 if B <= 8 else 2
+    for m in FORWARD_M_TILES if direction == "forward" else BACKWARD_M_TILES:
+        units = units_per_block(direction, cell, m)
+        blocks = math.ceil(H / units)
+        smem = shared_bytes(dtype, m, n_tiles, KT)
+        # one block per SM: every block resident (cooperative launch) with all of its smem
+        if blocks <= sm_count and smem <= smem_limit:
+            rows = 8 * n_tiles
+            return Plan(direction, "grid", m, n_tiles, units, blocks, K, KT, ldx,
+                        math.ceil(B / rows) * rows, smem)  # fmt: skip
+    return None
+
+
+def kernel_names(clusters: bool) -> list[str]:
+    """Every instantiation `plan_launch` can pick (with `clusters`: the sm_90 cluster ones
+    too): what the compile tests build."""
+    names = []
+    for cell in CELL_TYPES:
+        for dtype in ELEM_TYPES:
+            for direction, tiles in (("forward", FORWARD_M_TILES), ("backward", BACKWARD_M_TILES)):
+                for m in tiles:
+                    for n in N_TILES:
+                        plan = Plan(direction, "grid", m, n, 0, 0, 0, 0, 0, 0, 0)
+                        names.append(plan.kernel_name(cell, dtype))
+                if clusters:
+                    for m in CLUSTER_M_TILES:
+                        plan = Plan(direction, "cluster", m, 1, 0, 0, 0, 0, 0, 0, 0)
+                        names.append(plan.kernel_name(cell, dtype))
+    return names
+
+
+# ------------------------------------------------------------------------------- pack
+
+
+def _tf32_round(a: Tensor) -> Tensor:
+    """fp32 -> nearest tf32 (ties away from zero), as `cvt.rna.tf32.f32` does."""
+    bits = a.view(torch.int32)
+    return ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
+
+
+def pack_fragments(a: Tensor, m_tiles: int) -> Tensor:
+    """A rows of every block, (P, rows <= 16*m_tiles, K) in the kernel's element dtype ->
+    the packed fragments (P, fragment_bytes / 16, 4) int32, as `block_gemm` reads them.
+
+    16-bit, mma.m16n8k16 (.row): lane 4g+q holds 4 words, word (c, r) = A[16mt + g + 8r]
+    [16kt + 2q + 8c .. +1] at index 2c + r. fp32, mma.m16n8k8.tf32: word 2c + r =
+    A[16mt + g + 8r][8kt + q + 4c], once rounded to tf32 (hi) and once the rest (lo), the lo
+    plane 32 lanes after the hi plane.
+    """
+    P, rows, K = a.shape
+    dtype = a.dtype
+    k = MMA_K[dtype]
+    KT = math.ceil(K / k)
+    full = a.new_zeros(P, 16 * m_tiles, KT * k)
+    full[:, :rows, :K] = a
+    if dtype == torch.float32:
+        v = full.view(P, m_tiles, 2, 8, KT, 2, 4)  # p, mt, r, g, kt, c, q
+        v = v.permute(0, 1, 4, 3, 6, 5, 2)  # p, mt, kt, g, q, c, r
+        hi = _tf32_round(v.contiguous())
+        lo = v - hi
+        out = torch.stack([hi, lo], dim=3)  # p, mt, kt, hi/lo, g, q, c, r
+        return out.contiguous().view(torch.int32).reshape(P, -1, 4)
+    v = full.view(P, m_tiles, 2, 8, KT, 2, 4, 2)  # p, mt, r, g, kt, c, q, pair
+    v = v.permute(0, 1, 4, 3, 6, 5, 2, 7)  # p, mt, kt, g, q, c, r, pair
+    return v.contiguous().view(torch.int32).reshape(P, -1, 4)
+
+
+def block_rows(direction: str, cell: str, w_hh: Tensor, plan: Plan) -> Tensor:
+    """(P, rows, K) A matrix of every block. Forward: block p's row g*units + u is W_hh row
+    g*H + p*units + u (gate-major, so a unit's G gates sit `units` rows apart); backward:
+    row u is W_hh column p*units + u. Rows of units >= H are 0."""
+    G, H = GATES[cell], w_hh.shape[1]
+    P, U = plan.blocks if plan.variant == "grid" else CLUSTER_SIZE, plan.units
+    src = w_hh if direction == "forward" else w_hh.t()
+    src = torch.cat([src, src.new_zeros(1, src.shape[1])])  # row -1: zeros
+    unit = torch.arange(P, device=w_hh.device)[:, None] * U + torch.arange(U, device=w_hh.device)
+    unit = torch.where(unit < H, unit, -1)  # (P, U)
+    if direction == "forward":
+        gate = torch.arange(G, device=w_hh.device)[None, :, None] * H
+        idx = torch.where(unit[:, None, :] >= 0, gate + unit[:, None, :], -1).reshape(P, G * U)
+    else:
+        idx = unit
+    return src[idx]
+
+
+# ------------------------------------------------------------------------------- compile
+
+
+def kernel_source() -> str:
+    """rnn_persistent.cu with its local #includes inlined: NVRTC gets one self-contained
+    source and needs no include path (nor any CUDA header: the kernels use none)."""
+    return _expand_includes(KERNEL_FILE, set())
+
+
+def _expand_includes(name: str, seen: set[str]) -> str:
+    if name in seen:
+        return ""
+    seen.add(name)
+    text = importlib.resources.files(KERNEL_PACKAGE).joinpath(name).read_text()
+    return re.sub(
+        r'^#include "([^"]+)"\s*$',
+        lambda m: _expand_includes(m.group(1), seen),
+        text.replace("#pragma once", ""),
+        flags=re.M,
+    )
+
+
+NVRTC_OPTIONS = ("-std=c++17",)
+
+
+@functools.cache
+def _compiled(device_index: int, name: str, cooperative: bool):
+    """The kernel `name` (a template instantiation) for one device, compiled by NVRTC for
+    that device's architecture (CuPy also caches the binary on disk across processes)."""
+    import cupy
+
+    with cupy.cuda.Device(device_index):
+        module = cupy.RawModule(
+            code=kernel_source(),
+            options=NVRTC_OPTIONS,
+            name_expressions=(name,),
+            enable_cooperative_groups=cooperative,
+        )
+        return module.get_function(name)
+
+
+def _launch(device: torch.device, plan: Plan, cell: str, dtype: torch.dtype, args) -> None:
+    import cupy
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    cooperative = plan.variant == "grid"
+    kernel = _compiled(index, plan.kernel_name(cell, dtype), cooperative)
+    if kernel.max_dynamic_shared_size_bytes < plan.shared_bytes:
+        kernel.max_dynamic_shared_size_bytes = plan.shared_bytes
+    stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream, index)
+    try:
+        with cupy.cuda.Device(index), stream:
+            kernel((plan.blocks,), (THREADS,), args, shared_mem=plan.shared_bytes)
+    except cupy.cuda.driver.CUDADriverError as e:
+        what = (f"grid of {plan.blocks} blocks x {THREADS} threads with "
+                f"{plan.shared_bytes} B shared memory")  # fmt: skip
+        if "COOPERATIVE_LAUNCH_TOO_LARGE" in str(e):
+            raise RuntimeError(
+                f"gpurnn cupy: the {what} cannot be co-resident on this GPU (another "
+                f"context may be using SMs); refused by the driver: {e}"
+            ) from e
+        raise RuntimeError(f"gpurnn cupy: launching the {what} failed: {e}") from e
+
+
+def _ptr(t: Tensor | None) -> np.uint64:
+    """A tensor's device address as the kernel's pointer argument (0 for absent)."""
+    return np.uint64(0 if t is None else t.data_ptr())
+
+
+def _i32(v: int) -> np.int32:
+    return np.int32(v)
+
+
+# ------------------------------------------------------------------------------- backend
+
+
+class CupyBackend(Backend):
+    name = "cupy"
+    backward_uses_xg = False
+
+    def __init__(self) -> None:
+        self.variant = os.environ.get("GPURNN_CUPY_VARIANT", "auto")
+        if self.variant not in ("auto", "grid", "cluster"):
+            raise ValueError(
+                f"GPURNN_CUPY_VARIANT must be auto, grid or cluster, got {self.variant!r}"
+            )
+        self._packed: dict = {}
+
+    # ------------------------------------------------------------------ capability
+
+    def unavailable_reason(self) -> str | None:
+        try:
+            import cupy
+        except ImportError:
+            return f"CuPy is not installed ({INSTALL_HINT})"
+        except Exception as e:  # a broken install raises all sorts of things
+            return f"cannot import cupy: {type(e).__name__}: {e}"
+        if not torch.cuda.is_available():
+            return "no CUDA device"
+        try:
+            cupy.cuda.nvrtc.getVersion()
+        except Exception as e:
+            return f"NVRTC unavailable: {e}"
+        return None
+
+    def unsupported_reason(self, cell, device, dtype, projected, hidden_size=None) -> str | None:
+        if projected:
+            return ("LSTM proj_size is not implemented in the cupy kernels; "
+                    "use backend='torch' (or 'auto', which falls back to it)")  # fmt: skip
+        if dtype not in ELEM_TYPES:
+            return f"dtype {dtype} not supported (float16, bfloat16, float32)"
+        if device.type != "cuda":
+            return f"tensors on {device.type}; the cupy backend needs CUDA tensors"
+        major, minor = torch.cuda.get_device_capability(device)
+        if major < 8:
+            return f"needs compute capability 8.0+ (bf16 mma.sync), device has {major}.{minor}"
+        if hidden_size is not None and any(
+            self.plan(direction, cell, dtype, hidden_size, 1, device) is None
+            for direction in ("forward", "backward")
+        ):
+            return (
+                f"hidden_size={hidden_size} {dtype} {cell} does not fit the persistent "
+                "kernels' shared memory on this GPU"
+            )
+        return None
+
+    def plan(self, direction, cell, dtype, H, B, device) -> Plan | None:
+        """The launch this backend would use, or None where W_hh does not fit on chip
+        (for shape-aware dispatch: the kernels raise then)."""
+        props = torch.cuda.get_device_properties(device)
+        return plan_launch(
+            direction, cell, dtype, H, B,
+            sm_count=props.multi_processor_count,
+            smem_limit=props.shared_memory_per_block_optin,
+            has_clusters=props.major >= 9,
+            variant=self.variant,
+        )  # fmt: skip
+
+    def _plan_or_raise(self, direction, cell, dtype, H, B, device) -> Plan:
+        plan = self.plan(direction, cell, dtype, H, B, device)
+        if plan is None:
+            raise RuntimeError(
+                f"gpurnn cupy: {cell} hidden_size={H} {dtype} does not fit the persistent "
+                f"{direction} kernel on this GPU (its W_hh slice per block exceeds shared "
+                f"memory; variant={self.variant}); use backend='triton' or 'torch'"
+            )
+        return plan
+
+    def workspace_spec(self, cell, T, B, H, dtype, save):
+        if not save or WORKSPACE_GATES[cell] == 0:
+            return (0,), torch.float32
+        return (T, B, WORKSPACE_GATES[cell] * H), torch.float32
+
+    # ------------------------------------------------------------------ weights
+
+    def _fragments(self, direction: str, cell: str, w_hh: Tensor, plan: Plan) -> Tensor:
+        """Packed W_hh for `plan`, reused while it is the same tensor object, unchanged
+        (version counter), so that inference does not repack every call. Identity, not the
+        address: a new tensor may reuse a freed one's memory."""
+        key = (direction, cell, plan, id(w_hh))
+        entry = self._packed.get(key)
+        if entry is not None:
+            ref, version, packed = entry
+            if ref() is w_hh and version == w_hh._version:
+                return packed
+        packed = pack_fragments(block_rows(direction, cell, w_hh, plan), plan.m_tiles)
+        if len(self._packed) >= 16:
+            self._packed.clear()
+        self._packed[key] = (weakref.ref(w_hh), w_hh._version, packed)
+        return packed
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, cell, xg, w_hh, h0, c0, lengths, reverse, b_hn, w_hr, save):
+        if w_hr is not None:
+            raise RuntimeError(self.unsupported_reason(cell, xg.device, xg.dtype, True))
+        T, B, GH = xg.shape
+        H = GH // GATES[cell]
+        dtype, dev = xg.dtype, xg.device
+        f32 = dict(dtype=torch.float32, device=dev)
+        h_state = h0.float().clone() if h0 is not None else torch.zeros(B, H, **f32)
+        c_state = None
+        if cell == "lstm":
+            c_state = c0.float().clone() if c0 is not None else torch.zeros(B, H, **f32)
+        y = torch.empty(T, B, H, dtype=dtype, device=dev)
+        shape, ws_dtype = self.workspace_spec(cell, T, B, H, dtype, save)
+        workspace = torch.empty(shape, dtype=ws_dtype, device=dev)
+        if T * B * H > 0:
+            plan = self._plan_or_raise("forward", cell, dtype, H, B, dev)
+            # every tensor whose address goes to the kernel stays referenced until the launch
+            # is queued (a freed temporary could be handed out and overwritten before it)
+            xg = xg.contiguous()
+            frags = self._fragments("forward", cell, w_hh.contiguous(), plan)
+            b_hn32 = b_hn.float().contiguous() if b_hn is not None else None
+            lengths = lengths.contiguous() if lengths is not None else None
+            exchange, exchange_args = self._exchange(plan, dtype, dev)
+            args = (
+                _ptr(xg), _ptr(frags), _ptr(b_hn32), _ptr(lengths), _ptr(y),
+                _ptr(workspace if workspace.numel() else None), _ptr(h_state), _ptr(c_state),
+                _i32(T), _i32(B), _i32(H), _i32(plan.KT), _i32(int(reverse)), *exchange_args,
+            )  # fmt: skip
+            _launch(dev, plan, cell, dtype, args)
+            del exchange
+        c_T = c_state.to(dtype) if c_state is not None else None
+        return y, h_state.to(dtype), c_T, workspace
+
+    @staticmethod
+    def _exchange(plan: Plan, dtype, dev) -> tuple[list[Tensor], list]:
+        """(tensors to keep alive, kernel arguments). Grid variant: a zeroed (2, rows, ldx)
+        exchange buffer (its padding must read as 0) and a zeroed barrier counter; cluster
+        variant: only the shared-memory row stride."""
+        if plan.variant == "cluster":
+            return [], [_i32(plan.ldx)]
+        xbuf = torch.zeros(2, plan.batch_rows, plan.ldx, dtype=dtype, device=dev)
+        counter = torch.zeros(1, dtype=torch.int32, device=dev)
+        return [xbuf, counter], [_ptr(xbuf), _i32(plan.ldx), _i32(plan.batch_rows), _ptr(counter)]
+
+    # ------------------------------------------------------------------ backward
+
+    def backward(
+        self, cell, xg, w_hh, h0, c0, lengths, reverse, b_hn, w_hr, y, workspace, dy, dh_T, dc_T
+    ):
+        if w_hr is not None:
+            raise RuntimeError(self.unsupported_reason(cell, y.device, y.dtype, True))
+        T, B, H = y.shape
+        G = GATES[cell]
+        dtype, dev = y.dtype, y.device
+        f32 = dict(dtype=torch.float32, device=dev)
+        y = y.contiguous()
+        dxg = torch.empty(T, B, G * H, dtype=dtype, device=dev)
+        dhn = torch.empty(T, B, H, dtype=dtype, device=dev) if cell == "gru" else None
+        dh_state = dh_T.float().clone()
+        dc_state = dc_T.float().clone() if cell == "lstm" else None
+        h_init = h0.float().contiguous() if h0 is not None else torch.zeros(B, H, **f32)
+        c_init = None
+        if cell == "lstm":
+            c_init = c0.float().contiguous() if c0 is not None else torch.zeros(B, H, **f32)
+        if T * B * H > 0:
+            plan = self._plan_or_raise("backward", cell, dtype, H, B, dev)
+            frags = self._fragments("backward", cell, w_hh.contiguous(), plan)
+            lengths = lengths.contiguous() if lengths is not None else None
+            dy = dy.contiguous()
+            ws = workspace.contiguous() if workspace.numel() else None
+            exchange, exchange_args = self._exchange(plan, dtype, dev)
+            args = (
+                _ptr(frags), _ptr(lengths), _ptr(y), _ptr(ws), _ptr(dy), _ptr(h_init),
+                _ptr(c_init), _ptr(dxg), _ptr(dhn), _ptr(dh_state), _ptr(dc_state),
+                _i32(T), _i32(B), _i32(H), _i32(plan.KT), _i32(int(reverse)), *exchange_args,
+            )  # fmt: skip
+            _launch(dev, plan, cell, dtype, args)
+            del exchange
+        else:
+            dxg.zero_()
+            if dhn is not None:
+                dhn.zero_()
+
+        # weight gradients: single GEMMs over every (t, b) (rows past a sequence's end have
+        # zero dgates); d_hidden is dxg except GRU's n block, which is da_n * r
+        h_prev = previous_states(y, h_init.to(dtype), lengths, reverse)
+        d_hidden = dxg if dhn is None else torch.cat([dxg[..., : 2 * H], dhn], dim=-1)
+        dw_hh = d_hidden.reshape(-1, G * H).t() @ h_prev.reshape(-1, H)
+        db_hn = dhn.float().sum(dim=(0, 1)).to(b_hn.dtype) if b_hn is not None else None
+        return Grads(
+            xg=dxg,
+            w_hh=dw_hh.to(w_hh.dtype),
+            h0=dh_state.to(h0.dtype) if h0 is not None else None,
+            c0=dc_state.to(c0.dtype) if c0 is not None else None,
+            b_hn=db_hn,
+            w_hr=None,
+        )

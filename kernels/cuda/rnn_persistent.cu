@@ -1,0 +1,485 @@
+// Persistent recurrence kernels, forward and backward, for every cell (rnn_cells.cuh).
+//
+// One launch runs all T steps of one (layer, direction) of the primitive
+// (gpurnn/backends/base.py). Each block owns `kUnits` hidden units and keeps the matching
+// slice of W_hh in shared memory, packed on the host in tensor-core fragment order, for the
+// whole launch. Per step, per group of 8*N_TILES batch rows:
+//
+//   1. GEMM   D[rows x 8n] = A[rows x K] * X[8n x K]^T on mma.sync, the batch in the n=8
+//             dimension so that B <= 8 costs one n-tile; K is split across the 8 warps and
+//             the partial tiles are summed through shared memory (`red`).
+//   2. cell   one thread per (batch row, unit): gate math in fp32, state update, outputs.
+//   3. put    the new h (forward) or the hidden-side dgates (backward) go to the exchange.
+//   4. sync   all blocks that read that exchange pass a barrier.
+//
+// Two exchanges, one skeleton:
+//   GridExchange     a (2, Bpad, ldx) global buffer, double-buffered by step parity (one
+//                    barrier per step suffices: step s reads plane s&1 and writes the other),
+//                    read through L2 only; the barrier is a grid-wide counter (GridSync), so
+//                    the launch must be cooperative (every block resident).
+//   ClusterExchange  sm_90: the whole W_hh sits in one 8-block thread-block cluster; each
+//                    block broadcasts its slice of h into every block's shared memory (DSMEM)
+//                    and the barrier is the cluster's own. Clusters own disjoint batch groups
+//                    and never wait for each other, so no grid barrier and no cooperative
+//                    launch.
+//
+// Forward  A rows: gate-major within the block (row g*kUnits + u is W_hh row g*H + u0 + u),
+//          K = H, X = h_{t-1} rounded to the element type. The fp32 state (h, c) of a
+//          (row, unit) lives in global `h_state`/`c_state`, touched only by its owner thread:
+//          initialised from h0/c0 by the launcher, left holding h_T/c_T.
+// Backward A rows: unit u is column u0 + u of W_hh (K = G*H), X = the previous backward
+//          step's hidden-side dgates. `dh_state`/`dc_state` carry what flows to step t-1
+//          besides W_hh^T dgates: dh_T/dc_T on entry, dh0/dc0 on exit. One extra GEMM after
+//          the last step adds the final W_hh^T dgates term.
+//
+// A step t is valid for batch row b iff t < lengths[b] (both directions): forward runs
+// t = 0..L-1, reverse t = L-1..0. Past the end y = 0, the state is kept (and re-published
+// to the exchange), the workspace row and dxg are 0, and dy is never read.
+#include "rnn_cells.cuh"
+
+namespace gpurnn {
+
+constexpr int kWarps = 8;
+constexpr int kThreads = kWarps * 32;
+// k-tiles whose X fragments one warp loads before its first mma: enough 32-bit L2 loads in
+// flight to cover the latency, few enough registers to stay far from spilling.
+constexpr int kPrefetch = 4;
+
+__device__ __forceinline__ int seq_len(const long long* lengths, int b, int T) {
+  return lengths ? static_cast<int>(lengths[b]) : T;
+}
+
+// ------------------------------------------------------------------------- exchanges
+
+template <class Elem>
+struct GridExchange {
+  typedef typename Elem::storage S;
+  S* buf;          // (2, Bpad, ldx), zero padding in rows >= B and columns >= K
+  size_t plane;    // Bpad * ldx
+  int ldx;
+  GridSync barrier;
+
+  // row: batch row (absolute), k: element column; k even for 16-bit types
+  struct Reader {
+    const S* base;
+    int ldx;
+    __device__ __forceinline__ u32 operator()(int r, int k) const {
+      return ld_cg_u32(base + static_cast<size_t>(r) * ldx + k);
+    }
+  };
+  __device__ __forceinline__ Reader reader(int step, int row0) const {
+    return Reader{buf + (step & 1) * plane + static_cast<size_t>(row0) * ldx, ldx};
+  }
+  __device__ __forceinline__ void put(int step, int row, int k, S v) const {
+    buf[((step + 1) & 1) * plane + static_cast<size_t>(row) * ldx + k] = v;
+  }
+  __device__ __forceinline__ void put_initial(int row, int k, S v) const {
+    buf[static_cast<size_t>(row) * ldx + k] = v;
+  }
+  __device__ __forceinline__ void sync() { barrier.sync(); }
+};
+
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
+constexpr int kClusterSize = 8;
+
+template <class Elem>
+struct ClusterExchange {
+  typedef typename Elem::storage S;
+  S* buf;       // this block's shared copy: (2, 8, ldx), rows relative to row_base
+  int plane;    // 8 * ldx
+  int ldx;      // K padded, plus 16 bytes so 8 rows hit 8 different bank groups
+  int row_base; // first batch row of this cluster
+
+  struct Reader {
+    const S* base;
+    int ldx;
+    __device__ __forceinline__ u32 operator()(int r, int k) const {
+      return *reinterpret_cast<const u32*>(base + r * ldx + k);
+    }
+  };
+  __device__ __forceinline__ Reader reader(int step, int row0) const {
+    return Reader{buf + (step & 1) * plane + (row0 - row_base) * ldx, ldx};
+  }
+  __device__ __forceinline__ void broadcast(S* local, S v) const {
+#pragma unroll
+    for (u32 rank = 0; rank < kClusterSize; ++rank) st_cluster(map_shared_rank(local, rank), v);
+  }
+  __device__ __forceinline__ void put(int step, int row, int k, S v) const {
+    broadcast(buf + ((step + 1) & 1) * plane + (row - row_base) * ldx + k, v);
+  }
+  __device__ __forceinline__ void put_initial(int row, int k, S v) const {
+    broadcast(buf + (row - row_base) * ldx + k, v);
+  }
+  __device__ __forceinline__ void sync() { cluster_sync(); }
+};
+#endif
+
+// ------------------------------------------------------------------------- block GEMM
+
+// red[((w * N_TILES + nt) * kRows + row) * 8 + col] = this warp's partial D over its k-tiles.
+template <class Elem, int M_TILES, int N_TILES, class Reader>
+__device__ __forceinline__ void block_gemm(const uint4* __restrict__ a_frag, int KT,
+                                           const Reader (&x)[N_TILES], float* red) {
+  typedef MmaTile<Elem> Mma;
+  constexpr int kRows = M_TILES * 16;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  float acc[N_TILES][M_TILES][4];
+#pragma unroll
+  for (int nt = 0; nt < N_TILES; ++nt)
+#pragma unroll
+    for (int mt = 0; mt < M_TILES; ++mt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[nt][mt][i] = 0.0f;
+
+  for (int kt0 = warp; kt0 < KT; kt0 += kWarps * kPrefetch) {
+    u32 xf[kPrefetch][N_TILES][2];
+#pragma unroll
+    for (int p = 0; p < kPrefetch; ++p) {
+      const int kt = kt0 + p * kWarps;
+#pragma unroll
+      for (int nt = 0; nt < N_TILES; ++nt) {
+        if (kt < KT) {
+          Mma::load_x(x[nt], kt * Mma::kK, lane, xf[p][nt]);
+        } else {
+          xf[p][nt][0] = xf[p][nt][1] = 0u;
+        }
+      }
+    }
+#pragma unroll
+    for (int p = 0; p < kPrefetch; ++p) {
+      const int kt = kt0 + p * kWarps;
+      if (kt < KT) {
+#pragma unroll
+        for (int mt = 0; mt < M_TILES; ++mt) {
+          const uint4* a = a_frag + (static_cast<size_t>(mt) * KT + kt) * Mma::kUint4A * 32 + lane;
+#pragma unroll
+          for (int nt = 0; nt < N_TILES; ++nt) Mma::mma(acc[nt][mt], a, xf[p][nt]);
+        }
+      }
+    }
+  }
+
+  const int g = lane >> 2, q = lane & 3;
+#pragma unroll
+  for (int nt = 0; nt < N_TILES; ++nt)
+#pragma unroll
+    for (int mt = 0; mt < M_TILES; ++mt) {
+      float* r = red + (static_cast<size_t>(warp * N_TILES + nt) * kRows + mt * 16 + g) * 8 + 2 * q;
+      *reinterpret_cast<float2*>(r) = make_float2(acc[nt][mt][0], acc[nt][mt][1]);
+      *reinterpret_cast<float2*>(r + 64) = make_float2(acc[nt][mt][2], acc[nt][mt][3]);
+    }
+}
+
+template <int M_TILES, int N_TILES>
+__device__ __forceinline__ float reduce_red(const float* red, int nt, int row, int col) {
+  constexpr int kRows = M_TILES * 16;
+  float s = 0.0f;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) s += red[((w * N_TILES + nt) * kRows + row) * 8 + col];
+  return s;
+}
+
+// Does any batch row of [row0, row0 + 8*N_TILES) have step t inside its sequence?
+template <int N_TILES>
+__device__ __forceinline__ bool group_active(const long long* lengths, int row0, int B, int T,
+                                             int t) {
+  int active = 0;
+  if (threadIdx.x < 8 * N_TILES) {
+    const int b = row0 + threadIdx.x;
+    active = (b < B && t >= 0 && t < T && t < seq_len(lengths, b, T)) ? 1 : 0;
+  }
+  return __syncthreads_or(active) != 0;
+}
+
+// Copy this block's packed W_hh fragments (n uint4) into shared memory.
+__device__ __forceinline__ void load_fragments(uint4* dst, const uint4* __restrict__ src,
+                                               int n) {
+  for (int i = threadIdx.x; i < n; i += kThreads) dst[i] = __ldg(src + i);
+}
+
+template <class Elem, int M_TILES>
+__host__ __device__ constexpr int fragment_uint4s(int KT) {
+  return M_TILES * KT * MmaTile<Elem>::kUint4A * 32;
+}
+
+// ------------------------------------------------------------------------- forward
+
+struct ForwardArgs {
+  const void* xg;          // (T, B, G*H) elements
+  const uint4* w_frag;     // (blocks, fragment_uint4s) packed W_hh
+  const float* b_hn;       // (H,) fp32 or null (GRU only)
+  const long long* lengths;  // (B,) or null
+  void* y;                 // (T, B, H) elements
+  float* ws;               // (T, B, kFields*H) or null (no save)
+  float* h_state;          // (B, H) in: h0, out: h_T
+  float* c_state;          // (B, H) in: c0, out: c_T (LSTM)
+  int T, B, H, KT, reverse;
+};
+
+template <class Cell, class Elem, int M_TILES, int N_TILES, class Exchange>
+__device__ __forceinline__ void forward_body(const ForwardArgs& a, Exchange& ex, int unit_block,
+                                             int row_begin, int row_end, uint4* a_smem,
+                                             float* red) {
+  typedef typename Elem::storage S;
+  constexpr int G = Cell::kGates;
+  constexpr int kUnits = (M_TILES * 16) / G;
+  constexpr int kNF = Cell::kFields > 0 ? Cell::kFields : 1;
+  const int T = a.T, B = a.B, H = a.H, u0 = unit_block * kUnits;
+  const S* xg = static_cast<const S*>(a.xg);
+  S* y = static_cast<S*>(a.y);
+  const int n_items = kUnits * 8 * N_TILES;  // (unit, row) pairs of one batch group
+
+  load_fragments(a_smem, a.w_frag + static_cast<size_t>(unit_block) *
+                                        fragment_uint4s<Elem, M_TILES>(a.KT),
+                 fragment_uint4s<Elem, M_TILES>(a.KT));
+  // publish h0 (this block's units) to plane 0
+  for (int r0 = row_begin; r0 < row_end; r0 += 8 * N_TILES)
+    for (int i = threadIdx.x; i < n_items; i += kThreads) {
+      const int u = i % kUnits, b = r0 + i / kUnits, j = u0 + u;
+      if (b < B && j < H) ex.put_initial(b, j, Elem::from_float(a.h_state[b * H + j]));
+    }
+  ex.sync();
+
+  for (int s = 0; s < T; ++s) {
+    const int t = a.reverse ? T - 1 - s : s;
+    for (int r0 = row_begin; r0 < row_end; r0 += 8 * N_TILES) {
+      if (group_active<N_TILES>(a.lengths, r0, B, T, t)) {
+        typename Exchange::Reader x[N_TILES];
+#pragma unroll
+        for (int nt = 0; nt < N_TILES; ++nt) x[nt] = ex.reader(s, r0 + 8 * nt);
+        block_gemm<Elem, M_TILES, N_TILES>(a_smem, a.KT, x, red);
+      } else {
+        for (int i = threadIdx.x; i < kWarps * N_TILES * M_TILES * 16 * 8; i += kThreads)
+          red[i] = 0.0f;
+      }
+      __syncthreads();
+
+      for (int i = threadIdx.x; i < n_items; i += kThreads) {
+        // consecutive threads take consecutive units: coalesced xg / y / state accesses
+        const int u = i % kUnits, rr = i / kUnits, nt = rr >> 3, col = rr & 7;
+        const int b = r0 + rr, j = u0 + u;
+        if (b >= B || j >= H) continue;
+        const size_t bt = static_cast<size_t>(t) * B + b;
+        float h = a.h_state[b * H + j];
+        if (t < seq_len(a.lengths, b, T)) {
+          float pre[G], x[G], ws[kNF];
+#pragma unroll
+          for (int g = 0; g < G; ++g) {
+            pre[g] = reduce_red<M_TILES, N_TILES>(red, nt, g * kUnits + u, col);
+            x[g] = Elem::to_float(xg[bt * G * H + g * H + j]);
+          }
+          float c = Cell::kHasCell ? a.c_state[b * H + j] : 0.0f;
+          Cell::forward(pre, x, a.b_hn ? a.b_hn[j] : 0.0f, h, c, ws);
+          a.h_state[b * H + j] = h;
+          if (Cell::kHasCell) a.c_state[b * H + j] = c;
+          y[bt * H + j] = Elem::from_float(h);
+          if (Cell::kFields > 0 && a.ws) {
+#pragma unroll
+            for (int f = 0; f < Cell::kFields; ++f)
+              a.ws[bt * Cell::kFields * H + f * H + j] = ws[f];
+          }
+        } else {
+          y[bt * H + j] = Elem::from_float(0.0f);
+          if (Cell::kFields > 0 && a.ws) {
+#pragma unroll
+            for (int f = 0; f < Cell::kFields; ++f) a.ws[bt * Cell::kFields * H + f * H + j] = 0.0f;
+          }
+        }
+        ex.put(s, b, j, Elem::from_float(h));
+      }
+      __syncthreads();  // `red` is reused by the next batch group
+    }
+    ex.sync();
+  }
+}
+
+// ------------------------------------------------------------------------- backward
+
+struct BackwardArgs {
+  const uint4* w_frag;     // (blocks, fragment_uint4s) packed W_hh^T
+  const long long* lengths;
+  const void* y;           // (T, B, H) forward output
+  const float* ws;         // forward workspace (LSTM, GRU)
+  const void* dy;          // (T, B, H)
+  const float* h_init;     // (B, H) h0 as fp32 (GRU)
+  const float* c_init;     // (B, H) c0 as fp32 (LSTM)
+  void* dxg;               // (T, B, G*H) out
+  void* dhn;               // (T, B, H) out: hidden-side dgates of GRU's n block, else null
+  float* dh_state;         // (B, H) in: dh_T, out: dh0
+  float* dc_state;         // (B, H) in: dc_T, out: dc0 (LSTM)
+  int T, B, H, KT, reverse;
+};
+
+template <class Cell, class Elem, int M_TILES, int N_TILES, class Exchange>
+__device__ __forceinline__ void backward_body(const BackwardArgs& a, Exchange& ex,
+                                              int unit_block, int row_begin, int row_end,
+                                              uint4* a_smem, float* red) {
+  typedef typename Elem::storage S;
+  constexpr int G = Cell::kGates;
+  constexpr int kUnits = M_TILES * 16;
+  constexpr int kNF = Cell::kFields > 0 ? Cell::kFields : 1;
+  const int T = a.T, B = a.B, H = a.H, u0 = unit_block * kUnits;
+  const S* y = static_cast<const S*>(a.y);
+  const S* dy = static_cast<const S*>(a.dy);
+  S* dxg = static_cast<S*>(a.dxg);
+  S* dhn = static_cast<S*>(a.dhn);
+  const int n_items = kUnits * 8 * N_TILES;
+
+  load_fragments(a_smem, a.w_frag + static_cast<size_t>(unit_block) *
+                                        fragment_uint4s<Elem, M_TILES>(a.KT),
+                 fragment_uint4s<Elem, M_TILES>(a.KT));
+  __syncthreads();
+
+  // s = T is the closing GEMM: it adds W_hh^T dgates of the last step to dh0.
+  for (int s = 0; s <= T; ++s) {
+    const int t = a.reverse ? s : T - 1 - s;        // backward runs forward's order reversed
+    const int t_before = a.reverse ? t - 1 : t + 1;  // the step processed just before
+    for (int r0 = row_begin; r0 < row_end; r0 += 8 * N_TILES) {
+      if (s > 0 && group_active<N_TILES>(a.lengths, r0, B, T, t_before)) {
+        typename Exchange::Reader x[N_TILES];
+#pragma unroll
+        for (int nt = 0; nt < N_TILES; ++nt) x[nt] = ex.reader(s, r0 + 8 * nt);
+        block_gemm<Elem, M_TILES, N_TILES>(a_smem, a.KT, x, red);
+      } else {
+        for (int i = threadIdx.x; i < kWarps * N_TILES * M_TILES * 16 * 8; i += kThreads)
+          red[i] = 0.0f;
+      }
+      __syncthreads();
+
+      for (int i = threadIdx.x; i < n_items; i += kThreads) {
+        const int u = i % kUnits, rr = i / kUnits, nt = rr >> 3, col = rr & 7;
+        const int b = r0 + rr, j = u0 + u;
+        if (b >= B || j >= H) continue;
+        const float dh_in = a.dh_state[b * H + j] + reduce_red<M_TILES, N_TILES>(red, nt, u, col);
+        if (s == T) {
+          a.dh_state[b * H + j] = dh_in;
+          continue;
+        }
+        const size_t bt = static_cast<size_t>(t) * B + b;
+        const int len = seq_len(a.lengths, b, T);
+        float da[G], dhid[G];
+        if (t < len) {
+          const bool first = a.reverse ? t == len - 1 : t == 0;  // starts from h0 / c0
+          const size_t bp = static_cast<size_t>(t_before) * B + b;
+          float ws[kNF];
+#pragma unroll
+          for (int f = 0; f < Cell::kFields; ++f) ws[f] = a.ws[bt * Cell::kFields * H + f * H + j];
+          float h_prev = 0.0f, c_prev = 0.0f;
+          if (Cell::kBackwardReadsH)
+            h_prev = first ? a.h_init[b * H + j] : Elem::to_float(y[bp * H + j]);
+          if (Cell::kHasCell)
+            c_prev = first ? a.c_init[b * H + j] : a.ws[bp * Cell::kFields * H + 4 * H + j];
+          const float h_t = Cell::kFields == 0 ? Elem::to_float(y[bt * H + j]) : 0.0f;
+          float dc = Cell::kHasCell ? a.dc_state[b * H + j] : 0.0f;
+          float dh_carry;
+          Cell::backward(ws, h_prev, c_prev, h_t, dh_in + Elem::to_float(dy[bt * H + j]), dc,
+                         da, dhid, dh_carry);
+          a.dh_state[b * H + j] = dh_carry;
+          if (Cell::kHasCell) a.dc_state[b * H + j] = dc;
+        } else {
+#pragma unroll
+          for (int g = 0; g < G; ++g) da[g] = dhid[g] = 0.0f;
+          a.dh_state[b * H + j] = dh_in;  // nothing happened at this step: carry it on
+        }
+#pragma unroll
+        for (int g = 0; g < G; ++g) {
+          dxg[bt * G * H + g * H + j] = Elem::from_float(da[g]);
+          ex.put(s, b, g * H + j, Elem::from_float(dhid[g]));
+        }
+        // GRU: the n block's hidden-side dgates (da_n * r) differ from dxg's; dW_hh needs them
+        if (G == 3 && dhn) dhn[bt * H + j] = Elem::from_float(dhid[G - 1]);
+      }
+      __syncthreads();
+    }
+    if (s < T) ex.sync();
+  }
+}
+
+// ------------------------------------------------------------------------- entry points
+//
+// Kernel parameters are flat (pointers and 32-bit ints: what CuPy passes with exact C types)
+// and gathered into ForwardArgs / BackwardArgs here. Dynamic shared memory: [packed W_hh
+// fragments | red | (cluster) exchange planes], each part a multiple of 16 bytes; sizes in
+// gpurnn/backends/cupy.py (`shared_bytes`).
+
+#define GPURNN_FORWARD_PARAMS                                                                \
+  const void *xg, const uint4 *w_frag, const float *b_hn, const long long *lengths, void *y,  \
+      float *ws, float *h_state, float *c_state, int T, int B, int H, int KT, int reverse
+#define GPURNN_FORWARD_ARGS \
+  ForwardArgs { xg, w_frag, b_hn, lengths, y, ws, h_state, c_state, T, B, H, KT, reverse }
+#define GPURNN_BACKWARD_PARAMS                                                              \
+  const uint4 *w_frag, const long long *lengths, const void *y, const float *ws,            \
+      const void *dy, const float *h_init, const float *c_init, void *dxg, void *dhn,       \
+      float *dh_state, float *dc_state, int T, int B, int H, int KT, int reverse
+#define GPURNN_BACKWARD_ARGS                                                                  \
+  BackwardArgs {                                                                              \
+    w_frag, lengths, y, ws, dy, h_init, c_init, dxg, dhn, dh_state, dc_state, T, B, H, KT, \
+        reverse                                                                               \
+  }
+
+template <class Elem, int M_TILES>
+__device__ __forceinline__ float* red_after_fragments(uint4* smem, int KT) {
+  return reinterpret_cast<float*>(smem + fragment_uint4s<Elem, M_TILES>(KT));
+}
+
+// Grid variant: blockIdx.x owns units [x * kUnits, ...) for every batch row; all blocks
+// must be resident (cooperative launch). xbuf: (2, Bpad, ldx) zero-initialised.
+template <class Cell, class Elem, int M_TILES, int N_TILES>
+__global__ void __launch_bounds__(kThreads, 1)
+    rnn_forward_grid(GPURNN_FORWARD_PARAMS, void* xbuf, int ldx, int Bpad, u32* sync_counter) {
+  extern __shared__ uint4 smem[];
+  const ForwardArgs a = GPURNN_FORWARD_ARGS;
+  GridExchange<Elem> ex{static_cast<typename Elem::storage*>(xbuf),
+                        static_cast<size_t>(Bpad) * ldx, ldx,
+                        GridSync{sync_counter, gridDim.x, 0u}};
+  forward_body<Cell, Elem, M_TILES, N_TILES>(a, ex, blockIdx.x, 0, B, smem,
+                                             red_after_fragments<Elem, M_TILES>(smem, KT));
+}
+
+template <class Cell, class Elem, int M_TILES, int N_TILES>
+__global__ void __launch_bounds__(kThreads, 1)
+    rnn_backward_grid(GPURNN_BACKWARD_PARAMS, void* xbuf, int ldx, int Bpad, u32* sync_counter) {
+  extern __shared__ uint4 smem[];
+  const BackwardArgs a = GPURNN_BACKWARD_ARGS;
+  GridExchange<Elem> ex{static_cast<typename Elem::storage*>(xbuf),
+                        static_cast<size_t>(Bpad) * ldx, ldx,
+                        GridSync{sync_counter, gridDim.x, 0u}};
+  backward_body<Cell, Elem, M_TILES, N_TILES>(a, ex, blockIdx.x, 0, B, smem,
+                                              red_after_fragments<Elem, M_TILES>(smem, KT));
+}
+
+// Cluster variant (sm_90): one cluster of 8 blocks per group of 8 batch rows, grid =
+// 8 * ceil(B / 8); block rank r owns units [r * kUnits, ...), so 8 * kUnits >= H. ldx: the
+// shared exchange row stride in elements. Declared only where clusters exist (sm_90+, and
+// the host pass of nvcc): older targets reject `__cluster_dims__` even uninstantiated.
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
+#define GPURNN_CLUSTER_BODY(BODY)                                                           \
+  extern __shared__ uint4 smem[];                                                           \
+  typedef typename Elem::storage S;                                                         \
+  float* red = red_after_fragments<Elem, M_TILES>(smem, KT);                                \
+  S* planes = reinterpret_cast<S*>(red + kWarps * M_TILES * 16 * 8);                        \
+  const int row0 = static_cast<int>(cluster_id_x()) * 8;                                    \
+  ClusterExchange<Elem> ex{planes, 8 * ldx, ldx, row0};                                     \
+  /* zero both planes (padding rows and columns must read as 0), then wait until every */   \
+  /* block of the cluster runs before anyone stores into another block's shared memory */   \
+  for (int i = threadIdx.x; i < 2 * 8 * ldx; i += kThreads) planes[i] = S(0);               \
+  cluster_sync();                                                                           \
+  BODY<Cell, Elem, M_TILES, 1>(a, ex, static_cast<int>(cluster_rank()), row0, row0 + 8, smem, \
+                               red);
+
+template <class Cell, class Elem, int M_TILES>
+__global__ void __cluster_dims__(kClusterSize, 1, 1) __launch_bounds__(kThreads, 1)
+    rnn_forward_cluster(GPURNN_FORWARD_PARAMS, int ldx) {
+  const ForwardArgs a = GPURNN_FORWARD_ARGS;
+  GPURNN_CLUSTER_BODY(forward_body)
+}
+
+template <class Cell, class Elem, int M_TILES>
+__global__ void __cluster_dims__(kClusterSize, 1, 1) __launch_bounds__(kThreads, 1)
+    rnn_backward_cluster(GPURNN_BACKWARD_PARAMS, int ldx) {
+  const BackwardArgs a = GPURNN_BACKWARD_ARGS;
+  GPURNN_CLUSTER_BODY(backward_body)
+}
+#endif  // clusters
+
+}  // namespace gpurnn

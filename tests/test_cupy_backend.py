@@ -1,0 +1,365 @@
+"""The `cupy` backend.
+
+CPU (always): gpurnn imports and reports the backend unavailable with a clear reason when CuPy
+is absent; asking for it by name raises; the launch planner and the weight packing (the
+tensor-core fragment order the kernels read) are checked against their definitions.
+
+GPU (@pytest.mark.gpu, skipped without CUDA): every cell x dtype x direction x lengths x h0
+at real sizes against the float64 reference (outputs and every gradient) and torch.nn.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import itertools
+import math
+import re
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import gpurnn
+from gpurnn import reference
+from gpurnn.backends import cupy as cupy_backend
+from gpurnn.backends.cupy import (
+    CLUSTER_SIZE,
+    MMA_K,
+    block_rows,
+    pack_fragments,
+    plan_launch,
+    units_per_block,
+)
+from gpurnn.cells import GATES
+from tests.helpers import make_torch_module
+
+CELLS = ["rnn_tanh", "rnn_relu", "lstm", "gru"]
+H100 = dict(sm_count=132, smem_limit=227 * 1024, has_clusters=True)
+A100 = dict(sm_count=108, smem_limit=163 * 1024, has_clusters=False)
+
+
+# ------------------------------------------------------------------ without CuPy
+
+
+@pytest.fixture
+def no_cupy(monkeypatch):
+    """As if CuPy were not installed: `import cupy` raises ImportError."""
+    import gpurnn.backends as registry
+
+    for name in [m for m in sys.modules if m == "cupy" or m.startswith("cupy.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "cupy", None)
+    monkeypatch.setattr(registry, "_instances", {})
+    monkeypatch.setattr(registry, "_import_errors", {})
+    yield
+
+
+def test_reason_without_cupy(no_cupy):
+    reason = gpurnn.available_backends()["cupy"]
+    assert reason is not None and "CuPy is not installed" in reason
+    assert "pip install gpurnn[cupy13]" in reason
+
+
+def test_module_imports_without_cupy(no_cupy, monkeypatch):
+    monkeypatch.delitem(sys.modules, "gpurnn.backends.cupy")
+    module = importlib.import_module("gpurnn.backends.cupy")
+    assert module.CupyBackend().unavailable_reason().startswith("CuPy is not installed")
+
+
+def test_asking_for_cupy_without_it_raises(no_cupy):
+    xg, w_hh = torch.randn(3, 2, 8), torch.randn(8, 2)
+    with pytest.raises(RuntimeError, match="backend 'cupy' cannot run this case: CuPy is not"):
+        gpurnn.recurrence("lstm", xg, w_hh, backend="cupy")
+    # auto never trips over it
+    y, _, _ = gpurnn.recurrence("lstm", xg, w_hh)
+    assert y.shape == (3, 2, 2)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only message")
+def test_reason_without_gpu():
+    pytest.importorskip("cupy")
+    assert cupy_backend.CupyBackend().unavailable_reason() == "no CUDA device"
+
+
+def test_unsupported_cases():
+    backend = cupy_backend.CupyBackend()
+    cuda = torch.device("cuda", 0)
+    assert "proj_size" in backend.unsupported_reason("lstm", cuda, torch.float16, True)
+    assert "float64" in backend.unsupported_reason("lstm", cuda, torch.float64, False)
+    cpu = torch.device("cpu")
+    assert "CUDA tensors" in backend.unsupported_reason("gru", cpu, torch.float32, False)
+
+
+# ------------------------------------------------------------------ plan
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_plan_invariants(cell, dtype, direction):
+    for H, B, device in itertools.product([1, 40, 96, 256, 500, 768, 1024], [1, 8, 9, 64],
+                                          [H100, A100]):  # fmt: skip
+        plan = plan_launch(direction, cell, dtype, H, B, **device)
+        if plan is None:
+            continue
+        assert plan.shared_bytes <= device["smem_limit"]
+        assert plan.units == units_per_block(direction, cell, plan.m_tiles)
+        K = H if direction == "forward" else GATES[cell] * H
+        assert plan.K == K and plan.KT * MMA_K[dtype] >= K
+        if plan.variant == "grid":
+            assert plan.blocks * plan.units >= H and plan.blocks <= device["sm_count"]
+            assert plan.batch_rows >= B and plan.batch_rows % (8 * plan.n_tiles) == 0
+            assert plan.n_tiles == (1 if B <= 8 else 2)  # B <= 8 pays for one n-tile
+        else:
+            assert device["has_clusters"]
+            assert CLUSTER_SIZE * plan.units >= H
+            assert plan.blocks == CLUSTER_SIZE * math.ceil(B / 8)
+        assert plan.kernel_name(cell, dtype) in cupy_backend.kernel_names(clusters=True)
+
+
+def test_plan_covers_the_benchmark_shapes():
+    """H=768, B=16 (DESIGN.md's calibration shape) runs in every cell and 16-bit dtype."""
+    for cell, dtype, direction in itertools.product(
+        CELLS, [torch.bfloat16, torch.float16], ["forward", "backward"]
+    ):
+        plan = plan_launch(direction, cell, dtype, 768, 16, **H100)
+        assert plan is not None and plan.variant == "grid", (cell, dtype, direction)
+    small = plan_launch("forward", "lstm", torch.bfloat16, 128, 4, **H100)
+    assert small.variant == "cluster"
+    forced = plan_launch("forward", "lstm", torch.bfloat16, 128, 4, **H100, variant="grid")
+    assert forced.variant == "grid"
+
+
+# ------------------------------------------------------------------ fragment packing
+
+
+def unpack_fragments(packed: torch.Tensor, dtype, m_tiles: int, K: int) -> np.ndarray:
+    """Rebuild each block's A (P, 16*m_tiles, K) from packed fragments, reading the PTX ISA
+    fragment tables directly (mma.m16n8k16 / m16n8k8.tf32, operand A, .row)."""
+    P = packed.shape[0]
+    k = MMA_K[dtype]
+    KT = math.ceil(K / k)
+    words = packed.cpu().numpy().reshape(P, m_tiles, KT, -1, 32, 4)
+    A = np.zeros((P, 16 * m_tiles, KT * k))
+    for mt, kt, lane, reg in itertools.product(range(m_tiles), range(KT), range(32), range(4)):
+        g, q = lane // 4, lane % 4
+        row = 16 * mt + g + 8 * (reg % 2)
+        if dtype == torch.float32:
+            col = 8 * kt + q + 4 * (reg // 2)
+            hi = words[:, mt, kt, 0, lane, reg].view(np.float32)
+            lo = words[:, mt, kt, 1, lane, reg].view(np.float32)
+            A[:, row, col] = hi.astype(np.float64) + lo
+        else:
+            col = 16 * kt + 2 * q + 8 * (reg // 2)
+            pair = words[:, mt, kt, 0, lane, reg].astype(np.uint32)
+            halves = np.stack([pair & 0xFFFF, pair >> 16], -1).astype(np.uint16)
+            torch_halves = torch.from_numpy(halves.view(np.int16)).view(dtype).double()
+            A[:, row, col : col + 2] = torch_halves.numpy()
+    return A[:, :, :K]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("m_tiles", [1, 2])
+def test_pack_matches_ptx_fragment_layout(dtype, m_tiles):
+    P, rows, K = 3, 16 * m_tiles - 3, 40
+    a = torch.randn(P, rows, K).to(dtype)
+    packed = pack_fragments(a, m_tiles)
+    A = unpack_fragments(packed, dtype, m_tiles, K)
+    expected = np.zeros_like(A)
+    expected[:, :rows] = a.double().numpy()
+    if dtype == torch.float32:
+        np.testing.assert_allclose(A, expected, rtol=2e-7, atol=0)  # hi + lo ~ exact fp32
+        hi = packed.view(P, m_tiles, -1, 2, 32, 4)[:, :, :, 0].view(torch.int32)
+        assert not (hi & 0x1FFF).any(), "hi halves must be exact tf32"
+    else:
+        np.testing.assert_array_equal(A, expected)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_block_rows_feed_the_kernel_epilogue(cell, direction):
+    """A_p @ h gives what the kernel epilogue expects: forward, row g*units + u of block p is
+    gate g of unit p*units + u; backward, row u is (dgates @ W_hh)[unit p*units + u]."""
+    G, H, B = GATES[cell], 37, 3
+    plan = plan_launch(direction, cell, torch.float32, H, B, **A100)
+    w_hh = torch.randn(G * H, H, dtype=torch.float64)
+    A = block_rows(direction, cell, w_hh, plan)
+    x = torch.randn(B, A.shape[-1], dtype=torch.float64)
+    D = A @ x.t()  # (P, rows, B)
+    full = x @ (w_hh.t() if direction == "forward" else w_hh)  # (B, G*H) or (B, H)
+    for p, u in itertools.product(range(plan.blocks), range(plan.units)):
+        j = p * plan.units + u
+        if j >= H:
+            assert (A[p, u :: plan.units] == 0).all() if direction == "forward" else True
+            continue
+        if direction == "forward":
+            for g in range(G):
+                torch.testing.assert_close(D[p, g * plan.units + u], full[:, g * H + j])
+        else:
+            torch.testing.assert_close(D[p, u], full[:, j])
+
+
+# ------------------------------------------------------------------ GPU
+
+# max |actual - expected| / max(1, max |expected|) per dtype, for T=64, H=768
+GPU_TOLERANCE = {torch.float32: 2e-4, torch.float16: 2e-2, torch.bfloat16: 6e-2}
+
+
+def assert_scaled_close(actual, expected, dtype, what):
+    actual = actual.detach().double().cpu().numpy()
+    expected = np.asarray(expected, dtype=np.float64)
+    assert actual.shape == expected.shape, f"{what}: {actual.shape} != {expected.shape}"
+    assert np.isfinite(actual).all(), f"{what}: non-finite values (an unwritten output?)"
+    err = np.abs(actual - expected).max() / max(1.0, np.abs(expected).max())
+    assert err <= GPU_TOLERANCE[dtype], f"{what}: scaled error {err:.3g} ({dtype})"
+
+
+def _poison_allocations(monkeypatch):
+    """Every torch.empty the backend makes starts as NaN, so an element a kernel forgot to
+    write fails the comparison."""
+    real_empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        return t
+
+    monkeypatch.setattr(cupy_backend.torch, "empty", nan_empty)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("B", [1, 4, 16])
+@pytest.mark.parametrize("variant", ["auto", "grid"])
+def test_gpu_matches_reference(monkeypatch, dtype, cell, B, variant):
+    if gpurnn.available_backends()["cupy"] is not None:
+        pytest.skip(gpurnn.available_backends()["cupy"])
+    _poison_allocations(monkeypatch)
+    monkeypatch.setenv("GPURNN_CUPY_VARIANT", variant)
+    import gpurnn.backends as registry
+
+    monkeypatch.setattr(registry, "_instances", {})
+    T, H = 64, 768 if variant == "grid" else 128
+    G = GATES[cell]
+    gen = torch.Generator().manual_seed(B * 7 + len(cell))
+    for reverse, with_lengths, with_h0 in itertools.product([False, True], repeat=3):
+
+        def rand(*shape, scale=1.0):
+            t = (scale * torch.randn(*shape, generator=gen, dtype=torch.float64)).to(dtype)
+            return t.cuda().requires_grad_(True)
+
+        xg, w_hh = rand(T, B, G * H), rand(G * H, H, scale=H**-0.5)
+        h0 = rand(B, H) if with_h0 else None
+        c0 = rand(B, H) if with_h0 and cell == "lstm" else None
+        b_hn = rand(H) if cell == "gru" else None
+        lengths = None
+        if with_lengths:
+            lengths = torch.randint(0, T + 1, (B,), generator=gen)
+            lengths[0] = T
+        y, h_T, c_T = gpurnn.recurrence(cell, xg, w_hh, h0, c0, lengths=lengths,
+                                        reverse=reverse, b_hn=b_hn, backend="cupy")  # fmt: skip
+        dy = torch.randn(T, B, H, generator=gen, dtype=torch.float64)
+        dh_T = torch.randn(B, H, generator=gen, dtype=torch.float64)
+        dc_T = torch.randn(B, H, generator=gen, dtype=torch.float64) if cell == "lstm" else None
+        outs = [y, h_T] + ([c_T] if c_T is not None else [])
+        grads = [dy, dh_T] + ([dc_T] if dc_T is not None else [])
+        torch.autograd.backward(outs, [g.to(dtype).cuda() for g in grads])
+
+        def np_(t):
+            return None if t is None else t.detach().double().cpu().numpy()
+
+        args = (cell, np_(xg), np_(w_hh), np_(h0), np_(c0),
+                None if lengths is None else lengths.numpy(), reverse, np_(b_hn), None)  # fmt: skip
+        what = f"{cell} {dtype} B={B} reverse={reverse} lengths={with_lengths} h0={with_h0}"
+        ry, rh, rc = reference.recurrence_forward(*args)
+        assert_scaled_close(y, ry, dtype, f"y {what}")
+        assert_scaled_close(h_T, rh, dtype, f"h_T {what}")
+        if cell == "lstm":
+            assert_scaled_close(c_T, rc, dtype, f"c_T {what}")
+        dc_np = np_(dc_T.to(dtype)) if dc_T is not None else None
+        rg = reference.recurrence_backward(*args, np_(dy.to(dtype)), np_(dh_T.to(dtype)), dc_np)
+        for name, t in (("xg", xg), ("w_hh", w_hh), ("h0", h0), ("c0", c0), ("b_hn", b_hn)):
+            if t is not None:
+                assert_scaled_close(t.grad, rg[name], dtype, f"d{name} {what}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("cell", CELLS)
+def test_gpu_matches_torch_nn(dtype, cell):
+    """A whole gpurnn module on backend='cupy' against torch.nn (cuDNN) with the same
+    weights, bidirectional and packed: outputs, final states and input gradients."""
+    if gpurnn.available_backends()["cupy"] is not None:
+        pytest.skip(gpurnn.available_backends()["cupy"])
+    T, B, I, H = 64, 4, 96, 768
+    ref = make_torch_module(cell, input_size=I, hidden_size=H, bidirectional=True, dtype=dtype)
+    ref = ref.cuda()
+    ours = gpurnn.convert(copy.deepcopy(ref), backend="cupy")
+    x = torch.randn(T, B, I, dtype=dtype, device="cuda", requires_grad=True)
+    x2 = x.detach().clone().requires_grad_(True)
+    out_ref, hid_ref = ref(x)
+    out, hid = ours(x2)
+    assert_scaled_close(out, out_ref.detach().double().cpu().numpy(), dtype, f"{cell} output")
+    hid, hid_ref = (hid, hid_ref) if cell != "lstm" else (hid[0], hid_ref[0])
+    assert_scaled_close(hid, hid_ref.detach().double().cpu().numpy(), dtype, f"{cell} h_n")
+    g = torch.randn_like(out)
+    out_ref.backward(g)
+    out.backward(g)
+    assert_scaled_close(x2.grad, x.grad.double().cpu().numpy(), dtype, f"{cell} dx")
+
+
+# ------------------------------------------------------------------ launch arguments
+
+
+def _kernel_param_types(variant: str, direction: str) -> list[str]:
+    """'ptr' / 'int' for each parameter of the kernel, read off the CUDA source."""
+    src = cupy_backend.kernel_source()
+    macro = re.search(rf"#define GPURNN_{direction.upper()}_PARAMS(.*?)\n#define", src, re.S)
+    params = macro.group(1).replace("\\", " ").split(",")
+    extra = {"grid": ["void* xbuf", "int ldx", "int Bpad", "u32* sync_counter"],
+             "cluster": ["int ldx"]}[variant]  # fmt: skip
+    return ["ptr" if "*" in p else "int" for p in [*params, *extra]]
+
+
+@pytest.mark.parametrize("variant", ["grid", "cluster"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_launch_arguments_have_exact_c_types(monkeypatch, variant, cell):
+    """Without a GPU: run the backend's glue on CPU tensors with the launch captured, and
+    check every argument against the kernel's parameter list (pointers as uint64, ints as
+    int32: CuPy passes numpy scalars with their own size)."""
+    launches = []
+    monkeypatch.setattr(cupy_backend, "_launch", lambda *a: launches.append(a))
+    backend = cupy_backend.CupyBackend()
+    device = H100 if variant == "cluster" else A100
+
+    def plan(direction, cell_, dtype, H, B, dev):
+        return plan_launch(direction, cell_, dtype, H, B, **device, variant=variant)
+
+    monkeypatch.setattr(backend, "plan", plan)
+    T, B, H, G = 5, 3, 24, GATES[cell]
+    xg, w_hh = torch.randn(T, B, G * H), torch.randn(G * H, H)
+    b_hn = torch.randn(H) if cell == "gru" else None
+    y, h_T, c_T, ws = backend.forward(cell, xg, w_hh, None, None, None, True, b_hn, None, True)
+    assert ws.shape == backend.workspace_spec(cell, T, B, H, xg.dtype, True)[0]
+    backend.backward(cell, None, w_hh, None, None, None, True, b_hn, None, y.zero_(), ws,
+                     torch.randn(T, B, H), torch.randn(B, H),
+                     torch.randn(B, H) if cell == "lstm" else None)  # fmt: skip
+    for (_, plan_, _, _, args), direction in zip(launches, ["forward", "backward"]):
+        assert plan_.variant == variant and plan_.direction == direction
+        kinds = _kernel_param_types(variant, direction)
+        assert len(args) == len(kinds)
+        for arg, kind in zip(args, kinds):
+            assert type(arg) is (np.uint64 if kind == "ptr" else np.int32), (arg, kind)
+
+
+def test_empty_sequence_launches_nothing(monkeypatch):
+    monkeypatch.setattr(cupy_backend, "_launch", lambda *a: pytest.fail("launched"))
+    backend = cupy_backend.CupyBackend()
+    h0 = torch.randn(2, 4)
+    y, h_T, c_T, _ = backend.forward("lstm", torch.randn(0, 2, 16), torch.randn(16, 4), h0,
+                                     torch.randn(2, 4), None, False, None, None, False)  # fmt: skip
+    assert y.shape == (0, 2, 4) and torch.equal(h_T, h0)
