@@ -14,6 +14,7 @@ STAMP  := $(VENV)/.installed
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 CPU_TORCH ?= torch==2.13.0
 CPU_TRITON ?= triton==3.6.0
+TEST_WORKERS ?= $(shell nproc 2>/dev/null || echo 2)
 
 .PHONY: demo test check info lint clean
 
@@ -37,8 +38,9 @@ else
 endif
 
 test: $(STAMP)
-	$(PY) -m ruff check gpurnn kernels tests
-	$(PY) -m pytest -q
+	$(PY) -m ruff check gpurnn kernels tests examples
+	# one worker per core, each test file on one worker (the compile tests share their work)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 check: $(STAMP)
 	$(PY) -m gpurnn check

@@ -133,7 +133,7 @@ def main(argv=None) -> int:
     demo = sub.add_parser("demo", help="convert a torch.nn model and train it a little")
     demo.add_argument("--steps", type=int, default=100)
 
-    from gpurnn import bench, plot
+    from gpurnn import bench, dispatch, plot
     from gpurnn import inspect as inspect_
 
     bench.add_arguments(
@@ -152,8 +152,17 @@ def main(argv=None) -> int:
             "inspect", help="train a small LSTM, record every step's gates and states, plot them"
         )
     )
+    dispatch.add_arguments(
+        sub.add_parser(
+            "dispatch",
+            help="the auto backend's per-shape choice between triton and cupy, from bench rows",
+            description=dispatch.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
     args = parser.parse_args(argv)
     commands = {
+        "dispatch": dispatch.run,
         "info": cmd_info,
         "check": cmd_check,
         "demo": cmd_demo,

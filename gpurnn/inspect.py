@@ -108,8 +108,9 @@ _RECORDING_BACKENDS = ("torch", "triton")
 def _recording_backend(module, cell, x, requested):
     if requested is None:
         requested = choose_backend(
-            getattr(module, "backend", None), cell, x.device, x.dtype, module.proj_size > 0
-        )
+            getattr(module, "backend", None), cell, x.device, x.dtype, module.proj_size > 0,
+            module.hidden_size, x.shape[1],
+        )  # fmt: skip
     if requested not in _RECORDING_BACKENDS:
         return get_backend("torch")  # e.g. numpy: no workspace; the torch loop is exact too
     return get_backend(requested)

@@ -124,7 +124,10 @@ class _RNNBase(nn.RNNBase):
             h0 = h0.index_select(1, sorted_indices)
             c0 = c0.index_select(1, sorted_indices) if c0 is not None else None
 
-        backend = choose_backend(self.backend, cell, input.device, input.dtype, self.proj_size > 0)
+        backend = choose_backend(
+            self.backend, cell, input.device, input.dtype, self.proj_size > 0,
+            self.hidden_size, None if torch.compiler.is_compiling() else max_batch_size,
+        )  # fmt: skip
         if _runs_natively(backend):
             self._update_flat_weights()
             output, h_n, c_n = torch_backend.native_rnn(
@@ -309,7 +312,10 @@ class _CellBase(nn.RNNCellBase):
             )
         _check_parameters_device(self, input)
 
-        backend = choose_backend(self.backend, cell, input.device, input.dtype, False)
+        backend = choose_backend(
+            self.backend, cell, input.device, input.dtype, False, self.hidden_size,
+            None if torch.compiler.is_compiling() else input.size(0),
+        )  # fmt: skip
         h, c = states[0], (states[1] if is_lstm else None)
         if _runs_natively(backend):
             out = torch_backend.native_cell(

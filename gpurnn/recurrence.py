@@ -223,7 +223,10 @@ def recurrence(
     """Runs one recurrent layer in one direction. Returns (y, h_T, c_T); c_T is None
     unless cell is "lstm". Differentiable in xg, w_hh, h0, c0, b_hn and w_hr."""
     _check_args(cell, xg, w_hh, h0, c0, lengths, b_hn, w_hr)
-    chosen = choose_backend(backend, cell, xg.device, xg.dtype, w_hr is not None)
+    batch = None if torch.compiler.is_compiling() else xg.shape[1]
+    chosen = choose_backend(
+        backend, cell, xg.device, xg.dtype, w_hr is not None, xg.shape[2] // GATES[cell], batch
+    )
     if lengths is not None:
         lengths = lengths.to(device=xg.device, dtype=torch.int64)
     save = torch.is_grad_enabled() and any(

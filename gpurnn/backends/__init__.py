@@ -107,36 +107,56 @@ def requested_backend(explicit: str | None = None) -> str:
     return _check_name(name)
 
 
-def _reason_against(name: str, cell: str, device, dtype, projected: bool) -> str | None:
+def _reason_against(name, cell, device, dtype, projected, hidden_size) -> str | None:
     reason = _unavailable_reason(name)
     if reason is None:
-        reason = get_backend(name).unsupported_reason(cell, device, dtype, projected)
+        reason = get_backend(name).unsupported_reason(cell, device, dtype, projected, hidden_size)
     return reason
 
 
 @_torch.compiler.assume_constant_result
 def choose_backend(
-    explicit: str | None, cell: str, device: _torch.device, dtype: _torch.dtype, projected: bool
+    explicit: str | None,
+    cell: str,
+    device: _torch.device,
+    dtype: _torch.dtype,
+    projected: bool,
+    hidden_size: int | None = None,
+    batch_size: int | None = None,
 ) -> str:
     """Name of the backend that runs this case: the one requested (explicit keyword, then
-    use_backend, then GPURNN_BACKEND) or a clear error; for "auto", the first of triton,
-    cupy, torch that is available here and supports the case.
+    use_backend, then GPURNN_BACKEND) or a clear error. For "auto": on CUDA the GPU kernel
+    measured faster for this cell, dtype and size bucket (gpurnn.dispatch) among those
+    that run it, else the first of triton, cupy, torch that does.
 
     A constant for torch.compile: it depends on nothing a graph computes, and Dynamo need
-    not trace the imports and environment look-ups behind it.
+    not trace the imports and environment look-ups behind it. (Pass batch_size=None when
+    the batch size is symbolic.)
     """
     name = requested_backend(explicit)
+    case = (cell, device, dtype, projected, hidden_size)
     if name != "auto":
-        reason = _reason_against(name, cell, device, dtype, projected)
+        reason = _reason_against(name, *case)
         if reason is not None:
             raise RuntimeError(f"gpurnn backend {name!r} cannot run this case: {reason}")
         return name
+    runnable = []
     for candidate in _AUTO_ORDER:
         if candidate in _GPU_KERNELS and device.type != "cuda":
             # the interpreter runs Triton on CPU tensors, but only when asked for by name
             continue
-        reason = _reason_against(candidate, cell, device, dtype, projected)
+        reason = _reason_against(candidate, *case)
         if reason is None:
-            return candidate
-        log.debug("gpurnn auto: skipping %s (%s)", candidate, reason)
-    raise RuntimeError(f"no gpurnn backend can run cell={cell} dtype={dtype} device={device}")
+            runnable.append(candidate)
+        else:
+            log.debug("gpurnn auto: skipping %s (%s)", candidate, reason)
+    if not runnable:
+        raise RuntimeError(f"no gpurnn backend can run cell={cell} dtype={dtype} device={device}")
+    kernels = [b for b in runnable if b in _GPU_KERNELS]
+    if len(kernels) > 1:
+        from gpurnn import dispatch
+
+        measured = dispatch.preferred(cell, dtype, hidden_size, batch_size)
+        if measured in kernels:
+            return measured
+    return runnable[0]

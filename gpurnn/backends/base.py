@@ -38,11 +38,16 @@ class Backend(ABC):
         return None
 
     def unsupported_reason(
-        self, cell: str, device: torch.device, dtype: torch.dtype, projected: bool
+        self,
+        cell: str,
+        device: torch.device,
+        dtype: torch.dtype,
+        projected: bool,
+        hidden_size: int | None = None,
     ) -> str | None:
-        """None when the backend runs this case (cell, device, dtype, LSTM projection),
-        else why not. Must depend on nothing else: the choice is a constant under
-        torch.compile."""
+        """None when the backend runs this case (cell, device, dtype, LSTM projection,
+        hidden size where known), else why not. Must depend on nothing else: the choice is
+        a constant under torch.compile."""
         return None
 
     def workspace_spec(

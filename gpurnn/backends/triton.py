@@ -64,8 +64,14 @@ class TritonBackend(Backend):
         return None
 
     def unsupported_reason(
-        self, cell: str, device: torch.device, dtype: torch.dtype, projected: bool
+        self,
+        cell: str,
+        device: torch.device,
+        dtype: torch.dtype,
+        projected: bool,
+        hidden_size: int | None = None,
     ) -> str | None:
+        # every hidden size runs: weights stream from L2 where they do not fit on chip
         device = torch.device(device)
         if projected:
             return (
@@ -150,4 +156,3 @@ class TritonBackend(Backend):
             b_hn=db_hn,
             w_hr=None,
         )
-
