@@ -26,7 +26,6 @@ import copy
 import csv
 import dataclasses
 import datetime as _dt
-import os
 import platform
 import statistics
 import subprocess
@@ -1023,9 +1022,9 @@ def plan(args, device: torch.device) -> tuple[list[tuple[Shape, str]], list[str]
 def run(args) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     requested = _split(args.backends)
-    if device.type != "cuda" and requested and "gpurnn-triton" in requested:
-        # must be set before the triton backend module is first imported
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+    # (without CUDA, gpurnn-triton runs only under the interpreter, which `python -m gpurnn
+    # bench` switches on by running itself again: TRITON_INTERPRET must be set before
+    # triton is first imported, and importing torch's compiler imports it)
     try:
         cases, notes = plan(args, device)
         impls, impl_notes = implementations(device, requested, args.quick)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import subprocess
 import sys
 
 import torch
@@ -25,11 +26,15 @@ def _version(module_name: str) -> str:
     return getattr(module, "__version__", "?")
 
 
-def _interpret_triton_without_gpu() -> None:
-    # The Triton interpreter must be chosen before any kernel is decorated, i.e. before
-    # the triton backend is first imported; without a GPU it is the only way to run it.
-    if not torch.cuda.is_available():
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+def _rerun_under_triton_interpreter(argv: list[str]) -> int | None:
+    """Without a GPU the Triton kernels run only under the interpreter, which must be on
+    before triton is first imported, and importing torch's compiler (as gpurnn does)
+    imports triton: so the command runs again in a child process with TRITON_INTERPRET=1.
+    Returns its exit status, or None when this process can go on itself."""
+    if torch.cuda.is_available() or "TRITON_INTERPRET" in os.environ:
+        return None
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    return subprocess.call([sys.executable, "-m", "gpurnn", *argv], env=env)
 
 
 def cmd_info(args) -> int:
@@ -48,7 +53,6 @@ def cmd_info(args) -> int:
         )
     else:
         print("device  CPU only (no CUDA device)")
-    _interpret_triton_without_gpu()
     print("backends:")
     for name, reason in gpurnn.available_backends().items():
         print(f"  {name:7} {'available' if reason is None else 'unavailable: ' + reason}")
@@ -56,7 +60,6 @@ def cmd_info(args) -> int:
 
 
 def cmd_check(args) -> int:
-    _interpret_triton_without_gpu()
     from gpurnn.check import format_table, run_check
 
     device = torch.device(args.device) if args.device else None
@@ -160,7 +163,15 @@ def main(argv=None) -> int:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
     )
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    wants_triton = args.command == "check" or (
+        args.command == "bench" and "gpurnn-triton" in (args.backends or "")
+    )
+    if wants_triton:
+        status = _rerun_under_triton_interpreter(argv)
+        if status is not None:
+            return status
     commands = {
         "dispatch": dispatch.run,
         "info": cmd_info,

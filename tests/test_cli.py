@@ -1,5 +1,6 @@
 """`python -m gpurnn info` and `check`."""
 
+import os
 import subprocess
 import sys
 
@@ -42,3 +43,15 @@ def test_demo_converts_and_trains(capsys):
     assert "max |output change| = 0.0e+00" in lines[0]
     losses = [float(line.split()[-1]) for line in lines if line.startswith("step")]
     assert losses[-1] < losses[0], "the loss goes down"
+
+
+def test_check_runs_triton_from_a_plain_shell():
+    """As a user runs it: no TRITON_INTERPRET in the environment. Without a GPU the command
+    must switch the interpreter on before triton is imported (torch imports it early)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run(
+        [sys.executable, "-m", "gpurnn", "check", "--backends", "triton", "--dtypes", "fp32"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "8 cases checked against the float64 reference, 0 failed" in done.stdout
