@@ -20,6 +20,7 @@ parameters, so rows stay comparable across runs as long as the parameters do.
 
 from __future__ import annotations
 
+import abc
 import argparse
 import contextlib
 import copy
@@ -220,19 +221,20 @@ def _upcast(inputs: InputSet) -> InputSet:
 # ----------------------------------------------------------------------------- implementations
 
 
-class Runner:
+class Runner(abc.ABC):
     """One implementation built for one shape and dtype, holding its own parameters."""
 
+    @abc.abstractmethod
     def run(self, inp) -> tuple[Tensor, Tensor, Tensor | None]:
         """Forward: (output data, h_n, c_n or None); output data as torch.nn lays it out."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def named_grads(self) -> dict[str, Tensor | None]:
         """Gradients under torch.nn's parameter names."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def zero_grad(self) -> None:
-        raise NotImplementedError
+        """Clears the gradients before a timed training step."""
 
 
 class ModuleRunner(Runner):
