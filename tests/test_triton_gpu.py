@@ -7,8 +7,6 @@ the largest magnitude of the expected tensor (T=64 steps of bf16 rounding accumu
 
 from __future__ import annotations
 
-import zlib
-
 import numpy as np
 import pytest
 import torch
@@ -19,6 +17,7 @@ from gpurnn._kernels.tl import recurrence as _tl  # noqa: E402
 
 from gpurnn import reference as ref  # noqa: E402
 from gpurnn.backends.triton import TritonBackend  # noqa: E402
+from tests.conftest import seeded_generator  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -34,8 +33,8 @@ def _poison(monkeypatch):
     monkeypatch.setattr(_tl, "POISON", True)
 
 
-def _gen(*key):
-    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
+def _gen(*key) -> torch.Generator:
+    return seeded_generator(*key)
 
 
 def make_case(cell, T, B, H, dtype, lengths=None, key=()):
@@ -176,7 +175,7 @@ def test_vs_torch_nn(cell, dtype):
     """Whole layer against torch.nn (cuDNN) in the same dtype: xg from the module's W_ih and
     biases, the recurrence from the triton backend."""
     T, B, I, H = 64, 16, 128, 768
-    torch.manual_seed(zlib.crc32(f"nn{cell}{dtype}".encode()))
+    torch.manual_seed(seeded_generator("nn", cell, str(dtype)).initial_seed())
     kw = dict(nonlinearity=cell[4:]) if cell.startswith("rnn") else {}
     mod_cls = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU}.get(cell, torch.nn.RNN)
     m = mod_cls(I, H, **kw).cuda().to(dtype)

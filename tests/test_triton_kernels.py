@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import inspect
 import os
-import zlib
 
 import numpy as np
 import pytest
@@ -23,6 +22,7 @@ from gpurnn._kernels.tl import recurrence as _tl  # noqa: E402
 
 from gpurnn import reference as ref  # noqa: E402
 from gpurnn.backends.triton import TritonBackend  # noqa: E402
+from tests.conftest import seeded_generator  # noqa: E402
 
 if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("interpreter tests (TRITON_INTERPRET=1, set by conftest.py without CUDA); "
@@ -45,7 +45,7 @@ def _poison(monkeypatch):
 
 
 def _gen(*key) -> torch.Generator:
-    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
+    return seeded_generator(*key)
 
 
 def make_case(cell, T, B, H, dtype, *, h0=True, lengths=None, b_hn=True, key=()):
