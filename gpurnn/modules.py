@@ -52,6 +52,14 @@ def _check_parameters_device(module: nn.Module, input: Tensor) -> None:
         )
 
 
+def _compute_dtype(input: Tensor) -> torch.dtype:
+    """The dtype the kernels will run in: autocast's where it is on (the input projection
+    runs there, and the recurrence follows it), else the input's."""
+    if torch.is_autocast_enabled(input.device.type):
+        return torch.get_autocast_dtype(input.device.type)
+    return input.dtype
+
+
 def _runs_natively(backend_name: str) -> bool:
     # under torch.compile the primitive (a custom op) runs instead: Dynamo traces it
     return (
@@ -125,7 +133,7 @@ class _RNNBase(nn.RNNBase):
             c0 = c0.index_select(1, sorted_indices) if c0 is not None else None
 
         backend = choose_backend(
-            self.backend, cell, input.device, input.dtype, self.proj_size > 0,
+            self.backend, cell, input.device, _compute_dtype(input), self.proj_size > 0,
             self.hidden_size, None if torch.compiler.is_compiling() else max_batch_size,
         )  # fmt: skip
         if _runs_natively(backend):
@@ -313,7 +321,7 @@ class _CellBase(nn.RNNCellBase):
         _check_parameters_device(self, input)
 
         backend = choose_backend(
-            self.backend, cell, input.device, input.dtype, False, self.hidden_size,
+            self.backend, cell, input.device, _compute_dtype(input), False, self.hidden_size,
             None if torch.compiler.is_compiling() else input.size(0),
         )  # fmt: skip
         h, c = states[0], (states[1] if is_lstm else None)

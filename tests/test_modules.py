@@ -335,3 +335,23 @@ def test_convert_nested_model():
     assert_close(model[0](x), expected, F64, "output after convert")
     single = gpurnn.convert(torch.nn.GRU(2, 3), backend="numpy")
     assert type(single) is gpurnn.GRU and single.backend == "numpy"
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_autocast_runs_the_recurrence_in_the_autocast_dtype(backend, cell):
+    """Under torch.autocast the input projection runs in bf16 and gpurnn's recurrence
+    follows it, for every cell: bf16 outputs, close to the fp32 model's. (The native torch
+    path does exactly what torch.nn does under autocast.)"""
+    ref, ours = make_pair(cell, backend, input_size=3, hidden_size=8, num_layers=2)
+    ref.float(), ours.float()
+    x = torch.randn(6, 2, 3)
+    expected, _ = ours(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = ours(x)
+        ref_out, _ = ref(x)
+    if backend == "torch" and torch_backend.USE_NATIVE_LAYERS:
+        assert out.dtype == ref_out.dtype
+        assert_close(out.float(), ref_out.float(), torch.float32, "native autocast output")
+    else:
+        assert out.dtype == torch.bfloat16
+        assert_close(out.float(), expected, torch.bfloat16, "autocast output")
