@@ -30,8 +30,13 @@ stage() {  # stage NAME TIMEOUT LOG COMMAND...: run, tee to LOG, remember a fail
   fi
 }
 
-# --no-deps: torch and triton are already on the machine (and nothing can be fetched)
-"$PY" -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -n 3
+# --no-deps: torch and triton are already on the machine (and nothing can be fetched).
+# If the install fails, gpurnn runs from the checkout itself (it maps kernels/ then).
+if ! pip_log=$("$PY" -m pip install -q --no-deps --no-build-isolation -e . 2>&1); then
+  printf '%s\n' "$pip_log" | tail -n 5
+  echo "== pip install failed: running from the checkout with PYTHONPATH=$PWD"
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
 nvidia-smi
 "$PY" -m gpurnn info
 

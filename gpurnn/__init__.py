@@ -6,11 +6,29 @@ model = gpurnn.convert(model)          # or swap every torch.nn RNN inside a mod
 with gpurnn.use_backend("numpy"): ...  # run on the float64 reference
 """
 
-from gpurnn import reference
-from gpurnn.backends import available_backends, use_backend
-from gpurnn.convert import convert
-from gpurnn.modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
-from gpurnn.recurrence import recurrence
+import importlib.util as _util
+import pathlib as _pathlib
+import sys as _sys
+
+# Installed, the top-level kernels/ folder is the subpackage gpurnn._kernels (pyproject's
+# package-dir). Run from a source checkout without installing (PYTHONPATH=.), map it the
+# same way so that the kernel backends find their device code.
+if "gpurnn._kernels" not in _sys.modules and _util.find_spec("gpurnn._kernels") is None:
+    _kernels_dir = _pathlib.Path(__file__).resolve().parent.parent / "kernels"
+    if (_kernels_dir / "__init__.py").is_file():
+        _spec = _util.spec_from_file_location(
+            "gpurnn._kernels",
+            _kernels_dir / "__init__.py",
+            submodule_search_locations=[str(_kernels_dir)],
+        )
+        _kernels = _sys.modules["gpurnn._kernels"] = _util.module_from_spec(_spec)
+        _spec.loader.exec_module(_kernels)
+
+from gpurnn import reference  # noqa: E402
+from gpurnn.backends import available_backends, use_backend  # noqa: E402
+from gpurnn.convert import convert  # noqa: E402
+from gpurnn.modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell  # noqa: E402
+from gpurnn.recurrence import recurrence  # noqa: E402
 
 __version__ = "0.1.0"
 
