@@ -1,19 +1,22 @@
 #!/usr/bin/env bash
-# One prepared run on a GPU machine (about 5 minutes): install, GPU tests, the correctness
-# check at real sizes, the quick benchmark and its plots. Everything lands in $OUT
-# (default ./out), seven files at most:
-#   gpu_tests.log  check.log  bench.log  results.csv  speedup_vs_batch.png
-#   speedup_vs_hidden.png  memory.png
+# One prepared run on a GPU machine (about 5 minutes): install, the triton GPU tests, the
+# correctness check at real sizes, the quick benchmark against cuDNN, the cupy GPU tests
+# and the plots, most important first. Everything lands in $OUT (default ./out), eight
+# files at most:
+#   triton_gpu.log  check.log  bench.log  cupy_gpu.log  results.csv
+#   speedup_vs_batch.png  speedup_vs_hidden.png  memory.png
 # Every stage runs even when an earlier one failed; the exit status says whether all passed.
-# Per-stage time limits (seconds) can be changed through the environment.
+# Per-stage time limits (seconds) can be changed through the environment. GPU tests run in
+# one process: persistent kernels from two processes would compete for the SMs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PY=${PYTHON:-python3}
 OUT=${OUT:-./out}
-TESTS_TIMEOUT=${TESTS_TIMEOUT:-100}
-CHECK_TIMEOUT=${CHECK_TIMEOUT:-60}
-BENCH_TIMEOUT=${BENCH_TIMEOUT:-180}
+TRITON_TESTS_TIMEOUT=${TRITON_TESTS_TIMEOUT:-100}
+CHECK_TIMEOUT=${CHECK_TIMEOUT:-40}
+BENCH_TIMEOUT=${BENCH_TIMEOUT:-150}
+CUPY_TESTS_TIMEOUT=${CUPY_TESTS_TIMEOUT:-60}
 mkdir -p "$OUT"
 unset TRITON_INTERPRET  # real kernels on the GPU, not the interpreter
 
@@ -40,11 +43,14 @@ fi
 nvidia-smi
 "$PY" -m gpurnn info
 
-stage "gpu tests" "$TESTS_TIMEOUT" "$OUT/gpu_tests.log" "$PY" -m pytest -q -m gpu tests
+stage "triton gpu tests" "$TRITON_TESTS_TIMEOUT" "$OUT/triton_gpu.log" \
+  "$PY" -m pytest -q -m gpu --maxfail=20 tests/test_triton_gpu.py
 stage "check" "$CHECK_TIMEOUT" "$OUT/check.log" "$PY" -m gpurnn check
 # rows are appended case by case, so a run cut short still leaves what it measured
 stage "bench --quick" "$BENCH_TIMEOUT" "$OUT/bench.log" \
   "$PY" -m gpurnn bench --quick --csv "$OUT/results.csv"
+stage "cupy gpu tests" "$CUPY_TESTS_TIMEOUT" "$OUT/cupy_gpu.log" \
+  "$PY" -m pytest -q -m gpu --maxfail=20 tests/test_cupy_backend.py
 echo "== plot"
 "$PY" -m gpurnn plot --csv "$OUT/results.csv" --out "$OUT" || failed+=("plot($?)")
 
