@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from gpurnn.backends.base import Backend, Grads
-from gpurnn.backends.torch import WORKSPACE_GATES, previous_states
+from gpurnn.backends.torch import WORKSPACE_GATES, kernel_weight_grads
 from gpurnn.cells import GATES
 
 log = logging.getLogger("gpurnn")
@@ -479,12 +479,7 @@ class CupyBackend(Backend):
             if dhn is not None:
                 dhn.zero_()
 
-        # weight gradients: single GEMMs over every (t, b) (rows past a sequence's end have
-        # zero dgates); d_hidden is dxg except GRU's n block, which is da_n * r
-        h_prev = previous_states(y, h_init.to(dtype), lengths, reverse)
-        d_hidden = dxg if dhn is None else torch.cat([dxg[..., : 2 * H], dhn], dim=-1)
-        dw_hh = d_hidden.reshape(-1, G * H).t() @ h_prev.reshape(-1, H)
-        db_hn = dhn.float().sum(dim=(0, 1)).to(b_hn.dtype) if b_hn is not None else None
+        dw_hh, db_hn = kernel_weight_grads(cell, dxg, dhn, y, h_init, lengths, reverse, b_hn)
         return Grads(
             xg=dxg,
             w_hh=dw_hh.to(w_hh.dtype),

@@ -125,6 +125,24 @@ def weight_grads(cell, d_hidden, h_prev, b_hn, w_hr, dh_out, m):
     return dw_hh, db_hn, dw_hr
 
 
+def kernel_weight_grads(cell, dxg, dhn, y, h_init, lengths, reverse, b_hn):
+    """dW_hh and db_hn after a fused backward kernel that wrote dxg (T, B, G*H) and, for GRU,
+    dhn (T, B, H): the n block of d(W_hh h), which differs from dxg's by the factor r.
+    One GEMM over every (t, b) against the state each step started from; rows past a
+    sequence's end carry zero gradients and add nothing."""
+    H = y.shape[-1]
+    h_prev = previous_states(y, h_init.to(y.dtype), lengths, reverse)
+    d_hidden = dxg if dhn is None else torch.cat([dxg[..., : 2 * H], dhn], dim=-1)
+    d_hidden, h_prev = d_hidden.reshape(-1, d_hidden.shape[-1]), h_prev.reshape(-1, H)
+    acc = torch.float64 if y.dtype == torch.float64 else torch.float32
+    if y.device.type == "cuda" and y.dtype != torch.float64:
+        dw_hh = d_hidden.t() @ h_prev  # cuBLAS accumulates 16-bit GEMMs in fp32 already
+    else:
+        dw_hh = d_hidden.t().to(acc) @ h_prev.to(acc)
+    db_hn = dhn.to(acc).sum(dim=(0, 1)).to(b_hn.dtype) if b_hn is not None else None
+    return dw_hh, db_hn
+
+
 class TorchBackend(Backend):
     name = "torch"
     backward_uses_xg = False

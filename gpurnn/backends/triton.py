@@ -20,8 +20,7 @@ import torch
 from torch import Tensor
 
 from gpurnn.backends.base import Backend, Grads
-from gpurnn.backends.torch import previous_states
-from gpurnn.cells import GATES
+from gpurnn.backends.torch import kernel_weight_grads
 
 try:  # triton is optional (e.g. macOS); the kernels module imports it at the top
     from gpurnn._kernels.tl import recurrence as _tl
@@ -132,22 +131,8 @@ class TritonBackend(Backend):
             precision=self.fp32_precision,
         )  # fmt: skip
 
-        # weight gradients: one GEMM over every (t, b) against the state each step started
-        # from (rows past a sequence's end have zero dgates and add nothing)
         h_init = h0 if h0 is not None else y.new_zeros(B, H)
-        h_prev = previous_states(y, h_init.to(y.dtype), lengths, reverse)
-        d_hidden = dxg if dhn is None else torch.cat([dxg[..., : 2 * H], dhn], dim=-1)
-        acc = torch.float64 if y.dtype == torch.float64 else torch.float32
-        if y.device.type == "cuda" and y.dtype != torch.float64:
-            # cuBLAS accumulates 16-bit GEMMs in fp32 already
-            dw_hh = d_hidden.reshape(-1, GATES[cell] * H).t() @ h_prev.reshape(-1, H)
-        else:
-            dw_hh = d_hidden.reshape(-1, GATES[cell] * H).t().to(acc) @ h_prev.reshape(-1, H).to(
-                acc
-            )
-        db_hn = None
-        if b_hn is not None:
-            db_hn = dhn.to(acc).sum(dim=(0, 1)).to(b_hn.dtype)
+        dw_hh, db_hn = kernel_weight_grads(cell, dxg, dhn, y, h_init, lengths, reverse, b_hn)
         return Grads(
             xg=dxg,
             w_hh=dw_hh.to(w_hh.dtype),
