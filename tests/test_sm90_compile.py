@@ -1,11 +1,12 @@
-"""Every kernel variant compiles for sm_90 (Hopper) with no register spills and shared
-memory within the device limit. Needs no GPU: triton.compile targets GPUTarget("cuda", 90, 32)
-and the cubin's resource usage is read with the cuobjdump that Triton ships (or CUDA's).
+"""The triton kernels compile for sm_90 (Hopper) as `make_plan` lays them out on an H100,
+with no register spills, shared memory within the device limit, and a step loop that has
+the shape the design promises. Needs no GPU: triton.compile targets GPUTarget("cuda", 90, 32),
+the cubin's resources come from the cuobjdump Triton ships, and its SASS from nvdisasm
+(tests/sass.py counts the step loop).
 
-The variants are the ones `make_plan` can pick on an H100/H200 at the sizes it is tuned for:
-each cell x dtype (bf16, fp16, fp32) x h0/c0 given or not x forward/backward, in the
-weights-resident mode at the largest H that make_plan keeps resident and in the streamed
-mode at a large H, with the persistent grid barrier compiled in.
+Variants: every cell at the headline size (H=768, B=16, bf16) forward and backward, plus one
+of each other kind of plan (on chip, 64-row batch tiles, streamed weights, fp16/fp32). The
+table of counts is printed (pytest -s) and written by `python -m tests.test_sm90_compile`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -26,118 +26,100 @@ import torch  # noqa: E402
 import triton.language as tl  # noqa: E402
 from gpurnn._kernels.tl import recurrence as R  # noqa: E402
 
+from tests import sass  # noqa: E402
+
 SMEM_LIMIT = 227 * 1024  # per-block opt-in maximum on sm_90
+H100_SMS = 132
 TORCH_DT = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+CUOBJDUMP = sass.tool("cuobjdump")
+pytestmark = pytest.mark.skipif(
+    CUOBJDUMP is None or sass.tool("nvdisasm") is None,
+    reason="cuobjdump/nvdisasm not found (Triton ships them)",
+)
+
+# (cell, dtype, H, B, backward)
+VARIANTS = [
+    *[(cell, "bf16", 768, 16, bwd) for cell in R.CELL_CODE for bwd in (False, True)],
+    ("lstm", "bf16", 768, 1, False),
+    ("lstm", "fp16", 768, 16, False),
+    ("lstm", "fp16", 768, 16, True),
+    ("lstm", "fp32", 512, 16, False),
+    ("lstm", "fp32", 512, 16, True),
+    ("lstm", "bf16", 768, 64, False),
+    ("lstm", "bf16", 768, 64, True),
+    ("lstm", "bf16", 1024, 256, False),
+    ("lstm", "bf16", 1024, 256, True),
+    ("lstm", "bf16", 2048, 8, False),
+    ("lstm", "bf16", 2048, 8, True),
+    ("lstm", "bf16", 128, 1, False),
+    ("lstm", "bf16", 128, 1, True),
+    ("gru", "bf16", 128, 1, True),
+    ("rnn_tanh", "bf16", 32, 1, False),
+    ("rnn_tanh", "bf16", 256, 4, True),
+]
 
 
-def _tool(name: str) -> str | None:
-    here = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
-    for p in (here, shutil.which(name), f"/usr/local/cuda/bin/{name}"):
-        if p and os.path.isfile(p) and os.access(p, os.X_OK):
-            return p
-    return None
+def _id(v):
+    cell, dt, H, B, bwd = v
+    return f"{cell}-{dt}-H{H}-B{B}-{'bwd' if bwd else 'fwd'}"
 
 
-CUOBJDUMP = _tool("cuobjdump")
-pytestmark = pytest.mark.skipif(CUOBJDUMP is None, reason="cuobjdump not found (Triton ships one)")
+def plan_for(v) -> R.Plan:
+    cell, dt, H, B, bwd = v
+    return R.make_plan(H, B, R.GATES[cell], TORCH_DT[dt], torch.device("cuda"), backward=bwd,
+                       sm_count=H100_SMS)  # fmt: skip
 
 
-def _signature(fn, dt: str, pointers_fp32: tuple[str, ...]) -> dict[str, str]:
+def _signature(fn, dt: str) -> dict[str, str]:
     sig = {}
     for name in fn.arg_names:
         if name.endswith("_ptr"):
             sig[name] = ("*i64" if name == "len_ptr" else "*i32" if name == "sync_ptr"
-                         else "*fp32" if name in pointers_fp32 else "*" + dt)  # fmt: skip
+                         else "*fp32" if name in ("hs_ptr", "cs_ptr", "dhs_ptr", "dcs_ptr")
+                         else "*" + dt)  # fmt: skip
         elif name in ("T", "B", "s_begin", "s_end", "spin_max"):
             sig[name] = "i32"
     return sig
 
 
-def compile_variant(cell, dt, H, *, backward, has_h0, resident, BLOCK_B=16, BH=8, num_stages=1,
-                    num_warps=4, KC=None):  # fmt: skip
-    """Compile one variant for sm_90; returns dict(regs, stack, local, spills, smem)."""
+def compile_variant(v) -> dict:
+    """Compile one variant for sm_90 as make_plan lays it out; resources and step-loop counts."""
+    cell, dt, H, B, bwd = v
+    plan = plan_for(v)
     G = R.GATES[cell]
-    KC = KC or R.KC_GPU
-    common = dict(
-        CELL=R.CELL_CODE[cell], G=G, NW=len(R.WS_FIELDS[cell]), H=H, KC=KC,
-        NKC=triton.cdiv(H, KC), BH=BH, BLOCK_B=BLOCK_B, RESIDENT=resident,
-        HAS_H0=has_h0, HAS_C0=has_h0 and cell == "lstm", HAS_LEN=True, REVERSE=False,
-        USE_BARRIER=True, PREC="tf32", ACC=tl.float32,
+    kw = dict(
+        CELL=R.CELL_CODE[cell], G=G, NW=len(R.WS_FIELDS[cell]), H=H, KC=plan.KC,
+        NKC=triton.cdiv(H, plan.KC), BH=plan.BH, BLOCK_B=plan.BLOCK_B, RESIDENT=plan.resident,
+        ON_CHIP=plan.on_chip, HAS_LEN=True, REVERSE=False, PREC="ieee", ACC=tl.float32,
+        USE_BARRIER=plan.persistent and plan.nprog > 1 and not plan.on_chip,
     )  # fmt: skip
-    if backward:
+    if bwd:
         fn = R._recurrence_bwd_kernel
-        sig = _signature(fn, dt, ("dhs_ptr", "dcs_ptr"))
-        constexprs = common
+        kw["GATES_PER_TRIP"] = plan.gates_per_trip
     else:
         fn = R._recurrence_fwd_kernel
-        sig = _signature(fn, dt, ("hs_ptr", "cs_ptr"))
-        constexprs = dict(common, GP=R._next_pow2(G), HAS_BHN=cell == "gru", SAVE=True)
-    src = triton.compiler.ASTSource(fn, sig, constexprs)
-    target = triton.backends.compiler.GPUTarget("cuda", 90, 32)
-    opts = dict(num_warps=num_warps)
-    if num_stages is not None:
-        opts["num_stages"] = num_stages
-    k = triton.compile(src, target=target, options=opts)
+        kw.update(GP=R._next_pow2(G), SAVE=True)
+    sig = _signature(fn, dt)
+    # torch allocations are 16-byte aligned; the JIT tells the compiler so, and so do we
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]]
+             for n in sig if n.endswith("_ptr")}  # fmt: skip
+    src = triton.compiler.ASTSource(fn, sig, kw, attrs)
+    k = triton.compile(src, target=triton.backends.compiler.GPUTarget("cuda", 90, 32),
+                       options=dict(num_warps=plan.num_warps, num_stages=1))  # fmt: skip
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(k.asm["cubin"])
         f.flush()
         out = subprocess.run([CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True,
                              check=True).stdout  # fmt: skip
     m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out)
-    assert m, out
     regs, stack, shared, local = map(int, m.groups())
-    # ptxas spills show as local memory traffic in SASS (STL/LDL)
-    sass = k.asm.get("sass") if isinstance(k.asm, dict) else None
-    spill_ops = None
-    nvdisasm = _tool("nvdisasm")
-    if nvdisasm:
-        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-            f.write(k.asm["cubin"])
-            f.flush()
-            sass = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True).stdout
-        spill_ops = len(re.findall(r"\b(?:STL|LDL)\b", sass))
-    return dict(regs=regs, stack=stack, local=local, spill_ops=spill_ops,
-                smem=k.metadata.shared + shared)  # fmt: skip
-
-
-def _max_resident_h(cell, dt, BH, backward):
-    """Largest H (multiple of 64, <= 1024) that make_plan keeps resident at this BH."""
-    G = R.GATES[cell]
-    best = None
-    for H in range(64, 1025, 64):
-        if R.weight_regs(H, G, BH, TORCH_DT[dt], backward) <= R.WEIGHT_REGS:
-            best = H
-    return best
-
-
-def _variants():
-    """(cell, dtype, H, backward, has_h0, resident, BH, KC) for every case make_plan can
-    pick on sm_90: resident at BH 8/16 (the largest H it allows), streamed at BH 8/16
-    (H=4096) with stream_kc's chunk; h0/c0 given and absent for the resident ones."""
-    out = []
-    for cell in R.CELL_CODE:
-        G = R.GATES[cell]
-        for dt in TORCH_DT:
-            for backward in (False, True):
-                for BH in (8, 16):
-                    H = _max_resident_h(cell, dt, BH, backward)
-                    if H is None:
-                        continue
-                    for has_h0 in (True, False) if BH == 8 else (True,):
-                        out.append((cell, dt, H, backward, has_h0, True, BH, R.KC_GPU))
-                for BH in (8, 16):
-                    kc = R.stream_kc(G, BH, backward, TORCH_DT[dt])
-                    out.append((cell, dt, 4096, backward, True, False, BH, kc))
-    return out
-
-
-VARIANTS = _variants()
-
-
-def _id(v):
-    cell, dt, H, backward, has_h0, resident, BH, KC = v
-    return (f"{cell}-{dt}-H{H}-{'bwd' if backward else 'fwd'}-{'h0' if has_h0 else 'noh0'}-"
-            f"{'res' if resident else 'stream'}-BH{BH}-KC{KC}")  # fmt: skip
+    loop = sass.count(sass.step_loop(sass.parse(sass.disassemble(k.asm["cubin"]))))
+    mode = "chip" if plan.on_chip else "res" if plan.resident else "stream"
+    desc = f"BH{plan.BH} BB{plan.BLOCK_B} n{plan.nprog} {mode} w{plan.num_warps}"
+    if bwd:
+        desc += f" gpt{plan.gates_per_trip}"
+    return dict(plan=desc, regs=regs, stack=stack, local=local, smem=k.metadata.shared + shared,
+                **loop)  # fmt: skip
 
 
 def _compile_in_subprocess(indices: list[int]) -> dict[int, dict]:
@@ -156,31 +138,71 @@ def _compile_in_subprocess(indices: list[int]) -> dict[int, dict]:
 
 @pytest.fixture(scope="module")
 def resources() -> dict[int, dict]:
-    """Every variant's resource usage, compiled by one subprocess per CPU core."""
+    """Every variant compiled, by one subprocess per CPU core; the table printed."""
     workers = max(1, min(4, os.cpu_count() or 1))
     chunks = [list(range(i, len(VARIANTS), workers)) for i in range(workers)]
     results: dict[int, dict] = {}
     with ThreadPoolExecutor(workers) as pool:
         for part in pool.map(_compile_in_subprocess, chunks):
             results.update(part)
+    print("\n" + table(results))
     return results
 
 
-@pytest.mark.parametrize("index", range(len(VARIANTS)), ids=[_id(v) for v in VARIANTS])
+def table(results: dict[int, dict]) -> str:
+    cols = ("plan", "regs", "smem", "trips", "loads", "other_ldg", "bar", "mma", "spills")
+    def row(name, cells):
+        return f"{name:32s} " + " ".join(f"{x:>26}" if c == "plan" else f"{x:>9}"
+                                         for c, x in zip(cols, cells))  # fmt: skip
+
+    lines = [row("variant", cols)]
+    for i, v in enumerate(VARIANTS):
+        if i in results:
+            lines.append(row(_id(v), [results[i][c] for c in cols]))
+    return "\n".join(lines)
+
+
+IDS = [_id(v) for v in VARIANTS]
+
+
+@pytest.mark.parametrize("index", range(len(VARIANTS)), ids=IDS)
 def test_compiles_for_sm90_without_spills(resources, index):
     r = resources[index]
-    print(_id(VARIANTS[index]), r)
-    assert r["stack"] == 0 and r["local"] == 0, f"register spills / stack frame: {r}"
-    if r["spill_ops"] is not None:
-        assert r["spill_ops"] == 0, f"STL/LDL in SASS: {r}"
+    # (a small stack frame outside the loop is ptxas's business; spills inside it are ours)
+    assert r["local"] == 0 and r["spills"] == 0, f"spills in the step loop: {r}"
     assert r["smem"] <= SMEM_LIMIT, f"shared memory {r['smem']} B > {SMEM_LIMIT} B"
 
 
+@pytest.mark.parametrize("index", range(len(VARIANTS)), ids=IDS)
+def test_step_loop_shape(resources, index):
+    """Ceilings the step loops meet (and the first kernels did not: 12 dependent h loads and
+    57 block barriers per forward step at LSTM H=768, 48 dgates round trips and W_hh loads in
+    the backward's loop)."""
+    cell, dt, H, B, bwd = VARIANTS[index]
+    r = resources[index]
+    plan = plan_for(VARIANTS[index])
+    if plan.on_chip:
+        # h (dgates) never leave the program: no exchange loads at all
+        assert r["loads"] == 0 and r["trips"] == 0, r
+        return
+    if plan.resident:
+        # weights stay in shared memory: the only other global loads are the step's own
+        # inputs (xg forward; dy, the saved fields and c/h_{t-1} backward)
+        assert r["other_ldg"] <= (4 if not bwd else 16), r
+    if not bwd and plan.resident and plan.BLOCK_B == 16:
+        # every h load of the step is issued before the first is used (ptxas sometimes
+        # consumes the first one early: 2 waves at most)
+        assert r["trips"] <= 2, f"the forward's h loads of a step wait on each other: {r}"
+        assert r["bar"] <= 8, r
+    if bwd and plan.resident and plan.BLOCK_B == 16:
+        # about one round trip per gate (GATES_PER_TRIP gates each)
+        assert r["trips"] <= 2 * R.GATES[cell], r
+
+
 if __name__ == "__main__":
-    # the driver: compile the variants named by index, print their resources as JSON
-    report = {}
-    for i in map(int, sys.argv[1:]):
-        cell, dt, H, backward, has_h0, resident, BH, KC = VARIANTS[i]
-        report[i] = compile_variant(cell, dt, H, backward=backward, has_h0=has_h0,
-                                    resident=resident, BH=BH, KC=KC)  # fmt: skip
+    # the driver: compile the variants named by index (all with none), print them as JSON
+    idx = list(map(int, sys.argv[1:])) or list(range(len(VARIANTS)))
+    report = {i: compile_variant(VARIANTS[i]) for i in idx}
+    if len(sys.argv) == 1:
+        print(table(report))
     print(json.dumps(report))

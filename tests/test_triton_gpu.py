@@ -98,10 +98,32 @@ def run_vs_reference(cell, case, gin, reverse, tol, be=None, plan=None):
     )  # fmt: skip
     for k, v in got.items():
         if rg.get(k) is not None:
-            errs["d" + k] = rel_err(v, rg[k])
+            a, e = v, rg[k]
+            if k == "xg" and cell == "rnn_relu" and c["xg"].element_size() == 2:
+                # relu's derivative is a step: where the float64 pre-activation is within
+                # 16-bit rounding of 0, the kernel's (correctly rounded) one may sit on the other
+                # side and pass or block the whole gradient. Compare where the sign is clear.
+                clear = np.abs(_relu_pre(n, ry, reverse)) > 2e-2
+                a = np.where(clear, v.detach().double().cpu().numpy(), 0.0)
+                e = np.where(clear, e, 0.0)
+            errs["d" + k] = rel_err(a, e)
     bad = {k: e for k, e in errs.items() if not e <= tol}
     assert not bad, f"errors over {tol}: {bad} (all: {errs})"
     return errs
+
+
+def _relu_pre(n, ry, reverse):
+    """The float64 reference's pre-activations x_t + W_hh h_{t-1} of an RNN-relu layer."""
+    T, B, H = ry.shape
+    h0 = n["h0"] if n["h0"] is not None else np.zeros((B, H))
+    prev = np.concatenate([ry[1:], h0[None]]) if reverse else np.concatenate([h0[None], ry[:-1]])
+    if n["lengths"] is not None:
+        # rows past their end hold 0 in y; their own state is h0 (reverse) before they start
+        L = n["lengths"]
+        t = np.arange(T)[:, None]
+        first = (t == L[None, :] - 1) if reverse else (t == 0)
+        prev = np.where(first[..., None], h0[None], prev)
+    return n["xg"] + prev @ n["w_hh"].T
 
 
 def _exact_fp32():

@@ -180,18 +180,39 @@ def test_many_programs_per_step_launches(cell):
     run_and_compare(cell, case, gin, True, torch.float64, plan_fwd=plan, plan_bwd=plan)
 
 
+@pytest.mark.parametrize("gates_per_trip", (1, 2, 4))
 @pytest.mark.parametrize("resident", (True, False), ids=("resident", "streamed"))
 @pytest.mark.parametrize("cell", CELLS)
-def test_k_chunks(cell, resident):
-    """H = 40 over K chunks of 16 (the last one partial): weights kept on chip as a tuple of
-    chunks, or streamed every step."""
+def test_k_chunks(cell, resident, gates_per_trip):
+    """H = 40 over K chunks of 16 (the last one partial), one program exchanging h (dgates)
+    through memory with itself: weights kept on chip as a tuple of chunks, or streamed every
+    step; the backward's dgates loaded 1, 2 or all gates per round trip."""
     T, B, H = 4, 2, 40
-    case, gin = make_case(cell, T, B, H, torch.float64, key=("kc", resident))
-    plan = _tl.make_plan(H, B, _tl.GATES[cell], torch.float64, torch.device(DEVICE),
-                         KC=16, resident=resident)  # fmt: skip
+    if gates_per_trip > _tl.GATES[cell] and gates_per_trip != 4:
+        pytest.skip("same as all gates")
+    case, gin = make_case(cell, T, B, H, torch.float64, key=("kc", resident, gates_per_trip))
+    plan = _tl.make_plan(H, B, _tl.GATES[cell], torch.float64, torch.device(DEVICE), KC=16,
+                         resident=resident, on_chip=False,
+                         gates_per_trip=gates_per_trip)  # fmt: skip
+    assert plan.nprog == 1 and plan.persistent and not plan.on_chip
     if ON_GPU:
         pytest.skip("fp64 plans are interpreter-only")
     run_and_compare(cell, case, gin, False, torch.float64, plan_fwd=plan, plan_bwd=plan)
+
+
+@pytest.mark.parametrize("on_chip", (True, False), ids=("on_chip", "exchange"))
+@pytest.mark.parametrize("cell", CELLS)
+def test_one_program_reverse_lengths(cell, on_chip):
+    """One program over every unit, in reverse with lengths (a row's state must ride through
+    its padded steps before its first valid one): h kept on chip, or exchanged through the
+    (T+1)-row buffer with y written apart."""
+    T, B, H = 6, 4, 12
+    L = torch.tensor([6, 0, 3, 1])
+    case, gin = make_case(cell, T, B, H, torch.float64, lengths=L, key=("one", on_chip))
+    plan = _tl.make_plan(H, B, _tl.GATES[cell], torch.float64, torch.device(DEVICE),
+                         on_chip=on_chip)  # fmt: skip
+    assert plan.nprog == 1 and plan.on_chip == on_chip
+    run_and_compare(cell, case, gin, True, torch.float64, plan_fwd=plan, plan_bwd=plan)
 
 
 def test_gru_without_b_hn():

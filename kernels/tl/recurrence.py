@@ -4,22 +4,32 @@ Forward and backward of the primitive (see gpurnn.recurrence / gpurnn.backends.b
     y, h_T, c_T = recurrence(cell, xg, w_hh, h0, c0, lengths, reverse, b_hn)
 `xg` (T, B, G*H) already holds x @ W_ih^T plus every bias except GRU's b_hn.
 
-Layout of the work (both kernels):
+Layout of the work (both kernels), chosen by `make_plan` and checked by `_fit` against the
+compiled kernel's real shared memory, registers and spills:
 - Grid (n_h, n_b). Program (p, q) owns hidden units [p*BH, p*BH+BH) for batch rows
-  [q*BLOCK_B, q*BLOCK_B+BLOCK_B): all G gate rows of W_hh for those units (forward, as one
-  (H, GP*BH) tile with the gates side by side along N), or the matching G*H x BH column
-  block (backward), loaded once before the time loop when they fit in registers (RESIDENT,
-  kept as a tuple of KC-row chunks), otherwise streamed from L2 in KC chunks every step.
-  `make_plan` chooses; its docstring and WEIGHT_REGS say where the switches are and why.
-- h_{t-1} is exchanged through the output buffer y itself (forward) and dgates through the
-  dxg output (backward), read with `.cg` so a stale L1 line is never used; c and the
-  backward carries dh/dc stay in registers (they depend on the program's own units only).
-- One grid-wide barrier per step (`_grid_barrier`): an atomic counter, bounded spin, error
-  flag. With one program, or one step per launch (the per-step fallback), it is compiled out,
-  which is what makes the kernels run under TRITON_INTERPRET=1.
+  [q*BLOCK_B, q*BLOCK_B+BLOCK_B) (16, 32 or 64 rows: one mma tile up to a wgmma tile): all G
+  gate rows of W_hh for those units (forward, as one (H, GP*BH) tile with the gates side by
+  side along N), or the matching G*H x BH column block (backward). RESIDENT: loaded once
+  before the time loop (Triton keeps them in shared memory), as a tuple of KC-row chunks;
+  else streamed from L2 in KC chunks every step.
+- ON_CHIP (small layers: W_hh whole fits one program): one program per batch tile owns every
+  unit, so h_{t-1} (backward: the dgates) never leaves its registers: no exchange buffer, no
+  grid barrier. Batch tiles are independent.
+- Otherwise h_{t-1} is exchanged through a (T+1)-row buffer whose first row (in processing
+  order) is h0 and whose other rows are y, and dgates through the dxg output (backward); both
+  are read with `.cg` so a stale L1 line is never used. A step issues all its exchange loads
+  before the first dot (one memory round trip forward; about one per gate backward) and
+  keeps one accumulator per K chunk (per gate backward), so the HMMA chains are short. c and
+  the backward carries dh/dc stay in registers (they depend on the program's own units only).
+- One grid-wide barrier per step, split in two (`_barrier_arrive` right after the exchange
+  stores, `_barrier_wait` after the work that needs nobody else's data: workspace stores,
+  the next step's own loads): an atomic counter, relaxed polls, one acquire, bounded spin,
+  error flag. With one program, or one step per launch (the per-step fallback), it is
+  compiled out, which is what makes the kernels run under TRITON_INTERPRET=1.
 - Kernels take a step range [s_begin, s_end): the persistent launch covers all steps; the
   per-step fallback launches one step at a time, carrying state between launches in the
-  fp32 state buffers (`hs`, `cs`, `dhs`, `dcs`), which are also the final-state outputs.
+  fp32 state buffers (`hs`, `cs`, `dhs`, `dcs`), which the launcher fills with h0/c0
+  (dh_T/dc_T) first and which end as the final-state outputs.
 
 Backward runs T+1 steps in reverse processing order: dh_t = dy_t + dgates_{t+1} @ W_hh
 (the own units' columns), the gate backward for the own units from the workspace, dgates
@@ -105,21 +115,33 @@ def _tanh(x):
 
 
 @triton.jit
-def _grid_barrier(sync_ptr, target, spin_max):
-    # Every thread's stores of this step are issued before thread 0 arrives (block barrier),
-    # and the gpu-scope release/acquire pair publishes them to the other programs.
+def _barrier_arrive(sync_ptr):
+    # Every thread's exchange stores of this step are issued before thread 0 arrives (block
+    # barrier); the gpu-scope release publishes them, cumulatively, to the other programs.
     tl.debug_barrier()
     tl.atomic_add(sync_ptr, 1, sem="release", scope="gpu")
-    cnt = tl.atomic_add(sync_ptr, 0, sem="acquire", scope="gpu")
+
+
+@triton.jit
+def _barrier_wait(sync_ptr, target, spin_max):
+    # Split from the arrive so that work that needs nobody else's data (workspace stores, the
+    # next step's xg) overlaps the wait. Every thread polls for itself with relaxed loads
+    # (no block barrier to broadcast a result, no L1 invalidation per spin), then issues one
+    # gpu-scope acquire load, which orders its next exchange loads after the stores the
+    # other programs released.
+    cnt = tl.load(sync_ptr, volatile=True)
     spins = 0
     while (cnt < target) & (spins < spin_max):
-        cnt = tl.atomic_add(sync_ptr, 0, sem="acquire", scope="gpu")
+        cnt = tl.load(sync_ptr, volatile=True)
         spins += 1
     if cnt < target:
-        # timed out: a program is not co-resident (or died). Poison the counter so that
-        # no program waits again; the launcher sees it and raises.
-        tl.atomic_add(sync_ptr, SYNC_ERROR, sem="relaxed", scope="gpu")
-    tl.debug_barrier()
+        # timed out: a program is not co-resident (or died). Raise the counter past every
+        # target so that no program waits again; the launcher sees it and raises.
+        tl.atomic_max(sync_ptr, SYNC_ERROR, sem="relaxed", scope="gpu")
+    tl.inline_asm_elementwise(
+        "ld.acquire.gpu.global.b32 $0, [$1];", "=r,l", [sync_ptr + tl.zeros([1], tl.int32)],
+        dtype=tl.int32, is_pure=False, pack=1,
+    )  # fmt: skip
 
 
 @triton.jit
@@ -172,22 +194,17 @@ def _load_w(whh_ptr, offs_k, offs_j, mk, mj, g: tl.constexpr, H: tl.constexpr, B
 
 
 @triton.jit
-def _load_hprev(y_ptr, h0_ptr, step_off, hrow, offs_k, mk, pvalid, mb, HAS_H0: tl.constexpr):
-    """h_{t-1} columns offs_k for every batch row of the tile, in the storage dtype:
-    y[t_prev] where the previous step was valid for that row, else h0 (or 0)."""
-    h = tl.load(
-        y_ptr + step_off + hrow[:, None] + offs_k[None, :],
-        mask=pvalid[:, None] & mk[None, :],
-        other=0.0,
+def _load_h(hx_ptr, row_off, hrow, offs_k, mb, H: tl.constexpr, EVEN_K: tl.constexpr):
+    """h_{t-1} columns offs_k of every batch row of the tile, in the storage dtype, from the
+    exchange buffer row at row_off (h0 sits in its first row: no special first step)."""
+    if EVEN_K:
+        m = mb[:, None]
+    else:
+        m = mb[:, None] & (offs_k < H)[None, :]
+    return tl.load(
+        hx_ptr + row_off + hrow[:, None] + offs_k[None, :], mask=m, other=0.0,
         cache_modifier=".cg",  # written by other programs during this launch: skip L1
-    )
-    if HAS_H0:
-        h += tl.load(
-            h0_ptr + hrow[:, None] + offs_k[None, :],
-            mask=(mb & ~pvalid)[:, None] & mk[None, :],
-            other=0.0,
-        )
-    return h
+    )  # fmt: skip
 
 
 @triton.jit
@@ -216,14 +233,14 @@ def _time(s, T, REVERSE: tl.constexpr):
 
 @triton.jit(do_not_specialize=["T", "B", "s_begin", "s_end", "spin_max"])
 def _recurrence_fwd_kernel(
-    xg_ptr, whh_ptr, h0_ptr, c0_ptr, len_ptr, bhn_ptr,
-    y_ptr, hs_ptr, cs_ptr, ws_ptr, sync_ptr,
+    xg_ptr, whh_ptr, bhn_ptr, len_ptr,
+    hx_ptr, y_ptr, hs_ptr, cs_ptr, ws_ptr, sync_ptr,
     T, B, s_begin, s_end, spin_max,
     CELL: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, NW: tl.constexpr, H: tl.constexpr,
     KC: tl.constexpr, NKC: tl.constexpr, BH: tl.constexpr, BLOCK_B: tl.constexpr,
-    RESIDENT: tl.constexpr, HAS_H0: tl.constexpr, HAS_C0: tl.constexpr,
-    HAS_LEN: tl.constexpr, HAS_BHN: tl.constexpr, REVERSE: tl.constexpr,
-    SAVE: tl.constexpr, USE_BARRIER: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+    ON_CHIP: tl.constexpr, RESIDENT: tl.constexpr, HAS_LEN: tl.constexpr,
+    REVERSE: tl.constexpr, SAVE: tl.constexpr, USE_BARRIER: tl.constexpr,
+    PREC: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
     pid_h = tl.program_id(0)
     pid_b = tl.program_id(1)
@@ -241,43 +258,42 @@ def _recurrence_fwd_kernel(
     hrow = offs_b.to(tl.int64) * H
     xrow = offs_b.to(tl.int64) * (G * H)
     wrow = offs_b.to(tl.int64) * (NW * H)
+    own = hrow[:, None] + offs_j[None, :]
+    hd = hx_ptr.dtype.element_ty
+    # Reverse with lengths: a row's steps past its end come first and must carry h0 through
+    # to its last valid step, so the exchange holds the running state and y (zeros there)
+    # is written apart. Everywhere else the exchange rows are y itself.
+    SEPARATE_Y: tl.constexpr = HAS_LEN and REVERSE
+    EVEN_K: tl.constexpr = H % KC == 0
 
-    # running state of the own units: from h0/c0 at the first step, else from the state
-    # buffers the previous launch left (per-step fallback)
-    first = s_begin == 0
-    hs = tl.load(hs_ptr + hrow[:, None] + offs_j[None, :], mask=m_own & (s_begin > 0), other=0.0)
-    hs = hs.to(ACC)
-    if HAS_H0:
-        hs += tl.load(h0_ptr + hrow[:, None] + offs_j[None, :], mask=m_own & first, other=0.0).to(
-            ACC
-        )
+    # running state of the own units: h0/c0 (or zeros) put in the state buffers by the
+    # launcher, or what the previous launch left there (per-step fallback)
+    hs = tl.load(hs_ptr + own, mask=m_own, other=0.0).to(ACC)
     cs = hs
     if CELL == LSTM:
-        own = hrow[:, None] + offs_j[None, :]
-        cs = tl.load(cs_ptr + own, mask=m_own & (s_begin > 0), other=0.0).to(ACC)
-        if HAS_C0:
-            cs += tl.load(
-                c0_ptr + hrow[:, None] + offs_j[None, :], mask=m_own & first, other=0.0
-            ).to(ACC)
+        cs = tl.load(cs_ptr + own, mask=m_own, other=0.0).to(ACC)
     if CELL == GRU:
-        if HAS_BHN:
-            bhn = tl.load(bhn_ptr + offs_j, mask=mj, other=0.0).to(ACC)
-        else:
-            bhn = tl.zeros([BH], dtype=ACC)
+        bhn = tl.load(bhn_ptr + offs_j, mask=mj, other=0.0).to(ACC)
 
     # Gates fused along N: column n of the (K, GP*BH) weight tile is unit n % BH of gate
-    # n // BH (GP = G padded to a power of two). With mma, a (K, N) operand costs every
-    # thread K/4 elements whatever N is (N < 8*num_warps replicates it across warps), so
-    # one fused tile holds all G gates for the price of one.
+    # n // BH (GP = G padded to a power of two), so the 4 warps split one dot by gate instead
+    # of each repeating a narrow one.
     NG: tl.constexpr = GP * BH
     offs_n = tl.arange(0, NG)
     gate_n = offs_n // BH
     unit_n = pid_h * BH + offs_n % BH
     mn = (gate_n < G) & (unit_n < H)
     col_n = gate_n * H + unit_n  # column of xg, row of W_hh
-    # K in chunks of KC: one dot over all of K would make every warp hold the whole h tile
-    # (the dot's A operand) in registers at once; per chunk it holds BLOCK_B*KC/32.
-    if RESIDENT:
+    # Weights loaded once, before the time loop (they live in shared memory from then on).
+    # ON_CHIP: this program owns every unit (BH >= H), so K = BH and h never leaves it.
+    # RESIDENT: K in NKC chunks of KC. Otherwise streamed from L2 in KC chunks every step.
+    if ON_CHIP:
+        offs_k = tl.arange(0, BH)
+        w_res = (
+            tl.load(whh_ptr + col_n[None, :] * H + offs_k[:, None],
+                    mask=(offs_k < H)[:, None] & mn[None, :], other=0.0),
+        )  # fmt: skip
+    elif RESIDENT:
         w_res = ()
         for i in tl.static_range(NKC):
             offs_k = i * KC + tl.arange(0, KC)
@@ -298,31 +314,33 @@ def _recurrence_fwd_kernel(
     for s in range(s_begin, s_end):
         t = _time(s, T, REVERSE)
         valid = mb & (t < L)
-        if REVERSE:
-            tp = t + 1
-        else:
-            tp = t - 1
-        pvalid = mb & (s > 0) & (tp < L)
-        poff = tp.to(tl.int64) * B64 * H
 
         # recurrent matvec: (BLOCK_B, H) h_{t-1} times the (H, GP*BH) fused gate tile
         acc = tl.zeros([BLOCK_B, NG], dtype=ACC)
-        if RESIDENT:
-            for i in tl.static_range(NKC):
-                offs_k = i * KC + tl.arange(0, KC)
-                mk = offs_k < H
-                hp = _load_hprev(y_ptr, h0_ptr, poff, hrow, offs_k, mk, pvalid, mb, HAS_H0)
-                acc += tl.dot(hp, w_res[i], input_precision=PREC, out_dtype=ACC)
+        if ON_CHIP:
+            acc = tl.dot(hs.to(hd), w_res[0], acc, input_precision=PREC, out_dtype=ACC)
         else:
-            for k0 in range(0, H, KC):
-                offs_k = k0 + tl.arange(0, KC)
-                mk = offs_k < H
-                hp = _load_hprev(y_ptr, h0_ptr, poff, hrow, offs_k, mk, pvalid, mb, HAS_H0)
-                wk = tl.load(
-                    whh_ptr + col_n[None, :] * H + offs_k[:, None],
-                    mask=mk[:, None] & mn[None, :], other=0.0,
-                )  # fmt: skip
-                acc += tl.dot(hp, wk, input_precision=PREC, out_dtype=ACC)
+            # exchange row of h_{t-1}: t (forward; row 0 is h0) or t + 1 (reverse; row T)
+            prev = (t + REVERSE).to(tl.int64) * B64 * H
+            if RESIDENT:
+                # every load of the step first, then the dots: one memory round trip
+                hp = ()
+                for i in tl.static_range(NKC):
+                    offs_k = i * KC + tl.arange(0, KC)
+                    hp = hp + (_load_h(hx_ptr, prev, hrow, offs_k, mb, H, EVEN_K),)
+                # one accumulator per chunk: NKC independent HMMA chains, not one H/16 deep
+                for i in tl.static_range(NKC):
+                    acc += tl.dot(hp[i], w_res[i], input_precision=PREC, out_dtype=ACC)
+            else:
+                for k0 in range(0, H, KC):
+                    offs_k = k0 + tl.arange(0, KC)
+                    mk = offs_k < H
+                    hp = _load_h(hx_ptr, prev, hrow, offs_k, mb, H, False)
+                    wk = tl.load(
+                        whh_ptr + col_n[None, :] * H + offs_k[:, None],
+                        mask=mk[:, None] & mn[None, :], other=0.0,
+                    )  # fmt: skip
+                    acc = tl.dot(hp, wk, acc, input_precision=PREC, out_dtype=ACC)
         a0, a1, a2, a3 = _split_gates(acc, BLOCK_B, BH, GP)
         x0, x1, x2, x3 = _split_gates(x, BLOCK_B, BH, GP)
 
@@ -345,19 +363,34 @@ def _recurrence_fwd_kernel(
         else:
             h_new = tl.maximum(x0 + a0, 0.0)
 
-        # y doubles as the exchange buffer; past a sequence's end it is 0 and state is kept
+        # h_t into its exchange row: t + 1 (forward) or t (reverse). Past a sequence's end
+        # y is 0 and the state is kept. The own state is kept as the others see it (rounded).
+        v2 = valid[:, None]
+        out = (t + 1 - REVERSE).to(tl.int64) * B64 * H
         toff = t.to(tl.int64) * B64
-        yv = tl.where(valid[:, None], h_new, 0.0).to(y_ptr.dtype.element_ty)
-        tl.store(y_ptr + toff * H + hrow[:, None] + offs_j[None, :], yv, mask=m_own)
-        # own state as the others see it (rounded to the storage dtype)
-        hs = tl.where(valid[:, None], yv.to(ACC), hs)
+        if SEPARATE_Y:
+            hs = tl.where(v2, h_new.to(hd).to(ACC), hs)
+            tl.store(hx_ptr + out + own, hs.to(hd), mask=m_own)
+        else:
+            yv = tl.where(v2, h_new, 0.0).to(hd)
+            tl.store(hx_ptr + out + own, yv, mask=m_own)
+            hs = tl.where(v2, yv.to(ACC), hs)
         if CELL == LSTM:
-            cs = tl.where(valid[:, None], c_new, cs)
+            cs = tl.where(v2, c_new, cs)
+        if USE_BARRIER:
+            if s + 1 < s_end:
+                _barrier_arrive(sync_ptr)
+        elif not ON_CHIP:
+            # one program (or one step per launch): the other warps read this step's h from
+            # the exchange buffer next step; the block barrier orders those loads after it
+            tl.debug_barrier()
 
+        # work that needs nobody else's data, overlapping the barrier
+        if SEPARATE_Y:
+            tl.store(y_ptr + toff * H + own, tl.where(v2, h_new, 0.0).to(hd), mask=m_own)
         if SAVE:
             wp = ws_ptr + toff * (NW * H) + wrow[:, None] + offs_j[None, :]
             wd = ws_ptr.dtype.element_ty
-            v2 = valid[:, None]
             if CELL == LSTM:
                 tl.store(wp, tl.where(v2, ig, 0.0).to(wd), mask=m_own)
                 tl.store(wp + H, tl.where(v2, fg, 0.0).to(wd), mask=m_own)
@@ -371,8 +404,6 @@ def _recurrence_fwd_kernel(
                 tl.store(wp + 3 * H, tl.where(v2, hn, 0.0).to(wd), mask=m_own)
             else:
                 tl.store(wp, tl.where(v2, h_new, 0.0).to(wd), mask=m_own)
-
-        # next step's xg does not depend on the barrier: issue its loads before waiting
         tn = _time(s + 1, T, REVERSE)
         xv = mb & (tn < L) & (s + 1 < s_end)
         x = tl.load(
@@ -381,11 +412,11 @@ def _recurrence_fwd_kernel(
         ).to(ACC)  # fmt: skip
         if USE_BARRIER:
             if s + 1 < s_end:
-                _grid_barrier(sync_ptr, (s - s_begin + 1) * nprog, spin_max)
+                _barrier_wait(sync_ptr, (s - s_begin + 1) * nprog, spin_max)
 
-    tl.store(hs_ptr + hrow[:, None] + offs_j[None, :], hs, mask=m_own)
+    tl.store(hs_ptr + own, hs, mask=m_own)
     if CELL == LSTM:
-        tl.store(cs_ptr + hrow[:, None] + offs_j[None, :], cs, mask=m_own)
+        tl.store(cs_ptr + own, cs, mask=m_own)
 
 
 # ----------------------------------------------------------------------------- backward
@@ -394,11 +425,12 @@ def _recurrence_fwd_kernel(
 @triton.jit
 def _bwd_own_loads(
     s, T, B64, L, mb, mj, offs_j, hrow, wrow, y_ptr, h0_ptr, c0_ptr, ws_ptr, dy_ptr,
-    CELL: tl.constexpr, NW: tl.constexpr, H: tl.constexpr, HAS_H0: tl.constexpr,
-    HAS_C0: tl.constexpr, REVERSE: tl.constexpr, ACC: tl.constexpr,
+    CELL: tl.constexpr, NW: tl.constexpr, H: tl.constexpr, REVERSE: tl.constexpr,
+    ACC: tl.constexpr,
 ):  # fmt: skip
     """Everything of backward step s that only this program's units need (and that no other
-    program writes during the launch): dy, the saved fields, and c_{t-1} / h_{t-1}."""
+    program writes during the launch): dy, the saved fields, and c_{t-1} / h_{t-1} (c0 / h0
+    at a sequence's first step; the launcher passes zeros for a missing one)."""
     # backward step s handles forward step T-1-s
     t = _time(T - 1 - s, T, REVERSE)
     if REVERSE:
@@ -411,21 +443,18 @@ def _bwd_own_loads(
     mv = valid[:, None] & mj[None, :]
     toff = t.to(tl.int64) * B64
     poff = tp.to(tl.int64) * B64
-    dy = tl.load(dy_ptr + toff * H + hrow[:, None] + offs_j[None, :], mask=mv, other=0.0).to(ACC)
+    own = hrow[:, None] + offs_j[None, :]
+    dy = tl.load(dy_ptr + toff * H + own, mask=mv, other=0.0).to(ACC)
     f0, f1, f2, f3, f4 = _load_fields(ws_ptr, toff * (NW * H) + wrow, offs_j, mv, H, NW, ACC)
     mp = pvalid[:, None] & mj[None, :]
     mf = first[:, None] & mj[None, :]
     if CELL == LSTM:
-        pv = tl.load(
-            ws_ptr + poff * (NW * H) + wrow[:, None] + 4 * H + offs_j[None, :], mask=mp, other=0.0
-        ).to(ACC)
-        if HAS_C0:
-            pv += tl.load(c0_ptr + hrow[:, None] + offs_j[None, :], mask=mf, other=0.0).to(ACC)
+        pv = tl.load(ws_ptr + poff * (NW * H) + wrow[:, None] + 4 * H + offs_j[None, :], mask=mp,
+                     other=0.0).to(ACC)  # fmt: skip
+        pv += tl.load(c0_ptr + own, mask=mf, other=0.0).to(ACC)
     elif CELL == GRU:
-        pv = tl.load(y_ptr + poff * H + hrow[:, None] + offs_j[None, :], mask=mp, other=0.0)
-        pv = pv.to(ACC)
-        if HAS_H0:
-            pv += tl.load(h0_ptr + hrow[:, None] + offs_j[None, :], mask=mf, other=0.0).to(ACC)
+        pv = tl.load(y_ptr + poff * H + own, mask=mp, other=0.0).to(ACC)
+        pv += tl.load(h0_ptr + own, mask=mf, other=0.0).to(ACC)
     else:
         pv = dy
     return dy, f0, f1, f2, f3, f4, pv
@@ -433,18 +462,19 @@ def _bwd_own_loads(
 
 @triton.jit(do_not_specialize=["T", "B", "s_begin", "s_end", "spin_max"])
 def _recurrence_bwd_kernel(
-    whh_ptr, h0_ptr, c0_ptr, len_ptr, y_ptr, ws_ptr, dy_ptr, dhT_ptr, dcT_ptr,
+    whh_ptr, h0_ptr, c0_ptr, len_ptr, y_ptr, ws_ptr, dy_ptr,
     dxg_ptr, dhn_ptr, dhs_ptr, dcs_ptr, sync_ptr,
     T, B, s_begin, s_end, spin_max,
     CELL: tl.constexpr, G: tl.constexpr, NW: tl.constexpr, H: tl.constexpr,
     KC: tl.constexpr, NKC: tl.constexpr, BH: tl.constexpr, BLOCK_B: tl.constexpr,
-    RESIDENT: tl.constexpr, HAS_H0: tl.constexpr, HAS_C0: tl.constexpr,
+    GATES_PER_TRIP: tl.constexpr, ON_CHIP: tl.constexpr, RESIDENT: tl.constexpr,
     HAS_LEN: tl.constexpr, REVERSE: tl.constexpr, USE_BARRIER: tl.constexpr,
     PREC: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
     """Steps s in [0, T]: step s < T handles forward step T-1-s; step T only adds the last
     dgates' recurrent contribution (to dh0). dgates (= dxg, except GRU's n block, kept apart in
-    dhn as dn_pre * r) are exchanged through their output buffers."""
+    dhn as dn_pre * r) are exchanged through their output buffers, or, ON_CHIP (one program
+    owns every unit), kept in registers from one step to the next."""
     pid_h = tl.program_id(0)
     pid_b = tl.program_id(1)
     nprog = tl.num_programs(0) * tl.num_programs(1)
@@ -462,19 +492,34 @@ def _recurrence_bwd_kernel(
     xrow = offs_b.to(tl.int64) * (G * H)
     wrow = offs_b.to(tl.int64) * (NW * H)
     GH: tl.constexpr = G * H
-
-    # carries: dh_T / dc_T at the first step, else what the previous launch left
-    first = s_begin == 0
     own = hrow[:, None] + offs_j[None, :]
-    dh_c = tl.load(dhs_ptr + own, mask=m_own & (s_begin > 0), other=0.0).to(ACC)
-    dh_c += tl.load(dhT_ptr + own, mask=m_own & first, other=0.0).to(ACC)
+    xd = dxg_ptr.dtype.element_ty
+
+    # carries: dh_T / dc_T (put in the state buffers by the launcher) or what the previous
+    # launch left there
+    dh_c = tl.load(dhs_ptr + own, mask=m_own, other=0.0).to(ACC)
     dc_c = dh_c
     if CELL == LSTM:
-        dc_c = tl.load(dcs_ptr + own, mask=m_own & (s_begin > 0), other=0.0).to(ACC)
-        dc_c += tl.load(dcT_ptr + own, mask=m_own & first, other=0.0).to(ACC)
+        dc_c = tl.load(dcs_ptr + own, mask=m_own, other=0.0).to(ACC)
 
-    # W_hh[:, own units] as G*NKC (KC, BH) tiles, gate-major (see the forward's KC note)
-    if RESIDENT:
+    # W_hh[:, own units], gate-major: ON_CHIP G (BH, BH) tiles; RESIDENT G*NKC (KC, BH) tiles
+    if ON_CHIP:
+        offs_k = tl.arange(0, BH)
+        w0 = _load_w(whh_ptr, offs_k, offs_j, offs_k < H, mj, 0, H, True)
+        w1 = w0
+        w2 = w0
+        w3 = w0
+        if G > 1:
+            w1 = _load_w(whh_ptr, offs_k, offs_j, offs_k < H, mj, 1, H, True)
+            w2 = _load_w(whh_ptr, offs_k, offs_j, offs_k < H, mj, 2, H, True)
+        if G > 3:
+            w3 = _load_w(whh_ptr, offs_k, offs_j, offs_k < H, mj, 3, H, True)
+        # the previous step's dgates of every unit (d(W_hh h) blocks), storage-rounded
+        e0 = tl.zeros([BLOCK_B, BH], dtype=xd)
+        e1 = e0
+        e2 = e0
+        e3 = e0
+    elif RESIDENT:
         w_res = ()
         for g in tl.static_range(G):
             for i in tl.static_range(NKC):
@@ -483,7 +528,7 @@ def _recurrence_bwd_kernel(
 
     dy, f0, f1, f2, f3, f4, pv = _bwd_own_loads(
         s_begin, T, B64, L, mb, mj, offs_j, hrow, wrow, y_ptr, h0_ptr, c0_ptr, ws_ptr, dy_ptr,
-        CELL, NW, H, HAS_H0, HAS_C0, REVERSE, ACC,
+        CELL, NW, H, REVERSE, ACC,
     )  # fmt: skip
 
     for s in range(s_begin, s_end):
@@ -496,15 +541,34 @@ def _recurrence_bwd_kernel(
             tn = t + 1
         nvalid = mb & (s > 0) & (tn < L)
 
-        # dh_{t} += dgates_{next} @ W_hh[:, own units] (rows past a sequence's end hold 0)
+        # dh_t += dgates_{next} @ W_hh[:, own units] (rows past a sequence's end hold 0).
+        # One accumulator per gate: independent HMMA chains instead of one G*H deep.
         rec = tl.zeros([BLOCK_B, BH], dtype=ACC)
-        if RESIDENT:
-            for g in tl.static_range(G):
-                for i in tl.static_range(NKC):
-                    offs_k = i * KC + tl.arange(0, KC)
-                    gk = _load_dgates(dxg_ptr, dhn_ptr, tn, B64, xrow, hrow, offs_k, nvalid, g,
-                                      CELL, G, H)  # fmt: skip
-                    rec += tl.dot(gk, w_res[g * NKC + i], input_precision=PREC, out_dtype=ACC)
+        if ON_CHIP:
+            rec += tl.dot(e0, w0, input_precision=PREC, out_dtype=ACC)
+            if G > 1:
+                rec += tl.dot(e1, w1, input_precision=PREC, out_dtype=ACC)
+                rec += tl.dot(e2, w2, input_precision=PREC, out_dtype=ACC)
+            if G > 3:
+                rec += tl.dot(e3, w3, input_precision=PREC, out_dtype=ACC)
+        elif RESIDENT:
+            # GATES_PER_TRIP gates' loads issued together (as many as registers hold), then
+            # their dots
+            for g0 in tl.static_range(0, G, GATES_PER_TRIP):
+                gk = ()
+                for gi in tl.static_range(GATES_PER_TRIP):
+                    for i in tl.static_range(NKC):
+                        if g0 + gi < G:
+                            offs_k = i * KC + tl.arange(0, KC)
+                            gk = gk + (_load_dgates(dxg_ptr, dhn_ptr, tn, B64, xrow, hrow, offs_k,
+                                                    nvalid, g0 + gi, CELL, G, H),)  # fmt: skip
+                for gi in tl.static_range(GATES_PER_TRIP):
+                    if g0 + gi < G:
+                        rg_acc = tl.zeros([BLOCK_B, BH], dtype=ACC)
+                        for i in tl.static_range(NKC):
+                            rg_acc = tl.dot(gk[gi * NKC + i], w_res[(g0 + gi) * NKC + i], rg_acc,
+                                            input_precision=PREC, out_dtype=ACC)  # fmt: skip
+                        rec += rg_acc
         else:
             for k0 in range(0, H, KC):
                 offs_k = k0 + tl.arange(0, KC)
@@ -552,24 +616,43 @@ def _recurrence_bwd_kernel(
         # dxg[t] (zeros past a sequence's end); the final step s == T writes nothing
         toff = t.to(tl.int64) * B64
         ms = m_own & (s < T)
-        xd = dxg_ptr.dtype.element_ty
         gp = dxg_ptr + toff * GH + xrow[:, None] + offs_j[None, :]
-        tl.store(gp, tl.where(v2, d0, 0.0).to(xd), mask=ms)
+        q0 = tl.where(v2, d0, 0.0).to(xd)
+        tl.store(gp, q0, mask=ms)
         if G > 1:
-            tl.store(gp + H, tl.where(v2, d1, 0.0).to(xd), mask=ms)
-            tl.store(gp + 2 * H, tl.where(v2, d2, 0.0).to(xd), mask=ms)
+            q1 = tl.where(v2, d1, 0.0).to(xd)
+            q2 = tl.where(v2, d2, 0.0).to(xd)
+            tl.store(gp + H, q1, mask=ms)
+            tl.store(gp + 2 * H, q2, mask=ms)
         if G > 3:
-            tl.store(gp + 3 * H, tl.where(v2, d3, 0.0).to(xd), mask=ms)
+            q3 = tl.where(v2, d3, 0.0).to(xd)
+            tl.store(gp + 3 * H, q3, mask=ms)
         if CELL == GRU:
-            tl.store(dhn_ptr + toff * H + own, tl.where(v2, dhn, 0.0).to(xd), mask=ms)
+            qn = tl.where(v2, dhn, 0.0).to(xd)
+            tl.store(dhn_ptr + toff * H + own, qn, mask=ms)
+        if ON_CHIP:
+            e0 = tl.where(m_own, q0, 0.0)
+            if G > 1:
+                e1 = tl.where(m_own, q1, 0.0)
+                if CELL == GRU:
+                    e2 = tl.where(m_own, qn, 0.0)
+                else:
+                    e2 = tl.where(m_own, q2, 0.0)
+            if G > 3:
+                e3 = tl.where(m_own, q3, 0.0)
+        if USE_BARRIER:
+            if s + 1 < s_end:
+                _barrier_arrive(sync_ptr)
+        elif not ON_CHIP:
+            tl.debug_barrier()  # see the forward: one program's warps exchange through memory
 
         dy, f0, f1, f2, f3, f4, pv = _bwd_own_loads(
             s + 1, T, B64, L, mb, mj, offs_j, hrow, wrow, y_ptr, h0_ptr, c0_ptr, ws_ptr, dy_ptr,
-            CELL, NW, H, HAS_H0, HAS_C0, REVERSE, ACC,
+            CELL, NW, H, REVERSE, ACC,
         )  # fmt: skip
         if USE_BARRIER:
             if s + 1 < s_end:
-                _grid_barrier(sync_ptr, (s - s_begin + 1) * nprog, spin_max)
+                _barrier_wait(sync_ptr, (s - s_begin + 1) * nprog, spin_max)
 
     tl.store(dhs_ptr + own, dh_c, mask=m_own)
     if CELL == LSTM:
@@ -587,21 +670,20 @@ def interpreting() -> bool:
 # write fails the comparison. GPURNN_DEBUG_POISON=1 does the same.
 POISON = os.environ.get("GPURNN_DEBUG_POISON") == "1"
 
-# Bounded barrier spin (iterations of one L2 atomic, ~0.5-1 us each): ~4 s at the default.
+# Bounded barrier spin (iterations of one relaxed L2 load, ~0.5-1 us each): ~4 s by default.
 SPIN_MAX = int(os.environ.get("GPURNN_TRITON_SPIN_MAX", str(1 << 22)))
 
-# Weights stay on chip when each thread's share of them fits WEIGHT_REGS 32-bit registers.
-# With mma.sync a (K, N) dot operand costs every thread K/4 elements whatever N is, so the
-# share is K/4 elements: forward K = H (one fused gate tile), backward K = G*H (W_hh's column
-# block for the own units). Set from the sm_90 compile (tests/test_sm90_compile.py), which
-# must show no spills for every variant make_plan can pick: 16-bit, 4 warps, BH=8: forward
-# resident up to H = 1024 (fp32: 512), backward up to G*H = 1024 (LSTM H <= 256, GRU 320,
-# RNN 1024; fp32 half that). num_stages=1: nothing in the time loop may be software-
-# pipelined across the grid barrier, and deeper K pipelining spilled fp32 streaming.
-# Above it the weights are streamed from L2 (W_hh of H=4096 bf16 is 32 MB per gate block,
-# still L2-sized for a few gates) in KC chunks every step inside the same persistent kernel.
-WEIGHT_REGS = 128
-KC_GPU = 64  # K chunk of the dots (resident and streamed)
+# Weights kept on chip live in shared memory (Triton stages a `tl.dot` operand loaded before
+# the loop there and re-reads it with ldmatrix every step), so plans are budgeted in bytes of
+# shared memory, then checked against what the compiled kernel really takes (`_fit`).
+# The budget leaves room for the scratch of the dots' layout conversions.
+RESIDENT_SMEM = 160 * 1024
+# Bytes per thread that the loads of one step may hold in flight (registers): the dgates of
+# GATES_PER_TRIP gates in the backward. 32 registers: two LSTM gates at H=768 (48 registers)
+# spilled on sm_90, and the spill made that backward step 18 us on an H100 (one gate: 7 us).
+INFLIGHT_BYTES = 128
+KC_GPU = 128  # K chunk of resident dots: 6 independent chains at H=768
+BATCH_TILES = (16, 32, 64)  # rows per program: one m16 mma tile up to a 64-row wgmma tile
 
 
 def _next_pow2(n: int) -> int:
@@ -620,20 +702,37 @@ class Plan:
     persistent: bool  # one launch with a grid barrier per step (else one launch per step)
     KC: int = KC_GPU  # K chunk of the recurrent dots
     num_warps: int = 4
+    on_chip: bool = False  # one program owns every unit: no exchange, no grid barrier
+    gates_per_trip: int = 1  # backward: gates whose dgates loads are issued together
 
     @property
     def nprog(self) -> int:
         return self.n_h * self.n_b
 
 
-def weight_regs(H: int, G: int, BH: int, dtype: torch.dtype, backward: bool, KC: int = KC_GPU,
-                num_warps: int = 4) -> int:  # fmt: skip
-    """32-bit registers per thread the resident weights take (see WEIGHT_REGS): K/4 elements
-    while the dot's N fits one n8 mma tile per warp, proportionally more beyond."""
-    es = torch.tensor([], dtype=dtype).element_size()
-    k = triton.cdiv(H, KC) * KC * (G if backward else 1)
-    n = BH if backward else _next_pow2(G) * BH
-    return k // 4 * es // 4 * max(1, n // (8 * num_warps))
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.tensor([], dtype=dtype).element_size()
+
+
+def weight_bytes(H: int, G: int, BH: int, KC: int, dtype: torch.dtype, backward: bool) -> int:
+    """Shared memory the resident weights of one program take: forward a (NKC*KC, GP*BH)
+    fused gate tile, backward G (NKC*KC, BH) column blocks of W_hh."""
+    k = triton.cdiv(H, KC) * KC
+    n = G * BH if backward else _next_pow2(G) * BH
+    return k * n * _element_size(dtype)
+
+
+def on_chip_bytes(H: int, G: int, dtype: torch.dtype, backward: bool) -> int:
+    """Shared memory of W_hh whole, padded to powers of two, as one program holds it."""
+    hp = _next_pow2(H)
+    return (G if backward else _next_pow2(G)) * hp * hp * _element_size(dtype)
+
+
+def _batch_tile(B: int) -> int:
+    for bb in BATCH_TILES:
+        if B <= bb:
+            return bb
+    return BATCH_TILES[-1]
 
 
 def make_plan(
@@ -649,59 +748,81 @@ def make_plan(
     KC: int | None = None,
     resident: bool | None = None,
     persistent: bool | None = None,
+    on_chip: bool | None = None,
+    num_warps: int | None = None,
+    gates_per_trip: int | None = None,
+    sm_count: int | None = None,
 ) -> Plan:
-    """Pick tiling and mode. Keyword overrides exist for tests (e.g. many programs with
-    per-step launches under the interpreter, or forced weight streaming).
+    """Pick tiling and mode from sizes (the launchers then check it against the compiled
+    kernel, `_fit`). Keyword overrides exist for tests and tuning.
 
-    GPU: BLOCK_B = 16 batch rows per program (one m16 mma tile; a new B never recompiles;
-    larger B become more batch tiles, i.e. more programs: BLOCK_B 32/64 spill on sm_90).
-    BH = 8 or 16 units per program, the smallest keeping the grid within one program per SM
-    (BH = 32 spilled in the streamed backward on sm_90). The persistent launch is used
-    only when every program is co-resident: grid <=
-    SM count with one program per SM (a program always fits an SM alone; the compile test
-    checks registers and shared memory). Otherwise (B*H too large, e.g. B=256, H=1024) one
-    launch per step, where launch boundaries are the barrier and nothing can deadlock."""
+    GPU, in order of preference:
+    1. on chip: W_hh whole fits one program's shared memory (16-bit LSTM/GRU H <= 128, RNN
+       H <= 256): one program per batch tile, h (backward: dgates) stays in registers, no
+       exchange buffer and no grid barrier.
+    2. persistent: BLOCK_B rows (16, 32 or 64) x BH units (8..64, the smallest keeping the
+       grid within one program per SM) per program, weights resident in shared memory when
+       they fit RESIDENT_SMEM, else streamed from L2 each step.
+    3. one launch per step, when even BH=64 leaves more programs than SMs.
+    `sm_count` stands in for the device's SM count (planning for a GPU without one)."""
+    es = _element_size(dtype)
+    hp = _next_pow2(H)
     if device.type != "cuda":
         # interpreter: one program covering everything unless a test asks otherwise
         bb = BLOCK_B or max(2, _next_pow2(B))
-        bh = BH or max(2, _next_pow2(H))
-        kc = KC or max(16, min(64, _next_pow2(H)))
+        bh = BH or max(2, hp)
+        kc = KC or max(16, min(64, hp))
         n_h, n_b = triton.cdiv(H, bh), triton.cdiv(B, bb)
         res = True if resident is None else resident
         pers = (n_h * n_b == 1) if persistent is None else persistent
         if pers and n_h * n_b > 1:
             raise ValueError("the interpreter runs programs one after another: a grid barrier "
                              "across several programs would never complete")  # fmt: skip
-        return Plan(bh, bb, n_h, n_b, res, pers, kc, 4)
-    bb = BLOCK_B or 16
+        chip = (n_h == 1 and pers and res) if on_chip is None else on_chip
+        return Plan(bh, bb, n_h, n_b, res, pers, kc, num_warps or 4, chip, gates_per_trip or 2)
+
+    sms = sm_count or torch.cuda.get_device_properties(device).multi_processor_count
+    bb = BLOCK_B or _batch_tile(B)
     n_b = triton.cdiv(B, bb)
-    kc = KC or KC_GPU  # resident; see stream_kc for streamed weights
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    gp = G if backward else _next_pow2(G)
+    if on_chip is None:
+        on_chip = (BH is None and hp <= 256 and bb * gp * hp <= 16 * 1024
+                   and on_chip_bytes(H, G, dtype, backward) <= RESIDENT_SMEM)  # fmt: skip
+    if on_chip:
+        # accumulator (BLOCK_B, GP*HP) fp32: 8 warps above 2048 elements (4 spilled at
+        # LSTM H=128 on sm_90)
+        nw = num_warps or (4 if bb * gp * hp <= 2048 else 8)
+        return Plan(hp, bb, 1, n_b, True, True, hp, nw, True, G)
+
     bh = BH
     if bh is None:
         bh = 8
-        while triton.cdiv(H, bh) * n_b > sms and bh < 16:
+        while triton.cdiv(H, bh) * n_b > sms and bh < 64:
             bh *= 2
     n_h = triton.cdiv(H, bh)
     fits = n_h * n_b <= sms
-    if not fits and BH is None:
-        bh, n_h = 8, triton.cdiv(H, 8)  # per-step launches: any grid size works
     pers = fits if persistent is None else (persistent and fits)
+    kc = KC or min(KC_GPU, hp)
     if resident is None:
-        resident = weight_regs(H, G, bh, dtype, backward, kc) <= WEIGHT_REGS
+        resident = weight_bytes(H, G, bh, kc, dtype, backward) <= RESIDENT_SMEM
     if not resident and KC is None:
         kc = stream_kc(G, bh, backward, dtype)
-    return Plan(bh, bb, n_h, n_b, resident, pers, kc, 4)
+    # 8 warps: with 4, ptxas holds back most of a step's h (dgates) loads until earlier ones
+    # have landed in shared memory, i.e. several dependent round trips (seen in the SASS).
+    # Backward: as many gates' dgates loads per trip as INFLIGHT_BYTES per thread allow.
+    nw = num_warps or 8
+    per_gate = bb * triton.cdiv(H, kc) * kc * es
+    gpt = gates_per_trip or max(1, min(G, INFLIGHT_BYTES * 32 * nw // per_gate))
+    return Plan(bh, bb, n_h, n_b, resident, pers, kc, nw, False, gpt)
 
 
 def stream_kc(G: int, BH: int, backward: bool, dtype: torch.dtype = torch.bfloat16) -> int:
     """K chunk when weights are streamed: each thread holds a (KC, N) weight chunk and its
     pointers, KC*N/128 of each; wider N needs shorter chunks to stay spill-free on sm_90
-    (values found with tests/test_sm90_compile.py; ptxas is not monotonic in KC here)."""
+    (values found with tests/test_sm90_compile.py)."""
     if backward:
-        es = torch.tensor([], dtype=dtype).element_size()
-        return 64 if (BH <= 8 or es <= 2) else 16
-    return max(16, min(64, 2048 // (_next_pow2(G) * BH)))
+        return 64 if (BH <= 8 or _element_size(dtype) <= 2) else 16
+    return max(16, min(64, 4096 // (_next_pow2(G) * BH)))
 
 
 def _acc_dtype(dtype: torch.dtype):
@@ -733,15 +854,78 @@ def unpack_workspace(cell: str, workspace: torch.Tensor, H: int) -> dict[str, to
     return {n: w[:, :, k] for k, n in enumerate(names)}
 
 
-def _launch_steps(kernel, grid, plan: Plan, T: int, B: int, n_steps: int, args, kw, spin_max: int,
+_FIT_CACHE: dict = {}
+
+
+def _fit(kernel, plan: Plan, args, kw, device) -> Plan:
+    """The plan checked against the compiled kernel (GPU only): shared memory within the
+    device's limit and no spills, else stream the weights; persistent only if every program
+    can be resident at once, counting programs per SM from the kernel's real shared memory
+    and registers (so two per SM where they fit)."""
+    if device.type != "cuda":
+        return plan
+    key = (kernel.fn.__name__ if hasattr(kernel, "fn") else id(kernel), plan,
+           tuple(sorted((k, str(v)) for k, v in kw.items())), args[0].dtype)  # fmt: skip
+    if key in _FIT_CACHE:
+        return _FIT_CACHE[key]
+    props = triton.runtime.driver.active.utils.get_device_properties(device.index or 0)
+    max_smem = props["max_shared_mem"]
+    sm_smem = torch.cuda.get_device_properties(device).shared_memory_per_multiprocessor
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    fitted = plan
+    for _ in range(4):  # a few downgrades at most
+        grid = (fitted.n_h, fitted.n_b)
+        try:
+            sync = torch.zeros(2, dtype=torch.int32, device=device)
+            use_barrier = fitted.persistent and fitted.nprog > 1 and not fitted.on_chip
+            k = kernel.warmup(*args, sync, 1, 1, 0, 1, 1, grid=grid, USE_BARRIER=use_barrier,
+                              num_warps=fitted.num_warps, num_stages=1,
+                              **_plan_kw(fitted, kw))  # fmt: skip
+            k._init_handles()
+            ok = k.metadata.shared <= max_smem and getattr(k, "n_spills", 0) == 0
+        except triton.runtime.errors.OutOfResources:
+            ok, k = False, None
+        if ok or fitted.on_chip:
+            break
+        if k is not None and k.n_spills and fitted.gates_per_trip > 1 and "GATES_PER_TRIP" in kw:
+            # spilled: fewer dgates loads in flight first
+            fitted = Plan(**{**fitted.__dict__, "gates_per_trip": fitted.gates_per_trip // 2})
+        elif fitted.resident:
+            fitted = Plan(**{**fitted.__dict__, "resident": False,
+                             "KC": stream_kc(kw["G"], fitted.BH, "GATES_PER_TRIP" in kw,
+                                             args[0].dtype)})  # fmt: skip
+        else:
+            break
+    if k is not None and fitted.persistent and fitted.nprog > 1:
+        per_sm = min(sm_smem // max(1, k.metadata.shared + 1024),
+                     65536 // max(1, k.n_regs * 32 * fitted.num_warps))  # fmt: skip
+        if fitted.nprog > sms * max(1, per_sm):
+            fitted = Plan(**{**fitted.__dict__, "persistent": False})
+    _FIT_CACHE[key] = fitted
+    return fitted
+
+
+def _plan_kw(plan: Plan, kw: dict) -> dict:
+    out = dict(kw, KC=plan.KC, BH=plan.BH, BLOCK_B=plan.BLOCK_B, RESIDENT=plan.resident,
+               ON_CHIP=plan.on_chip)  # fmt: skip
+    out["NKC"] = triton.cdiv(kw["H"], plan.KC)
+    if "GATES_PER_TRIP" in kw:
+        out["GATES_PER_TRIP"] = plan.gates_per_trip
+    return out
+
+
+def _launch_steps(kernel, plan: Plan, T: int, B: int, n_steps: int, args, kw, spin_max: int,
                   device):  # fmt: skip
-    """Run steps [0, n_steps): one persistent launch with a grid barrier per step, or one
-    launch per step. Raises if the barrier timed out."""
+    """Run steps [0, n_steps): one persistent launch with a grid barrier per step (none with
+    one program), or one launch per step. Raises if the barrier timed out."""
+    plan = _fit(kernel, plan, args, kw, device)
+    kw = _plan_kw(plan, kw)
+    grid = (plan.n_h, plan.n_b)
+    sync = torch.zeros(2, dtype=torch.int32, device=device)
     if plan.persistent:
         if n_steps * plan.nprog >= _SYNC_ERROR:
             raise ValueError("sequence too long for one persistent launch")
-        use_barrier = plan.nprog > 1
-        sync = torch.zeros(2, dtype=torch.int32, device=device)
+        use_barrier = plan.nprog > 1 and not plan.on_chip
         kernel[grid](*args, sync, T, B, 0, n_steps, spin_max,
                      USE_BARRIER=use_barrier, num_warps=plan.num_warps, num_stages=1,
                      **kw)  # fmt: skip
@@ -754,7 +938,8 @@ def _launch_steps(kernel, grid, plan: Plan, T: int, B: int, n_steps: int, args, 
                     "or raise GPURNN_TRITON_SPIN_MAX."
                 )
     else:
-        sync = torch.zeros(2, dtype=torch.int32, device=device)
+        if plan.on_chip:
+            raise ValueError("an on-chip plan keeps state in registers: it must be persistent")
         for s in range(n_steps):
             kernel[grid](*args, sync, T, B, s, s + 1, spin_max,
                          USE_BARRIER=False, num_warps=plan.num_warps, num_stages=1,
@@ -777,7 +962,11 @@ def forward(
     spin_max: int | None = None,
 ):
     """Returns y (T, B, H), h_T (B, H), c_T (B, H) or None, workspace ((0,) unless save),
-    all in xg.dtype. Inputs must be contiguous (the backend makes them so)."""
+    all in xg.dtype. Inputs must be contiguous (the backend makes them so).
+
+    h_{t-1} is exchanged through a (T+1)-row buffer whose first row in processing order
+    (0, or T in reverse) holds h0: the step loop has no special first step. y is a view of
+    the other T rows, except in reverse with lengths (see SEPARATE_Y in the kernel)."""
     T, B, GH = xg.shape
     H = w_hh.shape[1]
     G = GATES[cell]
@@ -786,31 +975,39 @@ def forward(
     plan = plan or make_plan(H, B, G, dt, dev)
     NW = len(WS_FIELDS[cell])
     acc_t = torch.float64 if dt == torch.float64 else torch.float32
-    y = _alloc((T, B, H), dt, dev)
-    hs = _alloc((B, H), acc_t, dev)  # running state, also the final state (cast below)
-    cs = _alloc((B, H), acc_t, dev) if cell == "lstm" else hs
-    ws = _alloc(workspace_shape(cell, T, B, H), dt, dev) if save else y.new_empty((0,))
+    # running state (also the final state), starting from h0 / c0
+    hs = h0.to(acc_t).clone() if h0 is not None else torch.zeros(B, H, dtype=acc_t, device=dev)
+    cs = hs
+    if cell == "lstm":
+        cs = c0.to(acc_t).clone() if c0 is not None else torch.zeros_like(hs)
+    ws = _alloc(workspace_shape(cell, T, B, H), dt, dev) if save else xg.new_empty((0,))
     if T == 0:
-        hT = h0.to(acc_t) if h0 is not None else torch.zeros_like(hs)
-        cT = c0.to(acc_t) if c0 is not None else torch.zeros_like(hs)
-        return y, hT.to(dt), (cT.to(dt) if cell == "lstm" else None), ws
+        return xg.new_empty((0, B, H)), hs.to(dt), (cs.to(dt) if cell == "lstm" else None), ws
+    hx = _alloc((T + 1, B, H), dt, dev)
+    first = T if reverse else 0
+    if h0 is not None:
+        hx[first].copy_(h0)
+    else:
+        hx[first].zero_()
+    if lengths is not None and reverse:
+        y = _alloc((T, B, H), dt, dev)
+    else:
+        y = hx[:T] if reverse else hx[1:]
     dummy = xg
+    if cell == "gru":
+        bhn = b_hn if b_hn is not None else torch.zeros(H, dtype=dt, device=dev)
+    else:
+        bhn = dummy
     args = (
-        xg, w_hh,
-        h0 if h0 is not None else dummy, c0 if c0 is not None else dummy,
-        lengths if lengths is not None else dummy, b_hn if b_hn is not None else dummy,
-        y, hs, cs, ws if save else dummy,
+        xg, w_hh, bhn, lengths if lengths is not None else dummy,
+        hx, y, hs, cs, ws if save else dummy,
     )  # fmt: skip
     kw = dict(
-        CELL=CELL_CODE[cell], G=G, GP=_next_pow2(G), NW=NW, H=H, KC=plan.KC,
-        NKC=triton.cdiv(H, plan.KC), BH=plan.BH,
-        BLOCK_B=plan.BLOCK_B, RESIDENT=plan.resident,
-        HAS_H0=h0 is not None, HAS_C0=c0 is not None, HAS_LEN=lengths is not None,
-        HAS_BHN=b_hn is not None, REVERSE=bool(reverse), SAVE=bool(save),
+        CELL=CELL_CODE[cell], G=G, GP=_next_pow2(G), NW=NW, H=H,
+        HAS_LEN=lengths is not None, REVERSE=bool(reverse), SAVE=bool(save),
         PREC=_prec(dt, precision), ACC=_acc_dtype(dt),
     )  # fmt: skip
-    grid = (plan.n_h, plan.n_b)
-    _launch_steps(_recurrence_fwd_kernel, grid, plan, T, B, T, args, kw,
+    _launch_steps(_recurrence_fwd_kernel, plan, T, B, T, args, kw,
                   SPIN_MAX if spin_max is None else spin_max, dev)  # fmt: skip
     return y, hs.to(dt), (cs.to(dt) if cell == "lstm" else None), ws
 
@@ -846,24 +1043,28 @@ def backward(
     acc_t = torch.float64 if dt == torch.float64 else torch.float32
     dxg = _alloc((T, B, G * H), dt, dev)
     dhn = _alloc((T, B, H), dt, dev) if cell == "gru" else None
-    dhs = _alloc((B, H), acc_t, dev)
-    dcs = _alloc((B, H), acc_t, dev) if cell == "lstm" else dhs
+    # carries, starting from dh_T / dc_T (also dh0 / dc0 at the end)
+    dhs = dh_T.to(acc_t).clone()
+    dcs = dhs
+    if cell == "lstm":
+        dcs = dc_T.to(acc_t).clone() if dc_T is not None else torch.zeros_like(dhs)
     if T == 0:
-        return dxg, dhn, dh_T.to(acc_t), (dc_T.to(acc_t) if cell == "lstm" else None)
-    dummy = y
+        return dxg, dhn, dhs, (dcs if cell == "lstm" else None)
+    zeros = None
+    if h0 is None or (cell == "lstm" and c0 is None):
+        zeros = torch.zeros(B, H, dtype=dt, device=dev)
     args = (
-        w_hh, h0 if h0 is not None else dummy, c0 if c0 is not None else dummy,
-        lengths if lengths is not None else dummy, y, workspace, dy, dh_T,
-        dc_T if dc_T is not None else dummy, dxg, dhn if dhn is not None else dummy, dhs, dcs,
+        w_hh, h0 if h0 is not None else zeros,
+        (c0 if c0 is not None else zeros) if cell == "lstm" else y,
+        lengths if lengths is not None else y, y, workspace, dy,
+        dxg, dhn if dhn is not None else y, dhs, dcs,
     )  # fmt: skip
     kw = dict(
-        CELL=CELL_CODE[cell], G=G, NW=NW, H=H, KC=plan.KC, NKC=triton.cdiv(H, plan.KC), BH=plan.BH,
-        BLOCK_B=plan.BLOCK_B, RESIDENT=plan.resident,
-        HAS_H0=h0 is not None, HAS_C0=c0 is not None, HAS_LEN=lengths is not None,
-        REVERSE=bool(reverse), PREC=_prec(dt, precision), ACC=_acc_dtype(dt),
+        CELL=CELL_CODE[cell], G=G, NW=NW, H=H, GATES_PER_TRIP=plan.gates_per_trip,
+        HAS_LEN=lengths is not None, REVERSE=bool(reverse), PREC=_prec(dt, precision),
+        ACC=_acc_dtype(dt),
     )  # fmt: skip
-    grid = (plan.n_h, plan.n_b)
     # T + 1 steps: the last one only folds the first step's dgates into dh0
-    _launch_steps(_recurrence_bwd_kernel, grid, plan, T, B, T + 1, args, kw,
+    _launch_steps(_recurrence_bwd_kernel, plan, T, B, T + 1, args, kw,
                   SPIN_MAX if spin_max is None else spin_max, dev)  # fmt: skip
     return dxg, dhn, dhs, (dcs if cell == "lstm" else None)
