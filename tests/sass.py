@@ -14,6 +14,7 @@ i.e. the largest backward branch) and counts:
   bar        block barriers (BAR.SYNC)
   mma        tensor-core instructions (HMMA / HGMMA)
   spills     local-memory traffic (LDL / STL)
+  spin_loops the grid barrier's polling loops (left out of every other count)
 """
 
 from __future__ import annotations
@@ -61,16 +62,31 @@ def parse(sass: str) -> list[tuple]:
     return out
 
 
-def step_loop(ins: list[tuple]) -> list[tuple]:
-    """The instructions of the largest loop (a backward branch to a label)."""
+def _loops(ins: list[tuple]) -> list[tuple[int, int]]:
+    """(first, last) index of every loop (a backward branch to a label)."""
     labels = {x[1]: i for i, x in enumerate(ins) if x[0] == "label"}
-    best = (0, 0)
+    out = []
     for i, x in enumerate(ins):
         if x[0] == "ins" and x[1].startswith("BRA"):
             m = re.search(r"`\(\.(L_x_\d+)\)", x[2])
-            if m and labels.get(m.group(1), i) < i and i - labels[m.group(1)] > best[1] - best[0]:
-                best = (labels[m.group(1)], i)
-    return ins[best[0] : best[1] + 1]
+            if m and labels.get(m.group(1), i) < i:
+                out.append((labels[m.group(1)], i))
+    return out
+
+
+SPIN_LOOP = 16  # a loop this short inside the step loop is the barrier's poll
+
+
+def step_loop(ins: list[tuple]) -> list[tuple]:
+    """The instructions of the largest loop, without the barrier's spin loop (its polling
+    loads are not the step's data; `count` reports the spin loops apart)."""
+    loops = _loops(ins)
+    if not loops:
+        return []
+    a, b = max(loops, key=lambda ab: ab[1] - ab[0])
+    spins = [(x, y) for x, y in loops if a < x and y < b and y - x < SPIN_LOOP]
+    body = [x for i, x in enumerate(ins[a : b + 1], a) if not any(p <= i <= q for p, q in spins)]
+    return body + [("spin", "", "")] * len(spins)
 
 
 def _regs(text: str) -> set[str]:
@@ -87,10 +103,12 @@ def _dest_regs(op: str, operands: str) -> set[str]:
 
 
 def count(loop: list[tuple]) -> dict[str, int]:
-    c = dict(trips=0, loads=0, other_ldg=0, bar=0, mma=0, spills=0, instructions=0)
+    c = dict(trips=0, loads=0, other_ldg=0, bar=0, mma=0, spills=0, spin_loops=0,
+             instructions=0)  # fmt: skip
     outstanding: set[str] = set()
     in_wave = False
     for kind, op, operands in loop:
+        c["spin_loops"] += kind == "spin"
         if kind != "ins":
             continue
         c["instructions"] += 1
