@@ -172,7 +172,9 @@ def record(module, input, hx=None, *, backend: str | None = None) -> Recording:
             outputs.append(y)
             # the workspace holds the activations side by side: LSTM [i f g o c], GRU [r z n hn]
             blocks = workspace.chunk(len(names) + (cell == "gru"), dim=-1) if names else ()
-            steps = {name: block for name, block in zip(names, blocks)}
+            # a kernel may keep its 16-bit gates in the input dtype (triton does, to halve
+            # the workspace); the recording promises the compute dtype on every backend
+            steps = {name: block.to(acc) for name, block in zip(names, blocks)}
             steps["h"] = y.to(acc)
             if valid is not None:  # past a sequence's end nothing was computed
                 steps = {n: v.masked_fill(~valid, math.nan) for n, v in steps.items()}
