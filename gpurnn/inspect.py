@@ -333,8 +333,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hidden", type=int, default=16, help="LSTM hidden units")
     parser.add_argument("--length", type=int, default=60, help="characters per sequence")
     parser.add_argument("--out", default="inspect_out", help="folder for the PNGs")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data and the weights")
+    parser.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu"
+    )
     # tiny per-step matmuls: thread start-up costs more than it saves (100x on a busy 2-core)
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (0: torch's default)")
 
