@@ -5,7 +5,8 @@
 
 One layer, one direction. `xg` (T, B, G*H) is the input projection x W_ihᵀ + biases for
 all steps (GRU's b_hn kept apart), computed outside by one large GEMM. See gpurnn/cells.py
-for the cells and DESIGN.md §2 for the contract.
+for the cells and docs/design.md for the contract and where it sits between modules and
+backends.
 
 The op `gpurnn::recurrence` dispatches to a backend (gpurnn/backends); its autograd is
 registered with `torch.library.register_autograd` and runs a second op,
