@@ -22,11 +22,12 @@ def backend(request, monkeypatch):
 
 
 def device_for(backend):
-    """Where `backend` runs a good call: cupy needs CUDA; the others run on CPU too."""
+    """Where `backend` runs a good call: the GPU kernels on CUDA where there is one (triton
+    runs on CPU only under its interpreter, which a GPU machine does not switch on)."""
     reason = gpurnn.available_backends()[backend]
     if reason is not None:
         pytest.skip(f"{backend}: {reason}")
-    return "cuda" if backend == "cupy" else "cpu"
+    return "cuda" if backend in ("triton", "cupy") and torch.cuda.is_available() else "cpu"
 
 
 def pair(cls_name, backend, *args, **kwargs):
