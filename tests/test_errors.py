@@ -121,6 +121,34 @@ def test_device_mismatch(backend):
         ours(x.to("meta"))
 
 
+def test_packed_input_errors(backend):
+    """torch.nn fails deep inside here (a GEMM shape, a broadcast); gpurnn says what is wrong,
+    with the exception type torch.nn raises."""
+    ours = gpurnn.LSTM(3, 4, backend=backend)
+    lengths = torch.tensor([5, 3])
+    with pytest.raises(RuntimeError, match="input_size. Expected 3, got 7"):
+        ours(pack_padded_sequence(torch.randn(5, 2, 7), lengths))
+    h = torch.randn(1, 3, 4)  # three sequences' states for two sequences
+    with pytest.raises(RuntimeError, match=r"Expected hidden\[0\] size \(1, 2, 4\)"):
+        ours(pack_padded_sequence(torch.randn(5, 2, 3), lengths), (h, h))
+
+
+def test_lstm_hx_must_be_a_pair(backend):
+    ours = gpurnn.LSTM(3, 4, backend=backend)
+    x, h = torch.randn(5, 2, 3), torch.randn(1, 2, 4)
+    with pytest.raises(TypeError, match=r"hx must be a tuple \(h_0, c_0\), got Tensor"):
+        ours(x, h)
+    with pytest.raises(TypeError, match=r"hx must be a tuple \(h_0, c_0\), got list"):
+        ours(x, [h, h, h])
+
+
+def test_integer_input(backend):
+    ref, ours = pair("LSTM", backend, 3, 4)
+    raises_like_torch(
+        ref, ours, torch.randint(0, 3, (5, 2, 3)), match=r"input dtype \(torch.int64\)"
+    )
+
+
 def test_unsorted_lengths_with_enforce_sorted(backend):
     ours = gpurnn.LSTM(3, 4, backend=backend)
     x = torch.randn(5, 3, 3)
