@@ -134,7 +134,7 @@ SHAPES: list[Shape] = [
 ]
 SUITES = tuple(dict.fromkeys(s.suite for s in SHAPES))
 
-# --quick on a GPU: the issue-3 targets, as (shape id, dtype)
+# --quick on a GPU: the shapes of the speed targets in docs/design.md, as (shape id, dtype)
 QUICK: list[tuple[str, str]] = [
     *((f"lstm-T1024-B{B}-H768", "bf16") for B in (1, 4, 16, 64)),
     ("lstm-T1024-B256-H1024", "bf16"),
@@ -962,7 +962,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="the issue-3 target shapes with fewer repeats (~2 min on a GPU)",
+        help="the target shapes (docs/design.md) with fewer repeats (~2 min on a GPU)",
     )
     parser.add_argument(
         "--shapes",

@@ -37,8 +37,39 @@ def _rerun_under_triton_interpreter(argv: list[str]) -> int | None:
     return subprocess.call([sys.executable, "-m", "gpurnn", *argv], env=env)
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Help that shows every option's default (unless its help already says it, or it has
+    none: None, or False for a flag); descriptions keep their own line breaks."""
+
+    def _get_help_string(self, action):
+        help = action.help or ""
+        has_default = action.default not in (None, False, argparse.SUPPRESS)
+        if has_default and action.option_strings and "default" not in help:
+            help += " (default: %(default)s)"
+        return help
+
+
+def _triton_status(reason: str | None) -> str:
+    """What `info` says about triton: on a CPU, its kernels run through Triton's own
+    interpreter (NumPy, one program after another), which must be switched on with
+    TRITON_INTERPRET=1 before triton is imported; `check` and `bench` do that themselves."""
+    if reason is None and not torch.cuda.is_available():
+        return (
+            "available on CPU through the Triton interpreter (TRITON_INTERPRET=1; slow, for\n"
+            "          tests; auto never picks it on CPU: ask for backend='triton' by name)"
+        )
+    if reason is not None and not torch.cuda.is_available() and "TRITON_INTERPRET" in reason:
+        return (
+            "no CUDA device; runs on CPU through the Triton interpreter (slow, for tests):\n"
+            "          `python -m gpurnn check` switches it on itself; elsewhere start Python\n"
+            "          with TRITON_INTERPRET=1 and ask for backend='triton' by name"
+        )
+    return "available" if reason is None else "unavailable: " + reason
+
+
 def cmd_info(args) -> int:
     import gpurnn
+    from gpurnn.backends import requested_backend
 
     print(f"gpurnn  {gpurnn.__version__}")
     print(f"python  {platform.python_version()} ({sys.executable})")
@@ -55,7 +86,16 @@ def cmd_info(args) -> int:
         print("device  CPU only (no CUDA device)")
     print("backends:")
     for name, reason in gpurnn.available_backends().items():
-        print(f"  {name:7} {'available' if reason is None else 'unavailable: ' + reason}")
+        if name == "triton":
+            print(f"  {name:7} {_triton_status(reason)}")
+        else:
+            print(f"  {name:7} {'available' if reason is None else 'unavailable: ' + reason}")
+    env = os.environ.get("GPURNN_BACKEND")
+    try:
+        print(f"default backend: {requested_backend()} (GPURNN_BACKEND={env or '<not set>'})")
+    except ValueError as e:
+        print(f"default backend: none: {e}")
+        return 1
     return 0
 
 
@@ -126,15 +166,25 @@ def _train_demo(gpurnn, steps: int) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gpurnn", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m gpurnn", description=__doc__, formatter_class=HelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("info", help="versions, device and which backends work here")
-    check = sub.add_parser("check", help="every available backend against the reference")
+    sub.add_parser(
+        "info",
+        help="versions, device, which backends work here (and how triton runs on a CPU)",
+        formatter_class=HelpFormatter,
+    )
+    check = sub.add_parser(
+        "check", help="every available backend against the reference", formatter_class=HelpFormatter
+    )
     check.add_argument("--device", help="cpu or cuda (default: cuda if present)")
     check.add_argument("--dtypes", help="comma-separated, of " + ",".join(DTYPES))
     check.add_argument("--backends", help="comma-separated backend names (default: all)")
-    demo = sub.add_parser("demo", help="convert a torch.nn model and train it a little")
-    demo.add_argument("--steps", type=int, default=100)
+    demo = sub.add_parser(
+        "demo", help="convert a torch.nn model and train it a little", formatter_class=HelpFormatter
+    )
+    demo.add_argument("--steps", type=int, default=100, help="training steps")
 
     from gpurnn import bench, dispatch, plot
     from gpurnn import inspect as inspect_
@@ -144,15 +194,21 @@ def main(argv=None) -> int:
             "bench",
             help="time gpurnn against cuDNN, a cell loop and FlashRNN",
             description=bench.__doc__,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
+            formatter_class=HelpFormatter,
         )
     )
     plot.add_arguments(
-        sub.add_parser("plot", help="PNG plots and the README table from benchmarks/results.csv")
+        sub.add_parser(
+            "plot",
+            help="PNG plots and the README table from benchmarks/results.csv",
+            formatter_class=HelpFormatter,
+        )
     )
     inspect_.add_arguments(
         sub.add_parser(
-            "inspect", help="train a small LSTM, record every step's gates and states, plot them"
+            "inspect",
+            help="train a small LSTM, record every step's gates and states, plot them",
+            formatter_class=HelpFormatter,
         )
     )
     dispatch.add_arguments(
@@ -160,7 +216,7 @@ def main(argv=None) -> int:
             "dispatch",
             help="the auto backend's per-shape choice between triton and cupy, from bench rows",
             description=dispatch.__doc__,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
+            formatter_class=HelpFormatter,
         )
     )
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -172,7 +172,9 @@ def record(module, input, hx=None, *, backend: str | None = None) -> Recording:
             outputs.append(y)
             # the workspace holds the activations side by side: LSTM [i f g o c], GRU [r z n hn]
             blocks = workspace.chunk(len(names) + (cell == "gru"), dim=-1) if names else ()
-            steps = {name: block for name, block in zip(names, blocks)}
+            # a kernel may keep its 16-bit gates in the input dtype (triton does, to halve
+            # the workspace); the recording promises the compute dtype on every backend
+            steps = {name: block.to(acc) for name, block in zip(names, blocks)}
             steps["h"] = y.to(acc)
             if valid is not None:  # past a sequence's end nothing was computed
                 steps = {n: v.masked_fill(~valid, math.nan) for n, v in steps.items()}
@@ -331,8 +333,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hidden", type=int, default=16, help="LSTM hidden units")
     parser.add_argument("--length", type=int, default=60, help="characters per sequence")
     parser.add_argument("--out", default="inspect_out", help="folder for the PNGs")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data and the weights")
+    parser.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu"
+    )
     # tiny per-step matmuls: thread start-up costs more than it saves (100x on a busy 2-core)
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (0: torch's default)")
 

@@ -20,6 +20,7 @@ from gpurnn import functional
 from gpurnn.backends import BACKENDS, choose_backend
 from gpurnn.backends import torch as torch_backend
 from gpurnn.cells import MODE_TO_CELL
+from gpurnn.recurrence import check_sequence_length
 
 __all__ = ["RNN", "LSTM", "GRU", "RNNCell", "LSTMCell", "GRUCell"]
 
@@ -127,6 +128,8 @@ class _RNNBase(nn.RNNBase):
                 _check_same("hx[1]", c0, input)
         self.check_forward_args(input, (h0, c0) if is_lstm else h0, batch_sizes)
         _check_parameters_device(self, input)
+        if batch_sizes is None:  # (a PackedSequence cannot hold an empty sequence)
+            check_sequence_length(input.size(1 if self.batch_first else 0))
         if sorted_indices is not None and hx is not None:
             # each row of hx belongs to the sequence the user passed in that row
             h0 = h0.index_select(1, sorted_indices)

@@ -5,7 +5,8 @@
 
 One layer, one direction. `xg` (T, B, G*H) is the input projection x W_ihᵀ + biases for
 all steps (GRU's b_hn kept apart), computed outside by one large GEMM. See gpurnn/cells.py
-for the cells and DESIGN.md §2 for the contract.
+for the cells and docs/design.md for the contract and where it sits between modules and
+backends.
 
 The op `gpurnn::recurrence` dispatches to a backend (gpurnn/backends); its autograd is
 registered with `torch.library.register_autograd` and runs a second op,
@@ -153,6 +154,13 @@ def _backward(ctx, dy, dh_T, dc_T, _d_workspace):
 torch.library.register_autograd("gpurnn::recurrence", _backward, setup_context=_setup_context)
 
 
+def check_sequence_length(T: int) -> None:
+    """torch.nn refuses an empty sequence with this error, whatever it runs on; gpurnn
+    raises it here, above every backend, so that none of them has to handle T = 0."""
+    if T == 0:
+        raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+
+
 def _check_args(cell, xg, w_hh, h0, c0, lengths, b_hn, w_hr):
     check_cell(cell)
     if not isinstance(xg, Tensor) or xg.dim() != 3:
@@ -205,6 +213,7 @@ def _check_args(cell, xg, w_hh, h0, c0, lengths, b_hn, w_hr):
             raise ValueError(
                 f"lengths must lie in [0, {T}] (T = xg.size(0)), got {lengths.tolist()}"
             )
+    check_sequence_length(T)
 
 
 def recurrence(
@@ -221,7 +230,9 @@ def recurrence(
     backend=None,
 ):
     """Runs one recurrent layer in one direction. Returns (y, h_T, c_T); c_T is None
-    unless cell is "lstm". Differentiable in xg, w_hh, h0, c0, b_hn and w_hr."""
+    unless cell is "lstm". Differentiable in xg, w_hh, h0, c0, b_hn and w_hr.
+    Bad arguments raise before any backend runs; T = 0 raises torch.nn's RuntimeError
+    ("Expected sequence length to be larger than 0"), as a torch.nn layer does."""
     _check_args(cell, xg, w_hh, h0, c0, lengths, b_hn, w_hr)
     batch = None if torch.compiler.is_compiling() else xg.shape[1]
     chosen = choose_backend(

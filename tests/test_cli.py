@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from gpurnn import cli
 from gpurnn.backends import get_backend
 
@@ -55,3 +57,32 @@ def test_check_runs_triton_from_a_plain_shell():
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "8 cases checked against the float64 reference, 0 failed" in done.stdout
+
+
+def test_info_says_how_triton_runs_without_a_gpu(monkeypatch, capsys):
+    if cli.torch.cuda.is_available():
+        pytest.skip("on a GPU triton runs natively")
+    # the backend reads the variable when asked, so this process can show both cases
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "Triton interpreter" in out and "TRITON_INTERPRET=1" in out
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert cli.main(["info"]) == 0
+    assert "available on CPU through the Triton interpreter" in capsys.readouterr().out
+
+
+def test_info_names_a_bad_environment_variable(monkeypatch, capsys):
+    monkeypatch.setenv("GPURNN_BACKEND", "cudnn")
+    assert cli.main(["info"]) == 1
+    assert "GPURNN_BACKEND='cudnn': backend must be one of" in capsys.readouterr().out
+    monkeypatch.setenv("GPURNN_BACKEND", "numpy")
+    assert cli.main(["info"]) == 0
+    assert "default backend: numpy" in capsys.readouterr().out
+
+
+def test_help_shows_defaults(capsys):
+    for command, default in [("demo", "(default: 100)"), ("inspect", "(default: 300)")]:
+        with pytest.raises(SystemExit):
+            cli.main([command, "--help"])
+        assert default in capsys.readouterr().out, command

@@ -121,7 +121,7 @@ def test_plan_invariants(cell, dtype, direction):
 
 
 def test_plan_covers_the_benchmark_shapes():
-    """H=768, B=16 (DESIGN.md's calibration shape) runs in every cell and 16-bit dtype."""
+    """H=768, B=16 (the benchmark's main LSTM shape) runs in every cell and 16-bit dtype."""
     for cell, dtype, direction in itertools.product(
         CELLS, [torch.bfloat16, torch.float16], ["forward", "backward"]
     ):

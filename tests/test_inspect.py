@@ -16,6 +16,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 import gpurnn
 from gpurnn import inspect
 from gpurnn.reference import rnn_forward
+from tests.conftest import seeded_generator
 from tests.helpers import make_torch_module, uneven_lengths
 
 
@@ -217,3 +218,36 @@ def inspect_args(out):
     parser = argparse.ArgumentParser()
     inspect.add_arguments(parser)
     return parser.parse_args(f"--steps 60 --length 20 --hidden 8 --device cpu --out {out}".split())
+
+
+# bf16 is wrong inside the Triton interpreter (its tl.dot multiplies raw bits), so triton
+# records fp16 here and bf16 only on a GPU; its dtype promise is the same for both
+DTYPE_CASES = [
+    ("torch", torch.float16),
+    ("torch", torch.bfloat16),
+    ("numpy", torch.float16),
+    ("numpy", torch.bfloat16),
+    ("triton", torch.float16),
+    pytest.param("triton", torch.bfloat16, marks=pytest.mark.gpu),
+]
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+@pytest.mark.parametrize("backend,dtype", DTYPE_CASES)
+def test_16bit_recordings_are_fp32_on_every_backend(backend, dtype, cell):
+    """A 16-bit model's recording is fp32 whichever backend computed it, and it agrees
+    with the fp32 recording of the same weights to 16-bit rounding."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = seeded_generator("inspect-dtype", backend, str(dtype), cell)
+    T, B, F, H = 6, 2, 4, 16
+    torch.manual_seed(int(torch.randint(2**31, (1,), generator=gen)))
+    module = gpurnn.convert(make_torch_module(cell, input_size=F, hidden_size=H))
+    module = module.to(device, torch.float32)
+    module.backend = backend
+    x = torch.randn(T, B, F, generator=gen).to(device)
+    want = inspect.record(module, x, backend="torch")
+    got = inspect.record(module.to(dtype), x.to(dtype))
+    for name in got.names:
+        assert got.get(name).dtype == torch.float32, (name, got.get(name).dtype)
+        tol = 2e-2 if dtype == torch.bfloat16 else 4e-3
+        torch.testing.assert_close(got.get(name), want.get(name), atol=tol, rtol=tol)

@@ -103,8 +103,15 @@ def requested_backend(explicit: str | None = None) -> str:
     """The backend name in force: explicit keyword, then use_backend, then GPURNN_BACKEND."""
     if explicit is not None:
         return _check_name(explicit)
-    name = _requested.get() or os.environ.get("GPURNN_BACKEND") or "auto"
-    return _check_name(name)
+    if (name := _requested.get()) is not None:
+        return name  # checked by use_backend
+    # read at every call, so that a process may change it; a typo names the variable
+    name = os.environ.get("GPURNN_BACKEND") or "auto"
+    if name not in BACKENDS:
+        raise ValueError(
+            f"environment variable GPURNN_BACKEND={name!r}: backend must be one of {BACKENDS}"
+        )
+    return name
 
 
 def _reason_against(name, cell, device, dtype, projected, hidden_size) -> str | None:
