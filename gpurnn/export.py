@@ -213,8 +213,16 @@ def _onnx_recurrent_node(cell, X, W, R, B, lengths, h0, c0, reverse, hidden_size
             activation = "Tanh" if cell == "rnn_tanh" else "Relu"
             Y, Y_h = op.RNN(X, W, R, B, seq_lens, init_h, activations=[activation], **common)
         c_T = op.CastLike(op.Constant(value=ir.tensor(np.zeros(0, np.float32))), X)
+    h_T = op.Squeeze(Y_h, [0])
+    if lengths is not None:
+        # a sequence of length 0 keeps its initial state in gpurnn; onnxruntime zeroes it
+        empty = op.Unsqueeze(op.Equal(lengths, op.CastLike(0, lengths)), [1])
+        if h0 is not None:
+            h_T = op.Where(empty, h0, h_T)
+        if c0 is not None:
+            c_T = op.Where(empty, c0, c_T)
     # Y is (T, num_directions = 1, B, H)
-    return op.Squeeze(Y, [1]), op.Squeeze(Y_h, [0]), c_T
+    return op.Squeeze(Y, [1]), h_T, c_T
 
 
 def _onnx_gate_rows(cell: str, H: int):
