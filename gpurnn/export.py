@@ -33,7 +33,7 @@ from torch import Tensor
 
 from gpurnn.cells import GATES
 
-__all__ = ["layer", "onnx_translation_table", "export_onnx"]
+__all__ = ["layer", "onnx_translation_table", "export_onnx", "store_reordered_weights"]
 
 
 # ----------------------------------------------------------------------------------------
@@ -318,10 +318,85 @@ def onnx_translation_table() -> dict:
     }
 
 
+_RECURRENT_OPS = ("LSTM", "GRU", "RNN")
+_WEIGHT_INPUTS = {1: "W", 2: "R", 3: "B"}
+
+
+def _constant_array(value, memo: dict):
+    """The value as a NumPy array when it is computed from initializers and constants by
+    the ops our translations put in front of the weights, else None."""
+    import numpy as np
+
+    if value is None:
+        return None
+    if value.const_value is not None:
+        return value.const_value.numpy()
+    if id(value) in memo:
+        return memo[id(value)]
+    node, result = value.producer(), None
+    if node is not None and node.domain in ("", "ai.onnx"):
+        if node.op_type == "Constant" and "value" in node.attributes:
+            result = node.attributes["value"].as_tensor().numpy()
+        elif node.op_type in ("Gather", "Unsqueeze", "Concat"):
+            inputs = [_constant_array(v, memo) for v in node.inputs]
+            if inputs and all(a is not None for a in inputs):
+                axis = node.attributes["axis"].as_int() if "axis" in node.attributes else 0
+                if node.op_type == "Gather":
+                    result = np.take(inputs[0], inputs[1], axis=axis)
+                elif node.op_type == "Concat":
+                    result = np.concatenate(inputs, axis=axis)
+                else:
+                    result = inputs[0]
+                    rank = inputs[0].ndim + len(inputs[1])
+                    for a in sorted(int(a) % rank for a in inputs[1]):
+                        result = np.expand_dims(result, a)
+    memo[id(value)] = result
+    return result
+
+
+def store_reordered_weights(onnx_program) -> None:
+    """Computes, once and for all, the gate reordering in front of every ONNX LSTM/GRU/RNN
+    node's weights (W, R, B) and stores the results as initializers, in place.
+
+    The exporter's optimizer folds constants only below a size limit (8192 elements), so
+    beyond small layers the Gather/Concat that put PyTorch's gates in ONNX's order would
+    otherwise rerun on every inference. `export_onnx` calls this; after a plain
+    `torch.onnx.export`, call it yourself before saving."""
+    _need_onnx()
+    import onnx_ir as ir
+    from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+    graph, memo = onnx_program.model.graph, {}
+    for node in list(graph):
+        if node.domain not in ("", "ai.onnx") or node.op_type not in _RECURRENT_OPS:
+            continue
+        for index, what in _WEIGHT_INPUTS.items():
+            value = node.inputs[index] if index < len(node.inputs) else None
+            if value is None or value.is_initializer():
+                continue
+            array = _constant_array(value, memo)
+            if array is None:
+                continue
+            stored = ir.Value(name=f"{node.name}_{what}", const_value=ir.tensor(array))
+            stored.shape, stored.type = ir.Shape(array.shape), value.type
+            graph.register_initializer(stored)
+            node.replace_input_with(index, stored)
+    # the reordering nodes and the PyTorch-ordered weights are now unused
+    RemoveUnusedNodesPass()(onnx_program.model)
+
+
 def export_onnx(model, args, f=None, **kwargs):
-    """`torch.onnx.export(model, args, f, dynamo=True, ...)` with gpurnn's translations
-    added to `custom_translation_table`; every other keyword goes to torch.onnx.export
-    (e.g. `dynamic_shapes=`, `input_names=`). Returns the ONNXProgram."""
+    """`torch.onnx.export(model, args, dynamo=True, ...)` with gpurnn's translations added
+    to `custom_translation_table` and the recurrent weights stored in ONNX's gate order
+    (`store_reordered_weights`); saved to `f` when given. Every other keyword goes to
+    torch.onnx.export (e.g. `dynamic_shapes=`, `input_names=`). Returns the ONNXProgram."""
     table = onnx_translation_table()
     table.update(kwargs.pop("custom_translation_table", None) or {})
-    return torch.onnx.export(model, args, f, dynamo=True, custom_translation_table=table, **kwargs)
+    onnx_program = torch.onnx.export(
+        model, args, dynamo=True, custom_translation_table=table, **kwargs
+    )
+    if kwargs.get("optimize", True):
+        store_reordered_weights(onnx_program)
+    if f is not None:
+        onnx_program.save(f)
+    return onnx_program

@@ -326,6 +326,35 @@ def test_onnx_lengths_and_direction(cell):
             assert_outputs_close(run_onnx(session, args), expected, what)
 
 
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_export_onnx_stores_weights_in_onnx_gate_order(cell):
+    """Past the optimizer's folding limit too (W_hh here has 4·48·48 > 8192 elements), the
+    recurrent nodes read initializers already in ONNX's gate order: no per-run reordering."""
+    g = seeded_generator("stored weights", cell)
+    hidden = 48
+    ref = make_torch_module(cell, dtype=torch.float32, input_size=F, hidden_size=hidden)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.copy_((torch.rand(p.shape, generator=g) * 2 - 1) / hidden**0.5)
+    ours = GPURNN[cell](F, hidden).eval()
+    ours.load_state_dict(ref.state_dict())
+    program = export_onnx(
+        ours, (torch.randn(4, 3, F, generator=g),), dynamic_shapes=({0: Dim("T"), 1: Dim("B")},)
+    )
+    graph = program.model_proto.graph
+    stored = {i.name for i in graph.initializer}
+    (node,) = [n for n in graph.node if n.op_type == ONNX_OP[cell]]
+    assert all(name in stored for name in node.input[1:4]), list(node.input)
+    assert not any(
+        n.op_type in ("Gather", "Concat") and n.output[0] in node.input for n in graph.node
+    )
+    x = torch.randn(7, 2, F, generator=g)
+    with torch.no_grad():
+        out, state = ref(x)
+    expected = (out, *state) if cell == "lstm" else (out, state)
+    assert_outputs_close(run_onnx(onnx_session(program), (x,)), expected, cell)
+
+
 def test_onnx_projection_is_a_clear_error():
     g = seeded_generator("onnx proj")
     lstm = gpurnn.LSTM(F, H, proj_size=2).eval()
