@@ -138,6 +138,23 @@ def test_torch_export_cells(cell):
             assert_outputs_close(program.module()(*args), WithState(ref, cell)(*args), cell)
 
 
+def test_torch_export_strict():
+    """TorchDynamo's tracer (strict=True) takes the same path as the default one."""
+    cell, layout = "gru", (2, True, True)
+    ref, ours, g = layer_pair(cell, *layout, key=("strict",))
+    program = torch.export.export(
+        WithState(ours, cell),
+        layer_inputs(cell, *layout, *EXPORT_TB, g),
+        dynamic_shapes=layer_dynamic_shapes(cell, True),
+        strict=True,
+    )
+    assert "gpurnn.layer" in program.graph_module.code
+    for T, B in OTHER_TB:
+        args = layer_inputs(cell, *layout, T, B, g)
+        with torch.no_grad():
+            assert_outputs_close(program.module()(*args), WithState(ref, cell)(*args), "strict")
+
+
 def test_torch_export_saves_loads_and_trains(tmp_path):
     """The exported program survives torch.export.save/load (importing gpurnn registers its
     ops) and backpropagates like the eager module."""
