@@ -40,6 +40,9 @@ OTHER_TB = [(9, 2), (1, 1), (6, 5)]
 ATOL = 1e-5
 Dim = torch.export.Dim
 
+# torch.onnx notes that inputs sharing the batch Dim share its name: true, and harmless
+pytestmark = pytest.mark.filterwarnings("ignore:# The axis name:UserWarning")
+
 
 def fill_(module: torch.nn.Module, generator: torch.Generator) -> torch.nn.Module:
     """torch.nn's initialisation range, drawn from this session's generator."""
