@@ -13,8 +13,8 @@ ONNX
 
 Why a second op. The primitive `gpurnn::recurrence` receives the input projection
 xg = x W_ihᵀ + b already computed, while ONNX's recurrent operators want x and W_ih
-themselves. Translating the primitive alone would need an identity W (a wasted
-(G·H)×(G·H) GEMM per step). So while a model is being exported, the modules and cells
+themselves. Translating the primitive alone would need an identity W (a wasted GEMM by
+a (G·H)×(G·H) matrix over all steps). So while a model is being exported, the modules and cells
 run each (layer, direction) through `gpurnn::layer` instead: projection and recurrence in
 one op, whose ONNX translation is a single `LSTM`/`GRU`/`RNN` node with the layer's own
 weights. In eager mode and under torch.compile nothing changes. `gpurnn::recurrence`
