@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from gpurnn import export
 from gpurnn.recurrence import recurrence
 
 
@@ -59,6 +60,17 @@ def rnn(
         for d in range(D):
             k = layer * D + d
             w_ih, w_hh, b_ih, b_hh, w_hr = weights[k]
+            if torch.compiler.is_exporting():
+                # one op per (layer, direction) that ONNX can write with the raw weights
+                y, h_T, c_T = export.layer(
+                    cell, layer_in, w_ih, w_hh, b_ih, b_hh, h0[k],
+                    c0[k] if c0 is not None else None,
+                    lengths=lengths, reverse=d == 1, w_hr=w_hr, backend=backend,
+                )  # fmt: skip
+                outputs.append(y)
+                h_n.append(h_T)
+                c_n.append(c_T)
+                continue
             xg, b_hn = input_projection(cell, layer_in, w_ih, b_ih, b_hh)
             # under autocast the GEMM above runs in the autocast dtype: follow it
             dtype = xg.dtype
@@ -94,6 +106,9 @@ def cell_step(
 ):
     """One step of a cell for a batch: x (B, F), h (B, H), c (B, H) for LSTM.
     Returns (h', c' or None)."""
+    if torch.compiler.is_exporting():
+        _, h_new, c_new = export.layer(cell, x[None], w_ih, w_hh, b_ih, b_hh, h, c, backend=backend)
+        return h_new, c_new
     xg, b_hn = input_projection(cell, x, w_ih, b_ih, b_hh)
     dtype = xg.dtype
     _, h_new, c_new = recurrence(
