@@ -1,7 +1,7 @@
 """The `triton` backend: persistent Triton kernels (kernels/tl/recurrence.py).
 
 The recurrent part of forward and backward runs in the kernels; the weight gradients
-(dW_hh, db_hn) are single GEMMs over all steps afterwards (DESIGN.md §4).
+(dW_hh, db_hn) are single GEMMs over all steps afterwards (docs/design.md, 2.2).
 
 Options (attributes of the backend object, defaults from the environment):
   recompute       GPURNN_TRITON_RECOMPUTE=1: forward keeps no workspace; backward reruns the
