@@ -95,7 +95,7 @@ def compile_variant(v) -> dict:
     )  # fmt: skip
     if bwd:
         fn = R._recurrence_bwd_kernel
-        kw["GATES_PER_TRIP"] = plan.gates_per_trip
+        kw.update(CHUNKS_PER_TRIP=plan.chunks_per_trip, GP=R._next_pow2(G))
     else:
         fn = R._recurrence_fwd_kernel
         kw.update(GP=R._next_pow2(G), SAVE=True)
@@ -117,7 +117,7 @@ def compile_variant(v) -> dict:
     mode = "chip" if plan.on_chip else "res" if plan.resident else "stream"
     desc = f"BH{plan.BH} BB{plan.BLOCK_B} n{plan.nprog} {mode} w{plan.num_warps}"
     if bwd:
-        desc += f" gpt{plan.gates_per_trip}"
+        desc += f" cpt{plan.chunks_per_trip}"
     return dict(plan=desc, regs=regs, stack=stack, local=local, smem=k.metadata.shared + shared,
                 **loop)  # fmt: skip
 
@@ -195,8 +195,13 @@ def test_step_loop_shape(resources, index):
         assert r["trips"] <= 2, f"the forward's h loads of a step wait on each other: {r}"
         assert r["bar"] <= 8, r
     if bwd and plan.resident and plan.BLOCK_B == 16:
-        # about one round trip per gate (GATES_PER_TRIP gates each)
-        assert r["trips"] <= 2 * R.GATES[cell], r
+        # one round trip per CHUNKS_PER_TRIP K chunks of every gate (the first kernel: one
+        # per 64-wide chunk of each gate, 48 at LSTM H=768), and no warp repeats another's
+        # MMAs: G*H/16 k-steps of one 8-column tile, spread over the gates' warps
+        chunks = triton.cdiv(H, plan.KC)
+        assert r["trips"] <= triton.cdiv(chunks, plan.chunks_per_trip) + 1, r
+        if R.GATES[cell] == 4:
+            assert r["mma"] <= H // 16, r
 
 
 if __name__ == "__main__":

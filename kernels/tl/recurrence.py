@@ -222,6 +222,30 @@ def _load_dgates(dxg_ptr, dhn_ptr, tn, B64, xrow, hrow, offs_k, nvalid, g: tl.co
 
 
 @triton.jit
+def _load_dgates_all(dxg_ptr, dhn_ptr, tn, B64, xrow, hrow, offs_k, nvalid, CELL: tl.constexpr,
+                     G: tl.constexpr, GP: tl.constexpr, H: tl.constexpr):  # fmt: skip
+    """(GP, BLOCK_B, KC): columns offs_k of every gate of d(W_hh h) at step tn (gate-major,
+    GRU's n block from dhn, padding gates 0)."""
+    g3 = tl.arange(0, GP)[:, None, None]
+    k3 = offs_k[None, None, :]
+    m = (g3 < G) & nvalid[None, :, None] & (k3 < H)
+    p = dxg_ptr + tn.to(tl.int64) * B64 * (G * H) + xrow[None, :, None] + g3 * H + k3
+    if CELL == GRU:
+        pn = dhn_ptr + tn.to(tl.int64) * B64 * H + hrow[None, :, None] + k3
+        p = tl.where(g3 == 2, pn, p)
+    return tl.load(p, mask=m, other=0.0, cache_modifier=".cg")
+
+
+@triton.jit
+def _load_w_all(whh_ptr, offs_k, offs_j, mj, G: tl.constexpr, GP: tl.constexpr, H: tl.constexpr):
+    """(GP, KC, BH): rows offs_k of every gate block of W_hh, own unit columns (padding 0)."""
+    g3 = tl.arange(0, GP)[:, None, None]
+    k3 = offs_k[None, :, None]
+    m = (g3 < G) & (k3 < H) & mj[None, None, :]
+    return tl.load(whh_ptr + (g3 * H + k3) * H + offs_j[None, None, :], mask=m, other=0.0)
+
+
+@triton.jit
 def _time(s, T, REVERSE: tl.constexpr):
     if REVERSE:
         return T - 1 - s
@@ -466,9 +490,9 @@ def _recurrence_bwd_kernel(
     whh_ptr, h0_ptr, c0_ptr, len_ptr, y_ptr, ws_ptr, dy_ptr,
     dxg_ptr, dhn_ptr, dhs_ptr, dcs_ptr, sync_ptr,
     T, B, s_begin, s_end, spin_max,
-    CELL: tl.constexpr, G: tl.constexpr, NW: tl.constexpr, H: tl.constexpr,
+    CELL: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, NW: tl.constexpr, H: tl.constexpr,
     KC: tl.constexpr, NKC: tl.constexpr, BH: tl.constexpr, BLOCK_B: tl.constexpr,
-    GATES_PER_TRIP: tl.constexpr, ON_CHIP: tl.constexpr, RESIDENT: tl.constexpr,
+    CHUNKS_PER_TRIP: tl.constexpr, ON_CHIP: tl.constexpr, RESIDENT: tl.constexpr,
     HAS_LEN: tl.constexpr, REVERSE: tl.constexpr, USE_BARRIER: tl.constexpr,
     PREC: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
@@ -521,11 +545,13 @@ def _recurrence_bwd_kernel(
         e2 = e0
         e3 = e0
     elif RESIDENT:
+        # NKC (GP, KC, BH) chunks, gates stacked as the batch dimension of a 3-D dot: each
+        # warp then multiplies one gate, instead of every warp repeating the whole
+        # (BLOCK_B, BH) tile (which is a single mma tile)
         w_res = ()
-        for g in tl.static_range(G):
-            for i in tl.static_range(NKC):
-                offs_k = i * KC + tl.arange(0, KC)
-                w_res = w_res + (_load_w(whh_ptr, offs_k, offs_j, offs_k < H, mj, g, H, True),)
+        for i in tl.static_range(NKC):
+            offs_k = i * KC + tl.arange(0, KC)
+            w_res = w_res + (_load_w_all(whh_ptr, offs_k, offs_j, mj, G, GP, H),)
 
     dy, f0, f1, f2, f3, f4, pv = _bwd_own_loads(
         s_begin, T, B64, L, mb, mj, offs_j, hrow, wrow, y_ptr, h0_ptr, c0_ptr, ws_ptr, dy_ptr,
@@ -553,23 +579,21 @@ def _recurrence_bwd_kernel(
             if G > 3:
                 rec += tl.dot(e3, w3, input_precision=PREC, out_dtype=ACC)
         elif RESIDENT:
-            # GATES_PER_TRIP gates' loads issued together (as many as registers hold), then
-            # their dots
-            for g0 in tl.static_range(0, G, GATES_PER_TRIP):
+            # CHUNKS_PER_TRIP chunks' loads (every gate) issued together, as many as registers
+            # hold, then their dots; one accumulator per chunk, summed over gates at the end
+            acc3 = tl.zeros([GP, BLOCK_B, BH], dtype=ACC)
+            for c0 in tl.static_range(0, NKC, CHUNKS_PER_TRIP):
                 gk = ()
-                for gi in tl.static_range(GATES_PER_TRIP):
-                    for i in tl.static_range(NKC):
-                        if g0 + gi < G:
-                            offs_k = i * KC + tl.arange(0, KC)
-                            gk = gk + (_load_dgates(dxg_ptr, dhn_ptr, tn, B64, xrow, hrow, offs_k,
-                                                    nvalid, g0 + gi, CELL, G, H),)  # fmt: skip
-                for gi in tl.static_range(GATES_PER_TRIP):
-                    if g0 + gi < G:
-                        rg_acc = tl.zeros([BLOCK_B, BH], dtype=ACC)
-                        for i in tl.static_range(NKC):
-                            rg_acc = tl.dot(gk[gi * NKC + i], w_res[(g0 + gi) * NKC + i], rg_acc,
-                                            input_precision=PREC, out_dtype=ACC)  # fmt: skip
-                        rec += rg_acc
+                for ci in tl.static_range(CHUNKS_PER_TRIP):
+                    if c0 + ci < NKC:
+                        offs_k = (c0 + ci) * KC + tl.arange(0, KC)
+                        gk = gk + (_load_dgates_all(dxg_ptr, dhn_ptr, tn, B64, xrow, hrow, offs_k,
+                                                    nvalid, CELL, G, GP, H),)  # fmt: skip
+                for ci in tl.static_range(CHUNKS_PER_TRIP):
+                    if c0 + ci < NKC:
+                        acc3 += tl.dot(gk[ci], w_res[c0 + ci], input_precision=PREC,
+                                       out_dtype=ACC)  # fmt: skip
+            rec = tl.sum(acc3, axis=0)
         else:
             for k0 in range(0, H, KC):
                 offs_k = k0 + tl.arange(0, KC)
@@ -679,10 +703,11 @@ SPIN_MAX = int(os.environ.get("GPURNN_TRITON_SPIN_MAX", str(1 << 22)))
 # shared memory, then checked against what the compiled kernel really takes (`_fit`).
 # The budget leaves room for the scratch of the dots' layout conversions.
 RESIDENT_SMEM = 160 * 1024
-# Bytes per thread that the loads of one step may hold in flight (registers): the dgates of
-# GATES_PER_TRIP gates in the backward. 32 registers: two LSTM gates at H=768 (48 registers)
-# spilled on sm_90, and the spill made that backward step 18 us on an H100 (one gate: 7 us).
-INFLIGHT_BYTES = 128
+# Bytes per thread that the backward's dgates loads of one round trip may hold in flight
+# (registers): CHUNKS_PER_TRIP K chunks of every gate. 64 registers (two 128-wide chunks of
+# an LSTM at B=16 on 4 warps); more spilled on sm_90, and a spill made the LSTM H=768
+# backward step 18 us on an H100.
+INFLIGHT_BYTES = 256
 KC_GPU = 128  # K chunk of resident dots: 6 independent chains at H=768
 BATCH_TILES = (16, 32, 64)  # rows per program: one m16 mma tile up to a 64-row wgmma tile
 
@@ -704,7 +729,7 @@ class Plan:
     KC: int = KC_GPU  # K chunk of the recurrent dots
     num_warps: int = 4
     on_chip: bool = False  # one program owns every unit: no exchange, no grid barrier
-    gates_per_trip: int = 1  # backward: gates whose dgates loads are issued together
+    chunks_per_trip: int = 1  # backward: K chunks (all gates) whose loads are issued together
 
     @property
     def nprog(self) -> int:
@@ -751,7 +776,7 @@ def make_plan(
     persistent: bool | None = None,
     on_chip: bool | None = None,
     num_warps: int | None = None,
-    gates_per_trip: int | None = None,
+    chunks_per_trip: int | None = None,
     sm_count: int | None = None,
 ) -> Plan:
     """Pick tiling and mode from sizes (the launchers then check it against the compiled
@@ -780,7 +805,7 @@ def make_plan(
             raise ValueError("the interpreter runs programs one after another: a grid barrier "
                              "across several programs would never complete")  # fmt: skip
         chip = (n_h == 1 and pers and res) if on_chip is None else on_chip
-        return Plan(bh, bb, n_h, n_b, res, pers, kc, num_warps or 4, chip, gates_per_trip or 2)
+        return Plan(bh, bb, n_h, n_b, res, pers, kc, num_warps or 4, chip, chunks_per_trip or 2)
 
     sms = sm_count or torch.cuda.get_device_properties(device).multi_processor_count
     bb = BLOCK_B or _batch_tile(B)
@@ -803,21 +828,24 @@ def make_plan(
     n_h = triton.cdiv(H, bh)
     fits = n_h * n_b <= sms
     pers = fits if persistent is None else (persistent and fits)
-    kc = KC or min(KC_GPU, hp)
+    # backward: narrower chunks for taller batch tiles, so one chunk of every gate's dgates
+    # stays within the registers INFLIGHT_BYTES allows (64 rows x 128 spilled on sm_90)
+    kc = KC or min(KC_GPU if not backward else max(32, KC_GPU * 16 // bb), hp)
     if resident is None:
         resident = weight_bytes(H, G, bh, kc, dtype, backward) <= RESIDENT_SMEM
     if not resident and KC is None:
         kc = stream_kc(G, bh, backward, dtype)
     # Forward 8 warps: with 4, ptxas holds back most of a step's h loads until earlier ones
     # have landed in shared memory, i.e. several dependent round trips (seen in the SASS).
-    # Backward 4: its (BLOCK_B, BH) output is one mma tile that every warp computes whole, so
-    # each warp more repeats all G*H/16 MMAs and re-reads the weights from shared memory
-    # (LSTM H=768: 8 warps took 18 us per step on an H100; 4 warps 7.9 us in the first kernel).
-    # Backward: as many gates' dgates loads per trip as INFLIGHT_BYTES per thread allow.
-    nw = num_warps or (4 if backward else 8)
-    per_gate = bb * triton.cdiv(H, kc) * kc * es
-    gpt = gates_per_trip or max(1, min(G, INFLIGHT_BYTES * 32 * nw // per_gate))
-    return Plan(bh, bb, n_h, n_b, resident, pers, kc, nw, False, gpt)
+    # Backward 4 (resident, up to 32 rows): a 3-D dot over the gates gives each warp a gate;
+    # more warps would repeat MMAs (the first kernels: every warp computed the one (16, 8)
+    # output tile, 18 us per LSTM H=768 step on an H100 with 8 warps). 64-row tiles and
+    # streamed weights need 8 warps' registers (4 spilled on sm_90).
+    # Backward: as many K chunks' dgates loads per trip as INFLIGHT_BYTES per thread allow.
+    nw = num_warps or (4 if backward and resident and bb <= 32 else 8)
+    per_chunk = _next_pow2(G) * bb * kc * es
+    cpt = chunks_per_trip or max(1, min(triton.cdiv(H, kc), INFLIGHT_BYTES * 32 * nw // per_chunk))
+    return Plan(bh, bb, n_h, n_b, resident, pers, kc, nw, False, cpt)
 
 
 def stream_kc(G: int, BH: int, backward: bool, dtype: torch.dtype = torch.bfloat16) -> int:
@@ -891,12 +919,13 @@ def _fit(kernel, plan: Plan, args, kw, device) -> Plan:
             ok, k = False, None
         if ok or fitted.on_chip:
             break
-        if k is not None and k.n_spills and fitted.gates_per_trip > 1 and "GATES_PER_TRIP" in kw:
+        bwd = "CHUNKS_PER_TRIP" in kw
+        if k is not None and k.n_spills and fitted.chunks_per_trip > 1 and bwd:
             # spilled: fewer dgates loads in flight first
-            fitted = Plan(**{**fitted.__dict__, "gates_per_trip": fitted.gates_per_trip // 2})
+            fitted = Plan(**{**fitted.__dict__, "chunks_per_trip": fitted.chunks_per_trip // 2})
         elif fitted.resident:
             fitted = Plan(**{**fitted.__dict__, "resident": False,
-                             "KC": stream_kc(kw["G"], fitted.BH, "GATES_PER_TRIP" in kw,
+                             "KC": stream_kc(kw["G"], fitted.BH, "CHUNKS_PER_TRIP" in kw,
                                              args[0].dtype)})  # fmt: skip
         else:
             break
@@ -913,8 +942,8 @@ def _plan_kw(plan: Plan, kw: dict) -> dict:
     out = dict(kw, KC=plan.KC, BH=plan.BH, BLOCK_B=plan.BLOCK_B, RESIDENT=plan.resident,
                ON_CHIP=plan.on_chip)  # fmt: skip
     out["NKC"] = triton.cdiv(kw["H"], plan.KC)
-    if "GATES_PER_TRIP" in kw:
-        out["GATES_PER_TRIP"] = plan.gates_per_trip
+    if "CHUNKS_PER_TRIP" in kw:
+        out["CHUNKS_PER_TRIP"] = plan.chunks_per_trip
     return out
 
 
@@ -1064,7 +1093,8 @@ def backward(
         dxg, dhn if dhn is not None else y, dhs, dcs,
     )  # fmt: skip
     kw = dict(
-        CELL=CELL_CODE[cell], G=G, NW=NW, H=H, GATES_PER_TRIP=plan.gates_per_trip,
+        CELL=CELL_CODE[cell], G=G, GP=_next_pow2(G), NW=NW, H=H,
+        CHUNKS_PER_TRIP=plan.chunks_per_trip,
         HAS_LEN=lengths is not None, REVERSE=bool(reverse), PREC=_prec(dt, precision),
         ACC=_acc_dtype(dt),
     )  # fmt: skip
