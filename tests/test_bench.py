@@ -268,3 +268,46 @@ def test_readme_table_is_regenerated_between_markers(smoke_csv, tmp_path):
 
     readme.write_text("# no markers\n")
     assert plot.main(args) == 1
+
+
+def _git(cwd, *args):
+    import subprocess
+
+    return subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@example.com", *args],
+        cwd=cwd, capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+
+
+def _repo(path):
+    path.mkdir(parents=True)
+    _git(path, "init", "-q")
+    (path / "f.txt").write_text("one\n")
+    _git(path, "add", "f.txt")
+    _git(path, "commit", "-q", "-m", "first")
+    return _git(path, "rev-parse", "--short", "HEAD")
+
+
+def test_commit_is_the_packages_own_checkout_or_unknown(tmp_path, monkeypatch):
+    # the package's parent is the top of a repository: that repository's commit
+    own = tmp_path / "project"
+    head = _repo(own)
+    assert bench.project_commit(own) == head
+    (own / "f.txt").write_text("changed\n")
+    assert bench.project_commit(own) == head + "+dirty"
+    # a copy of the package inside some other repository (a vendored folder, a home
+    # directory under git): not that repository's commit
+    outer = tmp_path / "outer"
+    _repo(outer)
+    vendored = outer / "vendor" / "project"
+    vendored.mkdir(parents=True)
+    assert bench.project_commit(vendored) == "unknown"
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    assert bench.project_commit(plain) == "unknown"
+    # and that is what a run records
+    monkeypatch.setattr(bench, "REPO_ROOT", vendored)
+    meta = bench.run_metadata(torch.device("cpu"))
+    assert meta["commit"] == "unknown" and meta["run_id"].endswith("-unknown")
+    monkeypatch.setattr(bench, "REPO_ROOT", own)
+    assert bench.run_metadata(torch.device("cpu"))["commit"] == head + "+dirty"
