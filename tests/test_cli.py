@@ -1,6 +1,7 @@
 """`python -m gpurnn info` and `check`."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -21,6 +22,12 @@ def test_check_passes_on_cpu_backends(capsys):
     assert cli.main(["check", "--backends", "torch,numpy", "--dtypes", "fp64,fp32"]) == 0
     out = capsys.readouterr().out
     assert "40 cases checked against the float64 reference, 0 failed" in out
+    # one progress line per backend x cell x dtype, in order, each with its time
+    progress = [line for line in out.splitlines() if line.startswith("[")]
+    assert len(progress) == 2 * 5 * 2
+    for k, line in enumerate(progress, 1):
+        assert re.match(rf"\[\s*{k}/20\] (torch|numpy) +\S+ +float(64|32) +\d+\.\d\d s  ok ", line)
+    assert progress[0].split("]")[1].split()[:3] == ["torch", "rnn_tanh", "float64"]
 
 
 def test_check_fails_on_a_wrong_backend(monkeypatch, capsys):
