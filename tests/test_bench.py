@@ -311,3 +311,53 @@ def test_commit_is_the_packages_own_checkout_or_unknown(tmp_path, monkeypatch):
     assert meta["commit"] == "unknown" and meta["run_id"].endswith("-unknown")
     monkeypatch.setattr(bench, "REPO_ROOT", own)
     assert bench.run_metadata(torch.device("cpu"))["commit"] == head + "+dirty"
+
+
+def test_device_check_dry_run(tmp_path):
+    """benchmarks/device_check.sh with DRY_RUN=1 on this CPU machine: every stage with
+    tiny cases, a stand-in nvidia-smi on PATH. Checks the script itself (order, limits,
+    progress lines, what lands in $OUT), not the GPU."""
+    import os
+    import stat
+    import subprocess
+    import sys
+
+    bin_dir, out = tmp_path / "bin", tmp_path / "out"
+    bin_dir.mkdir()
+    smi = bin_dir / "nvidia-smi"
+    smi.write_text('#!/bin/sh\necho "stand-in nvidia-smi $*"\n')
+    smi.chmod(smi.stat().st_mode | stat.S_IXUSR)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TRITON_INTERPRET")}
+    env.update(
+        PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", PYTHON=sys.executable, OUT=str(out),
+        DRY_RUN="1", TOTAL_LIMIT="600",  # a loaded CI machine: the limits are not the test
+    )  # fmt: skip
+    script = bench.REPO_ROOT / "benchmarks" / "device_check.sh"
+    done = subprocess.run(
+        ["bash", str(script)], env=env, capture_output=True, text=True, timeout=900
+    )
+    log = done.stdout
+    assert done.returncode == 0, log[-3000:] + done.stderr[-2000:]
+    assert "stand-in nvidia-smi" in log
+    stages = [line.split(" (limit")[0][3:] for line in log.splitlines() if "(limit" in line]
+    assert stages == [
+        "triton gpu tests", "check", "bench", "step timing", "cupy gpu tests", "plot"
+    ]  # fmt: skip
+    # a line per case as it finishes, in every stage
+    assert "test_real_size_vs_reference[lstm-bfloat16] SKIPPED" in log  # pytest -v
+    assert "[1/5] torch   rnn_tanh" in log  # check
+    assert "[1/4] smoke/lstm-T8-B2-H16 fp32 torch.nn fwd" in log  # bench
+    assert "[1/1] lstm-fp32-H16-B2" in log  # step timing
+    assert "device check: all stages passed" in log
+    files = sorted(p.name for p in out.iterdir())
+    assert len(files) <= 8
+    assert {"device_check.log", "gpu_tests.csv", "results.csv", "step_timing.jsonl"} <= set(files)
+    assert (out / "device_check.log").read_text() == log
+    records = _rows(out / "gpu_tests.csv")
+    # no GPU: the GPU tests were all skipped, which clears and condemns nothing
+    assert [(r["backend"], r["status"]) for r in records] == [
+        ("triton", "skipped"), ("cupy", "skipped")
+    ]  # fmt: skip
+    assert [r["impl"] for r in _rows(out / "results.csv")] == ["torch.nn"] * 2 + [
+        "gpurnn-torch"
+    ] * 2
