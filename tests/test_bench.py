@@ -261,13 +261,52 @@ def test_readme_table_is_regenerated_between_markers(smoke_csv, tmp_path):
     assert text.startswith("# title\n\nbefore\n") and text.endswith(f"{plot.END}\nafter\n")
     assert "stale table" not in text
     row = _rows(smoke_csv)[0]
-    assert row["card"] in text and row["date"] in text
-    assert "| smoke/lstm-T8-B2-H16 | fp32 | gpurnn-torch |" in text
+    assert f"**{row['card']}**" in text and f"measured {row['date'][:10]}" in text
+    assert "| lstm-T8-B2-H16 | fp32 | gpurnn-torch *auto* |" in text  # CPU: auto is torch
     assert "](benchmarks/plots/speedup_vs_batch.png)" in text
     assert plot.main(args) == 0 and readme.read_text() == text  # idempotent
 
     readme.write_text("# no markers\n")
     assert plot.main(args) == 1
+
+
+def _cuda_row(run_id, date, shape_B, impl, mode, ms, speedup, status="ok", dtype="bf16"):
+    return {
+        "run_id": run_id, "date": date, "commit": "abc1234", "device": "cuda", "card": "H100",
+        "driver": "580", "torch": "2.11", "triton": "3.6", "cudnn": "91900", "cuda": "13.0",
+        "gpurnn": "0.1.0", "suite": "flashrnn", "shape": f"lstm-T1024-B{shape_B}-H768",
+        "cell": "lstm", "T": "1024", "B": str(shape_B), "H": "768", "input_size": "768",
+        "layers": "1", "bidirectional": "0", "varlen": "", "dtype": dtype, "impl": impl,
+        "mode": mode, "status": status, "ms": str(ms), "speedup_vs_cudnn": str(speedup),
+        "max_err": "3e-03",
+    }  # fmt: skip
+
+
+def test_readme_table_says_where_gpurnn_wins_and_where_auto_runs_cudnn(tmp_path):
+    rows = []
+    for mode in ("fwd", "fwdbwd"):
+        # an older run at B=64 where triton was faster is superseded by the newer one
+        rows += [
+            _cuda_row("old", "2026-11-26T00:00:00Z", 64, "cudnn", mode, 20, 1),
+            _cuda_row("old", "2026-11-26T00:00:00Z", 64, "gpurnn-triton", mode, 10, 2),
+            _cuda_row("new", "2026-11-27T00:00:00Z", 16, "cudnn", mode, 40, 1),
+            _cuda_row("new", "2026-11-27T00:00:00Z", 16, "gpurnn-triton", mode, 25, 1.6),
+            _cuda_row("new", "2026-11-27T00:00:00Z", 64, "cudnn", mode, 20, 1),
+            _cuda_row("new", "2026-11-27T00:00:00Z", 64, "gpurnn-triton", mode, 40, 0.5),
+        ]
+    text = plot.markdown_table(rows, None, tmp_path)
+    assert "**H100** (cuda), measured 2026-11-27, commit `abc1234`" in text
+    assert "| lstm-T1024-B16-H768 | bf16 | gpurnn-triton *auto* | 25 | 1.6 | 25 | 1.6 |" in text
+    assert "| lstm-T1024-B64-H768 | bf16 | cudnn *auto* | 20 | 1 | 20 | 1 |" in text
+    assert "| lstm-T1024-B64-H768 | bf16 | gpurnn-triton | 40 | 0.5 |" in text
+    assert "| 10 |" not in text  # only the latest run of each case
+    assert "faster than cuDNN in training (fwd+bwd) at: lstm-T1024-B16-H768 bf16 (gpurnn-" in text
+    assert "cuDNN is still faster at: lstm-T1024-B64-H768 bf16 (gpurnn-triton 0.5×)" in text
+    # a backend whose GPU tests failed on the card is not what auto runs
+    failed = [{"date": "2026-11-27", "card": "H100", "backend": "triton", "status": "failed"}]
+    text = plot.markdown_table(rows, None, tmp_path, failed)
+    assert "| lstm-T1024-B16-H768 | bf16 | cudnn *auto* |" in text
+    assert "gpurnn is faster" not in text
 
 
 def _git(cwd, *args):
