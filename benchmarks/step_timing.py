@@ -149,8 +149,8 @@ def describe(r: dict) -> str:
 
 def time_case(case: Case, T: int, reps: int, device) -> dict:
     import torch
-
     from gpurnn._kernels.tl import recurrence as tl_rec
+
     from gpurnn.bench import DTYPES
 
     dtype = DTYPES[case.dtype]

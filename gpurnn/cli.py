@@ -163,7 +163,8 @@ def main(argv=None) -> int:
     dispatch.add_arguments(
         sub.add_parser(
             "dispatch",
-            help="the auto backend's per-shape choice between triton and cupy, from bench rows",
+            help="the auto backend's per-shape ranking of triton, cupy and torch (cuDNN), "
+            "from bench rows and GPU test records",
             description=dispatch.__doc__,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )

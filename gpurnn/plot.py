@@ -291,7 +291,7 @@ def _card_section(card: str, cases, table: dict) -> list[str]:
         f"driver {first['driver'] or '-'}. Whole layers (input projection included), median "
         f"ms; × is {baseline}'s time ÷ this time in the same run (above 1: faster than "
         f"{baseline}); err is the largest forward error against torch.nn in fp32. "
-        f"*auto* marks the implementation `backend=\"auto\"` runs for that case.",
+        f'*auto* marks the implementation `backend="auto"` runs for that case.',
         "",
         "| shape | dtype | impl | fwd ms | × | fwd+bwd ms | × | peak MB | err | status |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
@@ -344,7 +344,7 @@ def _card_section(card: str, cases, table: dict) -> list[str]:
             lines.append(
                 "cuDNN is still faster at: " + "; ".join(routed) + ". There `auto` runs "
                 "torch.nn's own cuDNN layers (backend `torch`), so a converted model is not "
-                "slower than torch.nn at these shapes; `backend=\"triton\"` still runs the "
+                'slower than torch.nn at these shapes; `backend="triton"` still runs the '
                 "kernels."
             )
             lines.append("")
