@@ -53,7 +53,12 @@ TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
 # from the checkout itself: nothing to install, nothing fetched (the machine is offline)
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-[ "$DRY_RUN" = 1 ] || unset TRITON_INTERPRET  # real kernels on the GPU
+if [ "$DRY_RUN" = 1 ]; then
+  # set before any process imports triton, so that no command has to restart itself
+  export TRITON_INTERPRET=1
+else
+  unset TRITON_INTERPRET  # real kernels on the GPU
+fi
 
 failed=()
 status=0
