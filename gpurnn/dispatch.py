@@ -96,7 +96,7 @@ def card_name(device) -> str | None:
 
     if getattr(device, "type", None) != "cuda" or not torch.cuda.is_available():
         return None
-    return _device_name(device.index)
+    return _device_name(torch.cuda.current_device() if device.index is None else device.index)
 
 
 def _ranking(value) -> tuple[str, ...]:
