@@ -227,6 +227,25 @@ def test_the_shipped_table_routes_to_cudnn_where_it_measured_faster(both_kernels
     assert "cupy" in dispatch.failed_gpu_tests(H100)
 
 
+def test_layers_tell_auto_they_run_torch_as_cudnn(monkeypatch):
+    """Only eager layers run backend "torch" as torch.nn's own (cuDNN) layer, the path the
+    table measured; cells run it as a loop."""
+    import gpurnn
+    from gpurnn import modules
+
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("torch_native", False))
+        return choose_backend(*args, **kwargs)
+
+    monkeypatch.setattr(modules, "choose_backend", spy)
+    x = torch.randn(3, 2, 4)
+    gpurnn.LSTM(4, 5)(x)
+    gpurnn.GRUCell(4, 5)(x[0])
+    assert seen == [True, False]
+
+
 def _write_csv(path, rows):
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, list(rows[0]))

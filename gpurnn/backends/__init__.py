@@ -163,9 +163,10 @@ def choose_backend(
 
         card = dispatch.card_name(device)
         failed = dispatch.failed_gpu_tests(card)
-        if any(b in failed for b in runnable):
+        passing = [b for b in runnable if b not in failed]
+        if passing and passing != runnable:
             log.debug("gpurnn auto: skipping %s (GPU tests failed on %s)", failed, card)
-            runnable = [b for b in runnable if b not in failed]
+            runnable = passing
         for measured in dispatch.preferred(cell, dtype, hidden_size, batch_size, card):
             if measured in runnable and (measured != "torch" or torch_native):
                 return measured
