@@ -168,7 +168,11 @@ def _check_one(name, backend, cell, dtype, reverse, device) -> CheckResult:
     why_not = backend.unsupported_reason(base_cell, device, dtype, cell == "lstm_proj")
     if why_not is not None:
         return CheckResult(name, cell, dtype, reverse, None, True, f"not supported: {why_not}")
-    excess, detail = check_case(name, cell, dtype, reverse, device)
+    try:
+        excess, detail = check_case(name, cell, dtype, reverse, device)
+    except Exception as e:  # noqa: BLE001 - a backend that raises fails its case; go on
+        error = f"{type(e).__name__}: {e}".splitlines()[0][:200]
+        return CheckResult(name, cell, dtype, reverse, float("inf"), False, f"error: {error}")
     return CheckResult(name, cell, dtype, reverse, excess, excess <= 0, detail)
 
 

@@ -44,6 +44,23 @@ def test_check_fails_on_a_wrong_backend(monkeypatch, capsys):
     assert "NO" in out and "failed" in out
 
 
+def test_check_reports_a_raising_backend_and_goes_on(monkeypatch, capsys):
+    backend = get_backend("torch")
+
+    def broken(self, cell, *args):
+        if cell == "gru":
+            raise RuntimeError("kernel launch failed")
+        return original(self, cell, *args)
+
+    original = type(backend).forward
+    monkeypatch.setattr(type(backend), "forward", broken)
+    assert cli.main(["check", "--backends", "torch,numpy", "--dtypes", "fp64"]) == 1
+    out = capsys.readouterr().out
+    assert "gru        float64     " in out and "FAILED  fwd error: RuntimeError: kernel" in out
+    assert "[10/10] numpy   lstm_proj" in out
+    assert "2 failed" in out  # gru, both directions; everything else still checked
+
+
 def test_demo_converts_and_trains(capsys):
     assert cli.main(["demo", "--steps", "10"]) == 0
     lines = capsys.readouterr().out.splitlines()
