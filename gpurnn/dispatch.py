@@ -4,7 +4,10 @@ The candidates are the GPU kernels (`triton`, `cupy`) and `torch`, which on CUDA
 torch.nn's own layer functions (cuDNN): a shape where cuDNN measured faster goes to
 cuDNN. `auto` ranks the candidates by the table for the case's cell, dtype and size
 bucket (training time, forward + backward of a whole layer) and runs the first one that
-can run the case; without an entry it keeps its default order (triton first). The table
+can run the case; without an entry it keeps its default order (triton first). `torch`
+counts only where it means cuDNN, in layers run eagerly: cells, the functional
+`gpurnn.recurrence` and torch.compile would run it as a time loop, and take the fastest
+kernel of the ranking instead. The table
 is `gpurnn/dispatch.json`, regenerated from benchmark rows after every GPU run:
 
     bash benchmarks/device_check.sh             # on the GPU machine, into $OUT
