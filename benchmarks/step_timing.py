@@ -166,19 +166,15 @@ def time_case(case: Case, T: int, reps: int, device) -> dict:
     h0 = torch.zeros(B, H, device=device, dtype=dtype)
     c0 = h0.clone() if cell == "lstm" else None
     b_hn = rand(H) if cell == "gru" else None
-    precision = "tf32"
-
     def fwd(save):
-        return tl_rec.forward(cell, xg, w_hh, h0, c0, None, False, b_hn, save,
-                              precision=precision)  # fmt: skip
+        return tl_rec.forward(cell, xg, w_hh, h0, c0, None, False, b_hn, save)
 
     y, _, _, ws = fwd(True)
     dy, dh_T = rand(T, B, H), rand(B, H)
     dc_T = rand(B, H) if cell == "lstm" else None
 
     def bwd():
-        return tl_rec.backward(cell, w_hh, h0, c0, None, False, y, ws, dy, dh_T, dc_T,
-                               precision=precision)  # fmt: skip
+        return tl_rec.backward(cell, w_hh, h0, c0, None, False, y, ws, dy, dh_T, dc_T)
 
     timer = _Timer(device, reps)
     out = {}
