@@ -166,6 +166,7 @@ def time_case(case: Case, T: int, reps: int, device) -> dict:
     h0 = torch.zeros(B, H, device=device, dtype=dtype)
     c0 = h0.clone() if cell == "lstm" else None
     b_hn = rand(H) if cell == "gru" else None
+
     def fwd(save):
         return tl_rec.forward(cell, xg, w_hh, h0, c0, None, False, b_hn, save)
 
