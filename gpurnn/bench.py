@@ -618,14 +618,32 @@ FIELDS = (
 ).split()
 
 
-def _git(*args) -> str | None:
+def _git(*args, cwd: Path = REPO_ROOT) -> str | None:
     try:
         done = subprocess.run(
-            ["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
+            ["git", "-C", str(cwd), *args], capture_output=True, text=True, timeout=10
         )
     except (OSError, subprocess.SubprocessError):
         return None
     return done.stdout.strip() if done.returncode == 0 else None
+
+
+def project_commit(root: Path | None = None) -> str:
+    """The commit of the checkout that holds the imported gpurnn package (`root`, the
+    folder above the package), "+dirty" if its tracked files have changes; "unknown"
+    unless `root` is the top of a git repository. An installed copy or an unpacked
+    source folder inside some other repository (a home directory under git, a CI
+    workspace) must not be credited with that repository's commit."""
+    root = Path(root or REPO_ROOT).resolve()
+    top = _git("rev-parse", "--show-toplevel", cwd=root)
+    if top is None or Path(top).resolve() != root:
+        return "unknown"
+    commit = _git("rev-parse", "--short", "HEAD", cwd=root)
+    if commit is None:
+        return "unknown"  # a repository without commits yet
+    if _git("status", "--porcelain", "--untracked-files=no", cwd=root):
+        commit += "+dirty"  # numbers from uncommitted code: say so
+    return commit
 
 
 def _version(name: str) -> str:
@@ -640,15 +658,13 @@ def run_metadata(device: torch.device) -> dict[str, str]:
     import gpurnn
 
     now = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0)
-    commit = _git("rev-parse", "--short", "HEAD") or "unknown"
-    if commit != "unknown" and _git("status", "--porcelain", "--untracked-files=no"):
-        commit += "+dirty"  # numbers from uncommitted code: say so
+    commit = project_commit()
     meta = {
         "run_id": f"{now:%Y%m%dT%H%M%SZ}-{commit}",
         "date": now.isoformat().replace("+00:00", "Z"),
         "commit": commit,
         "device": device.type,
-        "card": _cpu_name(),
+        "card": cpu_name(),
         "driver": "",
         "torch": torch.__version__,
         "triton": _version("triton"),
@@ -663,7 +679,7 @@ def run_metadata(device: torch.device) -> dict[str, str]:
     return meta
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -695,7 +711,7 @@ def append_rows(path: Path, rows: list[dict]) -> None:
             header = next(csv.reader(f), [])
     if header == FIELDS:
         with path.open("a", newline="") as f:
-            csv.DictWriter(f, FIELDS).writerows(rows)
+            csv.DictWriter(f, FIELDS, lineterminator="\n").writerows(rows)
         return
     old_rows = []
     if header:
@@ -703,7 +719,7 @@ def append_rows(path: Path, rows: list[dict]) -> None:
             old_rows = list(csv.DictReader(f))
     fields = header + [f for f in FIELDS if f not in header]
     with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fields, restval="")
+        writer = csv.DictWriter(f, fields, restval="", lineterminator="\n")
         writer.writeheader()
         writer.writerows(old_rows + rows)
 

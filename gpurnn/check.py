@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import time
 
 import numpy as np
 import torch
@@ -126,35 +127,71 @@ def check_case(backend, cell_name, dtype, reverse, device, *, T=6, B=3, H=8, P=4
     return worst, f"max |err| {max_abs:.1e} (tightest: {worst_name})"
 
 
-def run_check(device: torch.device | None = None, dtypes=None, backends=None):
-    """Checks each available backend on `device`. Returns a list of CheckResult."""
+def run_check(device: torch.device | None = None, dtypes=None, backends=None, progress=None):
+    """Checks each available backend on `device`. Returns a list of CheckResult.
+
+    `progress(results, seconds, done, total)`, if given, is called as each backend x cell x
+    dtype finishes (both directions): on a GPU the first call of a kernel variant compiles
+    it, and a silent minute is indistinguishable from a hang."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if dtypes is None:
+        # the dtypes models train in first: a run stopped early has checked those
         dtypes = (
-            [torch.float32, torch.bfloat16, torch.float16]
+            [torch.bfloat16, torch.float16, torch.float32]
             if device.type == "cuda"
             else [torch.float64, torch.float32]
         )
     status = available_backends()
+    names = list(backends or status)
+    total = sum(len(CHECK_CELLS) * len(dtypes) for n in names if status[n] is None)
+    done = 0
     results = []
-    for name in backends or status:
+    for name in names:
         if status[name] is not None:
             results.append(
                 CheckResult(name, "-", None, False, None, True, f"unavailable: {status[name]}")
             )
             continue
         backend = get_backend(name)
-        for cell, dtype, reverse in itertools.product(CHECK_CELLS, dtypes, (False, True)):
-            base_cell = "lstm" if cell == "lstm_proj" else cell
-            why_not = backend.unsupported_reason(base_cell, device, dtype, cell == "lstm_proj")
-            if why_not is not None:
-                results.append(
-                    CheckResult(name, cell, dtype, reverse, None, True, f"not supported: {why_not}")
-                )
-                continue
-            excess, detail = check_case(name, cell, dtype, reverse, device)
-            results.append(CheckResult(name, cell, dtype, reverse, excess, excess <= 0, detail))
+        for cell, dtype in itertools.product(CHECK_CELLS, dtypes):
+            start = time.perf_counter()
+            group = [_check_one(name, backend, cell, dtype, r, device) for r in (False, True)]
+            results += group
+            done += 1
+            if progress is not None:
+                progress(group, time.perf_counter() - start, done, total)
     return results
+
+
+def _check_one(name, backend, cell, dtype, reverse, device) -> CheckResult:
+    base_cell = "lstm" if cell == "lstm_proj" else cell
+    why_not = backend.unsupported_reason(base_cell, device, dtype, cell == "lstm_proj")
+    if why_not is not None:
+        return CheckResult(name, cell, dtype, reverse, None, True, f"not supported: {why_not}")
+    try:
+        excess, detail = check_case(name, cell, dtype, reverse, device)
+    except Exception as e:  # noqa: BLE001 - a backend that raises fails its case; go on
+        error = f"{type(e).__name__}: {e}".splitlines()[0][:200]
+        return CheckResult(name, cell, dtype, reverse, float("inf"), False, f"error: {error}")
+    return CheckResult(name, cell, dtype, reverse, excess, excess <= 0, detail)
+
+
+def format_progress(group, seconds: float, done: int, total: int) -> str:
+    """One line for one backend x cell x dtype (both directions), as it finishes."""
+    first = group[0]
+    dtype = str(first.dtype).replace("torch.", "")
+    checked = [r for r in group if r.max_error is not None]
+    if not checked:
+        verdict = first.note[:100]
+    else:
+        verdict = "ok" if all(r.ok for r in checked) else "FAILED"
+        worst = max(checked, key=lambda r: r.max_error)  # closest to its tolerance
+        verdict += f"  {'rev' if worst.reverse else 'fwd'} {worst.note}"
+    width = len(str(total))
+    return (
+        f"[{done:>{width}}/{total}] {first.backend:7} {first.cell:10} {dtype:9} "
+        f"{seconds:6.2f} s  {verdict}"
+    )
 
 
 def format_table(results) -> str:

@@ -100,12 +100,17 @@ def cmd_info(args) -> int:
 
 
 def cmd_check(args) -> int:
-    from gpurnn.check import format_table, run_check
+    from gpurnn.check import format_progress, format_table, run_check
 
     device = torch.device(args.device) if args.device else None
     dtypes = [DTYPES[d] for d in args.dtypes.split(",")] if args.dtypes else None
     backends = args.backends.split(",") if args.backends else None
-    results = run_check(device, dtypes, backends)
+
+    def progress(group, seconds, done, total):
+        print(format_progress(group, seconds, done, total), flush=True)
+
+    results = run_check(device, dtypes, backends, progress)
+    print()
     print(format_table(results))
     failed = [r for r in results if not r.ok]
     checked = [r for r in results if r.max_error is not None]
@@ -214,7 +219,8 @@ def main(argv=None) -> int:
     dispatch.add_arguments(
         sub.add_parser(
             "dispatch",
-            help="the auto backend's per-shape choice between triton and cupy, from bench rows",
+            help="the auto backend's per-shape ranking of triton, cupy and torch (cuDNN), "
+            "from bench rows and GPU test records",
             description=dispatch.__doc__,
             formatter_class=HelpFormatter,
         )

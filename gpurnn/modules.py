@@ -135,9 +135,11 @@ class _RNNBase(nn.RNNBase):
             h0 = h0.index_select(1, sorted_indices)
             c0 = c0.index_select(1, sorted_indices) if c0 is not None else None
 
+        compiling = torch.compiler.is_compiling()
         backend = choose_backend(
             self.backend, cell, input.device, _compute_dtype(input), self.proj_size > 0,
-            self.hidden_size, None if torch.compiler.is_compiling() else max_batch_size,
+            self.hidden_size, None if compiling else max_batch_size,
+            torch_native=not compiling and torch_backend.USE_NATIVE_LAYERS,
         )  # fmt: skip
         if _runs_natively(backend):
             self._update_flat_weights()

@@ -8,8 +8,11 @@ run_id column), so a plot never mixes code versions on one card:
   speedup_vs_hidden.png  speedup over cuDNN against hidden size
   memory.png             peak training memory per shape and implementation (CUDA only)
 
-`--readme` rewrites the table between `<!-- bench:start -->` and `<!-- bench:end -->`
-with the latest run, headed by its card and date.
+`--readme` rewrites the table between `<!-- bench:start -->` and `<!-- bench:end -->`:
+per card, the latest measurement of each shape and dtype (each from one run), headed by
+card, dates and commits, with the implementation `auto` runs marked (from the dispatch
+table built from the same rows and the GPU test records in gpu_tests.csv beside the CSV)
+and a sentence each on where gpurnn wins and where `auto` runs cuDNN instead.
 """
 
 from __future__ import annotations
@@ -199,49 +202,155 @@ def write_plots(rows: list[dict], out: Path) -> list[str]:
     ]
 
 
-def markdown_table(rows: list[dict], plots_dir: Path | None, readme_dir: Path) -> str:
-    """The latest run's results as markdown: one line per shape, dtype and implementation."""
+_CELL_ORDER = {"lstm": 0, "gru": 1, "rnn_tanh": 2}
+_DTYPE_ORDER = {"bf16": 0, "fp16": 1, "fp32": 2}
+
+
+def latest_cases(rows: list[dict]) -> dict[str, dict[tuple, list[dict]]]:
+    """card -> (shape, dtype) -> the rows of the latest run that measured that case on that
+    card. Each case comes from one run, so its speedups compare times of one process."""
+    newest: dict[tuple, tuple[str, str]] = {}
+    for r in rows:
+        k = (r["card"], r["shape"], r["dtype"])
+        newest[k] = max(newest.get(k, ("", "")), (r.get("date", ""), r.get("run_id", "")))
+    cards: dict[str, dict[tuple, list[dict]]] = {}
+    for r in rows:
+        k = (r["card"], r["shape"], r["dtype"])
+        if (r.get("date", ""), r.get("run_id", "")) == newest[k]:
+            cards.setdefault(r["card"], {}).setdefault(k[1:], []).append(r)
+    return cards
+
+
+def _case_order(item):
+    (shape, dtype), case_rows = item
+    r = case_rows[0]
+    numbers = [int(r[k]) if str(r.get(k, "")).isdigit() else 0 for k in ("layers", "H", "B", "T")]
+    return (_DTYPE_ORDER.get(dtype, 9), _CELL_ORDER.get(r["cell"], 9), r.get("varlen", ""),
+            *numbers, shape)  # fmt: skip
+
+
+def _auto_choice(table: dict, card: str, r: dict) -> str | None:
+    """The backend `auto` runs for this case on this card (the table's first candidate,
+    else its default order's first, triton), for single-layer dense CUDA shapes."""
+    from gpurnn import dispatch
+
+    if r["device"] != "cuda":
+        return "torch"
+    if r.get("layers") != "1" or r.get("bidirectional") != "0" or r.get("varlen"):
+        return None  # the table is measured on single layers: not shown for stacks
+    k = dispatch.key(r["cell"], dispatch._DTYPE_NAMES.get(r["dtype"], r["dtype"]),
+                     int(r["H"]), int(r["B"]))  # fmt: skip
+    ranking = table.get("by_card", {}).get(card, {}).get(k) or table.get("choices", {}).get(k)
+    failed = set(table.get("failed_gpu_tests", {}).get(card, ()))
+    if ranking:
+        return ranking[0]
+    return next(b for b in dispatch.CANDIDATES if b not in failed)
+
+
+def markdown_table(
+    rows: list[dict], plots_dir: Path | None, readme_dir: Path, gpu_tests: list[dict] = ()
+) -> str:
+    """The measured rows as markdown, per card (newest first): the latest measurement of
+    each shape and dtype, the backend `auto` runs there, and in words which cases gpurnn
+    wins and which `auto` sends to cuDNN."""
+    from gpurnn import dispatch
+
     if not rows:
         return "No benchmark rows yet.\n"
-    newest = max(rows, key=lambda r: (r.get("date", ""), r.get("run_id", "")))
-    run = [r for r in rows if r.get("run_id") == newest.get("run_id")]
-    first = run[0]
-    baseline = "cuDNN" if first["device"] == "cuda" else "torch.nn on CPU"
+    table = dispatch.build(rows, gpu_tests)
+    by_card = latest_cases(rows)
+    newest_first = sorted(
+        by_card, key=lambda c: max(r["date"] for rs in by_card[c].values() for r in rs),
+        reverse=True,
+    )  # fmt: skip
+    lines: list[str] = []
+    for card in newest_first:
+        cases = sorted(by_card[card].items(), key=_case_order)
+        lines += _card_section(card, cases, table)
+    if plots_dir is not None:
+        images = [p for p in PLOTS if (Path(plots_dir) / p).exists()]
+        if images:
+            rel = Path(os.path.relpath(Path(plots_dir), readme_dir)).as_posix()
+            lines += [f"![{p[:-4].replace('_', ' ')}]({rel}/{p})" for p in images] + [""]
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def _card_section(card: str, cases, table: dict) -> list[str]:
+    from gpurnn.dispatch import IMPL_BACKENDS
+
+    all_rows = [r for _, rs in cases for r in rs]
+    first = all_rows[0]
+    on_cuda = first["device"] == "cuda"
+    baseline = "cuDNN" if on_cuda else "torch.nn on CPU"
+    runs = sorted({(r["date"], r["commit"]) for r in all_rows})
+    dates = ", ".join(sorted({d[:10] for d, _ in runs}))
+    commits = ", ".join(f"`{c}`" for c in sorted({c for _, c in runs}))
     lines = [
-        f"Latest run: **{first['card']}** ({first['device']}), {first['date']}, "
-        f"commit `{first['commit']}`, torch {first['torch']}, triton {first['triton'] or '-'}, "
-        f"cuDNN {first['cudnn'] or '-'}, driver {first['driver'] or '-'}. "
-        f"Times are medians in ms; × is the speedup over {baseline} in the same run; "
-        "err is the largest forward error against torch.nn in fp32.",
+        f"**{card}** ({first['device']}), measured {dates}, commit {commits}: torch "
+        f"{first['torch']}, triton {first['triton'] or '-'}, cuDNN {first['cudnn'] or '-'}, "
+        f"driver {first['driver'] or '-'}. Whole layers (input projection included), median "
+        f"ms; × is {baseline}'s time ÷ this time in the same run (above 1: faster than "
+        f"{baseline}); err is the largest forward error against torch.nn in fp32. "
+        f'*auto* marks the implementation `backend="auto"` runs for that case.',
         "",
         "| shape | dtype | impl | fwd ms | × | fwd+bwd ms | × | peak MB | err | status |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
-    cases: dict[tuple, dict[str, dict[str, dict]]] = {}
-    for r in run:
-        cases.setdefault((r["suite"], r["shape"], r["dtype"]), {}).setdefault(r["impl"], {})[
-            r["mode"]
-        ] = r
-    for (suite, shape, dtype), by_impl in cases.items():
+    wins, routed = [], []
+    for (shape, dtype), case_rows in cases:
+        auto = _auto_choice(table, card, case_rows[0])
+        by_impl: dict[str, dict[str, dict]] = {}
+        for r in case_rows:
+            by_impl.setdefault(r["impl"], {})[r["mode"]] = r
+        auto_impl = None
+        if auto is not None:
+            # the row that stands for what auto runs: its gpurnn row, or cuDNN for torch
+            names = [i for i in by_impl if IMPL_BACKENDS.get(i) == auto]
+            auto_impl = next((i for i in names if i != "gpurnn-torch"), names[0] if names else None)
         for impl, modes in by_impl.items():
             f, b = modes.get("fwd", {}), modes.get("fwdbwd", {})
             errs = [e for e in map(_float, (f.get("max_err"), b.get("max_err"))) if e is not None]
             statuses = sorted({r["status"] for r in (f, b) if r})
             status = "ok" if statuses == ["ok"] else "; ".join(s for s in statuses if s != "ok")
             status = status.replace("|", "/")[:80]
+            name = f"{impl} *auto*" if impl == auto_impl else impl
             lines.append(
-                f"| {suite}/{shape} | {dtype} | {impl} | {f.get('ms', '')} | "
+                f"| {shape} | {dtype} | {name} | {f.get('ms', '')} | "
                 f"{f.get('speedup_vs_cudnn', '')} | {b.get('ms', '')} | "
                 f"{b.get('speedup_vs_cudnn', '')} | {b.get('peak_mem_mb', '')} | "
                 f"{format(max(errs), '.1e') if errs else ''} | {status} |"
             )
-    if plots_dir is not None:
-        images = [p for p in PLOTS if (Path(plots_dir) / p).exists()]
-        if images:
-            rel = Path(os.path.relpath(Path(plots_dir), readme_dir)).as_posix()
+        if on_cuda and auto is not None:
+            kernels = {
+                i: _float(m.get("fwdbwd", {}).get("speedup_vs_cudnn"))
+                for i, m in by_impl.items()
+                if IMPL_BACKENDS.get(i) in ("triton", "cupy")
+                and m.get("fwdbwd", {}).get("status") == "ok"
+            }
+            kernels = {i: x for i, x in kernels.items() if x is not None}
+            if not kernels:
+                continue
+            best = max(kernels, key=kernels.get)
+            label = f"{shape} {dtype} ({best} {kernels[best]:.3g}×)"
+            (routed if auto == "torch" else wins).append(label)
+    if on_cuda and (wins or routed):
+        lines.append("")
+        if wins:
+            lines.append(
+                "gpurnn is faster than cuDNN in training (fwd+bwd) at: " + "; ".join(wins) + "."
+            )
             lines.append("")
-            lines += [f"![{p[:-4].replace('_', ' ')}]({rel}/{p})" for p in images]
-    return "\n".join(lines) + "\n"
+        if routed:
+            lines.append(
+                "cuDNN is still faster at: " + "; ".join(routed) + ". There `auto` runs "
+                "torch.nn's own cuDNN layers (backend `torch`), so a converted model is not "
+                'slower than torch.nn at these shapes; `backend="triton"` still runs the '
+                "kernels."
+            )
+            lines.append("")
+    if lines[-1] != "":
+        lines.append("")
+    return lines
 
 
 def update_readme(readme: Path, table: str) -> None:
@@ -286,7 +395,10 @@ def run(args) -> int:
     if args.readme:
         readme = Path(args.readme)
         try:
-            update_readme(readme, markdown_table(rows, Path(args.out), readme.resolve().parent))
+            tests = csv_path.with_name("gpu_tests.csv")
+            gpu_tests = read_rows(tests) if tests.exists() else []
+            table = markdown_table(rows, Path(args.out), readme.resolve().parent, gpu_tests)
+            update_readme(readme, table)
         except (OSError, ValueError) as e:
             print(f"gpurnn plot: {e}", file=sys.stderr)
             return 1

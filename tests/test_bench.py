@@ -261,10 +261,145 @@ def test_readme_table_is_regenerated_between_markers(smoke_csv, tmp_path):
     assert text.startswith("# title\n\nbefore\n") and text.endswith(f"{plot.END}\nafter\n")
     assert "stale table" not in text
     row = _rows(smoke_csv)[0]
-    assert row["card"] in text and row["date"] in text
-    assert "| smoke/lstm-T8-B2-H16 | fp32 | gpurnn-torch |" in text
+    assert f"**{row['card']}**" in text and f"measured {row['date'][:10]}" in text
+    assert "| lstm-T8-B2-H16 | fp32 | gpurnn-torch *auto* |" in text  # CPU: auto is torch
     assert "](benchmarks/plots/speedup_vs_batch.png)" in text
     assert plot.main(args) == 0 and readme.read_text() == text  # idempotent
 
     readme.write_text("# no markers\n")
     assert plot.main(args) == 1
+
+
+def _cuda_row(run_id, date, shape_B, impl, mode, ms, speedup, status="ok", dtype="bf16"):
+    return {
+        "run_id": run_id, "date": date, "commit": "abc1234", "device": "cuda", "card": "H100",
+        "driver": "580", "torch": "2.11", "triton": "3.6", "cudnn": "91900", "cuda": "13.0",
+        "gpurnn": "0.1.0", "suite": "flashrnn", "shape": f"lstm-T1024-B{shape_B}-H768",
+        "cell": "lstm", "T": "1024", "B": str(shape_B), "H": "768", "input_size": "768",
+        "layers": "1", "bidirectional": "0", "varlen": "", "dtype": dtype, "impl": impl,
+        "mode": mode, "status": status, "ms": str(ms), "speedup_vs_cudnn": str(speedup),
+        "max_err": "3e-03",
+    }  # fmt: skip
+
+
+def test_readme_table_says_where_gpurnn_wins_and_where_auto_runs_cudnn(tmp_path):
+    rows = []
+    for mode in ("fwd", "fwdbwd"):
+        # an older run at B=64 where triton was faster is superseded by the newer one
+        rows += [
+            _cuda_row("old", "2026-11-26T00:00:00Z", 64, "cudnn", mode, 20, 1),
+            _cuda_row("old", "2026-11-26T00:00:00Z", 64, "gpurnn-triton", mode, 10, 2),
+            _cuda_row("new", "2026-11-27T00:00:00Z", 16, "cudnn", mode, 40, 1),
+            _cuda_row("new", "2026-11-27T00:00:00Z", 16, "gpurnn-triton", mode, 25, 1.6),
+            _cuda_row("new", "2026-11-27T00:00:00Z", 64, "cudnn", mode, 20, 1),
+            _cuda_row("new", "2026-11-27T00:00:00Z", 64, "gpurnn-triton", mode, 40, 0.5),
+        ]
+    text = plot.markdown_table(rows, None, tmp_path)
+    assert "**H100** (cuda), measured 2026-11-27, commit `abc1234`" in text
+    assert "| lstm-T1024-B16-H768 | bf16 | gpurnn-triton *auto* | 25 | 1.6 | 25 | 1.6 |" in text
+    assert "| lstm-T1024-B64-H768 | bf16 | cudnn *auto* | 20 | 1 | 20 | 1 |" in text
+    assert "| lstm-T1024-B64-H768 | bf16 | gpurnn-triton | 40 | 0.5 |" in text
+    assert "| 10 |" not in text  # only the latest run of each case
+    assert "faster than cuDNN in training (fwd+bwd) at: lstm-T1024-B16-H768 bf16 (gpurnn-" in text
+    assert "cuDNN is still faster at: lstm-T1024-B64-H768 bf16 (gpurnn-triton 0.5×)" in text
+    # a backend whose GPU tests failed on the card is not what auto runs
+    failed = [{"date": "2026-11-27", "card": "H100", "backend": "triton", "status": "failed"}]
+    text = plot.markdown_table(rows, None, tmp_path, failed)
+    assert "| lstm-T1024-B16-H768 | bf16 | cudnn *auto* |" in text
+    assert "gpurnn is faster" not in text
+
+
+def _git(cwd, *args):
+    import subprocess
+
+    return subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@example.com", *args],
+        cwd=cwd, capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+
+
+def _repo(path):
+    path.mkdir(parents=True)
+    _git(path, "init", "-q")
+    (path / "f.txt").write_text("one\n")
+    _git(path, "add", "f.txt")
+    _git(path, "commit", "-q", "-m", "first")
+    return _git(path, "rev-parse", "--short", "HEAD")
+
+
+def test_commit_is_the_packages_own_checkout_or_unknown(tmp_path, monkeypatch):
+    # the package's parent is the top of a repository: that repository's commit
+    own = tmp_path / "project"
+    head = _repo(own)
+    assert bench.project_commit(own) == head
+    (own / "f.txt").write_text("changed\n")
+    assert bench.project_commit(own) == head + "+dirty"
+    # a copy of the package inside some other repository (a vendored folder, a home
+    # directory under git): not that repository's commit
+    outer = tmp_path / "outer"
+    _repo(outer)
+    vendored = outer / "vendor" / "project"
+    vendored.mkdir(parents=True)
+    assert bench.project_commit(vendored) == "unknown"
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    assert bench.project_commit(plain) == "unknown"
+    # and that is what a run records
+    monkeypatch.setattr(bench, "REPO_ROOT", vendored)
+    meta = bench.run_metadata(torch.device("cpu"))
+    assert meta["commit"] == "unknown" and meta["run_id"].endswith("-unknown")
+    monkeypatch.setattr(bench, "REPO_ROOT", own)
+    assert bench.run_metadata(torch.device("cpu"))["commit"] == head + "+dirty"
+
+
+def test_device_check_dry_run(tmp_path):
+    """benchmarks/device_check.sh with DRY_RUN=1 on this CPU machine: every stage with
+    tiny cases, a stand-in nvidia-smi on PATH. Checks the script itself (order, limits,
+    progress lines, what lands in $OUT), not the GPU."""
+    import os
+    import stat
+    import subprocess
+    import sys
+
+    bin_dir, out = tmp_path / "bin", tmp_path / "out"
+    bin_dir.mkdir()
+    smi = bin_dir / "nvidia-smi"
+    smi.write_text('#!/bin/sh\necho "stand-in nvidia-smi $*"\n')
+    smi.chmod(smi.stat().st_mode | stat.S_IXUSR)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TRITON_INTERPRET")}
+    env.update(
+        PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", PYTHON=sys.executable, OUT=str(out),
+        DRY_RUN="1",
+    )  # fmt: skip
+    for name in ("TOTAL", "TRITON_TESTS", "CHECK", "BENCH", "STEP", "CUPY_TESTS", "PLOT"):
+        env.pop(f"{name}_LIMIT", None)
+    script = bench.REPO_ROOT / "benchmarks" / "device_check.sh"
+    done = subprocess.run(
+        ["bash", str(script)], env=env, capture_output=True, text=True, timeout=900
+    )
+    log = done.stdout
+    stage_lines = "\n".join(line for line in log.splitlines() if line.startswith("=="))
+    assert done.returncode == 0, f"{stage_lines}\n...\n{log[-2000:]}{done.stderr[-2000:]}"
+    assert "stand-in nvidia-smi" in log
+    stages = [line.split(" (limit")[0][3:] for line in log.splitlines() if "(limit" in line]
+    assert stages == [
+        "triton gpu tests", "check", "bench", "step timing", "cupy gpu tests", "plot"
+    ]  # fmt: skip
+    # a line per case as it finishes, in every stage
+    assert "test_real_size_vs_reference[lstm-bfloat16] SKIPPED" in log  # pytest -v
+    assert "[1/5] torch   rnn_tanh" in log  # check
+    assert "[1/4] smoke/lstm-T8-B2-H16 fp32 torch.nn fwd" in log  # bench
+    assert "[1/1] lstm-fp32-H16-B2" in log  # step timing
+    assert "device check: all stages passed" in log
+    files = sorted(p.name for p in out.iterdir())
+    assert len(files) <= 8
+    assert {"device_check.log", "gpu_tests.csv", "results.csv", "step_timing.jsonl"} <= set(files)
+    assert (out / "device_check.log").read_text() == log
+    records = _rows(out / "gpu_tests.csv")
+    # no GPU: the GPU tests were all skipped, which clears and condemns nothing
+    assert [(r["backend"], r["status"]) for r in records] == [
+        ("triton", "skipped"), ("cupy", "skipped")
+    ]  # fmt: skip
+    assert [r["impl"] for r in _rows(out / "results.csv")] == ["torch.nn"] * 2 + [
+        "gpurnn-torch"
+    ] * 2

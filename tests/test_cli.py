@@ -1,6 +1,7 @@
 """`python -m gpurnn info` and `check`."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -23,6 +24,12 @@ def test_check_passes_on_cpu_backends(capsys):
     assert cli.main(["check", "--backends", "torch,numpy", "--dtypes", "fp64,fp32"]) == 0
     out = capsys.readouterr().out
     assert "40 cases checked against the float64 reference, 0 failed" in out
+    # one progress line per backend x cell x dtype, in order, each with its time
+    progress = [line for line in out.splitlines() if line.startswith("[")]
+    assert len(progress) == 2 * 5 * 2
+    for k, line in enumerate(progress, 1):
+        assert re.match(rf"\[\s*{k}/20\] (torch|numpy) +\S+ +float(64|32) +\d+\.\d\d s  ok ", line)
+    assert progress[0].split("]")[1].split()[:3] == ["torch", "rnn_tanh", "float64"]
 
 
 def test_check_fails_on_a_wrong_backend(monkeypatch, capsys):
@@ -37,6 +44,23 @@ def test_check_fails_on_a_wrong_backend(monkeypatch, capsys):
     assert cli.main(["check", "--backends", "torch", "--dtypes", "fp64"]) == 1
     out = capsys.readouterr().out
     assert "NO" in out and "failed" in out
+
+
+def test_check_reports_a_raising_backend_and_goes_on(monkeypatch, capsys):
+    backend = get_backend("torch")
+
+    def broken(self, cell, *args):
+        if cell == "gru":
+            raise RuntimeError("kernel launch failed")
+        return original(self, cell, *args)
+
+    original = type(backend).forward
+    monkeypatch.setattr(type(backend), "forward", broken)
+    assert cli.main(["check", "--backends", "torch,numpy", "--dtypes", "fp64"]) == 1
+    out = capsys.readouterr().out
+    assert "gru        float64     " in out and "FAILED  fwd error: RuntimeError: kernel" in out
+    assert "[10/10] numpy   lstm_proj" in out
+    assert "2 failed" in out  # gru, both directions; everything else still checked
 
 
 def test_demo_converts_and_trains(capsys):

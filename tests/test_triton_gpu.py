@@ -3,6 +3,12 @@
 Marked `gpu`: conftest.py skips them without CUDA. Checked against the float64 NumPy
 reference and against torch.nn (cuDNN) in the same dtype. Errors are measured relative to
 the largest magnitude of the expected tensor (T=64 steps of bf16 rounding accumulate).
+
+Every case compiles its own kernel variants on a cold machine (seconds each), so the
+default GPU set (`-m "gpu and not slow"`, what benchmarks/device_check.sh runs first) is
+one case per code path: every cell in bf16, each dtype once, each plan (resident,
+streamed, several batch tiles, per-step launches, barrier timeout) once. The other
+cell x dtype combinations are marked `slow`: `-m "gpu and slow"` runs them.
 """
 
 from __future__ import annotations
@@ -26,6 +32,27 @@ DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # max |actual - expected| / max(1, max |expected|), per dtype (fp32 with exact "ieee" dots)
 TOL = {torch.bfloat16: 4e-2, torch.float16: 1e-2, torch.float32: 1e-4}
 TOL_TF32 = 1e-2
+
+
+def _fast_first(values, fast, ids=None):
+    """pytest params: those in `fast` join the default GPU set, the rest are marked slow."""
+    return [
+        pytest.param(*(v if isinstance(v, tuple) else (v,)), marks=() if v in fast else
+                     pytest.mark.slow, id=ids(v) if ids else None)
+        for v in values
+    ]  # fmt: skip
+
+
+def _dtype_id(dtype):
+    return str(dtype).split(".")[-1]
+
+
+def _cell_dtype_id(case):
+    return f"{case[0]}-{_dtype_id(case[1])}"
+
+
+_BF16 = torch.bfloat16
+CELL_DTYPES = [(cell, dtype) for dtype in DTYPES for cell in CELLS]
 
 
 @pytest.fixture(autouse=True)
@@ -132,8 +159,14 @@ def _exact_fp32():
     return be
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
-@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize(
+    "cell,dtype",
+    _fast_first(
+        CELL_DTYPES,
+        {*((c, _BF16) for c in CELLS), ("lstm", torch.float16), ("lstm", torch.float32)},
+        _cell_dtype_id,
+    ),
+)
 def test_real_size_vs_reference(cell, dtype):
     """H=768, B=16, T=64: 96 programs of 8 units, persistent, one barrier per step."""
     T, B, H = 64, 16, 768
@@ -144,13 +177,13 @@ def test_real_size_vs_reference(cell, dtype):
                      be=_exact_fp32())  # fmt: skip
 
 
-@pytest.mark.parametrize("cell", ("lstm", "gru"))
+@pytest.mark.parametrize("cell", _fast_first(("lstm", "gru"), {"lstm"}))
 def test_tf32_default(cell):
     case, gin = make_case(cell, 32, 16, 512, torch.float32)
     run_vs_reference(cell, case, gin, False, TOL_TF32)
 
 
-@pytest.mark.parametrize("cell", ("lstm", "gru"))
+@pytest.mark.parametrize("cell", _fast_first(("lstm", "gru"), {"lstm"}))
 def test_several_batch_tiles_and_reverse_lengths(cell):
     """B=40: three batch tiles of 16; packed lengths incl. 0 in reverse."""
     T, B, H = 24, 40, 256
@@ -160,7 +193,7 @@ def test_several_batch_tiles_and_reverse_lengths(cell):
     run_vs_reference(cell, case, gin, True, TOL[torch.float16])
 
 
-@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("cell", _fast_first(CELLS, {"lstm"}))
 def test_streamed_weights_large_H(cell):
     """H=2048: W_hh does not fit on chip; streamed from L2 each step (BH=16, persistent)."""
     T, B, H = 12, 8, 2048
@@ -170,7 +203,7 @@ def test_streamed_weights_large_H(cell):
     run_vs_reference(cell, case, gin, False, TOL[torch.bfloat16])
 
 
-@pytest.mark.parametrize("cell", ("lstm", "rnn_tanh"))
+@pytest.mark.parametrize("cell", _fast_first(("lstm", "rnn_tanh"), {"lstm"}))
 def test_per_step_launch_fallback(cell):
     T, B, H = 16, 16, 512
     case, gin = make_case(cell, T, B, H, torch.float32)
@@ -191,8 +224,10 @@ def test_barrier_timeout_raises():
     _tl.forward("lstm", c["xg"], c["w_hh"], c["h0"], c["c0"], None, False, None, False)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
-@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize(
+    "cell,dtype",
+    _fast_first(CELL_DTYPES, {("lstm", _BF16), ("gru", torch.float16)}, _cell_dtype_id),
+)
 def test_vs_torch_nn(cell, dtype):
     """Whole layer against torch.nn (cuDNN) in the same dtype: xg from the module's W_ih and
     biases, the recurrence from the triton backend."""

@@ -130,11 +130,17 @@ def choose_backend(
     projected: bool,
     hidden_size: int | None = None,
     batch_size: int | None = None,
+    torch_native: bool = False,
 ) -> str:
     """Name of the backend that runs this case: the one requested (explicit keyword, then
-    use_backend, then GPURNN_BACKEND) or a clear error. For "auto": on CUDA the GPU kernel
-    measured faster for this cell, dtype and size bucket (gpurnn.dispatch) among those
-    that run it, else the first of triton, cupy, torch that does.
+    use_backend, then GPURNN_BACKEND) or a clear error. For "auto": on CUDA the backend
+    measured fastest for this cell, dtype and size bucket (gpurnn.dispatch) among those
+    that run it, else the first of triton, cupy, torch that does; never a backend whose
+    GPU tests failed on this card.
+
+    `torch_native`: the caller runs backend "torch" as torch.nn's own layer functions
+    (cuDNN on CUDA), which is what the table measured; otherwise "torch" is the explicit
+    time loop, and a measured win of cuDNN says nothing about it.
 
     A constant for torch.compile: it depends on nothing a graph computes, and Dynamo need
     not trace the imports and environment look-ups behind it. (Pass batch_size=None when
@@ -159,11 +165,16 @@ def choose_backend(
             log.debug("gpurnn auto: skipping %s (%s)", candidate, reason)
     if not runnable:
         raise RuntimeError(f"no gpurnn backend can run cell={cell} dtype={dtype} device={device}")
-    kernels = [b for b in runnable if b in _GPU_KERNELS]
-    if len(kernels) > 1:
+    if device.type == "cuda":
         from gpurnn import dispatch
 
-        measured = dispatch.preferred(cell, dtype, hidden_size, batch_size)
-        if measured in kernels:
-            return measured
+        card = dispatch.card_name(device)
+        failed = dispatch.failed_gpu_tests(card)
+        passing = [b for b in runnable if b not in failed]
+        if passing and passing != runnable:
+            log.debug("gpurnn auto: skipping %s (GPU tests failed on %s)", failed, card)
+            runnable = passing
+        for measured in dispatch.preferred(cell, dtype, hidden_size, batch_size, card):
+            if measured in runnable and (measured != "torch" or torch_native):
+                return measured
     return runnable[0]

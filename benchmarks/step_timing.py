@@ -1,0 +1,268 @@
+"""Each Triton recurrence kernel timed alone, in µs per time step, beside cuDNN.
+
+For tuning the kernels: `forward` and `backward` of gpurnn._kernels.tl.recurrence called
+directly (no input projection, no weight-gradient GEMMs, no autograd), and in the same
+process torch.nn's LSTM/GRU/RNN (cuDNN) at the same shape, forward (no_grad) and
+forward + backward, for the ratio. cuDNN's numbers are whole layers (its input GEMM
+included), so the ratio bounds what gpurnn's whole layer can reach with these kernels.
+
+    python benchmarks/step_timing.py --out out/step_timing.jsonl
+    python benchmarks/step_timing.py --cases lstm-bf16-H768-B16 --steps 1024
+    python benchmarks/step_timing.py --dry-run      # tiny cases on CPU, Triton interpreted
+
+CUDA events around each call, warm-up (which compiles) first, the median of a few calls;
+weights stay in L2 between calls (the recurrence reads them every step anyway). Inputs as
+gpurnn's modules pass them: h0 and c0 always, b_hn for GRU, no lengths. One line per
+case as it finishes; one JSON object per case to --out, with the first call's time
+(compile included) beside each kernel's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    cell: str
+    dtype: str
+    H: int
+    B: int
+
+    @property
+    def id(self) -> str:
+        return f"{self.cell}-{self.dtype}-H{self.H}-B{self.B}"
+
+
+# the shapes the benchmarks and the dispatch table turn on, most telling first
+CASES = [
+    Case("lstm", "bf16", 768, 16),
+    Case("lstm", "bf16", 768, 64),
+    Case("lstm", "bf16", 1024, 256),
+    Case("lstm", "fp16", 768, 16),
+    Case("lstm", "bf16", 768, 1),
+    Case("gru", "bf16", 768, 16),
+    Case("rnn_tanh", "bf16", 768, 16),
+    Case("rnn_tanh", "bf16", 32, 1),
+    Case("lstm", "bf16", 128, 1),
+]
+# without a GPU: the interpreter runs fp32 only (its bf16 dot is broken), tiny sizes
+DRY_RUN_CASES = [Case("lstm", "fp32", 16, 2)]
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", help="JSON lines file (appended to)")
+    parser.add_argument("--steps", type=int, default=512, help="T (default: %(default)s)")
+    parser.add_argument("--reps", type=int, default=5, help="timed calls per kernel")
+    parser.add_argument("--cases", help="comma-separated case ids, e.g. lstm-bf16-H768-B16")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="tiny cases on CPU under the Triton interpreter"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.dry_run:
+        # read when the kernels are decorated, so before triton is first imported
+        os.environ["TRITON_INTERPRET"] = "1"
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+    import torch
+
+    import gpurnn  # noqa: F401 - maps the kernels package when run from a checkout
+    from gpurnn import bench
+
+    if not args.dry_run and not torch.cuda.is_available():
+        print("step timing: no CUDA device (--dry-run runs tiny cases on CPU)")
+        return 0
+    device = torch.device("cpu" if args.dry_run else "cuda")
+    cases = DRY_RUN_CASES if args.dry_run else CASES
+    if args.cases:
+        wanted = args.cases.split(",")
+        known = {c.id: c for c in CASES + DRY_RUN_CASES}
+        unknown = [w for w in wanted if w not in known]
+        if unknown:
+            print(f"step timing: unknown cases {unknown}; known: {', '.join(known)}")
+            return 2
+        cases = [known[w] for w in wanted]
+    T = 4 if args.dry_run else args.steps
+    meta = {
+        "card": torch.cuda.get_device_name() if device.type == "cuda" else bench.cpu_name(),
+        "torch": torch.__version__,
+        "triton": bench._version("triton"),
+        "commit": bench.project_commit(),
+    }
+    print(
+        f"step timing on {meta['card']}, T={T}, median of {args.reps}, commit {meta['commit']}",
+        flush=True,
+    )
+    failures = 0
+    for k, case in enumerate(cases, 1):
+        start = time.perf_counter()
+        try:
+            result = time_case(case, T, args.reps, device)
+        except Exception as e:  # noqa: BLE001 - one failing case is a result; go on
+            result = {"error": f"{type(e).__name__}: {e}".splitlines()[0][:300]}
+            failures += 1
+        result = {"kind": "step", "case": case.id, **dataclasses.asdict(case), "T": T,
+                  **result, **meta}  # fmt: skip
+        print(f"[{k}/{len(cases)}] {describe(result)}  ({time.perf_counter() - start:.1f} s)",
+              flush=True)  # fmt: skip
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            with open(args.out, "a") as f:
+                f.write(json.dumps(_rounded(result)) + "\n")
+    return 1 if failures else 0
+
+
+def _rounded(value):
+    """Floats to 4 significant digits: the timings are not more precise than that."""
+    if isinstance(value, float):
+        return float(f"{value:.4g}")
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    return value
+
+
+def describe(r: dict) -> str:
+    if "error" in r:
+        return f"{r['case']:22} FAILED {r['error']}"
+    return (
+        f"{r['case']:22} µs/step: triton fwd {r['triton_fwd_us']:7.2f} "
+        f"fwd+save {r['triton_fwd_save_us']:7.2f} bwd {r['triton_bwd_us']:7.2f} | "
+        f"{r['baseline']} fwd {r['baseline_fwd_us']:7.2f} fwd+bwd {r['baseline_fwdbwd_us']:7.2f} "
+        f"| ratio fwd {r['fwd_ratio']:.2f}x fwd+bwd {r['fwdbwd_ratio']:.2f}x "
+        f"| first calls {r['triton_fwd_first_s']:.1f}/{r['triton_bwd_first_s']:.1f} s"
+    )
+
+
+def time_case(case: Case, T: int, reps: int, device) -> dict:
+    import torch
+    from gpurnn._kernels.tl import recurrence as tl_rec
+
+    from gpurnn.bench import DTYPES
+
+    dtype = DTYPES[case.dtype]
+    cell, B, H = case.cell, case.B, case.H
+    G = tl_rec.GATES[cell]
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, device=device) * scale).to(dtype)
+
+    xg = rand(T, B, G * H)
+    w_hh = rand(G * H, H, scale=H**-0.5)
+    h0 = torch.zeros(B, H, device=device, dtype=dtype)
+    c0 = h0.clone() if cell == "lstm" else None
+    b_hn = rand(H) if cell == "gru" else None
+
+    def fwd(save):
+        return tl_rec.forward(cell, xg, w_hh, h0, c0, None, False, b_hn, save)
+
+    y, _, _, ws = fwd(True)
+    dy, dh_T = rand(T, B, H), rand(B, H)
+    dc_T = rand(B, H) if cell == "lstm" else None
+
+    def bwd():
+        return tl_rec.backward(cell, w_hh, h0, c0, None, False, y, ws, dy, dh_T, dc_T)
+
+    timer = _Timer(device, reps)
+    out = {}
+    out["triton_fwd_first_s"], fwd_ms = timer.first_and_median(lambda: fwd(False))
+    _, fwd_save_ms = timer.first_and_median(lambda: fwd(True))
+    out["triton_bwd_first_s"], bwd_ms = timer.first_and_median(bwd)
+
+    layer_cls = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "rnn_tanh": torch.nn.RNN}[cell]
+    layer = layer_cls(H, H).to(device, dtype)
+    x = rand(T, B, H).requires_grad_()
+    dy_layer = rand(T, B, H)
+
+    def layer_fwd():
+        with torch.no_grad():
+            layer(x)
+
+    def layer_fwdbwd():
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+        layer(x)[0].backward(dy_layer)
+
+    _, base_fwd_ms = timer.first_and_median(layer_fwd)
+    _, base_fwdbwd_ms = timer.first_and_median(layer_fwdbwd)
+
+    plan_f = _plan(tl_rec, H, B, G, dtype, device, False)
+    plan_b = _plan(tl_rec, H, B, G, dtype, device, True)
+    us = 1e3 / T
+    out.update(
+        triton_fwd_us=fwd_ms * us,
+        triton_fwd_save_us=fwd_save_ms * us,
+        triton_bwd_us=bwd_ms * us,
+        baseline="cudnn" if device.type == "cuda" else "torch.nn",
+        baseline_fwd_us=base_fwd_ms * us,
+        baseline_fwdbwd_us=base_fwdbwd_ms * us,
+        fwd_ratio=base_fwd_ms / fwd_ms,
+        fwdbwd_ratio=base_fwdbwd_ms / (fwd_save_ms + bwd_ms),
+        plan_fwd=plan_f,
+        plan_bwd=plan_b,
+    )
+    return out
+
+
+def _plan(tl_rec, H, B, G, dtype, device, backward) -> dict | str:
+    """The layout the kernels pick for this case, for the record (what make_plan says; the
+    timing does not depend on reading it)."""
+    try:
+        plan = tl_rec.make_plan(H, B, G, dtype, device, backward=backward)
+        return dataclasses.asdict(plan) if dataclasses.is_dataclass(plan) else repr(plan)
+    except Exception as e:  # noqa: BLE001 - the kernels module may change its planner
+        return f"unknown ({type(e).__name__}: {e})"
+
+
+class _Timer:
+    """First call (compile included) in seconds, then the median of `reps` calls in ms."""
+
+    def __init__(self, device, reps: int):
+        import torch
+
+        self.torch, self.cuda, self.reps = torch, device.type == "cuda", reps
+
+    def _sync(self):
+        if self.cuda:
+            self.torch.cuda.synchronize()
+
+    def first_and_median(self, fn) -> tuple[float, float]:
+        self._sync()
+        start = time.perf_counter()
+        fn()
+        self._sync()
+        first = time.perf_counter() - start
+        fn()  # a second warm call: caches, clocks
+        if not self.cuda:
+            times = []
+            for _ in range(self.reps):
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+            return first, statistics.median(times)
+        Event = self.torch.cuda.Event
+        events = [(Event(enable_timing=True), Event(enable_timing=True)) for _ in range(self.reps)]
+        for begin, end in events:
+            begin.record()
+            fn()
+            end.record()
+        self._sync()
+        return first, statistics.median(b.elapsed_time(e) for b, e in events)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
