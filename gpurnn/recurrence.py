@@ -151,6 +151,8 @@ def _differentiable_backward(ctx, xg, w_hh, h0, c0, lengths, b_hn, w_hr, dy, dh_
         )
         if needed and t is not None and t.requires_grad
     }
+    if not wanted:  # only the projection's own inputs want gradients: none pass through here
+        return (None,) * 6
     y, h_T, c_T, _ = TorchBackend().forward(
         ctx.cell, xg, w_hh, h0, c0, lengths, ctx.reverse, b_hn, w_hr, False
     )
