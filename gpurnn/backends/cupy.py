@@ -20,7 +20,9 @@ CuPy is optional: this module imports it only inside functions, and `unavailable
 says why the backend cannot run (not installed, no GPU, no NVRTC).
 
 Environment: GPURNN_CUPY_VARIANT = auto (default) | grid | cluster forces a variant where it
-can run (for measuring what each buys).
+can run (for measuring what each buys). GPURNN_DEBUG_BOUNDS=1 compiles the kernels with
+every buffer index checked (kernels/cuda/rnn_index.cuh: a trap at the first bad access) and
+synchronizes after each launch, so a failure is reported at the kernel that caused it.
 
 Workspace: the torch backend's layout, fp32: lstm (T, B, 5H) i, f, g, o, c; gru (T, B, 4H)
 r, z, n, hn; rnn none. Entries of steps past a sequence's end are 0.
@@ -246,18 +248,27 @@ def _expand_includes(name: str, seen: set[str]) -> str:
 
 
 NVRTC_OPTIONS = ("-std=c++17",)
+DEBUG_BOUNDS_OPTION = "-DGPURNN_DEBUG_BOUNDS"
+
+
+def debug_bounds() -> bool:
+    """GPURNN_DEBUG_BOUNDS=1: kernels built with bounds checks (read at every launch, so a
+    test can switch it on for one case)."""
+    return os.environ.get("GPURNN_DEBUG_BOUNDS", "0") not in ("", "0")
 
 
 @functools.cache
-def _compiled(device_index: int, name: str, cooperative: bool):
+def _compiled(device_index: int, name: str, cooperative: bool, checked: bool = False):
     """The kernel `name` (a template instantiation) for one device, compiled by NVRTC for
-    that device's architecture (CuPy also caches the binary on disk across processes)."""
+    that device's architecture (CuPy also caches the binary on disk across processes);
+    `checked`: with the bounds checks of GPURNN_DEBUG_BOUNDS."""
     import cupy
 
+    options = NVRTC_OPTIONS + ((DEBUG_BOUNDS_OPTION,) if checked else ())
     with cupy.cuda.Device(device_index):
         module = cupy.RawModule(
             code=kernel_source(),
-            options=NVRTC_OPTIONS,
+            options=options,
             name_expressions=(name,),
             enable_cooperative_groups=cooperative,
         )
@@ -269,22 +280,47 @@ def _launch(device: torch.device, plan: Plan, cell: str, dtype: torch.dtype, arg
 
     index = device.index if device.index is not None else torch.cuda.current_device()
     cooperative = plan.variant == "grid"
-    kernel = _compiled(index, plan.kernel_name(cell, dtype), cooperative)
+    checked = debug_bounds()
+    kernel = _compiled(index, plan.kernel_name(cell, dtype), cooperative, checked)
     if kernel.max_dynamic_shared_size_bytes < plan.shared_bytes:
         kernel.max_dynamic_shared_size_bytes = plan.shared_bytes
-    stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream, index)
+    stream = _cupy_stream(cupy, torch.cuda.current_stream(device), index)
+    what = (f"{plan.kernel_name(cell, dtype)} on a grid of {plan.blocks} blocks x {THREADS} "
+            f"threads with {plan.shared_bytes} B shared memory")  # fmt: skip
     try:
         with cupy.cuda.Device(index), stream:
             kernel((plan.blocks,), (THREADS,), args, shared_mem=plan.shared_bytes)
+            if checked:  # report a bounds trap here, at the kernel that hit it
+                stream.synchronize()
     except cupy.cuda.driver.CUDADriverError as e:
-        what = (f"grid of {plan.blocks} blocks x {THREADS} threads with "
-                f"{plan.shared_bytes} B shared memory")  # fmt: skip
         if "COOPERATIVE_LAUNCH_TOO_LARGE" in str(e):
             raise RuntimeError(
                 f"gpurnn cupy: the {what} cannot be co-resident on this GPU (another "
                 f"context may be using SMs); refused by the driver: {e}"
             ) from e
-        raise RuntimeError(f"gpurnn cupy: launching the {what} failed: {e}") from e
+        hint = " (GPURNN_DEBUG_BOUNDS: an index outside its buffer traps)" if checked else ""
+        raise RuntimeError(f"gpurnn cupy: running {what} failed{hint}: {e}") from e
+
+
+class _StreamHandle:
+    """A raw stream handle behind the CUDA stream protocol (for a torch without it)."""
+
+    def __init__(self, handle: int) -> None:
+        self.handle = handle
+
+    def __cuda_stream__(self) -> tuple[int, int]:
+        return (0, self.handle)
+
+
+def _cupy_stream(cupy, torch_stream, device_index: int):
+    """torch's stream as a CuPy stream, through the CUDA stream protocol
+    (`Stream.from_external`, CuPy >= 14, which deprecates `ExternalStream`)."""
+    from_external = getattr(cupy.cuda.Stream, "from_external", None)
+    if from_external is None:  # CuPy 13
+        return cupy.cuda.ExternalStream(torch_stream.cuda_stream, device_index)
+    if not hasattr(torch_stream, "__cuda_stream__"):
+        torch_stream = _StreamHandle(torch_stream.cuda_stream)
+    return from_external(torch_stream)
 
 
 def _ptr(t: Tensor | None) -> np.uint64:
