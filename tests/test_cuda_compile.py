@@ -17,6 +17,7 @@ import pytest
 
 from gpurnn.backends.cupy import (
     CELL_TYPES,
+    DEBUG_BOUNDS_OPTION,
     KERNEL_FILE,
     KERNEL_PACKAGE,
     NVRTC_OPTIONS,
@@ -91,6 +92,25 @@ def test_nvcc_compiles_without_spills(tmp_path, arch, cell):
     # latency-bound and should stay far below (headroom for the compiler across versions)
     heavy = {k: v["regs"] for k, v in kernels.items() if v["regs"] > 168}
     assert not heavy, f"unexpectedly many registers on {arch}: {heavy}"
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc not found")
+@pytest.mark.parametrize("variant", ["grid", "cluster"])
+def test_nvcc_compiles_bounds_checked_build(tmp_path, variant):
+    """GPURNN_DEBUG_BOUNDS=1 adds a check (and trap) to every buffer index: the kernels still
+    build (LSTM, every dtype; spills are allowed in this debug build)."""
+    names = [n for n in kernel_names(clusters=True)
+             if n.startswith(f"gpurnn::rnn_backward_{variant}<LstmCell,")]  # fmt: skip
+    src = tmp_path / "instantiate.cu"
+    src.write_text(_instantiation_unit(names))
+    result = subprocess.run(
+        [NVCC, "-std=c++17", "-arch=sm_90", "-cubin", "-Xptxas", "-v", DEBUG_BOUNDS_OPTION,
+         "-o", str(tmp_path / "out.cubin"), str(src)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-4000:]
+    assert len(parse_ptxas(log)) == len(names)
 
 
 def test_parse_ptxas():

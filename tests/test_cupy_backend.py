@@ -17,6 +17,7 @@ import math
 import re
 import sys
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -458,3 +459,36 @@ def test_empty_sequence_launches_nothing(monkeypatch):
     y, h_T, c_T, _ = backend.forward("lstm", torch.randn(0, 2, 16), torch.randn(16, 4), h0,
                                      torch.randn(2, 4), None, False, None, None, False)  # fmt: skip
     assert y.shape == (0, 2, 4) and torch.equal(h_T, h0)
+
+
+# ------------------------------------------------------------------ stream and debug build
+
+
+class _TorchLikeStream:
+    def __init__(self, handle, protocol):
+        self.cuda_stream = handle
+        if protocol:
+            self.__cuda_stream__ = lambda: (0, handle)
+
+
+@pytest.mark.parametrize("protocol", [True, False], ids=["stream-protocol", "raw-handle"])
+def test_torch_stream_reaches_cupy_through_from_external(protocol):
+    """torch's current stream becomes a CuPy stream with the same handle, through
+    `Stream.from_external` (no GPU needed: the handle is only wrapped)."""
+    cupy = pytest.importorskip("cupy")
+    if not hasattr(cupy.cuda.Stream, "from_external"):
+        pytest.skip("CuPy < 14 has no Stream.from_external")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)  # ExternalStream is deprecated
+        stream = cupy_backend._cupy_stream(cupy, _TorchLikeStream(0x1234, protocol), 0)
+    assert isinstance(stream, cupy.cuda.Stream) and stream.ptr == 0x1234
+
+
+@pytest.mark.parametrize("value, checked", [(None, False), ("0", False), ("", False),
+                                            ("1", True)])  # fmt: skip
+def test_debug_bounds_switch(monkeypatch, value, checked):
+    if value is None:
+        monkeypatch.delenv("GPURNN_DEBUG_BOUNDS", raising=False)
+    else:
+        monkeypatch.setenv("GPURNN_DEBUG_BOUNDS", value)
+    assert cupy_backend.debug_bounds() is checked
