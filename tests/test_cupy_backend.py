@@ -101,12 +101,14 @@ def test_unsupported_cases():
 @pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("direction", ["forward", "backward"])
-def test_plan_invariants(cell, dtype, direction):
+@pytest.mark.parametrize("variant", ["auto", "grid", "cluster"])
+def test_plan_invariants(cell, dtype, direction, variant):
     for H, B, device in itertools.product([1, 40, 96, 256, 500, 768, 1024], [1, 8, 9, 64],
                                           [H100, A100]):  # fmt: skip
-        plan = plan_launch(direction, cell, dtype, H, B, **device)
+        plan = plan_launch(direction, cell, dtype, H, B, **device, variant=variant)
         if plan is None:
             continue
+        assert plan.variant == ("cluster" if variant == "cluster" else "grid")
         assert plan.shared_bytes <= device["smem_limit"]
         assert plan.units == units_per_block(direction, cell, plan.m_tiles)
         K = H if direction == "forward" else GATES[cell] * H
@@ -119,7 +121,24 @@ def test_plan_invariants(cell, dtype, direction):
             assert device["has_clusters"]
             assert CLUSTER_SIZE * plan.units >= H
             assert plan.blocks == CLUSTER_SIZE * math.ceil(B / 8)
+            # fp32 planes, rows padded for conflict-free fragment loads, and two mbarriers
+            assert plan.ldx >= plan.KT * MMA_K[dtype] and plan.ldx % 32 in (4, 8)
+            assert plan.shared_bytes % 16 == 0
         assert plan.kernel_name(cell, dtype) in cupy_backend.kernel_names(clusters=True)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_cluster_tiles_built_are_the_tiles_used(cell, dtype, direction):
+    """The cluster instantiations compiled (`cluster_m_tiles`) are exactly those an H100
+    plan can pick for some hidden size."""
+    used = set()
+    for H in range(1, 1100, 3):
+        plan = plan_launch(direction, cell, dtype, H, 1, **H100, variant="cluster")
+        if plan is not None:
+            used.add(plan.m_tiles)
+    assert used == set(cupy_backend.cluster_m_tiles(direction, cell, dtype))
 
 
 def test_plan_covers_the_benchmark_shapes():
@@ -129,10 +148,15 @@ def test_plan_covers_the_benchmark_shapes():
     ):
         plan = plan_launch(direction, cell, dtype, 768, 16, **H100)
         assert plan is not None and plan.variant == "grid", (cell, dtype, direction)
-    small = plan_launch("forward", "lstm", torch.bfloat16, 128, 4, **H100)
-    assert small.variant == "cluster"
-    forced = plan_launch("forward", "lstm", torch.bfloat16, 128, 4, **H100, variant="grid")
-    assert forced.variant == "grid"
+    # the cluster variant only when asked for (its step has not yet run on a GPU)
+    assert plan_launch("forward", "lstm", torch.bfloat16, 128, 4, **H100).variant == "grid"
+    forced = plan_launch("forward", "lstm", torch.bfloat16, 128, 4, **H100, variant="cluster")
+    assert forced.variant == "cluster"
+    for cell, H in (("lstm", 256), ("gru", 256), ("rnn_tanh", 512)):  # the GPU tests' sizes
+        for direction in ("forward", "backward"):
+            plan = plan_launch(direction, cell, torch.bfloat16, H, 16, **H100, variant="cluster")
+            assert plan is not None and plan.variant == "cluster", (cell, direction)
+    assert plan_launch("forward", "lstm", torch.bfloat16, 128, 4, **A100, variant="cluster") is None
 
 
 # ------------------------------------------------------------------ fragment packing
@@ -354,22 +378,23 @@ def test_gpu_long_sequence_matches_torch_backend(monkeypatch, gpu_report, cell, 
     gen = seeded_generator("long", cell, H)
 
     def rand(*shape, scale=1.0):
-        t = (scale * torch.randn(*shape, generator=gen)).to(dtype).cuda()
-        return t.requires_grad_(True)
+        return (scale * torch.randn(*shape, generator=gen)).to(dtype).cuda()
 
-    xg, w_hh, h0 = rand(T, B, G * H), rand(G * H, H, scale=H**-0.5), rand(B, H)
+    # recurrent weights at torch.nn's initial scale (~0.58 / sqrt(H)): over 1024 steps a
+    # gain near 1 would let 16-bit rounding grow chaotically in either backend
+    xg, w_hh, h0 = rand(T, B, G * H), rand(G * H, H, scale=0.6 * H**-0.5), rand(B, H)
     c0 = rand(B, H) if cell == "lstm" else None
     lengths = torch.randint(1, T + 1, (B,), generator=gen)
     lengths[0] = T
-    dy, dh_T = torch.randn(T, B, H, dtype=dtype, device="cuda"), torch.randn(B, H).to(dtype)
-    dc_T = torch.randn(B, H).to(dtype).cuda() if cell == "lstm" else None
+    dy, dh_T = rand(T, B, H), rand(B, H)
+    dc_T = rand(B, H) if cell == "lstm" else None
     results = {}
     for backend in ("cupy", "torch"):
         inputs = [t.detach().clone().requires_grad_(True) if t is not None else None
                   for t in (xg, w_hh, h0, c0)]  # fmt: skip
         y, h_T, c_T = gpurnn.recurrence(cell, *inputs, lengths=lengths, reverse=reverse,
                                         backend=backend)  # fmt: skip
-        outs, grads = [y, h_T], [dy, dh_T.cuda()]
+        outs, grads = [y, h_T], [dy, dh_T]
         if c_T is not None:
             outs, grads = outs + [c_T], grads + [dc_T]
         torch.autograd.backward(outs, grads)
@@ -386,7 +411,7 @@ def test_gpu_long_sequence_matches_torch_backend(monkeypatch, gpu_report, cell, 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("cell", CELLS)
-def test_gpu_matches_torch_nn(dtype, cell):
+def test_gpu_matches_torch_nn(gpu_report, dtype, cell):
     """A whole gpurnn module on backend='cupy' against torch.nn (cuDNN) with the same
     weights, bidirectional and packed: outputs, final states and input gradients."""
     if gpurnn.available_backends()["cupy"] is not None:
@@ -399,13 +424,21 @@ def test_gpu_matches_torch_nn(dtype, cell):
     x2 = x.detach().clone().requires_grad_(True)
     out_ref, hid_ref = ref(x)
     out, hid = ours(x2)
-    assert_scaled_close(out, out_ref.detach().double().cpu().numpy(), dtype, f"{cell} output")
+    assert_scaled_close(out, out_ref.detach().double().cpu().numpy(), dtype, f"{cell} output",
+                        gpu_report, "output")  # fmt: skip
     hid, hid_ref = (hid, hid_ref) if cell != "lstm" else (hid[0], hid_ref[0])
-    assert_scaled_close(hid, hid_ref.detach().double().cpu().numpy(), dtype, f"{cell} h_n")
+    assert_scaled_close(hid, hid_ref.detach().double().cpu().numpy(), dtype, f"{cell} h_n",
+                        gpu_report, "h_n")  # fmt: skip
     g = torch.randn_like(out)
     out_ref.backward(g)
     out.backward(g)
-    assert_scaled_close(x2.grad, x.grad.double().cpu().numpy(), dtype, f"{cell} dx")
+    if cell == "rnn_relu" and dtype != torch.float32:
+        # relu's derivative jumps at 0, and two 16-bit forwards (cuDNN's and ours) disagree
+        # on the sign of the pre-activations nearest 0: an O(1) gradient difference there,
+        # rightly. test_gpu_matches_reference checks relu's backward on equal signs.
+        return
+    assert_scaled_close(x2.grad, x.grad.double().cpu().numpy(), dtype, f"{cell} dx",
+                        gpu_report, "dx")  # fmt: skip
 
 
 # ------------------------------------------------------------------ launch arguments

@@ -12,16 +12,14 @@
 //   3. put    the new h (forward) or the hidden-side dgates (backward) go to the exchange.
 //   4. sync   all blocks that read that exchange pass a barrier.
 //
-// Two exchanges, one skeleton:
-//   GridExchange     a (2, Bpad, ldx) global buffer, double-buffered by step parity (one
-//                    barrier per step suffices: step s reads plane s&1 and writes the other),
-//                    read through L2 only; the barrier is a grid-wide counter (GridSync), so
-//                    the launch must be cooperative (every block resident).
-//   ClusterExchange  sm_90: the whole W_hh sits in one 8-block thread-block cluster; each
-//                    block broadcasts its slice of h into every block's shared memory (DSMEM)
-//                    and the barrier is the cluster's own. Clusters own disjoint batch groups
-//                    and never wait for each other, so no grid barrier and no cooperative
-//                    launch.
+// Two variants:
+//   grid     (here) GridExchange: a (2, Bpad, ldx) global buffer, double-buffered by step
+//            parity (one barrier per step suffices: step s reads plane s&1 and writes the
+//            other), read through L2 only; the barrier is a grid-wide counter (GridSync), so
+//            the launch must be cooperative (every block resident).
+//   cluster  (rnn_cluster.cuh, sm_90) the whole W_hh in one 8-block cluster, the exchange
+//            in distributed shared memory with asynchronous stores completing on mbarriers:
+//            no barrier at all between steps.
 //
 // Forward  A rows: gate-major within the block (row g*kUnits + u is W_hh row g*H + u0 + u),
 //          K = H, X = h_{t-1} rounded to the element type. The fp32 state (h, c) of a
@@ -75,40 +73,6 @@ struct GridExchange {
   }
   __device__ __forceinline__ void sync() { barrier.sync(); }
 };
-
-#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
-constexpr int kClusterSize = 8;
-
-template <class Elem>
-struct ClusterExchange {
-  typedef typename Elem::storage S;
-  S* buf;        // this block's shared copy: (2, 8, ldx), rows relative to row_base
-  int ldx;       // K padded, plus 16 bytes so 8 rows hit 8 different bank groups
-  int row_base;  // first batch row of this cluster
-
-  struct Reader {
-    const S* buf;
-    int plane, row0, ldx;
-    __device__ __forceinline__ u32 operator()(int r, int k) const {
-      return *reinterpret_cast<const u32*>(buf + exchange_at(plane, row0 + r, k, 8, ldx));
-    }
-  };
-  __device__ __forceinline__ Reader reader(int step, int row0) const {
-    return Reader{buf, read_plane(step), row0 - row_base, ldx};
-  }
-  __device__ __forceinline__ void broadcast(S* local, S v) const {
-#pragma unroll
-    for (u32 rank = 0; rank < kClusterSize; ++rank) st_cluster(map_shared_rank(local, rank), v);
-  }
-  __device__ __forceinline__ void put(int step, int row, int k, S v) const {
-    broadcast(buf + exchange_at(write_plane(step), row - row_base, k, 8, ldx), v);
-  }
-  __device__ __forceinline__ void put_initial(int row, int k, S v) const {
-    broadcast(buf + exchange_at(0, row - row_base, k, 8, ldx), v);
-  }
-  __device__ __forceinline__ void sync() { cluster_sync(); }
-};
-#endif
 
 // ------------------------------------------------------------------------- block GEMM
 
@@ -448,38 +412,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                                               red_after_fragments<Elem, M_TILES>(smem, KT));
 }
 
-// Cluster variant (sm_90): one cluster of 8 blocks per group of 8 batch rows, grid =
-// 8 * ceil(B / 8); block rank r owns units [r * kUnits, ...), so 8 * kUnits >= H. ldx: the
-// shared exchange row stride in elements. Declared only where clusters exist (sm_90+, and
-// the host pass of nvcc): older targets reject `__cluster_dims__` even uninstantiated.
-#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
-#define GPURNN_CLUSTER_BODY(BODY)                                                           \
-  extern __shared__ uint4 smem[];                                                           \
-  typedef typename Elem::storage S;                                                         \
-  float* red = red_after_fragments<Elem, M_TILES>(smem, KT);                                \
-  S* planes = reinterpret_cast<S*>(red + kWarps * M_TILES * 16 * 8);                        \
-  const int row0 = static_cast<int>(cluster_id_x()) * 8;                                    \
-  ClusterExchange<Elem> ex{planes, ldx, row0};                                     \
-  /* zero both planes (padding rows and columns must read as 0), then wait until every */   \
-  /* block of the cluster runs before anyone stores into another block's shared memory */   \
-  for (int i = threadIdx.x; i < 2 * 8 * ldx; i += kThreads) planes[i] = S(0);               \
-  cluster_sync();                                                                           \
-  BODY<Cell, Elem, M_TILES, 1>(a, ex, static_cast<int>(cluster_rank()), row0, row0 + 8, smem, \
-                               red);
-
-template <class Cell, class Elem, int M_TILES>
-__global__ void __cluster_dims__(kClusterSize, 1, 1) __launch_bounds__(kThreads, 1)
-    rnn_forward_cluster(GPURNN_FORWARD_PARAMS, int ldx) {
-  const ForwardArgs a = GPURNN_FORWARD_ARGS;
-  GPURNN_CLUSTER_BODY(forward_body)
-}
-
-template <class Cell, class Elem, int M_TILES>
-__global__ void __cluster_dims__(kClusterSize, 1, 1) __launch_bounds__(kThreads, 1)
-    rnn_backward_cluster(GPURNN_BACKWARD_PARAMS, int ldx) {
-  const BackwardArgs a = GPURNN_BACKWARD_ARGS;
-  GPURNN_CLUSTER_BODY(backward_body)
-}
-#endif  // clusters
-
 }  // namespace gpurnn
+
+// The sm_90 cluster variant: the same GEMM and cells, its own step loop.
+#include "rnn_cluster.cuh"
