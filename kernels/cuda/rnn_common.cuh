@@ -254,15 +254,17 @@ __device__ __forceinline__ void mbarrier_arrive_expect_tx(u64* bar, u32 bytes) {
                : "memory");
 }
 
-// Spins until the phase of parity `parity` has completed; acquire at cluster scope, so the
-// bytes other blocks stored (st.async) into this block are visible after.
+// Spins until the phase of parity `parity` has completed. The bytes a phase tracks (st.async
+// from any block of the cluster, like a multicast TMA copy) are visible to this block once
+// it completes, so the default acquire at CTA scope suffices; a cluster-scope acquire would
+// add an L1 invalidation (CCTL.IVALL) to every step.
 __device__ __forceinline__ void mbarrier_wait_parity(u64* bar, u32 parity) {
   const u32 addr = shared_addr(bar);
   u32 done;
   do {
     asm volatile(
         "{\n\t.reg .pred p;\n\t"
-        "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n\t"
+        "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n\t"
         "selp.u32 %0, 1, 0, p;\n\t}"
         : "=r"(done)
         : "r"(addr), "r"(parity)
