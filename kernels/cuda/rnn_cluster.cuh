@@ -14,6 +14,9 @@
 //   - reuse     a plane is rewritten two steps after it was read; by then every block has
 //               sent (so has finished reading) the step in between, which the writer
 //               waited for. The mbarrier phase of a plane's k-th fill has parity k & 1.
+//               This needs every receiver to be a sender too: blocks that own no unit
+//               (8 * units > H) take no part after setup, and nobody sends to them.
+//               tests/test_cluster_protocol.py model-checks the protocol.
 //   - prefetch  the next step's inputs (xg forward; dy, the workspace fields and the saved
 //               state backward) are loaded right after the current step's cell math, so
 //               their latency hides behind the wait and the GEMM.
@@ -36,14 +39,15 @@ struct AsyncClusterExchange {
   u64* bars;       // [2]: one mbarrier per plane
   int ldx;         // row stride in floats (K padded; rows land in distinct bank groups)
   int row_base;    // first batch row of this cluster
+  int ranks;       // blocks that own units (< H): they alone send and receive
   u32 fill_bytes;  // bytes one fill brings: 4 * (valid rows) * (columns sent)
   u32 parity;      // bit p: parity of the next phase of plane p to wait for
 
   // All threads. Zeroes the planes (padding must read as 0: it is never sent), initialises
   // and arms both mbarriers, and waits until every block of the cluster has done so.
   __device__ __forceinline__ void init(float* planes_, u64* bars_, int ldx_, int row_base_,
-                                       u32 fill_bytes_) {
-    planes = planes_, bars = bars_, ldx = ldx_, row_base = row_base_;
+                                       int ranks_, u32 fill_bytes_) {
+    planes = planes_, bars = bars_, ldx = ldx_, row_base = row_base_, ranks = ranks_;
     fill_bytes = fill_bytes_, parity = 0u;
     for (int i = threadIdx.x; i < 2 * 8 * ldx; i += blockDim.x) planes[i] = 0.0f;
     if (threadIdx.x == 0) {
@@ -70,8 +74,8 @@ struct AsyncClusterExchange {
   __device__ __forceinline__ void send(int plane, int row, int k, float v) const {
     const float* local = planes + exchange_at(plane, row - row_base, k, 8, ldx);
 #pragma unroll
-    for (u32 r = 0; r < kClusterSize; ++r)
-      st_async_f32(map_shared_rank(local, r), v, map_shared_rank(&bars[plane], r));
+    for (int r = 0; r < kClusterSize; ++r)
+      if (r < ranks) st_async_f32(map_shared_rank(local, r), v, map_shared_rank(&bars[plane], r));
   }
   __device__ __forceinline__ void put(int step, int row, int k, float v) const {
     send(write_plane(step), row, k, v);
@@ -347,12 +351,13 @@ __global__ void __cluster_dims__(kClusterSize, 1, 1) __launch_bounds__(kThreads,
   extern __shared__ uint4 smem[];
   const ForwardArgs a = GPURNN_FORWARD_ARGS;
   const ClusterSmem<Elem, M_TILES> mem(smem, KT, ldx);
+  constexpr int kUnits = (M_TILES * 16) / Cell::kGates;
   const int row0 = static_cast<int>(cluster_id_x()) * 8;
   const int rows = B - row0 < 8 ? B - row0 : 8;
+  const int ranks = (H + kUnits - 1) / kUnits, rank = static_cast<int>(cluster_rank());
   AsyncClusterExchange<Elem> ex;
-  ex.init(mem.planes, mem.bars, ldx, row0, 4u * rows * H);
-  cluster_forward_body<Cell, Elem, M_TILES>(a, ex, static_cast<int>(cluster_rank()), smem,
-                                            mem.red);
+  ex.init(mem.planes, mem.bars, ldx, row0, ranks, 4u * rows * H);
+  if (rank < ranks) cluster_forward_body<Cell, Elem, M_TILES>(a, ex, rank, smem, mem.red);
   cluster_sync();  // no block leaves while another could still address its shared memory
 }
 
@@ -362,12 +367,13 @@ __global__ void __cluster_dims__(kClusterSize, 1, 1) __launch_bounds__(kThreads,
   extern __shared__ uint4 smem[];
   const BackwardArgs a = GPURNN_BACKWARD_ARGS;
   const ClusterSmem<Elem, M_TILES> mem(smem, KT, ldx);
+  constexpr int kUnits = M_TILES * 16;
   const int row0 = static_cast<int>(cluster_id_x()) * 8;
   const int rows = B - row0 < 8 ? B - row0 : 8;
+  const int ranks = (H + kUnits - 1) / kUnits, rank = static_cast<int>(cluster_rank());
   AsyncClusterExchange<Elem> ex;
-  ex.init(mem.planes, mem.bars, ldx, row0, 4u * rows * Cell::kGates * H);
-  cluster_backward_body<Cell, Elem, M_TILES>(a, ex, static_cast<int>(cluster_rank()), smem,
-                                             mem.red);
+  ex.init(mem.planes, mem.bars, ldx, row0, ranks, 4u * rows * Cell::kGates * H);
+  if (rank < ranks) cluster_backward_body<Cell, Elem, M_TILES>(a, ex, rank, smem, mem.red);
   cluster_sync();
 }
 #endif  // clusters
