@@ -292,12 +292,7 @@ def _cupy_with_variant(monkeypatch, variant, cell, dtype, H, B):
     return backend
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("cell", CELLS)
-@pytest.mark.parametrize("B", [1, 11])
-@pytest.mark.parametrize("variant", ["grid", "cluster"])
-def test_gpu_matches_reference(monkeypatch, gpu_report, dtype, cell, B, variant):
+def check_against_reference(monkeypatch, gpu_report, variant, dtype, cell, B):
     """Every direction x lengths x h0 combination against the float64 reference: outputs,
     final states and every gradient."""
     T, H = 24, 96
@@ -358,14 +353,26 @@ def test_gpu_matches_reference(monkeypatch, gpu_report, dtype, cell, B, variant)
                 assert_scaled_close(t, rg[name], dtype, f"d{name} {what}", gpu_report, "d" + name)
 
 
+# in the order of what a cut-short run should still have checked: the default (grid)
+# variant, the real sizes, then the cluster variant
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("B", [1, 11])
+def test_gpu_grid_matches_reference(monkeypatch, gpu_report, dtype, cell, B):
+    check_against_reference(monkeypatch, gpu_report, "grid", dtype, cell, B)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("checked", [False, True], ids=["plain", "bounds-checked"])
 @pytest.mark.parametrize("cell, variant, H, reverse", [
     ("lstm", "grid", 768, False),  # the shape whose backward used to read past the workspace
     ("gru", "grid", 768, True),
     ("lstm", "cluster", 256, False),
     ("rnn_tanh", "cluster", 512, True),
 ])  # fmt: skip
-@pytest.mark.parametrize("checked", [False, True], ids=["plain", "bounds-checked"])
 def test_gpu_long_sequence_matches_torch_backend(monkeypatch, gpu_report, cell, variant, H,
                                                  reverse, checked):  # fmt: skip
     """Real size, T=1024, B=16, bf16, uneven lengths, against the torch backend (fp32 math,
@@ -406,6 +413,14 @@ def test_gpu_long_sequence_matches_torch_backend(monkeypatch, gpu_report, cell, 
         if ours is not None:
             expected = results["torch"][name].detach().double().cpu().numpy()
             assert_scaled_close(ours, expected, dtype, f"{name} {cell} H={H}", gpu_report, name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("B", [1, 11])
+def test_gpu_cluster_matches_reference(monkeypatch, gpu_report, dtype, cell, B):
+    check_against_reference(monkeypatch, gpu_report, "cluster", dtype, cell, B)
 
 
 @pytest.mark.gpu

@@ -28,7 +28,12 @@
 // Backward A rows: unit u is column u0 + u of W_hh (K = G*H), X = the previous backward
 //          step's hidden-side dgates. `dh_state`/`dc_state` carry what flows to step t-1
 //          besides W_hh^T dgates: dh_T/dc_T on entry, dh0/dc0 on exit. One extra GEMM after
-//          the last step adds the final W_hh^T dgates term.
+//          the last step adds the final W_hh^T dgates term. The GEMM reads the dgates of the
+//          step processed just before (t's forward successor); the saved state a step
+//          starts from (c_{t-1}, h_{t-1}) is its forward predecessor's (reverse: t + 1).
+//
+// Every time index and offset comes from rnn_index.cuh (tested on CPU, bounds-checked on
+// the GPU under GPURNN_DEBUG_BOUNDS).
 //
 // A step t is valid for batch row b iff t < lengths[b] (both directions): forward runs
 // t = 0..L-1, reverse t = L-1..0. Past the end y = 0, the state is kept (and re-published
