@@ -1204,8 +1204,9 @@ def make_plan(
     return Plan(bh, bb, n_h, n_b, resident, pers, kc, nw, False, cpt)
 
 
-def proj_weight_bytes(H: int, P: int, BH: int, BP: int, KC: int, dtype: torch.dtype,
-                      backward: bool) -> int:
+def proj_weight_bytes(
+    H: int, P: int, BH: int, BP: int, KC: int, dtype: torch.dtype, backward: bool
+) -> int:
     """Shared memory of one program's resident weights, LSTM with projection: forward
     W_hh^T (P, 4*BH) and W_hr^T (H, BP); backward W_hh (4H, BP) and W_hr (P, BH) (K padded
     to whole KC chunks)."""
