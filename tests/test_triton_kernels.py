@@ -404,18 +404,21 @@ def test_proj_float16_and_P_above_H():
     run_and_compare_proj(case, gin, True, torch.float16)
 
 
-@pytest.mark.parametrize("resident", (True, False), ids=("resident", "streamed"))
+@pytest.mark.parametrize(
+    "resident,BP", ((True, 4), (False, 4), (True, 8)), ids=("resident", "streamed", "idle")
+)
 @pytest.mark.parametrize("reverse", (False, True), ids=("fwd", "rev"))
-def test_proj_many_programs_per_phase_launches(reverse, resident):
+def test_proj_many_programs_per_phase_launches(reverse, resident, BP):
     """Units over 3 programs (8 each, the last partial), projected outputs over 3 programs
-    (4 each, the last partial), batch over 2 tiles, each phase of each step its own launch
-    (launch boundaries stand in for the two grid barriers): the exchanges of m and h
-    forward, of dh and dgates backward, across programs."""
+    (BP = 4 each, the last partial; or 8 each, the third program idle in the projection),
+    batch over 2 tiles, each phase of each step its own launch (launch boundaries stand in
+    for the two grid barriers): the exchanges of m and h forward, of dh and dgates
+    backward, across programs."""
     T, B, H, P = 4, 5, 20, 10
     L = torch.tensor([4, 2, 0, 3, 1])
-    case, gin = make_proj_case(T, B, H, P, torch.float64, lengths=L, key=("many", resident))
+    case, gin = make_proj_case(T, B, H, P, torch.float64, lengths=L, key=("many", resident, BP))
     plan = _tl.Plan(BH=8, BLOCK_B=4, n_h=3, n_b=2, resident=resident, persistent=False, KC=16,
-                    BP=4)  # fmt: skip
+                    BP=BP)  # fmt: skip
     run_and_compare_proj(case, gin, reverse, torch.float64, plan_fwd=plan, plan_bwd=plan)
 
 

@@ -818,12 +818,14 @@ def _lstmp_fwd_kernel(
             if USE_BARRIER:
                 _barrier_wait(sync_ptr, (k_bar + 1) * nprog, spin_max)
         if PHASES >= 2:
+            # a program past P loads nothing (it only keeps step with the barriers)
+            mb_p = mb & (pid_h * BP < P)
             mm = ()
             for i in tl.static_range(NKC):
                 offs_k = i * KC + tl.arange(0, KC)
                 mm = mm + (
                     tl.load(mx_ptr + mrow + hrow[:, None] + offs_k[None, :],
-                            mask=mb[:, None] & (offs_k < H)[None, :], other=0.0,
+                            mask=mb_p[:, None] & (offs_k < H)[None, :], other=0.0,
                             cache_modifier=".cg"),
                 )  # fmt: skip
             hproj = tl.zeros([BLOCK_B, BP], dtype=ACC)
@@ -940,7 +942,8 @@ def _lstmp_bwd_kernel(
                 tn = t - 1
             else:
                 tn = t + 1
-            nvalid = mb & (s > 0) & (tn < L)
+            # (a program past P loads nothing: it only keeps step with the barriers)
+            nvalid = mb & (s > 0) & (tn < L) & (pid_h * BP < P)
             # CHUNKS_PER_TRIP chunks' dgates loads (every gate) issued together, as many as
             # registers hold (as in the unprojected backward), then their dots
             acc3 = tl.zeros([GP, BLOCK_B, BP], dtype=ACC)
