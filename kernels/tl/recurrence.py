@@ -36,6 +36,13 @@ Backward runs T+1 steps in reverse processing order: dh_t = dy_t + dgates_{t+1} 
 written to dxg[t] (GRU: dn_pre*r to dhn[t] as well, the n block of d(W_hh h)). The extra
 step only folds the first step's dgates into dh0. dW_hh / db_hn are GEMMs in the backend.
 
+LSTM with projection (proj_size P: W_hh (4H, P), W_hr (P, H), h = W_hr (o * tanh c) P
+wide) runs in its own pair of kernels, `_lstmp_fwd_kernel` / `_lstmp_bwd_kernel`: two
+phases per step (gates on the own BH units, m exchanged; projection on the own BP outputs,
+h exchanged; backward: dh on the own BP outputs, exchanged; dm and the gate backward on the
+own units), each ended by a grid barrier; the per-step fallback launches each phase apart.
+The workspace is the plain LSTM's (m = o * tanh c follows from it).
+
 Workspace (what backward reads; `unpack_workspace` names the fields): (T, B, NW*H) in the
 input dtype, field k of unit j at column k*H + j:
     lstm  NW=5: i, f, g, o (activations), c (cell state after the step)
