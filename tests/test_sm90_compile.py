@@ -112,7 +112,7 @@ def compile_variant(v) -> dict:
             kw.update(CHUNKS_PER_TRIP=plan.chunks_per_trip)
         else:
             fn = R._lstmp_fwd_kernel
-            kw.update(SAVE=True)
+            kw.update(SAVE=True, CHUNKS_PER_TRIP=plan.chunks_per_trip)
     elif bwd:
         fn = R._recurrence_bwd_kernel
         kw.update(CHUNKS_PER_TRIP=plan.chunks_per_trip, GP=R._next_pow2(G))

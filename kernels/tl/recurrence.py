@@ -701,8 +701,9 @@ def _lstmp_fwd_kernel(
     T, B, s_begin, s_end, spin_max,
     G: tl.constexpr, GP: tl.constexpr, NW: tl.constexpr, H: tl.constexpr, P: tl.constexpr,
     KC: tl.constexpr, NKC: tl.constexpr, NKP: tl.constexpr, BH: tl.constexpr,
-    BP: tl.constexpr, BLOCK_B: tl.constexpr, ON_CHIP: tl.constexpr, RESIDENT: tl.constexpr,
-    HAS_LEN: tl.constexpr, REVERSE: tl.constexpr, SAVE: tl.constexpr,
+    BP: tl.constexpr, BLOCK_B: tl.constexpr, CHUNKS_PER_TRIP: tl.constexpr,
+    ON_CHIP: tl.constexpr, RESIDENT: tl.constexpr, HAS_LEN: tl.constexpr, REVERSE: tl.constexpr,
+    SAVE: tl.constexpr,
     USE_BARRIER: tl.constexpr, PHASES: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
     """LSTM with projection (W_hh (4H, P), W_hr (P, H)), two phases per step:
@@ -783,23 +784,29 @@ def _lstmp_fwd_kernel(
             ).to(ACC)  # fmt: skip
             # exchange row of h_{t-1}: t (forward; row 0 is h0) or t + 1 (reverse; row T)
             prev = (t + REVERSE).to(tl.int64) * B64 * P
-            hp = ()
-            for i in tl.static_range(NKP):
-                offs_k = i * KC + tl.arange(0, KC)
-                hp = hp + (
-                    tl.load(hx_ptr + prev + prow[:, None] + offs_k[None, :],
-                            mask=mb[:, None] & (offs_k < P)[None, :], other=0.0,
-                            cache_modifier=".cg"),
-                )  # fmt: skip
+            # CHUNKS_PER_TRIP K chunks' loads issued together, then their dots (each loaded
+            # chunk is staged in shared memory for its dot: the trip bounds how much at once)
             acc = tl.zeros([BLOCK_B, NG], dtype=ACC)
-            for i in tl.static_range(NKP):
-                if RESIDENT:
-                    wk = w_g[i]
-                else:
-                    offs_k = i * KC + tl.arange(0, KC)
-                    wk = tl.load(whh_ptr + col_n[None, :] * P + offs_k[:, None],
-                                 mask=(offs_k < P)[:, None] & mn[None, :], other=0.0)  # fmt: skip
-                acc += tl.dot(hp[i], wk, input_precision=PREC, out_dtype=ACC)
+            for c0 in tl.static_range(0, NKP, CHUNKS_PER_TRIP):
+                hp = ()
+                for ci in tl.static_range(CHUNKS_PER_TRIP):
+                    if c0 + ci < NKP:
+                        offs_k = (c0 + ci) * KC + tl.arange(0, KC)
+                        hp = hp + (
+                            tl.load(hx_ptr + prev + prow[:, None] + offs_k[None, :],
+                                    mask=mb[:, None] & (offs_k < P)[None, :], other=0.0,
+                                    cache_modifier=".cg"),
+                        )  # fmt: skip
+                for ci in tl.static_range(CHUNKS_PER_TRIP):
+                    if c0 + ci < NKP:
+                        if RESIDENT:
+                            wk = w_g[c0 + ci]
+                        else:
+                            offs_k = (c0 + ci) * KC + tl.arange(0, KC)
+                            wk = tl.load(whh_ptr + col_n[None, :] * P + offs_k[:, None],
+                                         mask=(offs_k < P)[:, None] & mn[None, :],
+                                         other=0.0)  # fmt: skip
+                        acc += tl.dot(hp[ci], wk, input_precision=PREC, out_dtype=ACC)
             a0, a1, a2, a3 = _split_gates(acc, BLOCK_B, BH, GP)
             x0, x1, x2, x3 = _split_gates(x, BLOCK_B, BH, GP)
             ig = _sigmoid(x0 + a0)
@@ -827,23 +834,27 @@ def _lstmp_fwd_kernel(
         if PHASES >= 2:
             # a program past P loads nothing (it only keeps step with the barriers)
             mb_p = mb & (pid_h * BP < P)
-            mm = ()
-            for i in tl.static_range(NKC):
-                offs_k = i * KC + tl.arange(0, KC)
-                mm = mm + (
-                    tl.load(mx_ptr + mrow + hrow[:, None] + offs_k[None, :],
-                            mask=mb_p[:, None] & (offs_k < H)[None, :], other=0.0,
-                            cache_modifier=".cg"),
-                )  # fmt: skip
             hproj = tl.zeros([BLOCK_B, BP], dtype=ACC)
-            for i in tl.static_range(NKC):
-                if RESIDENT:
-                    wk = w_r[i]
-                else:
-                    offs_k = i * KC + tl.arange(0, KC)
-                    wk = tl.load(whr_ptr + offs_p[None, :] * H + offs_k[:, None],
-                                 mask=(offs_k < H)[:, None] & mp[None, :], other=0.0)  # fmt: skip
-                hproj += tl.dot(mm[i], wk, input_precision=PREC, out_dtype=ACC)
+            for c0 in tl.static_range(0, NKC, CHUNKS_PER_TRIP):
+                mm = ()
+                for ci in tl.static_range(CHUNKS_PER_TRIP):
+                    if c0 + ci < NKC:
+                        offs_k = (c0 + ci) * KC + tl.arange(0, KC)
+                        mm = mm + (
+                            tl.load(mx_ptr + mrow + hrow[:, None] + offs_k[None, :],
+                                    mask=mb_p[:, None] & (offs_k < H)[None, :], other=0.0,
+                                    cache_modifier=".cg"),
+                        )  # fmt: skip
+                for ci in tl.static_range(CHUNKS_PER_TRIP):
+                    if c0 + ci < NKC:
+                        if RESIDENT:
+                            wk = w_r[c0 + ci]
+                        else:
+                            offs_k = (c0 + ci) * KC + tl.arange(0, KC)
+                            wk = tl.load(whr_ptr + offs_p[None, :] * H + offs_k[:, None],
+                                         mask=(offs_k < H)[:, None] & mp[None, :],
+                                         other=0.0)  # fmt: skip
+                        hproj += tl.dot(mm[ci], wk, input_precision=PREC, out_dtype=ACC)
             # h_t into its exchange row: t + 1 (forward) or t (reverse)
             out = (t + 1 - REVERSE).to(tl.int64) * B64 * P
             if SEPARATE_Y:
@@ -1227,6 +1238,12 @@ def proj_weight_bytes(
     return (kp * 4 * BH + kh * BP) * _element_size(dtype)
 
 
+# Shared memory for the exchange loads of one trip of the projected forward: every loaded
+# K chunk of m (or h) is staged there for its dot (seen in the sm_90 compile: BLOCK_B x H
+# bytes when a step loaded all of m at once, 128 KB at B=64, H=1024, bf16)
+PROJ_STAGE_BYTES = 32 * 1024
+
+
 def _make_proj_plan(H, P, B, dtype, device, *, backward, BH, BP, BLOCK_B, KC, resident,
                     persistent, num_warps, chunks_per_trip, sm_count) -> Plan:  # fmt: skip
     """Plan of the projected LSTM kernels: n_h programs (per batch tile) own BH units each
@@ -1268,9 +1285,12 @@ def _make_proj_plan(H, P, B, dtype, device, *, backward, BH, BP, BLOCK_B, KC, re
     if not resident and KC is None:
         kc = stream_kc(4, max(bh, bp), backward, dtype)
     nw = num_warps or (4 if backward and resident and bb <= 32 else 8)
-    per_chunk = 4 * bb * kc * _element_size(dtype)
-    cpt = chunks_per_trip or max(1, min(triton.cdiv(H, kc), INFLIGHT_BYTES * 32 * nw // per_chunk))
-    plan = Plan(bh, bb, n_h, n_b, resident, pers, kc, nw, False, cpt, bp)
+    if backward:  # dgates chunks of every gate, as in the unprojected backward
+        per_chunk = 4 * bb * kc * _element_size(dtype)
+        cpt = min(triton.cdiv(H, kc), INFLIGHT_BYTES * 32 * nw // per_chunk)
+    else:  # m (h) chunks, staged in shared memory
+        cpt = min(triton.cdiv(H, kc), PROJ_STAGE_BYTES // (bb * kc * _element_size(dtype)))
+    plan = Plan(bh, bb, n_h, n_b, resident, pers, kc, nw, False, chunks_per_trip or max(1, cpt), bp)
     assert plan.n_h * plan.BP >= P, plan
     return plan
 
@@ -1543,7 +1563,7 @@ def _forward_proj(xg, w_hh, w_hr, h0, c0, lengths, reverse, save, plan, precisio
         hx, y, mx, hs, cs, ws if save else dummy,
     )  # fmt: skip
     kw = dict(
-        G=4, GP=4, NW=len(WS_FIELDS["lstm"]), H=H, P=P,
+        G=4, GP=4, NW=len(WS_FIELDS["lstm"]), H=H, P=P, CHUNKS_PER_TRIP=plan.chunks_per_trip,
         HAS_LEN=lengths is not None, REVERSE=bool(reverse), SAVE=bool(save), PHASES=3,
         PREC=_prec(dt, precision), ACC=_acc_dtype(dt),
     )  # fmt: skip
