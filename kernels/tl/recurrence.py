@@ -768,6 +768,14 @@ def _lstmp_fwd_kernel(
                         mask=(offs_k < H)[:, None] & mp[None, :], other=0.0),
             )  # fmt: skip
 
+    if PHASES % 2 == 1:
+        t = _time(s_begin, T, REVERSE)
+        xv = mb & (t < L) & (s_begin < s_end)
+        x = tl.load(
+            xg_ptr + t.to(tl.int64) * B64 * (G * H) + xrow[:, None] + col_n[None, :],
+            mask=xv[:, None] & mn[None, :], other=0.0,
+        ).to(ACC)  # fmt: skip
+
     for s in range(s_begin, s_end):
         t = _time(s, T, REVERSE)
         valid = mb & (t < L)
@@ -778,10 +786,6 @@ def _lstmp_fwd_kernel(
         mrow = (s % 2) * B64 * H
         k_bar = 2 * (s - s_begin)
         if PHASES % 2 == 1:
-            x = tl.load(
-                xg_ptr + toff * (G * H) + xrow[:, None] + col_n[None, :],
-                mask=v2 & mn[None, :], other=0.0,
-            ).to(ACC)  # fmt: skip
             # exchange row of h_{t-1}: t (forward; row 0 is h0) or t + 1 (reverse; row T)
             prev = (t + REVERSE).to(tl.int64) * B64 * P
             # CHUNKS_PER_TRIP K chunks' loads issued together, then their dots (each loaded
@@ -860,7 +864,6 @@ def _lstmp_fwd_kernel(
             if SEPARATE_Y:
                 hs = tl.where(v2, hproj.to(hd).to(ACC), hs)
                 tl.store(hx_ptr + out + ownp, hs.to(hd), mask=m_ownp)
-                tl.store(y_ptr + toff * P + ownp, tl.where(v2, hproj, 0.0).to(hd), mask=m_ownp)
             else:
                 yv = tl.where(v2, hproj, 0.0).to(hd)
                 tl.store(hx_ptr + out + ownp, yv, mask=m_ownp)
@@ -868,9 +871,22 @@ def _lstmp_fwd_kernel(
             if USE_BARRIER:
                 if s + 1 < s_end:
                     _barrier_arrive(sync_ptr)
-                    _barrier_wait(sync_ptr, (k_bar + 2) * nprog, spin_max)
             else:
                 tl.debug_barrier()
+            # work that needs nobody else's data, overlapping the barrier
+            if SEPARATE_Y:
+                tl.store(y_ptr + toff * P + ownp, tl.where(v2, hproj, 0.0).to(hd), mask=m_ownp)
+        if PHASES % 2 == 1:
+            tn = _time(s + 1, T, REVERSE)
+            xv = mb & (tn < L) & (s + 1 < s_end)
+            x = tl.load(
+                xg_ptr + tn.to(tl.int64) * B64 * (G * H) + xrow[:, None] + col_n[None, :],
+                mask=xv[:, None] & mn[None, :], other=0.0,
+            ).to(ACC)  # fmt: skip
+        if PHASES >= 2:
+            if USE_BARRIER:
+                if s + 1 < s_end:
+                    _barrier_wait(sync_ptr, (k_bar + 2) * nprog, spin_max)
 
     tl.store(hs_ptr + ownp, hs, mask=m_ownp)
     tl.store(cs_ptr + own, cs, mask=m_own)
