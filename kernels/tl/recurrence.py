@@ -1006,10 +1006,10 @@ def _lstmp_bwd_kernel(
             if USE_BARRIER:
                 if s < T:
                     _barrier_arrive(sync_ptr)
-                    _barrier_wait(sync_ptr, (k_bar + 1) * nprog, spin_max)
             else:
                 tl.debug_barrier()
         if PHASES >= 2:
+            # the own units' saved fields and c_{t-1}, overlapping the barrier
             mv = v2 & mj[None, :]
             f0, f1, f2, f3, f4 = _load_fields(ws_ptr, toff * (NW * H) + wrow, offs_j, mv, H, NW,
                                               ACC)  # fmt: skip
@@ -1024,6 +1024,11 @@ def _lstmp_bwd_kernel(
                          + offs_j[None, :], mask=pvalid[:, None] & mj[None, :],
                          other=0.0).to(ACC)  # fmt: skip
             pv += tl.load(c0_ptr + own, mask=first[:, None] & mj[None, :], other=0.0).to(ACC)
+        if PHASES % 2 == 1:
+            if USE_BARRIER:
+                if s < T:
+                    _barrier_wait(sync_ptr, (k_bar + 1) * nprog, spin_max)
+        if PHASES >= 2:
             dp = ()
             for i in tl.static_range(NKP):
                 offs_k = i * KC + tl.arange(0, KC)
