@@ -301,7 +301,9 @@ def test_no_recompile_for_new_T_or_B():
     """T, B and the step range are not specialised (do_not_specialize), so a new sequence
     length or batch size reuses the compiled kernel; B only picks a size bucket (BLOCK_B)."""
     names = ["T", "B", "s_begin", "s_end", "spin_max"]
-    for k in (_tl._recurrence_fwd_kernel, _tl._recurrence_bwd_kernel):
+    kernels = (_tl._recurrence_fwd_kernel, _tl._recurrence_bwd_kernel, _tl._lstmp_fwd_kernel,
+               _tl._lstmp_bwd_kernel)  # fmt: skip
+    for k in kernels:
         if hasattr(k, "do_not_specialize"):  # compiled mode
             dns = {k.arg_names[i] if isinstance(i, int) else i for i in k.do_not_specialize}
             assert set(names) <= dns
