@@ -281,10 +281,14 @@ def _recurrence_to_onnx(
     w_hr=None,
     backend: str = "",
     save: bool = False,
+    proj_x=None,
+    proj_w=None,
+    proj_b=None,
 ):
     """gpurnn::recurrence (called directly, not through the modules): xg is already
     projected, so ONNX's input weight is the permutation that puts xg's gates in ONNX's
-    order, built at run time rather than stored."""
+    order, built at run time rather than stored. (proj_x, proj_w, proj_b, the inputs of
+    xg's projection, serve only the second-order backward: nothing to export.)"""
     import numpy as np
     import onnx_ir as ir
     from onnxscript import opset18 as op

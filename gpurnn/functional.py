@@ -15,18 +15,25 @@ from gpurnn import export
 from gpurnn.recurrence import recurrence
 
 
+def folded_biases(
+    cell: str, w_ih: Tensor, b_ih: Tensor | None, b_hh: Tensor | None
+) -> tuple[Tensor | None, Tensor | None]:
+    """The input projection's bias (b_ih + b_hh) and GRU's b_hn, which must stay inside
+    r ⊙ (W_hn h + b_hn) and so cannot be folded."""
+    if b_ih is None:
+        return None, None
+    if cell != "gru":
+        return b_ih + b_hh, None
+    H = w_ih.shape[0] // 3
+    return torch.cat([b_ih[: 2 * H] + b_hh[: 2 * H], b_ih[2 * H :]]), b_hh[2 * H :]
+
+
 def input_projection(
     cell: str, x: Tensor, w_ih: Tensor, b_ih: Tensor | None, b_hh: Tensor | None
 ) -> tuple[Tensor, Tensor | None]:
-    """xg = x W_ihᵀ + b_ih + b_hh for all steps at once, and GRU's b_hn, which must stay
-    inside r ⊙ (W_hn h + b_hn) and so cannot be folded."""
-    if b_ih is None:
-        return F.linear(x, w_ih), None
-    if cell != "gru":
-        return F.linear(x, w_ih, b_ih + b_hh), None
-    H = w_ih.shape[0] // 3
-    folded = torch.cat([b_ih[: 2 * H] + b_hh[: 2 * H], b_ih[2 * H :]])
-    return F.linear(x, w_ih, folded), b_hh[2 * H :]
+    """xg = x W_ihᵀ + b_ih + b_hh for all steps at once, and GRU's b_hn."""
+    bias, b_hn = folded_biases(cell, w_ih, b_ih, b_hh)
+    return F.linear(x, w_ih, bias), b_hn
 
 
 def rnn(
@@ -71,7 +78,8 @@ def rnn(
                 h_n.append(h_T)
                 c_n.append(c_T)
                 continue
-            xg, b_hn = input_projection(cell, layer_in, w_ih, b_ih, b_hh)
+            bias, b_hn = folded_biases(cell, w_ih, b_ih, b_hh)
+            xg = F.linear(layer_in, w_ih, bias)
             # under autocast the GEMM above runs in the autocast dtype: follow it
             dtype = xg.dtype
             y, h_T, c_T = recurrence(
@@ -85,6 +93,7 @@ def rnn(
                 b_hn=b_hn.to(dtype) if b_hn is not None else None,
                 w_hr=w_hr.to(dtype) if w_hr is not None else None,
                 backend=backend,
+                projection=(layer_in, w_ih, bias),
             )
             outputs.append(y)
             h_n.append(h_T)
@@ -109,7 +118,8 @@ def cell_step(
     if torch.compiler.is_exporting():
         _, h_new, c_new = export.layer(cell, x[None], w_ih, w_hh, b_ih, b_hh, h, c, backend=backend)
         return h_new, c_new
-    xg, b_hn = input_projection(cell, x, w_ih, b_ih, b_hh)
+    bias, b_hn = folded_biases(cell, w_ih, b_ih, b_hh)
+    xg = F.linear(x, w_ih, bias)
     dtype = xg.dtype
     _, h_new, c_new = recurrence(
         cell,
@@ -119,6 +129,7 @@ def cell_step(
         c.to(dtype) if c is not None else None,
         b_hn=b_hn.to(dtype) if b_hn is not None else None,
         backend=backend,
+        projection=(x[None], w_ih, bias),
     )
     return h_new, c_new
 

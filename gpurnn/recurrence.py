@@ -1,7 +1,7 @@
 """The one primitive every layer reduces to, as a torch.library custom op.
 
     recurrence(cell, xg, w_hh, h0=None, c0=None, *, lengths=None, reverse=False,
-               b_hn=None, w_hr=None, backend=None) -> (y, h_T, c_T)
+               b_hn=None, w_hr=None, backend=None, projection=None) -> (y, h_T, c_T)
 
 One layer, one direction. `xg` (T, B, G*H) is the input projection x W_ihᵀ + biases for
 all steps (GRU's b_hn kept apart), computed outside by one large GEMM. See gpurnn/cells.py
@@ -12,11 +12,19 @@ The op `gpurnn::recurrence` dispatches to a backend (gpurnn/backends); its autog
 registered with `torch.library.register_autograd` and runs a second op,
 `gpurnn::recurrence_backward`. Both have fake implementations, so torch.compile traces
 through a gpurnn layer with no graph break; the backend's name travels as an argument.
+
+Second-order gradients (`torch.autograd.grad(..., create_graph=True)`): the backends'
+backward kernels are not differentiable themselves, so when autograd asks for a graph of
+the backward, `_backward` reruns the forward as plain differentiable torch ops (the torch
+backend's loop) and differentiates that instead, on every backend alike. That needs xg,
+which the fused backends do not keep; layers pass `projection=(x, w_ih, bias)` (tensors
+autograd keeps for the input projection anyway) so that xg can be rebuilt instead.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from gpurnn.backends import choose_backend, get_backend
@@ -43,7 +51,11 @@ def _recurrence_op(
     w_hr: Tensor | None,
     backend: str,
     save: bool,
+    proj_x: Tensor | None,
+    proj_w: Tensor | None,
+    proj_b: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    # proj_* are read by the double backward only (see _setup_context)
     y, h_T, c_T, workspace = get_backend(backend).forward(
         cell, xg, w_hh, h0, c0, lengths, reverse, b_hn, w_hr, save
     )
@@ -51,7 +63,9 @@ def _recurrence_op(
 
 
 @_recurrence_op.register_fake
-def _recurrence_fake(cell, xg, w_hh, h0, c0, lengths, reverse, b_hn, w_hr, backend, save):
+def _recurrence_fake(
+    cell, xg, w_hh, h0, c0, lengths, reverse, b_hn, w_hr, backend, save, proj_x, proj_w, proj_b
+):
     T, B, GH = xg.shape
     H, H_out = GH // GATES[cell], w_hh.shape[1]
     shape, dtype = get_backend(backend).workspace_spec(cell, T, B, H, xg.dtype, save)
@@ -100,14 +114,21 @@ def _recurrence_backward_fake(
 
 
 def _setup_context(ctx, inputs, output):
-    cell, xg, w_hh, h0, c0, lengths, reverse, b_hn, w_hr, backend, _ = inputs
+    cell, xg, w_hh, h0, c0, lengths, reverse, b_hn, w_hr, backend, _, *projection = inputs
     y, _, _, workspace = output
     ctx.cell, ctx.reverse, ctx.backend = cell, reverse, backend
-    ctx.absent = [t is None for t in (xg, h0, c0, lengths, b_hn, w_hr)]
-    keep_xg = get_backend(backend).backward_uses_xg
+    ctx.xg_dtype = xg.dtype
+    # xg is kept when the backend's backward reads it, or when nothing else could rebuild
+    # it for a double backward; otherwise the projection's inputs stand in for it (autograd
+    # keeps them for the projection's own backward, so they cost no memory here)
+    has_projection = projection[0] is not None
+    keep_xg = get_backend(backend).backward_uses_xg or not has_projection
     ctx.keep_xg = keep_xg
+    kept = (h0, c0, lengths, b_hn, w_hr) + (tuple(projection) if not keep_xg else ())
+    ctx.absent = [t is None for t in kept]
     ctx.save_for_backward(
-        *(t for t in (xg if keep_xg else None, h0, c0, lengths, b_hn, w_hr) if t is not None),
+        xg if keep_xg else None,
+        *(t for t in kept if t is not None),
         w_hh,
         y,
         workspace,
@@ -115,40 +136,85 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(workspace)
 
 
+def _differentiable_backward(ctx, xg, w_hh, h0, c0, lengths, b_hn, w_hr, dy, dh_T, dc_T):
+    """The gradients as a differentiable function of the inputs and of (dy, dh_T, dc_T): the
+    forward rerun through the torch backend's loop (plain torch ops), differentiated with
+    create_graph=True. Exact, on any backend and device; slower than the kernels, which is
+    the price of a graph of the backward."""
+    from gpurnn.backends.torch import TorchBackend
+
+    wanted = {
+        name: t
+        for name, t, needed in zip(
+            ("xg", "w_hh", "h0", "c0", "b_hn", "w_hr"),
+            (xg, w_hh, h0, c0, b_hn, w_hr),
+            (ctx.needs_input_grad[i] for i in (1, 2, 3, 4, 7, 8)),
+        )
+        if needed and t is not None and t.requires_grad
+    }
+    if not wanted:  # only the projection's own inputs want gradients: none pass through here
+        return (None,) * 6
+    y, h_T, c_T, _ = TorchBackend().forward(
+        ctx.cell, xg, w_hh, h0, c0, lengths, ctx.reverse, b_hn, w_hr, False
+    )
+    outputs, grad_outputs = [y, h_T], [dy, dh_T]
+    if c_T is not None:
+        outputs.append(c_T)
+        grad_outputs.append(dc_T)
+    grads = dict(zip(wanted, torch.autograd.grad(
+        outputs, list(wanted.values()), grad_outputs, create_graph=True, allow_unused=True
+    )))  # fmt: skip
+    return tuple(grads.get(name) for name in ("xg", "w_hh", "h0", "c0", "b_hn", "w_hr"))
+
+
 def _backward(ctx, dy, dh_T, dc_T, _d_workspace):
     saved = list(ctx.saved_tensors)
+    xg = saved[0]
     w_hh, y, workspace = saved[-3:]
-    rest = iter(saved[:-3])
-    xg, h0, c0, lengths, b_hn, w_hr = (
-        None if absent or (i == 0 and not ctx.keep_xg) else next(rest)
-        for i, absent in enumerate(ctx.absent)
+    rest = iter(saved[1:-3])
+    h0, c0, lengths, b_hn, w_hr, *projection = (
+        None if absent else next(rest) for absent in ctx.absent
     )
     is_lstm = ctx.cell == "lstm"
     dy = dy if dy is not None else torch.zeros_like(y)
     dh_T = dh_T if dh_T is not None else y.new_zeros(y.shape[1:])
     if is_lstm and (dc_T is None or dc_T.numel() == 0):
         dc_T = y.new_zeros(y.shape[1], w_hh.shape[0] // 4)
-    d_xg, d_w_hh, *optional = _recurrence_backward_op(
-        ctx.cell,
-        xg,
-        w_hh,
-        h0,
-        c0,
-        lengths,
-        ctx.reverse,
-        b_hn,
-        w_hr,
-        y,
-        workspace,
-        dy,
-        dh_T,
-        dc_T if is_lstm else None,
-        ctx.backend,
-    )
-    d_h0, d_c0, d_b_hn, d_w_hr = (
-        g if t is not None else None for g, t in zip(optional, (h0, c0, b_hn, w_hr))
-    )
-    return None, d_xg, d_w_hh, d_h0, d_c0, None, None, d_b_hn, d_w_hr, None, None
+    if torch.is_grad_enabled():
+        # autograd wants a graph of this backward (create_graph=True): differentiate a
+        # differentiable rerun instead of the backend's kernels
+        if xg is None:
+            x, w, b = projection
+            if x.dtype != ctx.xg_dtype:  # autocast ran the projection in its own dtype
+                x, w = x.to(ctx.xg_dtype), w.to(ctx.xg_dtype)
+                b = b.to(ctx.xg_dtype) if b is not None else None
+            xg = F.linear(x, w, b)
+        d_xg, d_w_hh, d_h0, d_c0, d_b_hn, d_w_hr = _differentiable_backward(
+            ctx, xg, w_hh, h0, c0, lengths, b_hn, w_hr, dy, dh_T, dc_T if is_lstm else None
+        )
+    else:
+        d_xg, d_w_hh, *optional = _recurrence_backward_op(
+            ctx.cell,
+            xg if get_backend(ctx.backend).backward_uses_xg else None,
+            w_hh,
+            h0,
+            c0,
+            lengths,
+            ctx.reverse,
+            b_hn,
+            w_hr,
+            y,
+            workspace,
+            dy,
+            dh_T,
+            dc_T if is_lstm else None,
+            ctx.backend,
+        )
+        d_h0, d_c0, d_b_hn, d_w_hr = (
+            g if t is not None else None for g, t in zip(optional, (h0, c0, b_hn, w_hr))
+        )
+    return (None, d_xg, d_w_hh, d_h0, d_c0, None, None, d_b_hn, d_w_hr, None, None,
+            None, None, None)  # fmt: skip
 
 
 torch.library.register_autograd("gpurnn::recurrence", _backward, setup_context=_setup_context)
@@ -228,12 +294,25 @@ def recurrence(
     b_hn=None,
     w_hr=None,
     backend=None,
+    projection=None,
 ):
     """Runs one recurrent layer in one direction. Returns (y, h_T, c_T); c_T is None
-    unless cell is "lstm". Differentiable in xg, w_hh, h0, c0, b_hn and w_hr.
+    unless cell is "lstm". Differentiable in xg, w_hh, h0, c0, b_hn and w_hr, to any order.
     Bad arguments raise before any backend runs; T = 0 raises torch.nn's RuntimeError
-    ("Expected sequence length to be larger than 0"), as a torch.nn layer does."""
+    ("Expected sequence length to be larger than 0"), as a torch.nn layer does.
+
+    `projection=(x, w_ih, bias)` (bias may be None), where xg is `F.linear(x, w_ih, bias)`,
+    lets a second-order backward rebuild xg from them instead of keeping xg alive until
+    backward (backends whose backward does not read xg would otherwise keep it for that)."""
     _check_args(cell, xg, w_hh, h0, c0, lengths, b_hn, w_hr)
+    proj_x = proj_w = proj_b = None
+    if projection is not None:
+        proj_x, proj_w, proj_b = projection
+        if proj_x.shape[:-1] != xg.shape[:-1] or proj_w.shape[0] != xg.shape[-1]:
+            raise ValueError(
+                f"projection must give xg = F.linear(x, w_ih, bias) of shape "
+                f"{tuple(xg.shape)}, got x {tuple(proj_x.shape)}, w_ih {tuple(proj_w.shape)}"
+            )
     batch = None if torch.compiler.is_compiling() else xg.shape[1]
     chosen = choose_backend(
         backend, cell, xg.device, xg.dtype, w_hr is not None, xg.shape[2] // GATES[cell], batch
@@ -244,6 +323,6 @@ def recurrence(
         t is not None and t.requires_grad for t in (xg, w_hh, h0, c0, b_hn, w_hr)
     )
     y, h_T, c_T, _ = _recurrence_op(
-        cell, xg, w_hh, h0, c0, lengths, reverse, b_hn, w_hr, chosen, save
+        cell, xg, w_hh, h0, c0, lengths, reverse, b_hn, w_hr, chosen, save, proj_x, proj_w, proj_b
     )
     return y, h_T, (c_T if cell == "lstm" else None)

@@ -74,3 +74,32 @@ def assert_close(actual, expected, dtype, what):
     assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
     assert np.isfinite(actual).all(), f"{what}: non-finite values (unwritten output?)"
     np.testing.assert_allclose(actual, expected, atol=atol, rtol=rtol, err_msg=what)
+
+
+def relu_clear_of_zero(xg, w_hh, h0, lengths, reverse, margin=2e-2):
+    """An RNN-relu input whose float64 pre-activations all sit at least `margin` away from 0.
+
+    relu's derivative is a step: where a pre-activation is within a 16-bit rounding of 0,
+    a kernel computing correctly in 16 bits may land on the other side of it than the
+    float64 reference and pass (or block) that whole gradient, which then flows on through
+    W_hh into earlier steps. Nudging xg step by step (and re-rounding to its dtype) removes
+    that ambiguity from the test instead of loosening its tolerance. Returns a new xg.
+    """
+    dt, dev = xg.dtype, xg.device
+    x = xg.detach().double().cpu().numpy().copy()
+    w = w_hh.detach().double().cpu().numpy()
+    T, B, H = x.shape
+    h = np.zeros((B, H)) if h0 is None else h0.detach().double().cpu().numpy().copy()
+    L = np.full(B, T) if lengths is None else lengths.detach().cpu().numpy()
+    for t in reversed(range(T)) if reverse else range(T):
+        valid = (t < L)[:, None]
+        for _ in range(4):  # re-rounding can move a value back inside the margin
+            pre = x[t] + h @ w.T
+            near = valid & (np.abs(pre) < margin)
+            if not near.any():
+                break
+            x[t] += np.where(near, np.where(pre >= 0, 2 * margin, -2 * margin), 0.0)
+            x[t] = torch.from_numpy(x[t]).to(dt).double().numpy()
+        pre = x[t] + h @ w.T
+        h = np.where(valid, np.maximum(pre, 0.0), h)
+    return torch.from_numpy(x).to(dt).to(dev)

@@ -17,6 +17,7 @@ import pytest
 
 from gpurnn.backends.cupy import (
     CELL_TYPES,
+    DEBUG_BOUNDS_OPTION,
     KERNEL_FILE,
     KERNEL_PACKAGE,
     NVRTC_OPTIONS,
@@ -91,6 +92,65 @@ def test_nvcc_compiles_without_spills(tmp_path, arch, cell):
     # latency-bound and should stay far below (headroom for the compiler across versions)
     heavy = {k: v["regs"] for k, v in kernels.items() if v["regs"] > 168}
     assert not heavy, f"unexpectedly many registers on {arch}: {heavy}"
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc not found")
+@pytest.mark.parametrize("variant", ["grid", "cluster"])
+def test_nvcc_compiles_bounds_checked_build(tmp_path, variant):
+    """GPURNN_DEBUG_BOUNDS=1 adds a check (and trap) to every buffer index: the kernels still
+    build (LSTM, every dtype; spills are allowed in this debug build)."""
+    names = [n for n in kernel_names(clusters=True)
+             if n.startswith(f"gpurnn::rnn_backward_{variant}<LstmCell,")]  # fmt: skip
+    src = tmp_path / "instantiate.cu"
+    src.write_text(_instantiation_unit(names))
+    result = subprocess.run(
+        [NVCC, "-std=c++17", "-arch=sm_90", "-cubin", "-Xptxas", "-v", DEBUG_BOUNDS_OPTION,
+         "-o", str(tmp_path / "out.cubin"), str(src)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-4000:]
+    assert len(parse_ptxas(log)) == len(names)
+
+
+def _cuobjdump() -> str | None:
+    try:
+        import triton  # ships a cuobjdump that reads sm_90 cubins
+    except ImportError:
+        triton = None
+    candidates = [shutil.which("cuobjdump"), "/usr/local/cuda/bin/cuobjdump"]
+    if triton is not None:
+        candidates.insert(0, os.path.join(os.path.dirname(triton.__file__), "backends",
+                                          "nvidia", "bin", "cuobjdump"))  # fmt: skip
+    for p in candidates:
+        if p and os.path.isfile(p) and os.access(p, os.X_OK):
+            return p
+    return None
+
+
+@pytest.mark.skipif(NVCC is None or _cuobjdump() is None, reason="nvcc or cuobjdump not found")
+def test_cluster_step_has_no_fence_and_no_cluster_barrier(tmp_path):
+    """The cluster variant's step waits on an mbarrier only: in the SASS the two cluster
+    barriers (each with its GPU-scope MEMBAR and L1 invalidation) are the one after setup and
+    the one before exit; with one inside the step loop there would be three."""
+    names = ["gpurnn::rnn_forward_cluster<LstmCell, BF16, 2>",
+             "gpurnn::rnn_backward_cluster<GruCell, F16, 1>"]  # fmt: skip
+    src = tmp_path / "instantiate.cu"
+    src.write_text(_instantiation_unit(names))
+    cubin = tmp_path / "out.cubin"
+    subprocess.run([NVCC, "-std=c++17", "-arch=sm_90", "-cubin", "-o", str(cubin), str(src)],
+                   check=True, capture_output=True, timeout=600)  # fmt: skip
+    sass = subprocess.run([_cuobjdump(), "-sass", str(cubin)], capture_output=True, text=True,
+                          check=True).stdout  # fmt: skip
+    functions = re.split(r"\n\s*Function : ", sass)[1:]
+    assert len(functions) == len(names)
+    for body in functions:
+        name = body.split("\n", 1)[0].strip()
+        counts = {op: len(re.findall(rf"\b{re.escape(op)}\b", body))
+                  for op in ("UCGABAR_WAIT", "MEMBAR.ALL.GPU", "CCTL.IVALL")}  # fmt: skip
+        assert counts == {"UCGABAR_WAIT": 2, "MEMBAR.ALL.GPU": 2, "CCTL.IVALL": 2}, (name, counts)
+        assert "SYNCS.PHASECHK.TRANS64.TRYWAIT" in body, name  # the mbarrier wait
+        assert "SYNCS.ARRIVE.TRANS64" in body, name  # arming a fill (expect_tx)
 
 
 def test_parse_ptxas():

@@ -23,6 +23,7 @@ from gpurnn._kernels.tl import recurrence as _tl  # noqa: E402
 from gpurnn import reference as ref  # noqa: E402
 from gpurnn.backends.triton import TritonBackend  # noqa: E402
 from tests.conftest import seeded_generator  # noqa: E402
+from tests.helpers import relu_clear_of_zero  # noqa: E402
 
 if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("interpreter tests (TRITON_INTERPRET=1, set by conftest.py without CUDA); "
@@ -48,7 +49,7 @@ def _gen(*key) -> torch.Generator:
     return seeded_generator(*key)
 
 
-def make_case(cell, T, B, H, dtype, *, h0=True, lengths=None, b_hn=True, key=()):
+def make_case(cell, T, B, H, dtype, *, h0=True, lengths=None, b_hn=True, reverse=False, key=()):
     """Random inputs of the primitive (CPU float64 master copies cast to dtype)."""
     g = _gen(cell, T, B, H, str(dtype), h0, key)
     G = _tl.GATES[cell]
@@ -65,6 +66,10 @@ def make_case(cell, T, B, H, dtype, *, h0=True, lengths=None, b_hn=True, key=())
         b_hn=rnd(H) if (b_hn and cell == "gru") else None,
         lengths=None if lengths is None else torch.as_tensor(lengths).to(DEVICE),
     )
+    if cell == "rnn_relu" and dtype == torch.float16:
+        # see relu_clear_of_zero: 16-bit rounding must not flip relu's derivative
+        case["xg"] = relu_clear_of_zero(case["xg"], case["w_hh"], case["h0"], case["lengths"],
+                                        reverse)  # fmt: skip
     grads_in = dict(dy=rnd(T, B, H), dh_T=rnd(B, H), dc_T=rnd(B, H) if cell == "lstm" else None)
     return case, grads_in
 
@@ -161,7 +166,7 @@ def _lengths(mode, B, T, key):
 def test_matches_reference(cell, reverse, lengths, h0, dtype):
     key = (cell, reverse, lengths, h0, str(dtype))
     L = _lengths(lengths, B_, T_, key)
-    case, gin = make_case(cell, T_, B_, H_, dtype, h0=h0, lengths=L, key=key)
+    case, gin = make_case(cell, T_, B_, H_, dtype, h0=h0, lengths=L, reverse=reverse, key=key)
     run_and_compare(cell, case, gin, reverse, dtype)
 
 

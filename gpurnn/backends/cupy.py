@@ -6,8 +6,9 @@ Layers, top to bottom:
             (rnn_cells.cuh), W_hh held in shared memory in tensor-core fragment order, batch
             in the mma's n=8 dimension. Two variants: `grid` (one block per unit slice, h
             exchanged through L2, a grid barrier per step: cooperative launch) and `cluster`
-            (sm_90: all of W_hh in one 8-block cluster, h exchanged through distributed
-            shared memory with a cluster barrier; one cluster per 8 batch rows).
+            (sm_90, kernels/cuda/rnn_cluster.cuh: all of W_hh in one 8-block cluster, h
+            exchanged through distributed shared memory with asynchronous stores completing
+            on mbarriers, no barrier between steps; one cluster per 8 batch rows).
   plan      `plan_launch`: which variant, tile sizes and grid for (cell, dtype, H, B) on a
             device; pure Python, testable without a GPU.
   pack      `pack_fragments`: W_hh rows/columns for each block, padded and permuted into the
@@ -20,7 +21,11 @@ CuPy is optional: this module imports it only inside functions, and `unavailable
 says why the backend cannot run (not installed, no GPU, no NVRTC).
 
 Environment: GPURNN_CUPY_VARIANT = auto (default) | grid | cluster forces a variant where it
-can run (for measuring what each buys).
+can run (for measuring what each buys). `auto` is the grid variant: the cluster variant's
+barrier-free step has not yet run on a GPU, so it is used only when asked for.
+GPURNN_DEBUG_BOUNDS=1 compiles the kernels with every buffer index checked
+(kernels/cuda/rnn_index.cuh: a trap at the first bad access) and synchronizes after each
+launch, so a failure is reported at the kernel that caused it.
 
 Workspace: the torch backend's layout, fp32: lstm (T, B, 5H) i, f, g, o, c; gru (T, B, 4H)
 r, z, n, hn; rnn none. Entries of steps past a sequence's end are 0.
@@ -67,7 +72,8 @@ A_UINT4 = {torch.float16: 1, torch.bfloat16: 1, torch.float32: 2}
 # m-tiles (16 rows of A each) per block the launcher may pick; each is one instantiation
 FORWARD_M_TILES = (1, 2, 4)
 BACKWARD_M_TILES = (1, 2)
-CLUSTER_M_TILES = (1, 2, 4, 8)
+CLUSTER_M_TILES = (1, 2, 4, 8)  # cluster_m_tiles keeps those that can fit on chip
+SM90_SMEM_LIMIT = 227 * 1024  # the largest opt-in shared memory per block of sm_90 parts
 N_TILES = (1, 2)  # 8 batch rows each: B <= 8 pays for one
 
 
@@ -86,7 +92,7 @@ class Plan:
     blocks: int  # grid size
     K: int  # reduction length: H (forward) or G*H (backward)
     KT: int  # k-tiles of MMA_K
-    ldx: int  # exchange row stride, elements
+    ldx: int  # exchange row stride: elements (grid), floats (cluster)
     batch_rows: int  # exchange rows (grid: B padded to 8*n_tiles; cluster: 8)
     shared_bytes: int
 
@@ -108,29 +114,53 @@ def fragment_bytes(dtype: torch.dtype, m_tiles: int, KT: int) -> int:
 
 
 def shared_bytes(dtype, m_tiles, n_tiles, KT, cluster_ldx=0) -> int:
-    """Dynamic shared memory: packed fragments | red | (cluster) two exchange planes."""
+    """Dynamic shared memory: packed fragments | red | (cluster) two fp32 exchange planes
+    of (8, cluster_ldx) and their two 8-byte mbarriers."""
     red = WARPS * n_tiles * 16 * m_tiles * 8 * 4
-    planes = 2 * 8 * cluster_ldx * torch.finfo(dtype).bits // 8
-    return fragment_bytes(dtype, m_tiles, KT) + red + planes
+    cluster = 2 * 8 * cluster_ldx * 4 + 2 * 8 if cluster_ldx else 0
+    return fragment_bytes(dtype, m_tiles, KT) + red + cluster
+
+
+def cluster_row_stride(dtype, K_padded: int) -> int:
+    """Floats per row of the cluster exchange planes: K padded to 32 banks, plus 8 (16-bit:
+    each lane reads 8 bytes, so a half-warp's 4 rows x 4 pairs cover 32 banks) or 4 (fp32:
+    4-byte reads, 8 rows x 4 columns) so that a fragment load has no bank conflict."""
+    return math.ceil(K_padded / 32) * 32 + (4 if dtype == torch.float32 else 8)
+
+
+@functools.cache
+def cluster_m_tiles(direction: str, cell: str, dtype: torch.dtype) -> tuple[int, ...]:
+    """The cluster variant's m-tile counts that can ever run: tile m is picked only for an H
+    beyond what the previous tile's 8 blocks cover, so one whose smallest such H already
+    overflows shared memory is never used (and neither built nor compiled)."""
+    tiles, covered = [], 0
+    for m in CLUSTER_M_TILES:
+        K = (covered + 1) * (1 if direction == "forward" else GATES[cell])
+        KT = math.ceil(K / MMA_K[dtype])
+        ldx = cluster_row_stride(dtype, KT * MMA_K[dtype])
+        if shared_bytes(dtype, m, 1, KT, ldx) <= SM90_SMEM_LIMIT:
+            tiles.append(m)
+        covered = CLUSTER_SIZE * units_per_block(direction, cell, m)
+    return tuple(tiles)
 
 
 def plan_launch(direction, cell, dtype, H, B, *, sm_count, smem_limit, has_clusters,
                 variant="auto") -> Plan | None:  # fmt: skip
     """The launch for one (layer, direction) on a device with `sm_count` SMs and
     `smem_limit` bytes of opt-in shared memory per block, or None if no variant holds its
-    W_hh slice on chip. `variant` forces "grid" or "cluster" (None if that one cannot)."""
+    W_hh slice on chip. `variant` forces "grid" or "cluster" (None if that one cannot);
+    "auto" is "grid"."""
     G = GATES[cell]
     K = H if direction == "forward" else G * H
     KT = math.ceil(K / MMA_K[dtype])
     ldx = KT * MMA_K[dtype]
-    if has_clusters and variant in ("auto", "cluster"):
+    if has_clusters and variant == "cluster":
         # smallest tile whose 8 blocks cover H; the whole W_hh then sits in the cluster
-        for m in CLUSTER_M_TILES:
+        for m in cluster_m_tiles(direction, cell, dtype):
             units = units_per_block(direction, cell, m)
             if CLUSTER_SIZE * units < H:
                 continue
-            # +16 bytes per row: the 8 rows' 32-bit fragment loads land in distinct banks
-            cluster_ldx = ldx + 16 * 8 // torch.finfo(dtype).bits
+            cluster_ldx = cluster_row_stride(dtype, ldx)
             smem = shared_bytes(dtype, m, 1, KT, cluster_ldx)
             if smem <= smem_limit:
                 return Plan(direction, "cluster", m, 1, units, CLUSTER_SIZE * math.ceil(B / 8),
@@ -163,7 +193,7 @@ def kernel_names(clusters: bool) -> list[str]:
                         plan = Plan(direction, "grid", m, n, 0, 0, 0, 0, 0, 0, 0)
                         names.append(plan.kernel_name(cell, dtype))
                 if clusters:
-                    for m in CLUSTER_M_TILES:
+                    for m in cluster_m_tiles(direction, cell, dtype):
                         plan = Plan(direction, "cluster", m, 1, 0, 0, 0, 0, 0, 0, 0)
                         names.append(plan.kernel_name(cell, dtype))
     return names
@@ -246,18 +276,27 @@ def _expand_includes(name: str, seen: set[str]) -> str:
 
 
 NVRTC_OPTIONS = ("-std=c++17",)
+DEBUG_BOUNDS_OPTION = "-DGPURNN_DEBUG_BOUNDS"
+
+
+def debug_bounds() -> bool:
+    """GPURNN_DEBUG_BOUNDS=1: kernels built with bounds checks (read at every launch, so a
+    test can switch it on for one case)."""
+    return os.environ.get("GPURNN_DEBUG_BOUNDS", "0") not in ("", "0")
 
 
 @functools.cache
-def _compiled(device_index: int, name: str, cooperative: bool):
+def _compiled(device_index: int, name: str, cooperative: bool, checked: bool = False):
     """The kernel `name` (a template instantiation) for one device, compiled by NVRTC for
-    that device's architecture (CuPy also caches the binary on disk across processes)."""
+    that device's architecture (CuPy also caches the binary on disk across processes);
+    `checked`: with the bounds checks of GPURNN_DEBUG_BOUNDS."""
     import cupy
 
+    options = NVRTC_OPTIONS + ((DEBUG_BOUNDS_OPTION,) if checked else ())
     with cupy.cuda.Device(device_index):
         module = cupy.RawModule(
             code=kernel_source(),
-            options=NVRTC_OPTIONS,
+            options=options,
             name_expressions=(name,),
             enable_cooperative_groups=cooperative,
         )
@@ -269,22 +308,47 @@ def _launch(device: torch.device, plan: Plan, cell: str, dtype: torch.dtype, arg
 
     index = device.index if device.index is not None else torch.cuda.current_device()
     cooperative = plan.variant == "grid"
-    kernel = _compiled(index, plan.kernel_name(cell, dtype), cooperative)
+    checked = debug_bounds()
+    kernel = _compiled(index, plan.kernel_name(cell, dtype), cooperative, checked)
     if kernel.max_dynamic_shared_size_bytes < plan.shared_bytes:
         kernel.max_dynamic_shared_size_bytes = plan.shared_bytes
-    stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream, index)
+    stream = _cupy_stream(cupy, torch.cuda.current_stream(device), index)
+    what = (f"{plan.kernel_name(cell, dtype)} on a grid of {plan.blocks} blocks x {THREADS} "
+            f"threads with {plan.shared_bytes} B shared memory")  # fmt: skip
     try:
         with cupy.cuda.Device(index), stream:
             kernel((plan.blocks,), (THREADS,), args, shared_mem=plan.shared_bytes)
+            if checked:  # report a bounds trap here, at the kernel that hit it
+                stream.synchronize()
     except cupy.cuda.driver.CUDADriverError as e:
-        what = (f"grid of {plan.blocks} blocks x {THREADS} threads with "
-                f"{plan.shared_bytes} B shared memory")  # fmt: skip
         if "COOPERATIVE_LAUNCH_TOO_LARGE" in str(e):
             raise RuntimeError(
                 f"gpurnn cupy: the {what} cannot be co-resident on this GPU (another "
                 f"context may be using SMs); refused by the driver: {e}"
             ) from e
-        raise RuntimeError(f"gpurnn cupy: launching the {what} failed: {e}") from e
+        hint = " (GPURNN_DEBUG_BOUNDS: an index outside its buffer traps)" if checked else ""
+        raise RuntimeError(f"gpurnn cupy: running {what} failed{hint}: {e}") from e
+
+
+class _StreamHandle:
+    """A raw stream handle behind the CUDA stream protocol (for a torch without it)."""
+
+    def __init__(self, handle: int) -> None:
+        self.handle = handle
+
+    def __cuda_stream__(self) -> tuple[int, int]:
+        return (0, self.handle)
+
+
+def _cupy_stream(cupy, torch_stream, device_index: int):
+    """torch's stream as a CuPy stream, through the CUDA stream protocol
+    (`Stream.from_external`, CuPy >= 14, which deprecates `ExternalStream`)."""
+    from_external = getattr(cupy.cuda.Stream, "from_external", None)
+    if from_external is None:  # CuPy 13
+        return cupy.cuda.ExternalStream(torch_stream.cuda_stream, device_index)
+    if not hasattr(torch_stream, "__cuda_stream__"):
+        torch_stream = _StreamHandle(torch_stream.cuda_stream)
+    return from_external(torch_stream)
 
 
 def _ptr(t: Tensor | None) -> np.uint64:

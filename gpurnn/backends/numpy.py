@@ -14,15 +14,18 @@ import torch
 from gpurnn import reference
 from gpurnn.backends.base import Backend, Grads
 
+# Both ways copy: torch marks a storage shared with NumPy as not resizable, and whoever
+# frees or regrows a parameter's or gradient's storage (FSDP does) would then fail.
+
 
 def _host(t):
-    return None if t is None else t.detach().to("cpu", torch.float64).numpy()
+    return None if t is None else t.detach().to("cpu", torch.float64, copy=True).numpy()
 
 
 def _back(a, like):
-    return (
-        None if a is None else torch.from_numpy(np.ascontiguousarray(a)).to(like.device, like.dtype)
-    )
+    if a is None:
+        return None
+    return torch.from_numpy(np.ascontiguousarray(a)).to(like.device, like.dtype, copy=True)
 
 
 class NumpyBackend(Backend):

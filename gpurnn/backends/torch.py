@@ -17,6 +17,8 @@ fp32 for 16-bit inputs:
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 
@@ -256,6 +258,35 @@ _NATIVE_CELLS = {
 }
 
 
+def native_may_use_cudnn(
+    device: torch.device, training: bool, needs_grad: bool, dropout_active: bool
+) -> bool:
+    """Whether an eager layer may let PyTorch's native RNN function run cuDNN. cuDNN's RNN
+    cannot backpropagate in eval mode ("cudnn RNN backward can only be called in training
+    mode"), draws its dropout masks from a state of its own that torch.manual_seed does not
+    reset (same seed, different masks), and is documented as nondeterministic on some
+    cuDNN/CUDA versions. PyTorch's other native path (fused cell kernels and GEMMs, what
+    torch.nn runs with cuDNN disabled) has none of these limits, so those cases go there."""
+    if torch.device(device).type != "cuda":
+        return True  # cuDNN is CUDA only: nothing to route
+    if needs_grad and not training:
+        return False
+    if dropout_active or torch.are_deterministic_algorithms_enabled():
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def cudnn_disabled():
+    """cuDNN off for the block (the flag is global; restored on the way out)."""
+    enabled = torch.backends.cudnn.enabled
+    torch.backends.cudnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.enabled = enabled
+
+
 def native_rnn(
     cell,
     input,
@@ -269,16 +300,26 @@ def native_rnn(
     bidirectional,
     batch_first,
 ):
-    """torch.nn's own call: returns (output, h_n, c_n or None)."""
+    """torch.nn's own call: returns (output, h_n, c_n or None). On CUDA, with cuDNN only
+    where `native_may_use_cudnn` allows it."""
     fn = _NATIVE_LAYERS[cell]
-    if batch_sizes is None:
-        result = fn(
-            input, hx, flat_weights, bias, num_layers, dropout, training, bidirectional, batch_first
-        )
-    else:
-        result = fn(
-            input, batch_sizes, hx, flat_weights, bias, num_layers, dropout, training, bidirectional
-        )
+    states = hx if isinstance(hx, tuple) else (hx,)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (input, *states, *flat_weights)
+    )
+    dropout_active = training and dropout > 0 and num_layers > 1
+    may_use_cudnn = native_may_use_cudnn(input.device, training, needs_grad, dropout_active)
+    with contextlib.nullcontext() if may_use_cudnn else cudnn_disabled():
+        if batch_sizes is None:
+            result = fn(
+                input, hx, flat_weights, bias, num_layers, dropout, training, bidirectional,
+                batch_first,
+            )  # fmt: skip
+        else:
+            result = fn(
+                input, batch_sizes, hx, flat_weights, bias, num_layers, dropout, training,
+                bidirectional,
+            )  # fmt: skip
     if cell == "lstm":
         return result[0], result[1], result[2]
     return result[0], result[1], None

@@ -10,7 +10,7 @@
 //   MmaTile<Elem>   one warp-level tensor-core tile D[16x8] += A[16xK] * X[8xK]^T:
 //                   m16n8k16 f16/bf16, or 3xTF32 m16n8k8 for fp32 (fp32-accurate)
 //   GridSync        software grid barrier (needs a cooperative launch: every block resident)
-//   ClusterSync     sm_90 thread-block-cluster barrier and DSMEM stores
+//   cluster         sm_90 thread-block-cluster barrier, mbarriers, asynchronous DSMEM stores
 #pragma once
 
 typedef unsigned short u16;
@@ -32,6 +32,12 @@ struct F16 {
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(v) : "f"(f));
     return v;
   }
+  // two values rounded as from_float does, `lo` in the low half (the lower address)
+  static __device__ __forceinline__ u32 pack2(float lo, float hi) {
+    u32 v;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(v) : "f"(hi), "f"(lo));
+    return v;
+  }
 };
 
 struct BF16 {
@@ -43,6 +49,11 @@ struct BF16 {
   static __device__ __forceinline__ u16 from_float(float f) {
     u16 v;
     asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(v) : "f"(f));
+    return v;
+  }
+  static __device__ __forceinline__ u32 pack2(float lo, float hi) {
+    u32 v;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(v) : "f"(hi), "f"(lo));
     return v;
   }
 };
@@ -211,20 +222,63 @@ __device__ __forceinline__ u32 cluster_id_x() {
   return r;
 }
 
+__device__ __forceinline__ u32 shared_addr(const void* local) {
+  return static_cast<u32>(__cvta_generic_to_shared(local));
+}
+
 // Address of `local` (this block's shared memory) in block `rank` of the cluster.
 __device__ __forceinline__ u32 map_shared_rank(const void* local, u32 rank) {
-  const u32 addr = static_cast<u32>(__cvta_generic_to_shared(local));
   u32 remote;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(addr), "r"(rank));
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(shared_addr(local)),
+               "r"(rank));
   return remote;
 }
 
-__device__ __forceinline__ void st_cluster_u16(u32 addr, u16 v) {
-  asm volatile("st.shared::cluster.u16 [%0], %1;" ::"r"(addr), "h"(v) : "memory");
+// mbarrier (a 64-bit shared-memory word) that completes a phase once its expected arrivals
+// have arrived and the bytes announced with expect_tx have landed (transaction count 0).
+__device__ __forceinline__ void mbarrier_init(u64* bar, u32 arrivals) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(shared_addr(bar)), "r"(arrivals)
+               : "memory");
 }
-__device__ __forceinline__ void st_cluster_f32(u32 addr, float v) {
-  asm volatile("st.shared::cluster.f32 [%0], %1;" ::"r"(addr), "f"(v) : "memory");
+
+// Makes initialised mbarriers visible to the other blocks of the cluster (before a cluster
+// barrier, after which they may signal them).
+__device__ __forceinline__ void fence_mbarrier_init_cluster() {
+  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
 }
-__device__ __forceinline__ void st_cluster(u32 addr, u16 v) { st_cluster_u16(addr, v); }
-__device__ __forceinline__ void st_cluster(u32 addr, float v) { st_cluster_f32(addr, v); }
+
+// One arrival that also announces `bytes` more to land in the current phase.
+__device__ __forceinline__ void mbarrier_arrive_expect_tx(u64* bar, u32 bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(shared_addr(bar)),
+               "r"(bytes)
+               : "memory");
+}
+
+// Spins until the phase of parity `parity` has completed. The bytes a phase tracks (st.async
+// from any block of the cluster, like a multicast TMA copy) are visible to this block once
+// it completes, so the default acquire at CTA scope suffices; a cluster-scope acquire would
+// add an L1 invalidation (CCTL.IVALL) to every step.
+__device__ __forceinline__ void mbarrier_wait_parity(u64* bar, u32 parity) {
+  const u32 addr = shared_addr(bar);
+  u32 done;
+  do {
+    asm volatile(
+        "{\n\t.reg .pred p;\n\t"
+        "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n\t"
+        "selp.u32 %0, 1, 0, p;\n\t}"
+        : "=r"(done)
+        : "r"(addr), "r"(parity)
+        : "memory");
+  } while (!done);
+}
+
+// Asynchronous 4-byte store into a cluster block's shared memory that, on landing, counts
+// its bytes off that block's mbarrier `remote_bar` (both addresses from map_shared_rank).
+// No fence and no cluster barrier: the receiver learns of it from its own mbarrier.
+__device__ __forceinline__ void st_async_f32(u32 remote_addr, float v, u32 remote_bar) {
+  asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.f32 [%0], %1, [%2];" ::"r"(
+                   remote_addr),
+               "f"(v), "r"(remote_bar)
+               : "memory");
+}
 #endif

@@ -12,16 +12,14 @@
 //   3. put    the new h (forward) or the hidden-side dgates (backward) go to the exchange.
 //   4. sync   all blocks that read that exchange pass a barrier.
 //
-// Two exchanges, one skeleton:
-//   GridExchange     a (2, Bpad, ldx) global buffer, double-buffered by step parity (one
-//                    barrier per step suffices: step s reads plane s&1 and writes the other),
-//                    read through L2 only; the barrier is a grid-wide counter (GridSync), so
-//                    the launch must be cooperative (every block resident).
-//   ClusterExchange  sm_90: the whole W_hh sits in one 8-block thread-block cluster; each
-//                    block broadcasts its slice of h into every block's shared memory (DSMEM)
-//                    and the barrier is the cluster's own. Clusters own disjoint batch groups
-//                    and never wait for each other, so no grid barrier and no cooperative
-//                    launch.
+// Two variants:
+//   grid     (here) GridExchange: a (2, Bpad, ldx) global buffer, double-buffered by step
+//            parity (one barrier per step suffices: step s reads plane s&1 and writes the
+//            other), read through L2 only; the barrier is a grid-wide counter (GridSync), so
+//            the launch must be cooperative (every block resident).
+//   cluster  (rnn_cluster.cuh, sm_90) the whole W_hh in one 8-block cluster, the exchange
+//            in distributed shared memory with asynchronous stores completing on mbarriers:
+//            no barrier at all between steps.
 //
 // Forward  A rows: gate-major within the block (row g*kUnits + u is W_hh row g*H + u0 + u),
 //          K = H, X = h_{t-1} rounded to the element type. The fp32 state (h, c) of a
@@ -30,12 +28,18 @@
 // Backward A rows: unit u is column u0 + u of W_hh (K = G*H), X = the previous backward
 //          step's hidden-side dgates. `dh_state`/`dc_state` carry what flows to step t-1
 //          besides W_hh^T dgates: dh_T/dc_T on entry, dh0/dc0 on exit. One extra GEMM after
-//          the last step adds the final W_hh^T dgates term.
+//          the last step adds the final W_hh^T dgates term. The GEMM reads the dgates of the
+//          step processed just before (t's forward successor); the saved state a step
+//          starts from (c_{t-1}, h_{t-1}) is its forward predecessor's (reverse: t + 1).
+//
+// Every time index and offset comes from rnn_index.cuh (tested on CPU, bounds-checked on
+// the GPU under GPURNN_DEBUG_BOUNDS).
 //
 // A step t is valid for batch row b iff t < lengths[b] (both directions): forward runs
 // t = 0..L-1, reverse t = L-1..0. Past the end y = 0, the state is kept (and re-published
 // to the exchange), the workspace row and dxg are 0, and dy is never read.
 #include "rnn_cells.cuh"
+#include "rnn_index.cuh"
 
 namespace gpurnn {
 
@@ -45,74 +49,35 @@ constexpr int kThreads = kWarps * 32;
 // flight to cover the latency, few enough registers to stay far from spilling.
 constexpr int kPrefetch = 4;
 
-__device__ __forceinline__ int seq_len(const long long* lengths, int b, int T) {
-  return lengths ? static_cast<int>(lengths[b]) : T;
-}
-
 // ------------------------------------------------------------------------- exchanges
 
 template <class Elem>
 struct GridExchange {
   typedef typename Elem::storage S;
-  S* buf;          // (2, Bpad, ldx), zero padding in rows >= B and columns >= K
-  size_t plane;    // Bpad * ldx
+  S* buf;    // (2, rows, ldx), zero padding in rows >= B and columns >= K
+  int rows;  // B padded to the batch group
   int ldx;
   GridSync barrier;
 
-  // row: batch row (absolute), k: element column; k even for 16-bit types
+  // r: row within the group starting at row0, k: element column (even for 16-bit types)
   struct Reader {
-    const S* base;
-    int ldx;
+    const S* buf;
+    int plane, row0, rows, ldx;
     __device__ __forceinline__ u32 operator()(int r, int k) const {
-      return ld_cg_u32(base + static_cast<size_t>(r) * ldx + k);
+      return ld_cg_u32(buf + exchange_at(plane, row0 + r, k, rows, ldx));
     }
   };
   __device__ __forceinline__ Reader reader(int step, int row0) const {
-    return Reader{buf + (step & 1) * plane + static_cast<size_t>(row0) * ldx, ldx};
+    return Reader{buf, read_plane(step), row0, rows, ldx};
   }
   __device__ __forceinline__ void put(int step, int row, int k, S v) const {
-    buf[((step + 1) & 1) * plane + static_cast<size_t>(row) * ldx + k] = v;
+    buf[exchange_at(write_plane(step), row, k, rows, ldx)] = v;
   }
   __device__ __forceinline__ void put_initial(int row, int k, S v) const {
-    buf[static_cast<size_t>(row) * ldx + k] = v;
+    buf[exchange_at(0, row, k, rows, ldx)] = v;
   }
   __device__ __forceinline__ void sync() { barrier.sync(); }
 };
-
-#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
-constexpr int kClusterSize = 8;
-
-template <class Elem>
-struct ClusterExchange {
-  typedef typename Elem::storage S;
-  S* buf;       // this block's shared copy: (2, 8, ldx), rows relative to row_base
-  int plane;    // 8 * ldx
-  int ldx;      // K padded, plus 16 bytes so 8 rows hit 8 different bank groups
-  int row_base; // first batch row of this cluster
-
-  struct Reader {
-    const S* base;
-    int ldx;
-    __device__ __forceinline__ u32 operator()(int r, int k) const {
-      return *reinterpret_cast<const u32*>(base + r * ldx + k);
-    }
-  };
-  __device__ __forceinline__ Reader reader(int step, int row0) const {
-    return Reader{buf + (step & 1) * plane + (row0 - row_base) * ldx, ldx};
-  }
-  __device__ __forceinline__ void broadcast(S* local, S v) const {
-#pragma unroll
-    for (u32 rank = 0; rank < kClusterSize; ++rank) st_cluster(map_shared_rank(local, rank), v);
-  }
-  __device__ __forceinline__ void put(int step, int row, int k, S v) const {
-    broadcast(buf + ((step + 1) & 1) * plane + (row - row_base) * ldx + k, v);
-  }
-  __device__ __forceinline__ void put_initial(int row, int k, S v) const {
-    broadcast(buf + (row - row_base) * ldx + k, v);
-  }
-  __device__ __forceinline__ void sync() { cluster_sync(); }
-};
-#endif
 
 // ------------------------------------------------------------------------- block GEMM
 
@@ -179,14 +144,15 @@ __device__ __forceinline__ float reduce_red(const float* red, int nt, int row, i
   return s;
 }
 
-// Does any batch row of [row0, row0 + 8*N_TILES) have step t inside its sequence?
+// Does any batch row of [row0, row0 + 8*N_TILES) have step t inside its sequence? (t may
+// be -1: no step, nothing active)
 template <int N_TILES>
 __device__ __forceinline__ bool group_active(const long long* lengths, int row0, int B, int T,
                                              int t) {
   int active = 0;
   if (threadIdx.x < 8 * N_TILES) {
     const int b = row0 + threadIdx.x;
-    active = (b < B && t >= 0 && t < T && t < seq_len(lengths, b, T)) ? 1 : 0;
+    active = (b < B && step_valid(t, seq_len(lengths, b, T))) ? 1 : 0;
   }
   return __syncthreads_or(active) != 0;
 }
@@ -222,9 +188,11 @@ __device__ __forceinline__ void forward_body(const ForwardArgs& a, Exchange& ex,
                                              float* red) {
   typedef typename Elem::storage S;
   constexpr int G = Cell::kGates;
+  constexpr int F = Cell::kFields;
   constexpr int kUnits = (M_TILES * 16) / G;
-  constexpr int kNF = Cell::kFields > 0 ? Cell::kFields : 1;
+  constexpr int kNF = F > 0 ? F : 1;
   const int T = a.T, B = a.B, H = a.H, u0 = unit_block * kUnits;
+  const i64 TB = static_cast<i64>(T) * B;
   const S* xg = static_cast<const S*>(a.xg);
   S* y = static_cast<S*>(a.y);
   const int n_items = kUnits * 8 * N_TILES;  // (unit, row) pairs of one batch group
@@ -236,12 +204,12 @@ __device__ __forceinline__ void forward_body(const ForwardArgs& a, Exchange& ex,
   for (int r0 = row_begin; r0 < row_end; r0 += 8 * N_TILES)
     for (int i = threadIdx.x; i < n_items; i += kThreads) {
       const int u = i % kUnits, b = r0 + i / kUnits, j = u0 + u;
-      if (b < B && j < H) ex.put_initial(b, j, Elem::from_float(a.h_state[b * H + j]));
+      if (b < B && j < H) ex.put_initial(b, j, Elem::from_float(a.h_state[at(b, j, B, H)]));
     }
   ex.sync();
 
   for (int s = 0; s < T; ++s) {
-    const int t = a.reverse ? T - 1 - s : s;
+    const int t = forward_time(s, T, a.reverse);
     for (int r0 = row_begin; r0 < row_end; r0 += 8 * N_TILES) {
       if (group_active<N_TILES>(a.lengths, r0, B, T, t)) {
         typename Exchange::Reader x[N_TILES];
@@ -259,30 +227,30 @@ __device__ __forceinline__ void forward_body(const ForwardArgs& a, Exchange& ex,
         const int u = i % kUnits, rr = i / kUnits, nt = rr >> 3, col = rr & 7;
         const int b = r0 + rr, j = u0 + u;
         if (b >= B || j >= H) continue;
-        const size_t bt = static_cast<size_t>(t) * B + b;
-        float h = a.h_state[b * H + j];
-        if (t < seq_len(a.lengths, b, T)) {
+        const i64 row = forward_row(t, b, B);
+        const i64 own = at(b, j, B, H);
+        float h = a.h_state[own];
+        if (step_valid(t, seq_len(a.lengths, b, T))) {
           float pre[G], x[G], ws[kNF];
 #pragma unroll
           for (int g = 0; g < G; ++g) {
             pre[g] = reduce_red<M_TILES, N_TILES>(red, nt, g * kUnits + u, col);
-            x[g] = Elem::to_float(xg[bt * G * H + g * H + j]);
+            x[g] = Elem::to_float(xg[at(row, g * H + j, TB, G * H)]);
           }
-          float c = Cell::kHasCell ? a.c_state[b * H + j] : 0.0f;
+          float c = Cell::kHasCell ? a.c_state[own] : 0.0f;
           Cell::forward(pre, x, a.b_hn ? a.b_hn[j] : 0.0f, h, c, ws);
-          a.h_state[b * H + j] = h;
-          if (Cell::kHasCell) a.c_state[b * H + j] = c;
-          y[bt * H + j] = Elem::from_float(h);
-          if (Cell::kFields > 0 && a.ws) {
+          a.h_state[own] = h;
+          if (Cell::kHasCell) a.c_state[own] = c;
+          y[at(row, j, TB, H)] = Elem::from_float(h);
+          if (F > 0 && a.ws) {
 #pragma unroll
-            for (int f = 0; f < Cell::kFields; ++f)
-              a.ws[bt * Cell::kFields * H + f * H + j] = ws[f];
+            for (int f = 0; f < F; ++f) a.ws[at(row, f * H + j, TB, F * H)] = ws[f];
           }
         } else {
-          y[bt * H + j] = Elem::from_float(0.0f);
-          if (Cell::kFields > 0 && a.ws) {
+          y[at(row, j, TB, H)] = Elem::from_float(0.0f);
+          if (F > 0 && a.ws) {
 #pragma unroll
-            for (int f = 0; f < Cell::kFields; ++f) a.ws[bt * Cell::kFields * H + f * H + j] = 0.0f;
+            for (int f = 0; f < F; ++f) a.ws[at(row, f * H + j, TB, F * H)] = 0.0f;
           }
         }
         ex.put(s, b, j, Elem::from_float(h));
@@ -316,9 +284,11 @@ __device__ __forceinline__ void backward_body(const BackwardArgs& a, Exchange& e
                                               uint4* a_smem, float* red) {
   typedef typename Elem::storage S;
   constexpr int G = Cell::kGates;
+  constexpr int F = Cell::kFields;
   constexpr int kUnits = M_TILES * 16;
-  constexpr int kNF = Cell::kFields > 0 ? Cell::kFields : 1;
+  constexpr int kNF = F > 0 ? F : 1;
   const int T = a.T, B = a.B, H = a.H, u0 = unit_block * kUnits;
+  const i64 TB = static_cast<i64>(T) * B;
   const S* y = static_cast<const S*>(a.y);
   const S* dy = static_cast<const S*>(a.dy);
   S* dxg = static_cast<S*>(a.dxg);
@@ -332,10 +302,10 @@ __device__ __forceinline__ void backward_body(const BackwardArgs& a, Exchange& e
 
   // s = T is the closing GEMM: it adds W_hh^T dgates of the last step to dh0.
   for (int s = 0; s <= T; ++s) {
-    const int t = a.reverse ? s : T - 1 - s;        // backward runs forward's order reversed
-    const int t_before = a.reverse ? t - 1 : t + 1;  // the step processed just before
+    const BackwardStep st = backward_step(s, T, a.reverse);
     for (int r0 = row_begin; r0 < row_end; r0 += 8 * N_TILES) {
-      if (s > 0 && group_active<N_TILES>(a.lengths, r0, B, T, t_before)) {
+      // rows whose source step lay outside their sequence published zeros: they add nothing
+      if (group_active<N_TILES>(a.lengths, r0, B, T, st.source)) {
         typename Exchange::Reader x[N_TILES];
 #pragma unroll
         for (int nt = 0; nt < N_TILES; ++nt) x[nt] = ex.reader(s, r0 + 8 * nt);
@@ -350,44 +320,45 @@ __device__ __forceinline__ void backward_body(const BackwardArgs& a, Exchange& e
         const int u = i % kUnits, rr = i / kUnits, nt = rr >> 3, col = rr & 7;
         const int b = r0 + rr, j = u0 + u;
         if (b >= B || j >= H) continue;
-        const float dh_in = a.dh_state[b * H + j] + reduce_red<M_TILES, N_TILES>(red, nt, u, col);
+        const i64 own = at(b, j, B, H);
+        const float dh_in = a.dh_state[own] + reduce_red<M_TILES, N_TILES>(red, nt, u, col);
         if (s == T) {
-          a.dh_state[b * H + j] = dh_in;
+          a.dh_state[own] = dh_in;
           continue;
         }
-        const size_t bt = static_cast<size_t>(t) * B + b;
-        const int len = seq_len(a.lengths, b, T);
+        const BackwardRow row = backward_row(st.t, b, seq_len(a.lengths, b, T), B, a.reverse);
         float da[G], dhid[G];
-        if (t < len) {
-          const bool first = a.reverse ? t == len - 1 : t == 0;  // starts from h0 / c0
-          const size_t bp = static_cast<size_t>(t_before) * B + b;
+        if (row.valid) {
           float ws[kNF];
 #pragma unroll
-          for (int f = 0; f < Cell::kFields; ++f) ws[f] = a.ws[bt * Cell::kFields * H + f * H + j];
+          for (int f = 0; f < F; ++f) ws[f] = a.ws[at(row.cur, f * H + j, TB, F * H)];
+          // the state step t started from: its forward predecessor's, or h0 / c0 where t is
+          // the sequence's first step (row.prev < 0)
           float h_prev = 0.0f, c_prev = 0.0f;
           if (Cell::kBackwardReadsH)
-            h_prev = first ? a.h_init[b * H + j] : Elem::to_float(y[bp * H + j]);
-          if (Cell::kHasCell)
-            c_prev = first ? a.c_init[b * H + j] : a.ws[bp * Cell::kFields * H + 4 * H + j];
-          const float h_t = Cell::kFields == 0 ? Elem::to_float(y[bt * H + j]) : 0.0f;
-          float dc = Cell::kHasCell ? a.dc_state[b * H + j] : 0.0f;
+            h_prev = row.prev < 0 ? a.h_init[own] : Elem::to_float(y[at(row.prev, j, TB, H)]);
+          if (Cell::kHasCell)  // c is the workspace's last field
+            c_prev = row.prev < 0 ? a.c_init[own]
+                                  : a.ws[at(row.prev, (F - 1) * H + j, TB, F * H)];
+          const float h_t = F == 0 ? Elem::to_float(y[at(row.cur, j, TB, H)]) : 0.0f;
+          float dc = Cell::kHasCell ? a.dc_state[own] : 0.0f;
           float dh_carry;
-          Cell::backward(ws, h_prev, c_prev, h_t, dh_in + Elem::to_float(dy[bt * H + j]), dc,
-                         da, dhid, dh_carry);
-          a.dh_state[b * H + j] = dh_carry;
-          if (Cell::kHasCell) a.dc_state[b * H + j] = dc;
+          Cell::backward(ws, h_prev, c_prev, h_t, dh_in + Elem::to_float(dy[at(row.cur, j, TB, H)]),
+                         dc, da, dhid, dh_carry);
+          a.dh_state[own] = dh_carry;
+          if (Cell::kHasCell) a.dc_state[own] = dc;
         } else {
 #pragma unroll
           for (int g = 0; g < G; ++g) da[g] = dhid[g] = 0.0f;
-          a.dh_state[b * H + j] = dh_in;  // nothing happened at this step: carry it on
+          a.dh_state[own] = dh_in;  // nothing happened at this step: carry it on
         }
 #pragma unroll
         for (int g = 0; g < G; ++g) {
-          dxg[bt * G * H + g * H + j] = Elem::from_float(da[g]);
+          dxg[at(row.cur, g * H + j, TB, G * H)] = Elem::from_float(da[g]);
           ex.put(s, b, g * H + j, Elem::from_float(dhid[g]));
         }
         // GRU: the n block's hidden-side dgates (da_n * r) differ from dxg's; dW_hh needs them
-        if (G == 3 && dhn) dhn[bt * H + j] = Elem::from_float(dhid[G - 1]);
+        if (G == 3 && dhn) dhn[at(row.cur, j, TB, H)] = Elem::from_float(dhid[G - 1]);
       }
       __syncthreads();
     }
@@ -429,8 +400,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     rnn_forward_grid(GPURNN_FORWARD_PARAMS, void* xbuf, int ldx, int Bpad, u32* sync_counter) {
   extern __shared__ uint4 smem[];
   const ForwardArgs a = GPURNN_FORWARD_ARGS;
-  GridExchange<Elem> ex{static_cast<typename Elem::storage*>(xbuf),
-                        static_cast<size_t>(Bpad) * ldx, ldx,
+  GridExchange<Elem> ex{static_cast<typename Elem::storage*>(xbuf), Bpad, ldx,
                         GridSync{sync_counter, gridDim.x, 0u}};
   forward_body<Cell, Elem, M_TILES, N_TILES>(a, ex, blockIdx.x, 0, B, smem,
                                              red_after_fragments<Elem, M_TILES>(smem, KT));
@@ -441,45 +411,13 @@ __global__ void __launch_bounds__(kThreads, 1)
     rnn_backward_grid(GPURNN_BACKWARD_PARAMS, void* xbuf, int ldx, int Bpad, u32* sync_counter) {
   extern __shared__ uint4 smem[];
   const BackwardArgs a = GPURNN_BACKWARD_ARGS;
-  GridExchange<Elem> ex{static_cast<typename Elem::storage*>(xbuf),
-                        static_cast<size_t>(Bpad) * ldx, ldx,
+  GridExchange<Elem> ex{static_cast<typename Elem::storage*>(xbuf), Bpad, ldx,
                         GridSync{sync_counter, gridDim.x, 0u}};
   backward_body<Cell, Elem, M_TILES, N_TILES>(a, ex, blockIdx.x, 0, B, smem,
                                               red_after_fragments<Elem, M_TILES>(smem, KT));
 }
 
-// Cluster variant (sm_90): one cluster of 8 blocks per group of 8 batch rows, grid =
-// 8 * ceil(B / 8); block rank r owns units [r * kUnits, ...), so 8 * kUnits >= H. ldx: the
-// shared exchange row stride in elements. Declared only where clusters exist (sm_90+, and
-// the host pass of nvcc): older targets reject `__cluster_dims__` even uninstantiated.
-#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
-#define GPURNN_CLUSTER_BODY(BODY)                                                           \
-  extern __shared__ uint4 smem[];                                                           \
-  typedef typename Elem::storage S;                                                         \
-  float* red = red_after_fragments<Elem, M_TILES>(smem, KT);                                \
-  S* planes = reinterpret_cast<S*>(red + kWarps * M_TILES * 16 * 8);                        \
-  const int row0 = static_cast<int>(cluster_id_x()) * 8;                                    \
-  ClusterExchange<Elem> ex{planes, 8 * ldx, ldx, row0};                                     \
-  /* zero both planes (padding rows and columns must read as 0), then wait until every */   \
-  /* block of the cluster runs before anyone stores into another block's shared memory */   \
-  for (int i = threadIdx.x; i < 2 * 8 * ldx; i += kThreads) planes[i] = S(0);               \
-  cluster_sync();                                                                           \
-  BODY<Cell, Elem, M_TILES, 1>(a, ex, static_cast<int>(cluster_rank()), row0, row0 + 8, smem, \
-                               red);
-
-template <class Cell, class Elem, int M_TILES>
-__global__ void __cluster_dims__(kClusterSize, 1, 1) __launch_bounds__(kThreads, 1)
-    rnn_forward_cluster(GPURNN_FORWARD_PARAMS, int ldx) {
-  const ForwardArgs a = GPURNN_FORWARD_ARGS;
-  GPURNN_CLUSTER_BODY(forward_body)
-}
-
-template <class Cell, class Elem, int M_TILES>
-__global__ void __cluster_dims__(kClusterSize, 1, 1) __launch_bounds__(kThreads, 1)
-    rnn_backward_cluster(GPURNN_BACKWARD_PARAMS, int ldx) {
-  const BackwardArgs a = GPURNN_BACKWARD_ARGS;
-  GPURNN_CLUSTER_BODY(backward_body)
-}
-#endif  // clusters
-
 }  // namespace gpurnn
+
+// The sm_90 cluster variant: the same GEMM and cells, its own step loop.
+#include "rnn_cluster.cuh"
