@@ -60,6 +60,8 @@ VARIANTS = [
     # (cell, dtype, H, B, backward, P): LSTM with projection
     ("lstm", "bf16", 1024, 16, False, 256),
     ("lstm", "bf16", 1024, 16, True, 256),
+    ("lstm", "bf16", 1024, 64, False, 256),
+    ("lstm", "bf16", 1024, 64, True, 256),
 ]
 
 

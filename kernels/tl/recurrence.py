@@ -694,6 +694,16 @@ def _recurrence_bwd_kernel(
 # ----------------------------------------------------------------------------- LSTM with projection
 
 
+@triton.jit
+def _load_whr_t3(whr_ptr, c0, offs_p, mp, H: tl.constexpr, KC: tl.constexpr,
+                 CPT: tl.constexpr):  # fmt: skip
+    """(CPT, KC, BP): K chunks c0 .. c0+CPT-1 of W_hr^T (H, P), own output columns (rows
+    past H 0)."""
+    k3 = ((c0 + tl.arange(0, CPT)) * KC)[:, None, None] + tl.arange(0, KC)[None, :, None]
+    return tl.load(whr_ptr + offs_p[None, None, :] * H + k3, mask=(k3 < H) & mp[None, None, :],
+                   other=0.0)  # fmt: skip
+
+
 @triton.jit(do_not_specialize=["T", "B", "s_begin", "s_end", "spin_max"])
 def _lstmp_fwd_kernel(
     xg_ptr, whh_ptr, whr_ptr, len_ptr,
@@ -761,12 +771,8 @@ def _lstmp_fwd_kernel(
                         mask=(offs_k < P)[:, None] & mn[None, :], other=0.0),
             )  # fmt: skip
         w_r = ()
-        for i in tl.static_range(NKC):
-            offs_k = i * KC + tl.arange(0, KC)
-            w_r = w_r + (
-                tl.load(whr_ptr + offs_p[None, :] * H + offs_k[:, None],
-                        mask=(offs_k < H)[:, None] & mp[None, :], other=0.0),
-            )  # fmt: skip
+        for c0 in tl.static_range(0, NKC, CHUNKS_PER_TRIP):
+            w_r = w_r + (_load_whr_t3(whr_ptr, c0, offs_p, mp, H, KC, CHUNKS_PER_TRIP),)
 
     if PHASES % 2 == 1:
         t = _time(s_begin, T, REVERSE)
@@ -838,27 +844,22 @@ def _lstmp_fwd_kernel(
         if PHASES >= 2:
             # a program past P loads nothing (it only keeps step with the barriers)
             mb_p = mb & (pid_h * BP < P)
+            # The K chunks of a trip as the batch dimension of a 3-D dot: the output (BLOCK_B,
+            # BP) is a single mma tile, so a 2-D dot would have every warp repeat all of K;
+            # this way each warp takes its own chunks, then the chunks' partial sums add up.
             hproj = tl.zeros([BLOCK_B, BP], dtype=ACC)
             for c0 in tl.static_range(0, NKC, CHUNKS_PER_TRIP):
-                mm = ()
-                for ci in tl.static_range(CHUNKS_PER_TRIP):
-                    if c0 + ci < NKC:
-                        offs_k = (c0 + ci) * KC + tl.arange(0, KC)
-                        mm = mm + (
-                            tl.load(mx_ptr + mrow + hrow[:, None] + offs_k[None, :],
-                                    mask=mb_p[:, None] & (offs_k < H)[None, :], other=0.0,
-                                    cache_modifier=".cg"),
-                        )  # fmt: skip
-                for ci in tl.static_range(CHUNKS_PER_TRIP):
-                    if c0 + ci < NKC:
-                        if RESIDENT:
-                            wk = w_r[c0 + ci]
-                        else:
-                            offs_k = (c0 + ci) * KC + tl.arange(0, KC)
-                            wk = tl.load(whr_ptr + offs_p[None, :] * H + offs_k[:, None],
-                                         mask=(offs_k < H)[:, None] & mp[None, :],
-                                         other=0.0)  # fmt: skip
-                        hproj += tl.dot(mm[ci], wk, input_precision=PREC, out_dtype=ACC)
+                k3 = ((c0 + tl.arange(0, CHUNKS_PER_TRIP)) * KC)[:, None, None] + tl.arange(
+                    0, KC)[None, None, :]  # fmt: skip
+                m3 = tl.load(mx_ptr + mrow + hrow[None, :, None] + k3,
+                             mask=mb_p[None, :, None] & (k3 < H), other=0.0,
+                             cache_modifier=".cg")  # fmt: skip
+                if RESIDENT:
+                    w3 = w_r[c0 // CHUNKS_PER_TRIP]
+                else:
+                    w3 = _load_whr_t3(whr_ptr, c0, offs_p, mp, H, KC, CHUNKS_PER_TRIP)
+                part = tl.dot(m3, w3, input_precision=PREC, out_dtype=ACC)
+                hproj += tl.sum(part, axis=0)
             # h_t into its exchange row: t + 1 (forward) or t (reverse)
             out = (t + 1 - REVERSE).to(tl.int64) * B64 * P
             if SEPARATE_Y:
@@ -1309,8 +1310,9 @@ def _make_proj_plan(H, P, B, dtype, device, *, backward, BH, BP, BLOCK_B, KC, re
     if backward:  # dgates chunks of every gate, as in the unprojected backward
         per_chunk = 4 * bb * kc * _element_size(dtype)
         cpt = min(triton.cdiv(H, kc), INFLIGHT_BYTES * 32 * nw // per_chunk)
-    else:  # m (h) chunks, staged in shared memory
+    else:  # m (h) chunks, staged in shared memory; a power of two (the 3-D dot's batch)
         cpt = min(triton.cdiv(H, kc), PROJ_STAGE_BYTES // (bb * kc * _element_size(dtype)))
+        cpt = 1 << max(0, cpt.bit_length() - 1)
     plan = Plan(bh, bb, n_h, n_b, resident, pers, kc, nw, False, chunks_per_trip or max(1, cpt), bp)
     assert plan.n_h * plan.BP >= P, plan
     return plan
@@ -1561,6 +1563,10 @@ def _forward_proj(xg, w_hh, w_hr, h0, c0, lengths, reverse, save, plan, precisio
     assert GH == 4 * H and tuple(w_hh.shape) == (4 * H, P), (xg.shape, w_hh.shape, w_hr.shape)
     dev, dt = xg.device, xg.dtype
     plan = plan or make_plan(H, B, 4, dt, dev, proj_size=P)
+    cpt = plan.chunks_per_trip
+    if cpt & (cpt - 1):
+        raise ValueError(f"chunks_per_trip must be a power of two here (the batch of a 3-D "
+                         f"dot), got {cpt}")  # fmt: skip
     acc_t = torch.float64 if dt == torch.float64 else torch.float32
     hs = h0.to(acc_t).clone() if h0 is not None else torch.zeros(B, P, dtype=acc_t, device=dev)
     cs = c0.to(acc_t).clone() if c0 is not None else torch.zeros(B, H, dtype=acc_t, device=dev)
