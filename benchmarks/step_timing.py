@@ -35,10 +35,14 @@ class Case:
     dtype: str
     H: int
     B: int
+    P: int = 0  # LSTM proj_size (0: no projection)
+    T: int = 0  # steps, where a case fixes them (0: --steps)
 
     @property
     def id(self) -> str:
-        return f"{self.cell}-{self.dtype}-H{self.H}-B{self.B}"
+        proj = f"-P{self.P}" if self.P else ""
+        steps = f"-T{self.T}" if self.T else ""
+        return f"{self.cell}-{self.dtype}-H{self.H}{proj}-B{self.B}{steps}"
 
 
 # the shapes the benchmarks and the dispatch table turn on, most telling first
@@ -52,9 +56,10 @@ CASES = [
     Case("rnn_tanh", "bf16", 768, 16),
     Case("rnn_tanh", "bf16", 32, 1),
     Case("lstm", "bf16", 128, 1),
+    Case("lstm", "bf16", 1024, 16, P=256, T=1024),  # LSTMP, cuDNN's nn.LSTM(proj_size=256)
 ]
 # without a GPU: the interpreter runs fp32 only (its bf16 dot is broken), tiny sizes
-DRY_RUN_CASES = [Case("lstm", "fp32", 16, 2)]
+DRY_RUN_CASES = [Case("lstm", "fp32", 16, 2), Case("lstm", "fp32", 16, 2, P=8)]
 
 
 def parse_args(argv=None):
@@ -110,12 +115,13 @@ def main(argv=None) -> int:
     failures = 0
     for k, case in enumerate(cases, 1):
         start = time.perf_counter()
+        steps = case.T if (case.T and not args.dry_run) else T
         try:
-            result = time_case(case, T, args.reps, device)
+            result = time_case(case, steps, args.reps, device)
         except Exception as e:  # noqa: BLE001 - one failing case is a result; go on
             result = {"error": f"{type(e).__name__}: {e}".splitlines()[0][:300]}
             failures += 1
-        result = {"kind": "step", "case": case.id, **dataclasses.asdict(case), "T": T,
+        result = {"kind": "step", "case": case.id, **dataclasses.asdict(case), "T": steps,
                   **result, **meta}  # fmt: skip
         print(f"[{k}/{len(cases)}] {describe(result)}  ({time.perf_counter() - start:.1f} s)",
               flush=True)  # fmt: skip
@@ -154,7 +160,8 @@ def time_case(case: Case, T: int, reps: int, device) -> dict:
     from gpurnn.bench import DTYPES
 
     dtype = DTYPES[case.dtype]
-    cell, B, H = case.cell, case.B, case.H
+    cell, B, H, P = case.cell, case.B, case.H, case.P
+    H_out = P or H  # width of h, y and W_hh's rows
     G = tl_rec.GATES[cell]
     g = torch.Generator(device=device).manual_seed(0)
 
@@ -162,20 +169,22 @@ def time_case(case: Case, T: int, reps: int, device) -> dict:
         return (torch.randn(*shape, generator=g, device=device) * scale).to(dtype)
 
     xg = rand(T, B, G * H)
-    w_hh = rand(G * H, H, scale=H**-0.5)
-    h0 = torch.zeros(B, H, device=device, dtype=dtype)
-    c0 = h0.clone() if cell == "lstm" else None
+    w_hh = rand(G * H, H_out, scale=H_out**-0.5)
+    w_hr = rand(P, H, scale=H**-0.5) if P else None
+    h0 = torch.zeros(B, H_out, device=device, dtype=dtype)
+    c0 = torch.zeros(B, H, device=device, dtype=dtype) if cell == "lstm" else None
     b_hn = rand(H) if cell == "gru" else None
 
     def fwd(save):
-        return tl_rec.forward(cell, xg, w_hh, h0, c0, None, False, b_hn, save)
+        return tl_rec.forward(cell, xg, w_hh, h0, c0, None, False, b_hn, save, w_hr=w_hr)
 
     y, _, _, ws = fwd(True)
-    dy, dh_T = rand(T, B, H), rand(B, H)
+    dy, dh_T = rand(T, B, H_out), rand(B, H_out)
     dc_T = rand(B, H) if cell == "lstm" else None
 
     def bwd():
-        return tl_rec.backward(cell, w_hh, h0, c0, None, False, y, ws, dy, dh_T, dc_T)
+        return tl_rec.backward(cell, w_hh, h0, c0, None, False, y, ws, dy, dh_T, dc_T,
+                               w_hr=w_hr)  # fmt: skip
 
     timer = _Timer(device, reps)
     out = {}
@@ -184,9 +193,9 @@ def time_case(case: Case, T: int, reps: int, device) -> dict:
     out["triton_bwd_first_s"], bwd_ms = timer.first_and_median(bwd)
 
     layer_cls = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "rnn_tanh": torch.nn.RNN}[cell]
-    layer = layer_cls(H, H).to(device, dtype)
+    layer = (layer_cls(H, H, proj_size=P) if P else layer_cls(H, H)).to(device, dtype)
     x = rand(T, B, H).requires_grad_()
-    dy_layer = rand(T, B, H)
+    dy_layer = rand(T, B, H_out)
 
     def layer_fwd():
         with torch.no_grad():
@@ -200,8 +209,8 @@ def time_case(case: Case, T: int, reps: int, device) -> dict:
     _, base_fwd_ms = timer.first_and_median(layer_fwd)
     _, base_fwdbwd_ms = timer.first_and_median(layer_fwdbwd)
 
-    plan_f = _plan(tl_rec, H, B, G, dtype, device, False)
-    plan_b = _plan(tl_rec, H, B, G, dtype, device, True)
+    plan_f = _plan(tl_rec, H, B, G, dtype, device, False, P)
+    plan_b = _plan(tl_rec, H, B, G, dtype, device, True, P)
     us = 1e3 / T
     out.update(
         triton_fwd_us=fwd_ms * us,
@@ -218,11 +227,12 @@ def time_case(case: Case, T: int, reps: int, device) -> dict:
     return out
 
 
-def _plan(tl_rec, H, B, G, dtype, device, backward) -> dict | str:
+def _plan(tl_rec, H, B, G, dtype, device, backward, P=0) -> dict | str:
     """The layout the kernels pick for this case, for the record (what make_plan says; the
     timing does not depend on reading it)."""
     try:
-        plan = tl_rec.make_plan(H, B, G, dtype, device, backward=backward)
+        kw = dict(proj_size=P) if P else {}
+        plan = tl_rec.make_plan(H, B, G, dtype, device, backward=backward, **kw)
         return dataclasses.asdict(plan) if dataclasses.is_dataclass(plan) else repr(plan)
     except Exception as e:  # noqa: BLE001 - the kernels module may change its planner
         return f"unknown ({type(e).__name__}: {e})"

@@ -389,7 +389,7 @@ def test_device_check_dry_run(tmp_path):
     assert "test_real_size_vs_reference[lstm-bfloat16] SKIPPED" in log  # pytest -v
     assert "[1/5] torch   rnn_tanh" in log  # check
     assert "[1/4] smoke/lstm-T8-B2-H16 fp32 torch.nn fwd" in log  # bench
-    assert "[1/1] lstm-fp32-H16-B2" in log  # step timing
+    assert "[1/2] lstm-fp32-H16-B2" in log  # step timing (plain and projected LSTM)
     assert "device check: all stages passed" in log
     files = sorted(p.name for p in out.iterdir())
     assert len(files) <= 8

@@ -92,14 +92,8 @@ CASES = [
 ]
 
 
-# triton (interpreted here) records straight from the fused kernels' workspace; it has no
-# proj_size, so those cases are recorded by the torch loop only
-BACKEND_CASES = [
-    (backend, *case)
-    for backend in ("torch", "numpy", "triton")
-    for case in CASES
-    if not (backend == "triton" and case[3])
-]
+# triton (interpreted here) records straight from the fused kernels' workspace
+BACKEND_CASES = [(backend, *case) for backend in ("torch", "numpy", "triton") for case in CASES]
 
 
 @pytest.mark.parametrize("backend,cell,layers,bidir,proj,packed", BACKEND_CASES)

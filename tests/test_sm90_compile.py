@@ -5,7 +5,8 @@ the cubin's resources come from the cuobjdump Triton ships, and its SASS from nv
 (tests/sass.py counts the step loop).
 
 Variants: every cell at the headline size (H=768, B=16, bf16) forward and backward, plus one
-of each other kind of plan (on chip, 64-row batch tiles, streamed weights, fp16/fp32). The
+of each other kind of plan (on chip, 64-row batch tiles, streamed weights, fp16/fp32), and
+the LSTM with projection (its own kernels; a sixth field P names the projection). The
 table of counts is printed (pytest -s) and written by `python -m tests.test_sm90_compile`.
 """
 
@@ -56,18 +57,29 @@ VARIANTS = [
     ("gru", "bf16", 128, 1, True),
     ("rnn_tanh", "bf16", 32, 1, False),
     ("rnn_tanh", "bf16", 256, 4, True),
+    # (cell, dtype, H, B, backward, P): LSTM with projection
+    ("lstm", "bf16", 1024, 16, False, 256),
+    ("lstm", "bf16", 1024, 16, True, 256),
+    ("lstm", "bf16", 1024, 64, False, 256),
+    ("lstm", "bf16", 1024, 64, True, 256),
 ]
 
 
+def _fields(v):
+    """(cell, dtype, H, B, backward, P), P = 0 without projection."""
+    return (*v, 0) if len(v) == 5 else tuple(v)
+
+
 def _id(v):
-    cell, dt, H, B, bwd = v
-    return f"{cell}-{dt}-H{H}-B{B}-{'bwd' if bwd else 'fwd'}"
+    cell, dt, H, B, bwd, P = _fields(v)
+    proj = f"-P{P}" if P else ""
+    return f"{cell}-{dt}-H{H}{proj}-B{B}-{'bwd' if bwd else 'fwd'}"
 
 
 def plan_for(v) -> R.Plan:
-    cell, dt, H, B, bwd = v
+    cell, dt, H, B, bwd, P = _fields(v)
     return R.make_plan(H, B, R.GATES[cell], TORCH_DT[dt], torch.device("cuda"), backward=bwd,
-                       sm_count=H100_SMS)  # fmt: skip
+                       sm_count=H100_SMS, proj_size=P or None)  # fmt: skip
 
 
 def _signature(fn, dt: str) -> dict[str, str]:
@@ -84,7 +96,7 @@ def _signature(fn, dt: str) -> dict[str, str]:
 
 def compile_variant(v) -> dict:
     """Compile one variant for sm_90 as make_plan lays it out; resources and step-loop counts."""
-    cell, dt, H, B, bwd = v
+    cell, dt, H, B, bwd, P = _fields(v)
     plan = plan_for(v)
     G = R.GATES[cell]
     kw = dict(
@@ -93,7 +105,17 @@ def compile_variant(v) -> dict:
         ON_CHIP=plan.on_chip, HAS_LEN=True, REVERSE=False, PREC="ieee", ACC=tl.float32,
         USE_BARRIER=plan.persistent and plan.nprog > 1 and not plan.on_chip,
     )  # fmt: skip
-    if bwd:
+    if P:
+        del kw["CELL"]
+        kw.update(P=P, BP=plan.BP, NKP=triton.cdiv(P, plan.KC), PHASES=3, GP=4,
+                  USE_BARRIER=plan.persistent and plan.nprog > 1)  # fmt: skip
+        if bwd:
+            fn = R._lstmp_bwd_kernel
+            kw.update(CHUNKS_PER_TRIP=plan.chunks_per_trip)
+        else:
+            fn = R._lstmp_fwd_kernel
+            kw.update(SAVE=True, CHUNKS_PER_TRIP=plan.chunks_per_trip)
+    elif bwd:
         fn = R._recurrence_bwd_kernel
         kw.update(CHUNKS_PER_TRIP=plan.chunks_per_trip, GP=R._next_pow2(G))
     else:
@@ -116,6 +138,8 @@ def compile_variant(v) -> dict:
     loop = sass.count(sass.step_loop(sass.parse(sass.disassemble(k.asm["cubin"]))))
     mode = "chip" if plan.on_chip else "res" if plan.resident else "stream"
     desc = f"BH{plan.BH} BB{plan.BLOCK_B} n{plan.nprog} {mode} w{plan.num_warps}"
+    if P:
+        desc += f" BP{plan.BP}"
     if bwd:
         desc += f" cpt{plan.chunks_per_trip}"
     return dict(plan=desc, regs=regs, stack=stack, local=local, smem=k.metadata.shared + shared,
@@ -178,9 +202,13 @@ def test_step_loop_shape(resources, index):
     """Ceilings the step loops meet (and the first kernels did not: 12 dependent h loads and
     57 block barriers per forward step at LSTM H=768, 48 dgates round trips and W_hh loads in
     the backward's loop)."""
-    cell, dt, H, B, bwd = VARIANTS[index]
+    cell, dt, H, B, bwd, P = _fields(VARIANTS[index])
     r = resources[index]
     plan = plan_for(VARIANTS[index])
+    if P:
+        # two phases (and two grid barriers) per step: the ceilings below are the
+        # one-phase kernels'; the projected kernels are held to no spills only
+        return
     if plan.on_chip:
         # h (dgates) never leave the program: no exchange loads at all
         assert r["loads"] == 0 and r["trips"] == 0, r

@@ -290,22 +290,25 @@ def test_unpack_workspace_lstm():
 def test_unsupported_reasons():
     be = TritonBackend()
     cpu = torch.device("cpu")
-    assert "proj_size" in be.unsupported_reason("lstm", cpu, torch.float32, True)
+    assert be.unsupported_reason("lstm", cpu, torch.float32, True) is None
     assert be.unsupported_reason("lstm", cpu, torch.float32, False) is None
     assert be.unsupported_reason("gru", cpu, torch.float16, False) is None
     assert be.unsupported_reason("lstm", cpu, torch.int32, False) is not None
     assert "interpreter" in be.unsupported_reason("lstm", cpu, torch.bfloat16, False)
     assert be.unavailable_reason() is None
-    with pytest.raises(RuntimeError, match="proj_size"):
-        be.forward("lstm", torch.randn(2, 1, 16), torch.randn(16, 2), None, None, None, False,
-                   None, torch.randn(2, 4), False)  # fmt: skip
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        be.forward("lstm", torch.randn(2, 1, 16, dtype=torch.bfloat16),
+                   torch.randn(16, 2, dtype=torch.bfloat16), None, None, None, False, None,
+                   torch.randn(2, 4, dtype=torch.bfloat16), False)  # fmt: skip
 
 
 def test_no_recompile_for_new_T_or_B():
     """T, B and the step range are not specialised (do_not_specialize), so a new sequence
     length or batch size reuses the compiled kernel; B only picks a size bucket (BLOCK_B)."""
     names = ["T", "B", "s_begin", "s_end", "spin_max"]
-    for k in (_tl._recurrence_fwd_kernel, _tl._recurrence_bwd_kernel):
+    kernels = (_tl._recurrence_fwd_kernel, _tl._recurrence_bwd_kernel, _tl._lstmp_fwd_kernel,
+               _tl._lstmp_bwd_kernel)  # fmt: skip
+    for k in kernels:
         if hasattr(k, "do_not_specialize"):  # compiled mode
             dns = {k.arg_names[i] if isinstance(i, int) else i for i in k.do_not_specialize}
             assert set(names) <= dns
@@ -316,3 +319,169 @@ def test_no_recompile_for_new_T_or_B():
     if not ON_GPU:
         plan = _tl.make_plan(20, 3, 4, torch.float32, torch.device("cpu"))
         assert plan.BLOCK_B == 4 and plan.nprog == 1
+
+
+# ---------------------------------------------------------------- LSTM with projection
+
+
+def make_proj_case(T, B, H, P, dtype, *, h0=True, lengths=None, key=()):
+    """Random inputs of a projected LSTM: w_hh (4H, P), w_hr (P, H), h0 (B, P), c0 (B, H)."""
+    g = _gen("proj", T, B, H, P, str(dtype), h0, key)
+
+    def rnd(*shape, s=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * s).to(dtype).to(DEVICE)
+
+    case = dict(
+        xg=rnd(T, B, 4 * H),
+        w_hh=rnd(4 * H, P, s=P**-0.5),
+        w_hr=rnd(P, H, s=H**-0.5),
+        h0=rnd(B, P) if h0 else None,
+        c0=rnd(B, H) if h0 else None,
+        lengths=None if lengths is None else torch.as_tensor(lengths).to(DEVICE),
+    )
+    grads_in = dict(dy=rnd(T, B, P), dh_T=rnd(B, P), dc_T=rnd(B, H))
+    return case, grads_in
+
+
+def run_and_compare_proj(case, gin, reverse, dtype, backend=None, plan_fwd=None,
+                         plan_bwd=None):  # fmt: skip
+    """Forward and backward of a projected LSTM through the backend (or the launchers with
+    explicit plans, then dW_hr from their dhp output), every output and gradient checked
+    against the reference."""
+    c = case
+    args = (c["xg"], c["w_hh"], c["h0"], c["c0"], c["lengths"], reverse, None)
+    if plan_fwd is None:
+        be = backend or TritonBackend()
+        y, h_T, c_T, ws = be.forward("lstm", *args, c["w_hr"], True)
+        g = be.backward("lstm", *args, c["w_hr"], y, ws, gin["dy"], gin["dh_T"], gin["dc_T"])
+        got = dict(xg=g.xg, w_hh=g.w_hh, h0=g.h0, c0=g.c0, w_hr=g.w_hr)
+    else:
+        y, h_T, c_T, ws = _tl.forward("lstm", *args, True, w_hr=c["w_hr"], plan=plan_fwd,
+                                      precision="ieee")  # fmt: skip
+        dxg, dhp, dh0, dc0 = _tl.backward(
+            "lstm", c["w_hh"], c["h0"], c["c0"], c["lengths"], reverse, y, ws,
+            gin["dy"], gin["dh_T"], gin["dc_T"], w_hr=c["w_hr"], plan=plan_bwd,
+            precision="ieee",
+        )  # fmt: skip
+        assert dhp.shape == y.shape
+        f = _tl.unpack_workspace("lstm", ws, c["w_hr"].shape[1])
+        m = f["o"] * torch.tanh(f["c"])
+        dw_hr = torch.einsum("tbp,tbh->ph", dhp.double(), m.double())
+        got = dict(xg=dxg, h0=dh0, c0=dc0, w_hr=dw_hr)
+    npa = {k: _np(v) for k, v in c.items()}
+    fwd_args = (npa["xg"], npa["w_hh"], npa["h0"], npa["c0"], npa["lengths"], reverse, None)
+    ry, rh, rc = ref.recurrence_forward("lstm", *fwd_args, npa["w_hr"])
+    check(y, ry, dtype, "y")
+    check(h_T, rh, dtype, "h_T")
+    check(c_T, rc, dtype, "c_T")
+    rg = ref.recurrence_backward("lstm", *fwd_args, npa["w_hr"], _np(gin["dy"]),
+                                 _np(gin["dh_T"]), _np(gin["dc_T"]))  # fmt: skip
+    if plan_fwd is not None and c["h0"] is None:
+        # the launchers return dh0/dc0 whether or not h0/c0 were given (zeros count)
+        B, P, H = y.shape[1], y.shape[2], c["w_hr"].shape[1]
+        zf = (npa["xg"], npa["w_hh"], np.zeros((B, P)), np.zeros((B, H)), npa["lengths"],
+              reverse, None)  # fmt: skip
+        rz = ref.recurrence_backward("lstm", *zf, npa["w_hr"], _np(gin["dy"]),
+                                     _np(gin["dh_T"]), _np(gin["dc_T"]))  # fmt: skip
+        rg = dict(rg, h0=rz["h0"], c0=rz["c0"])
+    for k, v in got.items():
+        check(v, rg[k], dtype, f"d{k}")
+    return y, ws
+
+
+TP_, BP_, HP_, PP_ = 5, 3, 20, 6  # P smaller than H, neither a power of two
+
+
+@pytest.mark.parametrize("dtype", (torch.float64, torch.float32), ids=("float64", "float32"))
+@pytest.mark.parametrize("h0", (True, False), ids=("h0", "noh0"))
+@pytest.mark.parametrize("lengths", (None, "with_zero"), ids=("full", "lengths"))
+@pytest.mark.parametrize("reverse", (False, True), ids=("fwd", "rev"))
+def test_proj_matches_reference(reverse, lengths, h0, dtype):
+    """One program through the backend: gates, m exchanged through memory, projection."""
+    key = ("proj", reverse, lengths, h0, str(dtype))
+    L = _lengths(lengths, BP_, TP_, key)
+    case, gin = make_proj_case(TP_, BP_, HP_, PP_, dtype, h0=h0, lengths=L, key=key)
+    run_and_compare_proj(case, gin, reverse, dtype)
+
+
+def test_proj_float16_and_P_above_H():
+    """A projection wider than the hidden state is legal in torch.nn (only P < H is
+    useful); 16-bit exchange buffers."""
+    case, gin = make_proj_case(4, 2, 8, 12, torch.float16, lengths=[4, 2], key="wide")
+    run_and_compare_proj(case, gin, True, torch.float16)
+
+
+@pytest.mark.parametrize(
+    "resident,BP", ((True, 4), (False, 4), (True, 8)), ids=("resident", "streamed", "idle")
+)
+@pytest.mark.parametrize("reverse", (False, True), ids=("fwd", "rev"))
+def test_proj_many_programs_per_phase_launches(reverse, resident, BP):
+    """Units over 3 programs (8 each, the last partial), projected outputs over 3 programs
+    (BP = 4 each, the last partial; or 8 each, the third program idle in the projection),
+    batch over 2 tiles, each phase of each step its own launch (launch boundaries stand in
+    for the two grid barriers): the exchanges of m and h forward, of dh and dgates
+    backward, across programs."""
+    T, B, H, P = 4, 5, 20, 10
+    L = torch.tensor([4, 2, 0, 3, 1])
+    case, gin = make_proj_case(T, B, H, P, torch.float64, lengths=L, key=("many", resident, BP))
+    plan = _tl.Plan(BH=8, BLOCK_B=4, n_h=3, n_b=2, resident=resident, persistent=False, KC=16,
+                    BP=BP)  # fmt: skip
+    run_and_compare_proj(case, gin, reverse, torch.float64, plan_fwd=plan, plan_bwd=plan)
+
+
+@pytest.mark.parametrize("chunks_per_trip", (1, 2))
+def test_proj_k_chunks(chunks_per_trip):
+    """H = 40 and P = 20 over K chunks of 16 (the last ones partial), one program, no
+    h0/c0: the dots over P (gates forward, dm backward), over H (projection forward) and
+    over the gates' 4H (backward) all chunked; the backward's dgates loaded 1 or 2 chunks
+    per round trip."""
+    T, B, H, P = 4, 2, 40, 20
+    case, gin = make_proj_case(T, B, H, P, torch.float64, h0=False, key=("kc", chunks_per_trip))
+    plan = _tl.make_plan(H, B, 4, torch.float64, torch.device(DEVICE), KC=16, proj_size=P,
+                         chunks_per_trip=chunks_per_trip)  # fmt: skip
+    assert plan.nprog == 1 and plan.persistent and plan.BP == 32
+    run_and_compare_proj(case, gin, False, torch.float64, plan_fwd=plan, plan_bwd=plan)
+
+
+def test_proj_recompute_and_empty():
+    """recompute rebuilds the workspace (and m from it); T = 0 returns the initial states."""
+    case, gin = make_proj_case(4, 3, 12, 5, torch.float64, lengths=[4, 0, 2], key="recompute")
+    be = TritonBackend()
+    be.recompute = True
+    run_and_compare_proj(case, gin, True, torch.float64, backend=be)
+    y, h_T, c_T, _ = be.forward("lstm", case["xg"][:0], case["w_hh"], case["h0"], case["c0"],
+                                None, False, None, case["w_hr"], False)  # fmt: skip
+    assert y.shape == (0, 3, 5) and torch.equal(h_T, case["h0"]) and torch.equal(c_T, case["c0"])
+
+
+def test_proj_workspace_spec():
+    """The workspace of a projected LSTM is the unprojected one's (i, f, g, o, c; H wide)."""
+    T, B, H, P = 3, 2, 8, 4
+    case, _ = make_proj_case(T, B, H, P, torch.float64, key="spec")
+    be = TritonBackend()
+    *_, ws = be.forward("lstm", case["xg"], case["w_hh"], case["h0"], case["c0"], None, False,
+                        None, case["w_hr"], True)  # fmt: skip
+    assert ws.shape == be.workspace_spec("lstm", T, B, H, torch.float64, True)[0] == (T, B, 5 * H)
+
+
+@pytest.mark.parametrize("packed", (False, True), ids=("padded", "packed"))
+def test_proj_module_matches_torch_nn(packed):
+    """gpurnn.LSTM(proj_size=...) on the triton backend against torch.nn.LSTM in float64:
+    two bidirectional layers (the second takes 2P inputs), outputs, states and every
+    parameter's gradient (weight_hr included)."""
+    import gpurnn
+    from tests.helpers import uneven_lengths
+    from tests.test_modules import compare_forward_backward, random_hx
+
+    g = _gen("proj-module", packed)
+    T, B, F, H, P = 5, 3, 4, 10, 4
+    ref_m = torch.nn.LSTM(F, H, num_layers=2, bidirectional=True, proj_size=P,
+                          dtype=torch.float64)  # fmt: skip
+    ours = gpurnn.LSTM(F, H, num_layers=2, bidirectional=True, proj_size=P, dtype=torch.float64,
+                       backend="triton")  # fmt: skip
+    ours.load_state_dict(ref_m.state_dict())
+    x = torch.randn(T, B, F, generator=g, dtype=torch.float64)
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=g)))
+    hx = random_hx("lstm", 2, 2, B, H, P)
+    lengths = uneven_lengths(B, T, g) if packed else None
+    compare_forward_backward("lstm", ref_m, ours, x, hx, lengths, False)

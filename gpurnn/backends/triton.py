@@ -70,13 +70,9 @@ class TritonBackend(Backend):
         projected: bool,
         hidden_size: int | None = None,
     ) -> str | None:
-        # every hidden size runs: weights stream from L2 where they do not fit on chip
+        # every hidden size runs: weights stream from L2 where they do not fit on chip;
+        # LSTM projections (proj_size) too
         device = torch.device(device)
-        if projected:
-            return (
-                "LSTM proj_size is not implemented in the triton kernels; "
-                "use backend='torch' (or 'auto', which falls back to it)"
-            )
         if dtype not in _DTYPES:
             return f"dtype {dtype} not supported (float16, bfloat16, float32, float64)"
         if _interpreting():
@@ -98,10 +94,10 @@ class TritonBackend(Backend):
 
     # ------------------------------------------------------------------ forward
 
-    def _forward(self, cell, xg, w_hh, h0, c0, lengths, reverse, b_hn, save):
+    def _forward(self, cell, xg, w_hh, h0, c0, lengths, reverse, b_hn, w_hr, save):
         return _tl.forward(
             cell, xg.contiguous(), w_hh.contiguous(), _c(h0), _c(c0),
-            _c(lengths), reverse, _c(b_hn), save, precision=self.fp32_precision,
+            _c(lengths), reverse, _c(b_hn), save, w_hr=_c(w_hr), precision=self.fp32_precision,
         )  # fmt: skip
 
     def forward(self, cell, xg, w_hh, h0, c0, lengths, reverse, b_hn, w_hr, save):
@@ -109,29 +105,38 @@ class TritonBackend(Backend):
         if reason is not None:
             raise RuntimeError(f"gpurnn triton backend: {reason}")
         save = save and not self.recompute
-        return self._forward(cell, xg, w_hh, h0, c0, lengths, reverse, b_hn, save)
+        return self._forward(cell, xg, w_hh, h0, c0, lengths, reverse, b_hn, w_hr, save)
 
     # ------------------------------------------------------------------ backward
 
     def backward(
         self, cell, xg, w_hh, h0, c0, lengths, reverse, b_hn, w_hr, y, workspace, dy, dh_T, dc_T
     ):
-        T, B, H = y.shape
+        T, B, H_out = y.shape  # H_out: P for a projected LSTM, else H
         w_hh = w_hh.contiguous()
-        if workspace.numel() == 0 and T * B * H > 0:
+        w_hr = _c(w_hr)
+        if workspace.numel() == 0 and T * B * H_out > 0:
             # recompute: rebuild the activations (y again too: it is the exchange buffer,
             # and the values match the saved y bit for bit)
             if xg is None:
                 raise RuntimeError("triton backward: no workspace saved and no xg to recompute it")
-            y, _, _, workspace = self._forward(cell, xg, w_hh, h0, c0, lengths, reverse, b_hn, True)
+            y, _, _, workspace = self._forward(
+                cell, xg, w_hh, h0, c0, lengths, reverse, b_hn, w_hr, True
+            )
         y = y.contiguous()
+        workspace = workspace.contiguous()
         dxg, dhn, dh0, dc0 = _tl.backward(
-            cell, w_hh, _c(h0), _c(c0), _c(lengths), reverse, y, workspace.contiguous(),
+            cell, w_hh, _c(h0), _c(c0), _c(lengths), reverse, y, workspace,
             dy.contiguous(), dh_T.contiguous(), _c(dc_T) if cell == "lstm" else None,
-            precision=self.fp32_precision,
+            w_hr=w_hr, precision=self.fp32_precision,
         )  # fmt: skip
 
-        h_init = h0 if h0 is not None else y.new_zeros(B, H)
+        dw_hr = None
+        if w_hr is not None:
+            # the kernel's second output is then dhp, each step's projected-output gradient
+            dhp, dhn = dhn, None
+            dw_hr = _projection_grad(dhp, workspace, w_hr.shape[1])
+        h_init = h0 if h0 is not None else y.new_zeros(B, H_out)
         dw_hh, db_hn = kernel_weight_grads(cell, dxg, dhn, y, h_init, lengths, reverse, b_hn)
         return Grads(
             xg=dxg,
@@ -139,5 +144,18 @@ class TritonBackend(Backend):
             h0=dh0.to(h0.dtype) if h0 is not None else None,
             c0=dc0.to(c0.dtype) if c0 is not None else None,
             b_hn=db_hn,
-            w_hr=None,
+            w_hr=dw_hr.to(w_hr.dtype) if dw_hr is not None else None,
         )
+
+
+def _projection_grad(dhp: Tensor, workspace: Tensor, H: int) -> Tensor:
+    """dW_hr (P, H) = sum over every (t, b) of dhp[t, b]^T m[t, b], one GEMM; m = o * tanh(c)
+    from the workspace's fields (rows past a sequence's end have dhp = 0 and add nothing)."""
+    acc = torch.float64 if dhp.dtype == torch.float64 else torch.float32
+    f = _tl.unpack_workspace("lstm", workspace, H)
+    m = (f["o"].to(acc) * torch.tanh(f["c"].to(acc))).reshape(-1, H)
+    P = dhp.shape[-1]
+    if dhp.device.type == "cuda" and dhp.dtype != torch.float64:
+        # 16-bit GEMM (cuBLAS accumulates in fp32), m rounded as the kernel's exchange holds it
+        return dhp.reshape(-1, P).t() @ m.to(dhp.dtype)
+    return dhp.reshape(-1, P).t().to(acc) @ m

@@ -36,6 +36,13 @@ Backward runs T+1 steps in reverse processing order: dh_t = dy_t + dgates_{t+1} 
 written to dxg[t] (GRU: dn_pre*r to dhn[t] as well, the n block of d(W_hh h)). The extra
 step only folds the first step's dgates into dh0. dW_hh / db_hn are GEMMs in the backend.
 
+LSTM with projection (proj_size P: W_hh (4H, P), W_hr (P, H), h = W_hr (o * tanh c) P
+wide) runs in its own pair of kernels, `_lstmp_fwd_kernel` / `_lstmp_bwd_kernel`: two
+phases per step (gates on the own BH units, m exchanged; projection on the own BP outputs,
+h exchanged; backward: dh on the own BP outputs, exchanged; dm and the gate backward on the
+own units), each ended by a grid barrier; the per-step fallback launches each phase apart.
+The workspace is the plain LSTM's (m = o * tanh c follows from it).
+
 Workspace (what backward reads; `unpack_workspace` names the fields): (T, B, NW*H) in the
 input dtype, field k of unit j at column k*H + j:
     lstm  NW=5: i, f, g, o (activations), c (cell state after the step)
@@ -684,6 +691,389 @@ def _recurrence_bwd_kernel(
         tl.store(dcs_ptr + own, dc_c, mask=m_own)
 
 
+# ----------------------------------------------------------------------------- LSTM with projection
+
+
+@triton.jit
+def _load_whr_t3(whr_ptr, c0, offs_p, mp, H: tl.constexpr, KC: tl.constexpr,
+                 CPT: tl.constexpr):  # fmt: skip
+    """(CPT, KC, BP): K chunks c0 .. c0+CPT-1 of W_hr^T (H, P), own output columns (rows
+    past H 0)."""
+    k3 = ((c0 + tl.arange(0, CPT)) * KC)[:, None, None] + tl.arange(0, KC)[None, :, None]
+    return tl.load(whr_ptr + offs_p[None, None, :] * H + k3, mask=(k3 < H) & mp[None, None, :],
+                   other=0.0)  # fmt: skip
+
+
+@triton.jit(do_not_specialize=["T", "B", "s_begin", "s_end", "spin_max"])
+def _lstmp_fwd_kernel(
+    xg_ptr, whh_ptr, whr_ptr, len_ptr,
+    hx_ptr, y_ptr, mx_ptr, hs_ptr, cs_ptr, ws_ptr, sync_ptr,
+    T, B, s_begin, s_end, spin_max,
+    G: tl.constexpr, GP: tl.constexpr, NW: tl.constexpr, H: tl.constexpr, P: tl.constexpr,
+    KC: tl.constexpr, NKC: tl.constexpr, NKP: tl.constexpr, BH: tl.constexpr,
+    BP: tl.constexpr, BLOCK_B: tl.constexpr, CHUNKS_PER_TRIP: tl.constexpr,
+    ON_CHIP: tl.constexpr, RESIDENT: tl.constexpr, HAS_LEN: tl.constexpr, REVERSE: tl.constexpr,
+    SAVE: tl.constexpr,
+    USE_BARRIER: tl.constexpr, PHASES: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    """LSTM with projection (W_hh (4H, P), W_hr (P, H)), two phases per step:
+    1. gates: program p owns units [p*BH, p*BH+BH): the gate dot of h_{t-1} (B, P) from the
+       exchange buffer hx (P wide, K = P) with its W_hh rows, c, and m = o * tanh(c), which
+       it stores to the m exchange buffer mx (two rows, alternating with the step's parity);
+    2. projection: program p owns outputs [p*BP, p*BP+BP) (programs past P idle): the dot of
+       m_t (B, H) from mx (K = H) with its W_hr rows, stored to hx (y is a view of it).
+    A grid barrier follows each phase. PHASES selects them (1, 2, or 3 = both): the
+    per-step fallback launches each phase on its own, which is also how the interpreter
+    runs several programs."""
+    pid_h = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    nprog = tl.num_programs(0) * tl.num_programs(1)
+    offs_j = pid_h * BH + tl.arange(0, BH)
+    mj = offs_j < H
+    offs_p = pid_h * BP + tl.arange(0, BP)
+    mp = offs_p < P
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    mb = offs_b < B
+    m_own = mb[:, None] & mj[None, :]
+    m_ownp = mb[:, None] & mp[None, :]
+    if HAS_LEN:
+        L = tl.load(len_ptr + offs_b, mask=mb, other=0).to(tl.int32)
+    else:
+        L = tl.zeros([BLOCK_B], dtype=tl.int32) + T
+    B64 = B.to(tl.int64)
+    hrow = offs_b.to(tl.int64) * H
+    prow = offs_b.to(tl.int64) * P
+    xrow = offs_b.to(tl.int64) * (G * H)
+    wrow = offs_b.to(tl.int64) * (NW * H)
+    own = hrow[:, None] + offs_j[None, :]
+    ownp = prow[:, None] + offs_p[None, :]
+    hd = hx_ptr.dtype.element_ty
+    SEPARATE_Y: tl.constexpr = HAS_LEN and REVERSE  # as in the unprojected kernel
+
+    # running state: the projected h of the own outputs, c of the own units
+    hs = tl.load(hs_ptr + ownp, mask=m_ownp, other=0.0).to(ACC)
+    cs = tl.load(cs_ptr + own, mask=m_own, other=0.0).to(ACC)
+
+    # gates fused along N as in the unprojected kernel: column n is unit n % BH of gate n // BH
+    NG: tl.constexpr = GP * BH
+    offs_n = tl.arange(0, NG)
+    gate_n = offs_n // BH
+    unit_n = pid_h * BH + offs_n % BH
+    mn = (gate_n < G) & (unit_n < H)
+    col_n = gate_n * H + unit_n  # column of xg, row of W_hh
+    if RESIDENT:
+        # W_hh^T (P, GP*BH) in NKP chunks of KC rows; W_hr^T (H, BP) in NKC chunks
+        w_g = ()
+        for i in tl.static_range(NKP):
+            offs_k = i * KC + tl.arange(0, KC)
+            w_g = w_g + (
+                tl.load(whh_ptr + col_n[None, :] * P + offs_k[:, None],
+                        mask=(offs_k < P)[:, None] & mn[None, :], other=0.0),
+            )  # fmt: skip
+        w_r = ()
+        for c0 in tl.static_range(0, NKC, CHUNKS_PER_TRIP):
+            w_r = w_r + (_load_whr_t3(whr_ptr, c0, offs_p, mp, H, KC, CHUNKS_PER_TRIP),)
+
+    if PHASES % 2 == 1:
+        t = _time(s_begin, T, REVERSE)
+        xv = mb & (t < L) & (s_begin < s_end)
+        x = tl.load(
+            xg_ptr + t.to(tl.int64) * B64 * (G * H) + xrow[:, None] + col_n[None, :],
+            mask=xv[:, None] & mn[None, :], other=0.0,
+        ).to(ACC)  # fmt: skip
+
+    for s in range(s_begin, s_end):
+        t = _time(s, T, REVERSE)
+        valid = mb & (t < L)
+        v2 = valid[:, None]
+        toff = t.to(tl.int64) * B64
+        # the m exchange row of this step: two rows, so a phase-1 store of step s+1 never
+        # meets a phase-2 load of step s (there is a barrier between them anyway)
+        mrow = (s % 2) * B64 * H
+        k_bar = 2 * (s - s_begin)
+        if PHASES % 2 == 1:
+            # exchange row of h_{t-1}: t (forward; row 0 is h0) or t + 1 (reverse; row T)
+            prev = (t + REVERSE).to(tl.int64) * B64 * P
+            # CHUNKS_PER_TRIP K chunks' loads issued together, then their dots (each loaded
+            # chunk is staged in shared memory for its dot: the trip bounds how much at once)
+            acc = tl.zeros([BLOCK_B, NG], dtype=ACC)
+            for c0 in tl.static_range(0, NKP, CHUNKS_PER_TRIP):
+                hp = ()
+                for ci in tl.static_range(CHUNKS_PER_TRIP):
+                    if c0 + ci < NKP:
+                        offs_k = (c0 + ci) * KC + tl.arange(0, KC)
+                        hp = hp + (
+                            tl.load(hx_ptr + prev + prow[:, None] + offs_k[None, :],
+                                    mask=mb[:, None] & (offs_k < P)[None, :], other=0.0,
+                                    cache_modifier=".cg"),
+                        )  # fmt: skip
+                for ci in tl.static_range(CHUNKS_PER_TRIP):
+                    if c0 + ci < NKP:
+                        if RESIDENT:
+                            wk = w_g[c0 + ci]
+                        else:
+                            offs_k = (c0 + ci) * KC + tl.arange(0, KC)
+                            wk = tl.load(whh_ptr + col_n[None, :] * P + offs_k[:, None],
+                                         mask=(offs_k < P)[:, None] & mn[None, :],
+                                         other=0.0)  # fmt: skip
+                        acc += tl.dot(hp[ci], wk, input_precision=PREC, out_dtype=ACC)
+            a0, a1, a2, a3 = _split_gates(acc, BLOCK_B, BH, GP)
+            x0, x1, x2, x3 = _split_gates(x, BLOCK_B, BH, GP)
+            ig = _sigmoid(x0 + a0)
+            fg = _sigmoid(x1 + a1)
+            gg = _tanh(x2 + a2)
+            og = _sigmoid(x3 + a3)
+            c_new = fg * cs + ig * gg
+            m_new = og * _tanh(c_new)
+            cs = tl.where(v2, c_new, cs)
+            tl.store(mx_ptr + mrow + own, tl.where(v2, m_new, 0.0).to(hd), mask=m_own)
+            if USE_BARRIER:
+                _barrier_arrive(sync_ptr)
+            else:
+                tl.debug_barrier()
+            if SAVE:
+                wp = ws_ptr + toff * (NW * H) + wrow[:, None] + offs_j[None, :]
+                wd = ws_ptr.dtype.element_ty
+                tl.store(wp, tl.where(v2, ig, 0.0).to(wd), mask=m_own)
+                tl.store(wp + H, tl.where(v2, fg, 0.0).to(wd), mask=m_own)
+                tl.store(wp + 2 * H, tl.where(v2, gg, 0.0).to(wd), mask=m_own)
+                tl.store(wp + 3 * H, tl.where(v2, og, 0.0).to(wd), mask=m_own)
+                tl.store(wp + 4 * H, tl.where(v2, c_new, 0.0).to(wd), mask=m_own)
+            if USE_BARRIER:
+                _barrier_wait(sync_ptr, (k_bar + 1) * nprog, spin_max)
+        if PHASES >= 2:
+            # a program past P loads nothing (it only keeps step with the barriers)
+            mb_p = mb & (pid_h * BP < P)
+            # The K chunks of a trip as the batch dimension of a 3-D dot: the output (BLOCK_B,
+            # BP) is a single mma tile, so a 2-D dot would have every warp repeat all of K;
+            # this way each warp takes its own chunks, then the chunks' partial sums add up.
+            hproj = tl.zeros([BLOCK_B, BP], dtype=ACC)
+            for c0 in tl.static_range(0, NKC, CHUNKS_PER_TRIP):
+                k3 = ((c0 + tl.arange(0, CHUNKS_PER_TRIP)) * KC)[:, None, None] + tl.arange(
+                    0, KC)[None, None, :]  # fmt: skip
+                m3 = tl.load(mx_ptr + mrow + hrow[None, :, None] + k3,
+                             mask=mb_p[None, :, None] & (k3 < H), other=0.0,
+                             cache_modifier=".cg")  # fmt: skip
+                if RESIDENT:
+                    w3 = w_r[c0 // CHUNKS_PER_TRIP]
+                else:
+                    w3 = _load_whr_t3(whr_ptr, c0, offs_p, mp, H, KC, CHUNKS_PER_TRIP)
+                part = tl.dot(m3, w3, input_precision=PREC, out_dtype=ACC)
+                hproj += tl.sum(part, axis=0)
+            # h_t into its exchange row: t + 1 (forward) or t (reverse)
+            out = (t + 1 - REVERSE).to(tl.int64) * B64 * P
+            if SEPARATE_Y:
+                hs = tl.where(v2, hproj.to(hd).to(ACC), hs)
+                tl.store(hx_ptr + out + ownp, hs.to(hd), mask=m_ownp)
+            else:
+                yv = tl.where(v2, hproj, 0.0).to(hd)
+                tl.store(hx_ptr + out + ownp, yv, mask=m_ownp)
+                hs = tl.where(v2, yv.to(ACC), hs)
+            if USE_BARRIER:
+                if s + 1 < s_end:
+                    _barrier_arrive(sync_ptr)
+            else:
+                tl.debug_barrier()
+            # work that needs nobody else's data, overlapping the barrier
+            if SEPARATE_Y:
+                tl.store(y_ptr + toff * P + ownp, tl.where(v2, hproj, 0.0).to(hd), mask=m_ownp)
+        if PHASES % 2 == 1:
+            tn = _time(s + 1, T, REVERSE)
+            xv = mb & (tn < L) & (s + 1 < s_end)
+            x = tl.load(
+                xg_ptr + tn.to(tl.int64) * B64 * (G * H) + xrow[:, None] + col_n[None, :],
+                mask=xv[:, None] & mn[None, :], other=0.0,
+            ).to(ACC)  # fmt: skip
+        if PHASES >= 2:
+            if USE_BARRIER:
+                if s + 1 < s_end:
+                    _barrier_wait(sync_ptr, (k_bar + 2) * nprog, spin_max)
+
+    tl.store(hs_ptr + ownp, hs, mask=m_ownp)
+    tl.store(cs_ptr + own, cs, mask=m_own)
+
+
+@triton.jit
+def _load_whh_cols(whh_ptr, offs_k, offs_p, mp, G: tl.constexpr, GP: tl.constexpr,
+                   H: tl.constexpr, P: tl.constexpr):  # fmt: skip
+    """(GP, KC, BP): rows offs_k of every gate block of W_hh (4H, P), own output columns."""
+    g3 = tl.arange(0, GP)[:, None, None]
+    k3 = offs_k[None, :, None]
+    m = (g3 < G) & (k3 < H) & mp[None, None, :]
+    return tl.load(whh_ptr + (g3 * H + k3) * P + offs_p[None, None, :], mask=m, other=0.0)
+
+
+@triton.jit(do_not_specialize=["T", "B", "s_begin", "s_end", "spin_max"])
+def _lstmp_bwd_kernel(
+    whh_ptr, whr_ptr, c0_ptr, len_ptr, ws_ptr, dy_ptr,
+    dxg_ptr, dhp_ptr, dhs_ptr, dcs_ptr, sync_ptr,
+    T, B, s_begin, s_end, spin_max,
+    G: tl.constexpr, GP: tl.constexpr, NW: tl.constexpr, H: tl.constexpr, P: tl.constexpr,
+    KC: tl.constexpr, NKC: tl.constexpr, NKP: tl.constexpr, BH: tl.constexpr,
+    BP: tl.constexpr, BLOCK_B: tl.constexpr, CHUNKS_PER_TRIP: tl.constexpr,
+    ON_CHIP: tl.constexpr, RESIDENT: tl.constexpr, HAS_LEN: tl.constexpr, REVERSE: tl.constexpr,
+    USE_BARRIER: tl.constexpr,
+    PHASES: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    """Backward of `_lstmp_fwd_kernel`, steps s in [0, T] (step s < T handles forward step
+    T-1-s; step T only folds the first step's dgates into dh0), two phases per step:
+    1. program p owns outputs [p*BP, p*BP+BP): dh_t = carry + dgates_{next} @ W_hh[:, own]
+       (K = 4H, dgates from dxg) + dy_t, stored to dhp[t] (the exchange buffer, and dW_hr's
+       input);
+    2. program p owns units [p*BH, p*BH+BH): dm = dh_t (B, P) @ W_hr[:, own] (K = P), the
+       LSTM gate backward with dm for dh, dgates to dxg[t].
+    A grid barrier follows each phase (PHASES as in the forward)."""
+    pid_h = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    nprog = tl.num_programs(0) * tl.num_programs(1)
+    offs_j = pid_h * BH + tl.arange(0, BH)
+    mj = offs_j < H
+    offs_p = pid_h * BP + tl.arange(0, BP)
+    mp = offs_p < P
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    mb = offs_b < B
+    m_own = mb[:, None] & mj[None, :]
+    m_ownp = mb[:, None] & mp[None, :]
+    if HAS_LEN:
+        L = tl.load(len_ptr + offs_b, mask=mb, other=0).to(tl.int32)
+    else:
+        L = tl.zeros([BLOCK_B], dtype=tl.int32) + T
+    B64 = B.to(tl.int64)
+    hrow = offs_b.to(tl.int64) * H
+    prow = offs_b.to(tl.int64) * P
+    xrow = offs_b.to(tl.int64) * (G * H)
+    wrow = offs_b.to(tl.int64) * (NW * H)
+    own = hrow[:, None] + offs_j[None, :]
+    ownp = prow[:, None] + offs_p[None, :]
+    xd = dxg_ptr.dtype.element_ty
+
+    # carries: dh of the own outputs (P wide), dc of the own units
+    dh_c = tl.load(dhs_ptr + ownp, mask=m_ownp, other=0.0).to(ACC)
+    dc_c = tl.load(dcs_ptr + own, mask=m_own, other=0.0).to(ACC)
+    if RESIDENT:
+        # W_hh[:, own outputs] as NKC (GP, KC, BP) chunks (gates as the batch dimension of a
+        # 3-D dot, as in the unprojected backward); W_hr[:, own units] as NKP (KC, BH) chunks
+        w_g = ()
+        for i in tl.static_range(NKC):
+            offs_k = i * KC + tl.arange(0, KC)
+            w_g = w_g + (_load_whh_cols(whh_ptr, offs_k, offs_p, mp, G, GP, H, P),)
+        w_r = ()
+        for i in tl.static_range(NKP):
+            offs_k = i * KC + tl.arange(0, KC)
+            w_r = w_r + (
+                tl.load(whr_ptr + offs_k[:, None] * H + offs_j[None, :],
+                        mask=(offs_k < P)[:, None] & mj[None, :], other=0.0),
+            )  # fmt: skip
+
+    for s in range(s_begin, s_end):
+        t = _time(T - 1 - s, T, REVERSE)
+        valid = mb & (t < L) & (s < T)
+        v2 = valid[:, None]
+        toff = t.to(tl.int64) * B64
+        k_bar = 2 * (s - s_begin)
+        if PHASES % 2 == 1:
+            # the forward step after this one (processed by the previous backward step)
+            if REVERSE:
+                tn = t - 1
+            else:
+                tn = t + 1
+            # (a program past P loads nothing: it only keeps step with the barriers)
+            nvalid = mb & (s > 0) & (tn < L) & (pid_h * BP < P)
+            # CHUNKS_PER_TRIP chunks' dgates loads (every gate) issued together, as many as
+            # registers hold (as in the unprojected backward), then their dots
+            acc3 = tl.zeros([GP, BLOCK_B, BP], dtype=ACC)
+            for c0 in tl.static_range(0, NKC, CHUNKS_PER_TRIP):
+                gk = ()
+                for ci in tl.static_range(CHUNKS_PER_TRIP):
+                    if c0 + ci < NKC:
+                        offs_k = (c0 + ci) * KC + tl.arange(0, KC)
+                        gk = gk + (_load_dgates_all(dxg_ptr, dxg_ptr, tn, B64, xrow, hrow, offs_k,
+                                                    nvalid, LSTM, G, GP, H),)  # fmt: skip
+                for ci in tl.static_range(CHUNKS_PER_TRIP):
+                    if c0 + ci < NKC:
+                        if RESIDENT:
+                            wk = w_g[c0 + ci]
+                        else:
+                            offs_k = (c0 + ci) * KC + tl.arange(0, KC)
+                            wk = _load_whh_cols(whh_ptr, offs_k, offs_p, mp, G, GP, H, P)
+                        acc3 += tl.dot(gk[ci], wk, input_precision=PREC, out_dtype=ACC)
+            dh_c += tl.sum(acc3, axis=0)
+            dy = tl.load(dy_ptr + toff * P + ownp, mask=v2 & mp[None, :], other=0.0).to(ACC)
+            dh = dh_c + dy
+            # rows past a sequence's end: dhp 0, the carry rides on to the sequence's end
+            tl.store(dhp_ptr + toff * P + ownp, tl.where(v2, dh, 0.0).to(xd),
+                     mask=m_ownp & (s < T))  # fmt: skip
+            dh_c = tl.where(v2, 0.0, dh_c)
+            if USE_BARRIER:
+                if s < T:
+                    _barrier_arrive(sync_ptr)
+            else:
+                tl.debug_barrier()
+        if PHASES >= 2:
+            # the own units' saved fields and c_{t-1}, overlapping the barrier
+            mv = v2 & mj[None, :]
+            f0, f1, f2, f3, f4 = _load_fields(ws_ptr, toff * (NW * H) + wrow, offs_j, mv, H, NW,
+                                              ACC)  # fmt: skip
+            # c_{t-1}: the saved c of the previous step, c0 at a sequence's first step
+            if REVERSE:
+                tp = t + 1
+            else:
+                tp = t - 1
+            pvalid = valid & (tp >= 0) & (tp < L)
+            first = valid & ~pvalid
+            pv = tl.load(ws_ptr + tp.to(tl.int64) * B64 * (NW * H) + wrow[:, None] + 4 * H
+                         + offs_j[None, :], mask=pvalid[:, None] & mj[None, :],
+                         other=0.0).to(ACC)  # fmt: skip
+            pv += tl.load(c0_ptr + own, mask=first[:, None] & mj[None, :], other=0.0).to(ACC)
+        if PHASES % 2 == 1:
+            if USE_BARRIER:
+                if s < T:
+                    _barrier_wait(sync_ptr, (k_bar + 1) * nprog, spin_max)
+        if PHASES >= 2:
+            dp = ()
+            for i in tl.static_range(NKP):
+                offs_k = i * KC + tl.arange(0, KC)
+                dp = dp + (
+                    tl.load(dhp_ptr + toff * P + prow[:, None] + offs_k[None, :],
+                            mask=v2 & (offs_k < P)[None, :], other=0.0, cache_modifier=".cg"),
+                )  # fmt: skip
+            dm = tl.zeros([BLOCK_B, BH], dtype=ACC)
+            for i in tl.static_range(NKP):
+                if RESIDENT:
+                    wk = w_r[i]
+                else:
+                    offs_k = i * KC + tl.arange(0, KC)
+                    wk = tl.load(whr_ptr + offs_k[:, None] * H + offs_j[None, :],
+                                 mask=(offs_k < P)[:, None] & mj[None, :], other=0.0)  # fmt: skip
+                dm += tl.dot(dp[i], wk, input_precision=PREC, out_dtype=ACC)
+            ig = f0
+            fg = f1
+            gg = f2
+            og = f3
+            tc = _tanh(f4)
+            dc = dc_c + dm * og * (1.0 - tc * tc)
+            d0 = dc * gg * ig * (1.0 - ig)
+            d1 = dc * pv * fg * (1.0 - fg)
+            d2 = dc * ig * (1.0 - gg * gg)
+            d3 = dm * tc * og * (1.0 - og)
+            dc_c = tl.where(v2, dc * fg, dc_c)
+            ms = m_own & (s < T)
+            gp = dxg_ptr + toff * (G * H) + xrow[:, None] + offs_j[None, :]
+            tl.store(gp, tl.where(v2, d0, 0.0).to(xd), mask=ms)
+            tl.store(gp + H, tl.where(v2, d1, 0.0).to(xd), mask=ms)
+            tl.store(gp + 2 * H, tl.where(v2, d2, 0.0).to(xd), mask=ms)
+            tl.store(gp + 3 * H, tl.where(v2, d3, 0.0).to(xd), mask=ms)
+            if USE_BARRIER:
+                if s + 1 < s_end:
+                    _barrier_arrive(sync_ptr)
+                    _barrier_wait(sync_ptr, (k_bar + 2) * nprog, spin_max)
+            else:
+                tl.debug_barrier()
+
+    tl.store(dhs_ptr + ownp, dh_c, mask=m_ownp)
+    tl.store(dcs_ptr + own, dc_c, mask=m_own)
+
+
 # ----------------------------------------------------------------------------- launchers
 
 
@@ -730,6 +1120,7 @@ class Plan:
     num_warps: int = 4
     on_chip: bool = False  # one program owns every unit: no exchange, no grid barrier
     chunks_per_trip: int = 1  # backward: K chunks (all gates) whose loads are issued together
+    BP: int = 0  # LSTM with projection: projected outputs per program (0: no projection)
 
     @property
     def nprog(self) -> int:
@@ -778,6 +1169,8 @@ def make_plan(
     num_warps: int | None = None,
     chunks_per_trip: int | None = None,
     sm_count: int | None = None,
+    proj_size: int | None = None,
+    BP: int | None = None,
 ) -> Plan:
     """Pick tiling and mode from sizes (the launchers then check it against the compiled
     kernel, `_fit`). Keyword overrides exist for tests and tuning.
@@ -790,7 +1183,13 @@ def make_plan(
        grid within one program per SM) per program, weights resident in shared memory when
        they fit RESIDENT_SMEM, else streamed from L2 each step.
     3. one launch per step, when even BH=64 leaves more programs than SMs.
-    `sm_count` stands in for the device's SM count (planning for a GPU without one)."""
+    `sm_count` stands in for the device's SM count (planning for a GPU without one).
+    `proj_size` (LSTM with projection): see `_make_proj_plan`."""
+    if proj_size:
+        return _make_proj_plan(H, proj_size, B, dtype, device, backward=backward, BH=BH, BP=BP,
+                               BLOCK_B=BLOCK_B, KC=KC, resident=resident, persistent=persistent,
+                               num_warps=num_warps, chunks_per_trip=chunks_per_trip,
+                               sm_count=sm_count)  # fmt: skip
     es = _element_size(dtype)
     hp = _next_pow2(H)
     if device.type != "cuda":
@@ -846,6 +1245,77 @@ def make_plan(
     per_chunk = _next_pow2(G) * bb * kc * es
     cpt = chunks_per_trip or max(1, min(triton.cdiv(H, kc), INFLIGHT_BYTES * 32 * nw // per_chunk))
     return Plan(bh, bb, n_h, n_b, resident, pers, kc, nw, False, cpt)
+
+
+def proj_weight_bytes(
+    H: int, P: int, BH: int, BP: int, KC: int, dtype: torch.dtype, backward: bool
+) -> int:
+    """Shared memory of one program's resident weights, LSTM with projection: forward
+    W_hh^T (P, 4*BH) and W_hr^T (H, BP); backward W_hh (4H, BP) and W_hr (P, BH) (K padded
+    to whole KC chunks)."""
+    kp = triton.cdiv(P, KC) * KC
+    kh = triton.cdiv(H, KC) * KC
+    if backward:
+        return (4 * kh * BP + kp * BH) * _element_size(dtype)
+    return (kp * 4 * BH + kh * BP) * _element_size(dtype)
+
+
+# Shared memory for the exchange loads of one trip of the projected forward: every loaded
+# K chunk of m (or h) is staged there for its dot (seen in the sm_90 compile: BLOCK_B x H
+# bytes when a step loaded all of m at once, 128 KB at B=64, H=1024, bf16)
+PROJ_STAGE_BYTES = 32 * 1024
+
+
+def _make_proj_plan(H, P, B, dtype, device, *, backward, BH, BP, BLOCK_B, KC, resident,
+                    persistent, num_warps, chunks_per_trip, sm_count) -> Plan:  # fmt: skip
+    """Plan of the projected LSTM kernels: n_h programs (per batch tile) own BH units each
+    for the gates and BP projected outputs each for the projection (the smallest power of
+    two >= 8, 2 in the interpreter, that covers P with n_h programs; programs past P idle in
+    that phase). Weights resident when they fit RESIDENT_SMEM, else streamed every step.
+    Persistent (two grid barriers per step) when every program fits on the device at once;
+    else one launch per phase of each step. Never on chip: the projection needs the
+    exchange of m even with one program."""
+    hp = _next_pow2(H)
+    if device.type != "cuda":
+        bb = BLOCK_B or max(2, _next_pow2(B))
+        bh = BH or max(2, hp)
+        n_h, n_b = triton.cdiv(H, bh), triton.cdiv(B, bb)
+        bp = BP or max(2, _next_pow2(triton.cdiv(P, n_h)))
+        kc = KC or max(16, min(64, hp))
+        res = True if resident is None else resident
+        pers = (n_h * n_b == 1) if persistent is None else persistent
+        if pers and n_h * n_b > 1:
+            raise ValueError("the interpreter runs programs one after another: a grid barrier "
+                             "across several programs would never complete")  # fmt: skip
+        return Plan(bh, bb, n_h, n_b, res, pers, kc, num_warps or 4, False,
+                    chunks_per_trip or 2, bp)  # fmt: skip
+    sms = sm_count or torch.cuda.get_device_properties(device).multi_processor_count
+    bb = BLOCK_B or _batch_tile(B)
+    n_b = triton.cdiv(B, bb)
+    bh = BH
+    if bh is None:
+        bh = 8
+        while triton.cdiv(H, bh) * n_b > sms and bh < 64:
+            bh *= 2
+    n_h = triton.cdiv(H, bh)
+    bp = BP or max(8, _next_pow2(triton.cdiv(P, n_h)))
+    fits = n_h * n_b <= sms
+    pers = fits if persistent is None else (persistent and fits)
+    kc = KC or min(KC_GPU if not backward else max(32, KC_GPU * 16 // bb), max(16, hp))
+    if resident is None:
+        resident = proj_weight_bytes(H, P, bh, bp, kc, dtype, backward) <= RESIDENT_SMEM
+    if not resident and KC is None:
+        kc = stream_kc(4, max(bh, bp), backward, dtype)
+    nw = num_warps or (4 if backward and resident and bb <= 32 else 8)
+    if backward:  # dgates chunks of every gate, as in the unprojected backward
+        per_chunk = 4 * bb * kc * _element_size(dtype)
+        cpt = min(triton.cdiv(H, kc), INFLIGHT_BYTES * 32 * nw // per_chunk)
+    else:  # m (h) chunks, staged in shared memory; a power of two (the 3-D dot's batch)
+        cpt = min(triton.cdiv(H, kc), PROJ_STAGE_BYTES // (bb * kc * _element_size(dtype)))
+        cpt = 1 << max(0, cpt.bit_length() - 1)
+    plan = Plan(bh, bb, n_h, n_b, resident, pers, kc, nw, False, chunks_per_trip or max(1, cpt), bp)
+    assert plan.n_h * plan.BP >= P, plan
+    return plan
 
 
 def stream_kc(G: int, BH: int, backward: bool, dtype: torch.dtype = torch.bfloat16) -> int:
@@ -942,6 +1412,9 @@ def _plan_kw(plan: Plan, kw: dict) -> dict:
     out = dict(kw, KC=plan.KC, BH=plan.BH, BLOCK_B=plan.BLOCK_B, RESIDENT=plan.resident,
                ON_CHIP=plan.on_chip)  # fmt: skip
     out["NKC"] = triton.cdiv(kw["H"], plan.KC)
+    if "P" in kw:  # LSTM with projection
+        out["BP"] = plan.BP
+        out["NKP"] = triton.cdiv(kw["P"], plan.KC)
     if "CHUNKS_PER_TRIP" in kw:
         out["CHUNKS_PER_TRIP"] = plan.chunks_per_trip
     return out
@@ -962,14 +1435,8 @@ def _launch_steps(kernel, plan: Plan, T: int, B: int, n_steps: int, args, kw, sp
         kernel[grid](*args, sync, T, B, 0, n_steps, spin_max,
                      USE_BARRIER=use_barrier, num_warps=plan.num_warps, num_stages=1,
                      **kw)  # fmt: skip
-        if use_barrier and not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-            if int(sync[0].item()) >= _SYNC_ERROR:
-                raise RuntimeError(
-                    f"gpurnn triton: grid barrier timed out ({plan.nprog} programs did not all "
-                    "run concurrently: is another kernel holding SMs, or MPS/green contexts "
-                    "limiting them?). Results are invalid. Set make_plan(persistent=False) "
-                    "or raise GPURNN_TRITON_SPIN_MAX."
-                )
+        if use_barrier:
+            _check_barrier(sync, plan, device)
     else:
         if plan.on_chip:
             raise ValueError("an on-chip plan keeps state in registers: it must be persistent")
@@ -977,6 +1444,44 @@ def _launch_steps(kernel, plan: Plan, T: int, B: int, n_steps: int, args, kw, sp
             kernel[grid](*args, sync, T, B, s, s + 1, spin_max,
                          USE_BARRIER=False, num_warps=plan.num_warps, num_stages=1,
                          **kw)  # fmt: skip
+
+
+def _check_barrier(sync: torch.Tensor, plan: Plan, device) -> None:
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return
+    if int(sync[0].item()) >= _SYNC_ERROR:
+        raise RuntimeError(
+            f"gpurnn triton: grid barrier timed out ({plan.nprog} programs did not all "
+            "run concurrently: is another kernel holding SMs, or MPS/green contexts "
+            "limiting them?). Results are invalid. Set make_plan(persistent=False) "
+            "or raise GPURNN_TRITON_SPIN_MAX."
+        )
+
+
+def _launch_phases(kernel, plan: Plan, T: int, B: int, n_steps: int, args, kw, spin_max: int,
+                   device):  # fmt: skip
+    """`_launch_steps` for the projected LSTM kernels (two phases, so two grid barriers, per
+    step): one persistent launch, or two launches per step (one per phase)."""
+    if plan.on_chip:
+        raise ValueError("the projected LSTM kernels have no on-chip plan")
+    plan = _fit(kernel, plan, args, kw, device)
+    kw = _plan_kw(plan, kw)
+    grid = (plan.n_h, plan.n_b)
+    sync = torch.zeros(2, dtype=torch.int32, device=device)
+    if plan.persistent:
+        if 2 * n_steps * plan.nprog >= _SYNC_ERROR:
+            raise ValueError("sequence too long for one persistent launch")
+        use_barrier = plan.nprog > 1
+        kernel[grid](*args, sync, T, B, 0, n_steps, spin_max, USE_BARRIER=use_barrier,
+                     num_warps=plan.num_warps, num_stages=1, **kw)  # fmt: skip
+        if use_barrier:
+            _check_barrier(sync, plan, device)
+    else:
+        for s in range(n_steps):
+            for phase in (1, 2):
+                kernel[grid](*args, sync, T, B, s, s + 1, spin_max, USE_BARRIER=False,
+                             num_warps=plan.num_warps, num_stages=1,
+                             **{**kw, "PHASES": phase})  # fmt: skip
 
 
 def forward(
@@ -990,6 +1495,7 @@ def forward(
     b_hn: torch.Tensor | None,
     save: bool,
     *,
+    w_hr: torch.Tensor | None = None,
     plan: Plan | None = None,
     precision: str = "tf32",
     spin_max: int | None = None,
@@ -999,7 +1505,13 @@ def forward(
 
     h_{t-1} is exchanged through a (T+1)-row buffer whose first row in processing order
     (0, or T in reverse) holds h0: the step loop has no special first step. y is a view of
-    the other T rows, except in reverse with lengths (see SEPARATE_Y in the kernel)."""
+    the other T rows, except in reverse with lengths (see SEPARATE_Y in the kernel).
+
+    LSTM with projection (w_hr (P, H), w_hh (4H, P), h0 (B, P)): y and h_T are P wide, the
+    workspace is the unprojected LSTM's (m = o * tanh(c) follows from it)."""
+    if w_hr is not None:
+        return _forward_proj(xg, w_hh, w_hr, h0, c0, lengths, reverse, save, plan, precision,
+                             spin_max)  # fmt: skip
     T, B, GH = xg.shape
     H = w_hh.shape[1]
     G = GATES[cell]
@@ -1045,6 +1557,77 @@ def forward(
     return y, hs.to(dt), (cs.to(dt) if cell == "lstm" else None), ws
 
 
+def _forward_proj(xg, w_hh, w_hr, h0, c0, lengths, reverse, save, plan, precision, spin_max):
+    T, B, GH = xg.shape
+    P, H = w_hr.shape
+    assert GH == 4 * H and tuple(w_hh.shape) == (4 * H, P), (xg.shape, w_hh.shape, w_hr.shape)
+    dev, dt = xg.device, xg.dtype
+    plan = plan or make_plan(H, B, 4, dt, dev, proj_size=P)
+    cpt = plan.chunks_per_trip
+    if cpt & (cpt - 1):
+        raise ValueError(f"chunks_per_trip must be a power of two here (the batch of a 3-D "
+                         f"dot), got {cpt}")  # fmt: skip
+    acc_t = torch.float64 if dt == torch.float64 else torch.float32
+    hs = h0.to(acc_t).clone() if h0 is not None else torch.zeros(B, P, dtype=acc_t, device=dev)
+    cs = c0.to(acc_t).clone() if c0 is not None else torch.zeros(B, H, dtype=acc_t, device=dev)
+    ws = _alloc(workspace_shape("lstm", T, B, H), dt, dev) if save else xg.new_empty((0,))
+    if T == 0:
+        return xg.new_empty((0, B, P)), hs.to(dt), cs.to(dt), ws
+    hx = _alloc((T + 1, B, P), dt, dev)
+    first = T if reverse else 0
+    if h0 is not None:
+        hx[first].copy_(h0)
+    else:
+        hx[first].zero_()
+    if lengths is not None and reverse:
+        y = _alloc((T, B, P), dt, dev)
+    else:
+        y = hx[:T] if reverse else hx[1:]
+    mx = _alloc((2, B, H), dt, dev)  # m exchange: one row per step parity
+    dummy = xg
+    args = (
+        xg, w_hh, w_hr, lengths if lengths is not None else dummy,
+        hx, y, mx, hs, cs, ws if save else dummy,
+    )  # fmt: skip
+    kw = dict(
+        G=4, GP=4, NW=len(WS_FIELDS["lstm"]), H=H, P=P, CHUNKS_PER_TRIP=plan.chunks_per_trip,
+        HAS_LEN=lengths is not None, REVERSE=bool(reverse), SAVE=bool(save), PHASES=3,
+        PREC=_prec(dt, precision), ACC=_acc_dtype(dt),
+    )  # fmt: skip
+    _launch_phases(_lstmp_fwd_kernel, plan, T, B, T, args, kw,
+                   SPIN_MAX if spin_max is None else spin_max, dev)  # fmt: skip
+    return y, hs.to(dt), cs.to(dt), ws
+
+
+def _backward_proj(w_hh, w_hr, c0, lengths, reverse, y, workspace, dy, dh_T, dc_T, plan,
+                   precision, spin_max):  # fmt: skip
+    T, B, P = y.shape
+    H = w_hr.shape[1]
+    dev, dt = y.device, y.dtype
+    plan = plan or make_plan(H, B, 4, dt, dev, backward=True, proj_size=P)
+    acc_t = torch.float64 if dt == torch.float64 else torch.float32
+    dxg = _alloc((T, B, 4 * H), dt, dev)
+    dhp = _alloc((T, B, P), dt, dev)
+    dhs = dh_T.to(acc_t).clone()
+    dcs = dc_T.to(acc_t).clone() if dc_T is not None else torch.zeros(B, H, dtype=acc_t,
+                                                                       device=dev)  # fmt: skip
+    if T == 0:
+        return dxg, dhp, dhs, dcs
+    c0_ = c0 if c0 is not None else torch.zeros(B, H, dtype=dt, device=dev)
+    args = (
+        w_hh, w_hr, c0_, lengths if lengths is not None else y, workspace, dy,
+        dxg, dhp, dhs, dcs,
+    )  # fmt: skip
+    kw = dict(
+        G=4, GP=4, NW=len(WS_FIELDS["lstm"]), H=H, P=P, CHUNKS_PER_TRIP=plan.chunks_per_trip,
+        HAS_LEN=lengths is not None, REVERSE=bool(reverse), PHASES=3,
+        PREC=_prec(dt, precision), ACC=_acc_dtype(dt),
+    )  # fmt: skip
+    _launch_phases(_lstmp_bwd_kernel, plan, T, B, T + 1, args, kw,
+                   SPIN_MAX if spin_max is None else spin_max, dev)  # fmt: skip
+    return dxg, dhp, dhs, dcs
+
+
 def backward(
     cell: str,
     w_hh: torch.Tensor,
@@ -1058,6 +1641,7 @@ def backward(
     dh_T: torch.Tensor,
     dc_T: torch.Tensor | None,
     *,
+    w_hr: torch.Tensor | None = None,
     plan: Plan | None = None,
     precision: str = "tf32",
     spin_max: int | None = None,
@@ -1067,7 +1651,15 @@ def backward(
       dhn (T, B, H) or None  GRU only: dn_pre * r, the n block of d(W_hh h) (for dW_hh, db_hn),
       dh0 (B, H), dc0 (B, H) or None   (fp32 / fp64).
     d(W_hh h)[t] is dxg[t] with (GRU) its n block replaced by dhn[t]; weight gradients are
-    GEMMs of it against h_{t-1} (done by the caller)."""
+    GEMMs of it against h_{t-1} (done by the caller).
+
+    LSTM with projection (w_hr given; y, dy, dh_T P wide): the second output is instead dhp
+    (T, B, P), the gradient of each step's projected output h_t (0 past a sequence's end):
+    dW_hr = sum over t of dhp[t]^T m_t, m_t = o_t * tanh(c_t) from the workspace; dh0 is
+    (B, P)."""
+    if w_hr is not None:
+        return _backward_proj(w_hh, w_hr, c0, lengths, reverse, y, workspace, dy, dh_T, dc_T,
+                              plan, precision, spin_max)  # fmt: skip
     T, B, H = y.shape
     G = GATES[cell]
     dev, dt = y.device, y.dtype
