@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One prepared run on a GPU machine, at most TOTAL_LIMIT seconds (default 290: under five
 # minutes on a cold H100), most important first, each stage under its own time limit:
-#   1. the triton GPU tests, fast default set (-m "gpu and not slow")       TRITON_TESTS_LIMIT
+#   1. the triton GPU tests, fast default set (-m "gpu and not slow"): the
+#      headline shapes, LSTM projections, then each kind of plan               TRITON_TESTS_LIMIT
 #   2. python -m gpurnn check (every backend vs the float64 reference)      CHECK_LIMIT
 #   3. python -m gpurnn bench --quick, cuDNN rows included                  BENCH_LIMIT
 #   4. benchmarks/step_timing.py: each kernel alone, µs per step vs cuDNN   STEP_LIMIT
@@ -108,7 +109,8 @@ main() {
 
   local pytest=("$PY" -m pytest -v -rA -p no:cacheprovider)
   stage "triton gpu tests" "$TRITON_TESTS_LIMIT" \
-    "${pytest[@]}" -m "gpu and not slow" tests/test_triton_gpu.py
+    "${pytest[@]}" -m "gpu and not slow" tests/test_triton_gpu.py tests/test_triton_proj_gpu.py \
+    tests/test_triton_plans_gpu.py
   record_gpu_tests triton
   # shellcheck disable=SC2086 # the *_ARGS are word lists
   stage "check" "$CHECK_LIMIT" "$PY" -m gpurnn check $CHECK_ARGS
