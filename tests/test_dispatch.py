@@ -316,3 +316,19 @@ def test_record_gpu_tests_appends_a_row(tmp_path, capsys):
     assert "test_barrier_timeout_raises" in records[0]["note"]
     assert "GPU tests of triton" in capsys.readouterr().out
     assert dispatch.main(["--record-gpu-tests", "triton", "--gpu-tests", str(out)]) == 2
+
+
+def test_auto_leaves_projections_to_torch_until_gpu_checked(both_kernels, monkeypatch):
+    """The triton projection kernels run when asked for by name; "auto" on CUDA does not
+    pick them before their GPU tests have passed."""
+    from gpurnn.backends.triton import TritonBackend
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    be = TritonBackend()
+    assert be.auto_reason("lstm", True) is not None
+    assert be.auto_reason("lstm", False) is None
+    # the stand-in triton says what the real one says about auto
+    monkeypatch.setattr(backends._instances["triton"], "auto_reason", be.auto_reason)
+    assert choose_backend(None, "lstm", CUDA, BF16, True, 768, 16, torch_native=True) != "triton"
+    assert choose_backend(None, "lstm", CUDA, BF16, False, 768, 16, torch_native=True) == "triton"
+    assert choose_backend("triton", "lstm", CUDA, BF16, True, 768, 16) == "triton"

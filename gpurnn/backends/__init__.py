@@ -160,6 +160,8 @@ def choose_backend(
             continue
         reason = _reason_against(candidate, *case)
         if reason is None:
+            reason = get_backend(candidate).auto_reason(cell, projected)
+        if reason is None:
             runnable.append(candidate)
         else:
             log.debug("gpurnn auto: skipping %s (%s)", candidate, reason)

@@ -50,6 +50,11 @@ class Backend(ABC):
         a constant under torch.compile."""
         return None
 
+    def auto_reason(self, cell: str, projected: bool) -> str | None:
+        """None when "auto" may pick this backend for a case it supports, else why not (a
+        path that runs when asked for by name but has not yet passed its GPU tests)."""
+        return None
+
     def workspace_spec(
         self, cell: str, T: int, B: int, H: int, dtype: torch.dtype, save: bool
     ) -> tuple[tuple[int, ...], torch.dtype]:
