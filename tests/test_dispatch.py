@@ -217,7 +217,9 @@ def test_the_shipped_table_routes_to_cudnn_where_it_measured_faster(both_kernels
     def auto(dtype, H, B):
         return choose_backend(None, "lstm", CUDA, dtype, False, H, B, torch_native=True)
 
-    assert auto(BF16, 768, 64) == "torch"
+    # B=64 went to cuDNN with the first kernels (0.49x); the 64-row batch tiles measured
+    # 1.76x faster than cuDNN for training (probe rows of 2026-11-27)
+    assert auto(BF16, 768, 64) == "triton"
     assert auto(BF16, 1024, 256) == "torch"
     assert auto(fp16, 768, 16) == "torch"
     assert auto(BF16, 768, 16) == "triton"
