@@ -73,7 +73,7 @@ def setup(device_arg):
     return torch.device("cpu")
 
 
-def main(argv=None) -> dict:
+def main(argv=None, exit_when_done: bool = False) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=300, help="optimizer steps")
     p.add_argument("--batch", type=int, default=32, help="per process")
@@ -138,12 +138,18 @@ def main(argv=None) -> dict:
             f"guessing without the markers: 0.167); largest parameter difference between "
             f"processes: {drift.item():.1e}; {time.perf_counter() - start:.0f} s"
         )
-    # every process leaves the group together, before rank 0's slow plotting: a process
-    # tearing gloo down while its peer is busy elsewhere hung now and then on a loaded CPU
-    dist.barrier()
     dist.destroy_process_group()
     if rank == 0:
         plot(losses, Path(args.out), world)
+    if exit_when_done:
+        # Leave while the model is still alive, without the interpreter's finalization.
+        # Freeing DDP's reducer destroys its gloo process group, whose destructor joins
+        # gloo's worker thread while holding the GIL; if that thread is still releasing its
+        # last collective's tensors it waits for the GIL, and the process never exits (torch
+        # 2.13, seen now and then on a loaded CPU). Everything is done; flush and go.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return result
 
 
@@ -168,10 +174,4 @@ def plot(losses, out_dir, world):
 
 
 if __name__ == "__main__":
-    main()
-    # Leave without the interpreter's finalization: after destroy_process_group, one of the
-    # two processes now and then never finished exiting on a loaded CPU (torch 2.13, gloo; its
-    # Python had returned from main, a native thread was left). Output is flushed first.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    main(exit_when_done=True)
