@@ -39,7 +39,7 @@ from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from gpurnn import functional
 from gpurnn.backends import choose_backend, get_backend
-from gpurnn.backends.torch import compute_dtype, step_mask
+from gpurnn.backends.common import compute_dtype, step_mask
 from gpurnn.cells import MODE_TO_CELL
 
 __all__ = [

@@ -16,9 +16,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from gpurnn import functional
+from gpurnn import functional, native
 from gpurnn.backends import BACKENDS, choose_backend
-from gpurnn.backends import torch as torch_backend
 from gpurnn.cells import MODE_TO_CELL
 from gpurnn.recurrence import check_sequence_length
 
@@ -66,7 +65,7 @@ def _runs_natively(backend_name: str) -> bool:
     return (
         not torch.compiler.is_compiling()
         and backend_name == "torch"
-        and torch_backend.USE_NATIVE_LAYERS
+        and native.native_layers_enabled()
     )
 
 
@@ -139,11 +138,11 @@ class _RNNBase(nn.RNNBase):
         backend = choose_backend(
             self.backend, cell, input.device, _compute_dtype(input), self.proj_size > 0,
             self.hidden_size, None if compiling else max_batch_size,
-            torch_native=not compiling and torch_backend.USE_NATIVE_LAYERS,
+            torch_native=not compiling and native.native_layers_enabled(),
         )  # fmt: skip
         if _runs_natively(backend):
             self._update_flat_weights()
-            output, h_n, c_n = torch_backend.native_rnn(
+            output, h_n, c_n = native.native_rnn(
                 cell,
                 input,
                 batch_sizes,
@@ -331,7 +330,7 @@ class _CellBase(nn.RNNCellBase):
         )  # fmt: skip
         h, c = states[0], (states[1] if is_lstm else None)
         if _runs_natively(backend):
-            out = torch_backend.native_cell(
+            out = native.native_cell(
                 cell,
                 input,
                 (h, c) if is_lstm else h,

@@ -24,7 +24,7 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import gpurnn
-from gpurnn.backends import torch as torch_backend
+from gpurnn import native
 
 WORLD = 2
 STEPS = 4
@@ -124,11 +124,10 @@ def worker(rank, port, seed, run_fsdp, results_path):
                 for backend in ("torch", "torch-loop", "numpy"):
 
                     def ddp_case(backend=backend, cell=cell, initial=initial, expected=expected):
-                        torch_backend.USE_NATIVE_LAYERS = backend != "torch-loop"
                         name = "torch" if backend == "torch-loop" else backend
                         ours = gpurnn.convert(copy.deepcopy(initial), backend=name)
-                        got = train(DDP(ours), seed, rank, ddp_params)
-                        torch_backend.USE_NATIVE_LAYERS = True
+                        with native.use_native_layers(backend != "torch-loop"):
+                            got = train(DDP(ours), seed, rank, ddp_params)
                         check_same(f"DDP {cell} {backend}", got, expected)
 
                     run(f"ddp-{cell}-{backend}", ddp_case)

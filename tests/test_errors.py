@@ -8,17 +8,18 @@ import torch
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import gpurnn
-from gpurnn.backends import torch as torch_backend
+from gpurnn import native
 
 
 @pytest.fixture(params=["torch", "torch-loop", "numpy", "triton", "cupy"])
-def backend(request, monkeypatch):
+def backend(request):
     if request.param == "torch-loop":
-        monkeypatch.setattr(torch_backend, "USE_NATIVE_LAYERS", False)
-        return "torch"
+        with native.use_native_layers(False):
+            yield "torch"
+        return
     if request.param == "cupy":
         pytest.importorskip("cupy")
-    return request.param
+    yield request.param
 
 
 def device_for(backend):

@@ -11,7 +11,7 @@ import torch
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import gpurnn
-from gpurnn.backends import torch as torch_backend
+from gpurnn import native
 from tests.helpers import (
     assert_close,
     make_torch_module,
@@ -26,11 +26,12 @@ F64 = torch.float64
 
 
 @pytest.fixture(params=CPU_BACKENDS)
-def backend(request, monkeypatch):
+def backend(request):
     if request.param == "torch-loop":
-        monkeypatch.setattr(torch_backend, "USE_NATIVE_LAYERS", False)
-        return "torch"
-    return request.param
+        with native.use_native_layers(False):
+            yield "torch"
+        return
+    yield request.param
 
 
 def make_pair(cell, backend, **kw):
@@ -349,7 +350,7 @@ def test_autocast_runs_the_recurrence_in_the_autocast_dtype(backend, cell):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out, _ = ours(x)
         ref_out, _ = ref(x)
-    if backend == "torch" and torch_backend.USE_NATIVE_LAYERS:
+    if backend == "torch" and native.native_layers_enabled():
         assert out.dtype == ref_out.dtype
         assert_close(out.float(), ref_out.float(), torch.float32, "native autocast output")
     else:

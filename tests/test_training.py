@@ -13,7 +13,7 @@ import torch
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import gpurnn
-from gpurnn.backends import torch as torch_backend
+from gpurnn import native
 from gpurnn.check import TF32_TOLERANCE
 from tests.conftest import seeded_generator
 from tests.helpers import (
@@ -30,15 +30,16 @@ ALL_BACKENDS = ["torch", "torch-loop", "numpy", "triton"]
 
 
 @pytest.fixture(params=ALL_BACKENDS)
-def backend(request, monkeypatch):
+def backend(request):
     if request.param == "torch-loop":
-        monkeypatch.setattr(torch_backend, "USE_NATIVE_LAYERS", False)
-        return "torch"
+        with native.use_native_layers(False):
+            yield "torch"
+        return
     if request.param == "triton":
         reason = gpurnn.available_backends()["triton"]
         if reason is not None:
             pytest.skip(f"triton backend unavailable here: {reason}")
-    return request.param
+    yield request.param
 
 
 def split(cell):
@@ -205,7 +206,7 @@ def test_backward_in_eval_mode(backend, cell):
 def test_cudnn_routing_decision():
     """Eager torch-backend layers let cuDNN run only where it can do what was asked."""
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    may = torch_backend.native_may_use_cudnn
+    may = native.native_may_use_cudnn
     assert may(cuda, training=True, needs_grad=True, dropout_active=False)
     assert may(cuda, training=False, needs_grad=False, dropout_active=False), "eval inference"
     assert not may(cuda, training=False, needs_grad=True, dropout_active=False), "eval backward"
@@ -223,7 +224,7 @@ def test_native_call_runs_with_cudnn_off_when_routed_away(monkeypatch):
     """native_rnn turns cuDNN off around PyTorch's call where the decision says so, passes
     it the layer's own training flag and needs-grad, and restores the flag afterwards."""
     seen = []
-    real_lstm = torch_backend._NATIVE_LAYERS["lstm"]
+    real_lstm = native._NATIVE_LAYERS["lstm"]
 
     def recording_lstm(*args):
         seen.append(torch.backends.cudnn.enabled)
@@ -235,8 +236,8 @@ def test_native_call_runs_with_cudnn_off_when_routed_away(monkeypatch):
         decisions.append((training, needs_grad, dropout_active))
         return False
 
-    monkeypatch.setitem(torch_backend._NATIVE_LAYERS, "lstm", recording_lstm)
-    monkeypatch.setattr(torch_backend, "native_may_use_cudnn", decide)
+    monkeypatch.setitem(native._NATIVE_LAYERS, "lstm", recording_lstm)
+    monkeypatch.setattr(native, "native_may_use_cudnn", decide)
     model = gpurnn.LSTM(2, 3, num_layers=2, dropout=0.25, backend="torch").eval()
     before = torch.backends.cudnn.enabled
     model(torch.randn(4, 1, 2, requires_grad=True))

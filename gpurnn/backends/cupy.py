@@ -47,7 +47,7 @@ import torch
 from torch import Tensor
 
 from gpurnn.backends.base import Backend, Grads
-from gpurnn.backends.torch import WORKSPACE_GATES, kernel_weight_grads
+from gpurnn.backends.common import WORKSPACE_GATES, kernel_weight_grads
 from gpurnn.cells import GATES
 
 log = logging.getLogger("gpurnn")

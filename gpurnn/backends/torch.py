@@ -1,12 +1,10 @@
-"""The `torch` backend: PyTorch's own ops, on any device.
+"""The `torch` backend: the recurrence primitive as an explicit time loop in PyTorch ops,
+on any device.
 
-Two ways to run, both exact:
-- whole modules through PyTorch's native RNN functions (`torch._VF.lstm` & co., the
-  functions `torch.nn.LSTM` itself calls: cuDNN on GPU, oneDNN/ATen on CPU) when a module
-  runs eagerly: `native_rnn` / `native_cell` below, used by gpurnn.modules;
-- the recurrence primitive as an explicit time loop vectorised over the batch, with a
-  hand-written backpropagation through time (`TorchBackend`), used for single layers,
-  under torch.compile, and as the model for the fused kernels' forward/backward split.
+The loop is vectorised over the batch, with a hand-written backpropagation through time
+(`TorchBackend`). It runs single layers, layers under torch.compile, and is the model for
+the fused kernels' forward/backward split. (Whole modules run eagerly with
+backend="torch" skip it and call PyTorch's native layer functions: gpurnn.native.)
 
 The loop keeps what its backward needs in one workspace tensor (T, B, S), gate math in
 fp32 for 16-bit inputs:
@@ -17,47 +15,16 @@ fp32 for 16-bit inputs:
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
-from torch import Tensor
 
 from gpurnn.backends.base import Backend, Grads
+from gpurnn.backends.common import (
+    WORKSPACE_GATES,
+    compute_dtype,
+    previous_states,
+    step_mask,
+)
 from gpurnn.cells import GATES
-
-# Modules run eagerly with backend="torch" call PyTorch's native layer functions; tests
-# turn this off to run the same modules through the loop below.
-USE_NATIVE_LAYERS = True
-
-WORKSPACE_GATES = {"lstm": 5, "gru": 4, "rnn_tanh": 0, "rnn_relu": 0}
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Gate math runs in fp32 for 16-bit inputs, in the input's dtype otherwise."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
-def step_mask(T: int, lengths: Tensor | None, device) -> Tensor | None:
-    """(T, B, 1) bool: step t is inside sequence b. None when every sequence has length T."""
-    if lengths is None:
-        return None
-    return (torch.arange(T, device=device)[:, None] < lengths.to(device)[None, :])[..., None]
-
-
-def previous_states(states: Tensor, init: Tensor, lengths: Tensor | None, reverse: bool):
-    """The state each step started from: states (T, B, N) of every step, init (B, N).
-
-    Forward, step t starts from step t-1 (init at t = 0). Reverse, from step t+1, except
-    at a sequence's own last element (t = length - 1), where it starts from init.
-    """
-    if not reverse:
-        return torch.cat([init[None], states[:-1]])
-    shifted = torch.cat([states[1:], init[None]])
-    if lengths is None:
-        return shifted
-    T = states.shape[0]
-    first = torch.arange(T, device=states.device)[:, None] == (lengths.to(states.device) - 1)
-    return torch.where(first[..., None], init[None], shifted)
 
 
 def _step(cell, x, h, c, w_hh, b_hn, w_hr):
@@ -125,24 +92,6 @@ def weight_grads(cell, d_hidden, h_prev, b_hn, w_hr, dh_out, m):
     if w_hr is not None:
         dw_hr = dh_out.reshape(-1, dh_out.shape[-1]).t() @ m.reshape(-1, m.shape[-1])
     return dw_hh, db_hn, dw_hr
-
-
-def kernel_weight_grads(cell, dxg, dhn, y, h_init, lengths, reverse, b_hn):
-    """dW_hh and db_hn after a fused backward kernel that wrote dxg (T, B, G*H) and, for GRU,
-    dhn (T, B, H): the n block of d(W_hh h), which differs from dxg's by the factor r.
-    One GEMM over every (t, b) against the state each step started from; rows past a
-    sequence's end carry zero gradients and add nothing."""
-    H = y.shape[-1]
-    h_prev = previous_states(y, h_init.to(y.dtype), lengths, reverse)
-    d_hidden = dxg if dhn is None else torch.cat([dxg[..., : 2 * H], dhn], dim=-1)
-    d_hidden, h_prev = d_hidden.reshape(-1, d_hidden.shape[-1]), h_prev.reshape(-1, H)
-    acc = torch.float64 if y.dtype == torch.float64 else torch.float32
-    if y.device.type == "cuda" and y.dtype != torch.float64:
-        dw_hh = d_hidden.t() @ h_prev  # cuBLAS accumulates 16-bit GEMMs in fp32 already
-    else:
-        dw_hh = d_hidden.t().to(acc) @ h_prev.to(acc)
-    db_hn = dhn.to(acc).sum(dim=(0, 1)).to(b_hn.dtype) if b_hn is not None else None
-    return dw_hh, db_hn
 
 
 class TorchBackend(Backend):
@@ -238,92 +187,3 @@ class TorchBackend(Backend):
             b_hn=db_hn.to(b_hn.dtype) if db_hn is not None else None,
             w_hr=dw_hr.to(w_hr.dtype) if dw_hr is not None else None,
         )
-
-
-# ----------------------------------------------------------------------------------------
-# whole modules through PyTorch's native functions (what torch.nn itself runs)
-# ----------------------------------------------------------------------------------------
-
-_NATIVE_LAYERS = {
-    "lstm": torch._VF.lstm,
-    "gru": torch._VF.gru,
-    "rnn_tanh": torch._VF.rnn_tanh,
-    "rnn_relu": torch._VF.rnn_relu,
-}
-_NATIVE_CELLS = {
-    "lstm": torch._VF.lstm_cell,
-    "gru": torch._VF.gru_cell,
-    "rnn_tanh": torch._VF.rnn_tanh_cell,
-    "rnn_relu": torch._VF.rnn_relu_cell,
-}
-
-
-def native_may_use_cudnn(
-    device: torch.device, training: bool, needs_grad: bool, dropout_active: bool
-) -> bool:
-    """Whether an eager layer may let PyTorch's native RNN function run cuDNN. cuDNN's RNN
-    cannot backpropagate in eval mode ("cudnn RNN backward can only be called in training
-    mode"), draws its dropout masks from a state of its own that torch.manual_seed does not
-    reset (same seed, different masks), and is documented as nondeterministic on some
-    cuDNN/CUDA versions. PyTorch's other native path (fused cell kernels and GEMMs, what
-    torch.nn runs with cuDNN disabled) has none of these limits, so those cases go there."""
-    if torch.device(device).type != "cuda":
-        return True  # cuDNN is CUDA only: nothing to route
-    if needs_grad and not training:
-        return False
-    if dropout_active or torch.are_deterministic_algorithms_enabled():
-        return False
-    return True
-
-
-@contextlib.contextmanager
-def cudnn_disabled():
-    """cuDNN off for the block (the flag is global; restored on the way out)."""
-    enabled = torch.backends.cudnn.enabled
-    torch.backends.cudnn.enabled = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.enabled = enabled
-
-
-def native_rnn(
-    cell,
-    input,
-    batch_sizes,
-    hx,
-    flat_weights,
-    bias,
-    num_layers,
-    dropout,
-    training,
-    bidirectional,
-    batch_first,
-):
-    """torch.nn's own call: returns (output, h_n, c_n or None). On CUDA, with cuDNN only
-    where `native_may_use_cudnn` allows it."""
-    fn = _NATIVE_LAYERS[cell]
-    states = hx if isinstance(hx, tuple) else (hx,)
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (input, *states, *flat_weights)
-    )
-    dropout_active = training and dropout > 0 and num_layers > 1
-    may_use_cudnn = native_may_use_cudnn(input.device, training, needs_grad, dropout_active)
-    with contextlib.nullcontext() if may_use_cudnn else cudnn_disabled():
-        if batch_sizes is None:
-            result = fn(
-                input, hx, flat_weights, bias, num_layers, dropout, training, bidirectional,
-                batch_first,
-            )  # fmt: skip
-        else:
-            result = fn(
-                input, batch_sizes, hx, flat_weights, bias, num_layers, dropout, training,
-                bidirectional,
-            )  # fmt: skip
-    if cell == "lstm":
-        return result[0], result[1], result[2]
-    return result[0], result[1], None
-
-
-def native_cell(cell, input, hx, w_ih, w_hh, b_ih, b_hh):
-    return _NATIVE_CELLS[cell](input, hx, w_ih, w_hh, b_ih, b_hh)

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from gpurnn.backends.base import Backend, Grads
-from gpurnn.backends.torch import kernel_weight_grads
+from gpurnn.backends.common import kernel_weight_grads
 
 try:  # triton is optional (e.g. macOS); the kernels module imports it at the top
     from gpurnn._kernels.tl import recurrence as _tl

@@ -1,0 +1,59 @@
+"""Helpers shared by the backends: the loop backend (torch), the fused-kernel backends
+(triton, cupy) and gpurnn.inspect use them alike, so they live beside the backends rather
+than inside any one of them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+# Workspace width per hidden unit of the loop and CuPy backends (fields listed in
+# gpurnn.backends.torch's docstring).
+WORKSPACE_GATES = {"lstm": 5, "gru": 4, "rnn_tanh": 0, "rnn_relu": 0}
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Gate math runs in fp32 for 16-bit inputs, in the input's dtype otherwise."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def step_mask(T: int, lengths: Tensor | None, device) -> Tensor | None:
+    """(T, B, 1) bool: step t is inside sequence b. None when every sequence has length T."""
+    if lengths is None:
+        return None
+    return (torch.arange(T, device=device)[:, None] < lengths.to(device)[None, :])[..., None]
+
+
+def previous_states(states: Tensor, init: Tensor, lengths: Tensor | None, reverse: bool):
+    """The state each step started from: states (T, B, N) of every step, init (B, N).
+
+    Forward, step t starts from step t-1 (init at t = 0). Reverse, from step t+1, except
+    at a sequence's own last element (t = length - 1), where it starts from init.
+    """
+    if not reverse:
+        return torch.cat([init[None], states[:-1]])
+    shifted = torch.cat([states[1:], init[None]])
+    if lengths is None:
+        return shifted
+    T = states.shape[0]
+    first = torch.arange(T, device=states.device)[:, None] == (lengths.to(states.device) - 1)
+    return torch.where(first[..., None], init[None], shifted)
+
+
+def kernel_weight_grads(cell, dxg, dhn, y, h_init, lengths, reverse, b_hn):
+    """dW_hh and db_hn after a fused backward kernel that wrote dxg (T, B, G*H) and, for GRU,
+    dhn (T, B, H): the n block of d(W_hh h), which differs from dxg's by the factor r.
+    One GEMM over every (t, b) against the state each step started from; rows past a
+    sequence's end carry zero gradients and add nothing."""
+    H = y.shape[-1]
+    h_prev = previous_states(y, h_init.to(y.dtype), lengths, reverse)
+    d_hidden = dxg if dhn is None else torch.cat([dxg[..., : 2 * H], dhn], dim=-1)
+    d_hidden, h_prev = d_hidden.reshape(-1, d_hidden.shape[-1]), h_prev.reshape(-1, H)
+    acc = torch.float64 if y.dtype == torch.float64 else torch.float32
+    if y.device.type == "cuda" and y.dtype != torch.float64:
+        dw_hh = d_hidden.t() @ h_prev  # cuBLAS accumulates 16-bit GEMMs in fp32 already
+    else:
+        dw_hh = d_hidden.t().to(acc) @ h_prev.to(acc)
+    db_hn = dhn.to(acc).sum(dim=(0, 1)).to(b_hn.dtype) if b_hn is not None else None
+    return dw_hh, db_hn
