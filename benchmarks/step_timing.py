@@ -1,6 +1,6 @@
 """Each Triton recurrence kernel timed alone, in µs per time step, beside cuDNN.
 
-For tuning the kernels: `forward` and `backward` of gpurnn._kernels.tl.recurrence called
+For tuning the kernels: `forward` and `backward` of gpurnn.kernels.triton.recurrence called
 directly (no input projection, no weight-gradient GEMMs, no autograd), and in the same
 process torch.nn's LSTM/GRU/RNN (cuDNN) at the same shape, forward (no_grad) and
 forward + backward, for the ratio. cuDNN's numbers are whole layers (its input GEMM
@@ -155,7 +155,7 @@ def describe(r: dict) -> str:
 
 def time_case(case: Case, T: int, reps: int, device) -> dict:
     import torch
-    from gpurnn._kernels.tl import recurrence as tl_rec
+    from gpurnn.kernels.triton import recurrence as tl_rec
 
     from gpurnn.bench import DTYPES
 

@@ -10,18 +10,20 @@ import importlib.util as _util
 import pathlib as _pathlib
 import sys as _sys
 
-# Installed, the top-level kernels/ folder is the subpackage gpurnn._kernels (pyproject's
-# package-dir). Run from a source checkout without installing (PYTHONPATH=.), map it the
-# same way so that the kernel backends find their device code.
-if "gpurnn._kernels" not in _sys.modules and _util.find_spec("gpurnn._kernels") is None:
+# The device code lives in the top-level kernels/ folder (kernels/triton: Triton kernels,
+# kernels/cuda: CUDA sources for CuPy) and is imported as gpurnn.kernels. Installed,
+# pyproject's package-dir maps the folder to that name. From a source checkout without
+# installing (PYTHONPATH=.), there is no gpurnn/kernels folder to find, so register the
+# same folder under the same name here; this is the only place that does it.
+if "gpurnn.kernels" not in _sys.modules and _util.find_spec("gpurnn.kernels") is None:
     _kernels_dir = _pathlib.Path(__file__).resolve().parent.parent / "kernels"
     if (_kernels_dir / "__init__.py").is_file():
         _spec = _util.spec_from_file_location(
-            "gpurnn._kernels",
+            "gpurnn.kernels",
             _kernels_dir / "__init__.py",
             submodule_search_locations=[str(_kernels_dir)],
         )
-        _kernels = _sys.modules["gpurnn._kernels"] = _util.module_from_spec(_spec)
+        _kernels = _sys.modules["gpurnn.kernels"] = _util.module_from_spec(_spec)
         _spec.loader.exec_module(_kernels)
 
 from gpurnn import reference  # noqa: E402

@@ -1,1 +1,2 @@
-"""Device code: Triton kernels (tl/) and CUDA sources (cuda/), shipped as gpurnn._kernels."""
+"""Device code: Triton kernels (triton/) and CUDA sources (cuda/), imported as gpurnn.kernels
+(the mapping is explained in gpurnn/__init__.py)."""

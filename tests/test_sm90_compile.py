@@ -25,7 +25,7 @@ import pytest
 triton = pytest.importorskip("triton")
 import torch  # noqa: E402
 import triton.language as tl  # noqa: E402
-from gpurnn._kernels.tl import recurrence as R  # noqa: E402
+from gpurnn.kernels.triton import recurrence as R  # noqa: E402
 
 from tests import sass  # noqa: E402
 

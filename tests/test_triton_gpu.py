@@ -19,7 +19,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from gpurnn._kernels.tl import recurrence as _tl  # noqa: E402
+from gpurnn.kernels.triton import recurrence as _tl  # noqa: E402
 
 from gpurnn import reference as ref  # noqa: E402
 from gpurnn.backends.triton import TritonBackend  # noqa: E402

@@ -11,7 +11,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from gpurnn._kernels.tl import recurrence as _tl  # noqa: E402
+from gpurnn.kernels.triton import recurrence as _tl  # noqa: E402
 
 from tests.conftest import seeded_generator  # noqa: E402
 from tests.test_triton_gpu import TOL, make_case, run_vs_reference  # noqa: E402

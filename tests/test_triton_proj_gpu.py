@@ -12,7 +12,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 pytest.importorskip("triton")
 
-from gpurnn._kernels.tl import recurrence as _tl  # noqa: E402
+from gpurnn.kernels.triton import recurrence as _tl  # noqa: E402
 
 import gpurnn  # noqa: E402
 from gpurnn import reference as ref  # noqa: E402

@@ -54,7 +54,7 @@ log = logging.getLogger("gpurnn")
 
 INSTALL_HINT = "pip install gpurnn[cupy13] (CUDA 13) or gpurnn[cupy12] (CUDA 12)"
 KERNEL_FILE = "rnn_persistent.cu"
-KERNEL_PACKAGE = "gpurnn._kernels.cuda"
+KERNEL_PACKAGE = "gpurnn.kernels.cuda"
 
 # C++ names of the template arguments (rnn_cells.cuh, rnn_common.cuh)
 CELL_TYPES = {"lstm": "LstmCell", "gru": "GruCell", "rnn_tanh": "RnnTanhCell",

@@ -1,4 +1,4 @@
-"""The `triton` backend: persistent Triton kernels (kernels/tl/recurrence.py).
+"""The `triton` backend: persistent Triton kernels (kernels/triton/recurrence.py).
 
 The recurrent part of forward and backward runs in the kernels; the weight gradients
 (dW_hh, db_hn) are single GEMMs over all steps afterwards (docs/design.md, 2.2).
@@ -23,7 +23,7 @@ from gpurnn.backends.base import Backend, Grads
 from gpurnn.backends.common import kernel_weight_grads
 
 try:  # triton is optional (e.g. macOS); the kernels module imports it at the top
-    from gpurnn._kernels.tl import recurrence as _tl
+    from gpurnn.kernels.triton import recurrence as _tl
 
     _IMPORT_ERROR = None
 except ImportError as e:  # pragma: no cover - depends on the machine
