@@ -8,9 +8,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-# Workspace width per hidden unit of the loop and CuPy backends (fields listed in
-# gpurnn.backends.torch's docstring).
-WORKSPACE_GATES = {"lstm": 5, "gru": 4, "rnn_tanh": 0, "rnn_relu": 0}
+from gpurnn.cells import saved_fields
+
+
+def loop_workspace_shape(cell: str, T: int, B: int, H: int, save: bool) -> tuple[int, ...]:
+    """The workspace of the loop and CuPy backends: gpurnn.cells' fields less those y
+    already holds (the plain RNN's h), so (0,) for plain RNNs and when nothing is saved."""
+    fields = saved_fields(cell, from_output=True)
+    return (T, B, len(fields) * H) if save and fields else (0,)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

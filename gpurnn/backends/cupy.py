@@ -47,7 +47,7 @@ import torch
 from torch import Tensor
 
 from gpurnn.backends.base import Backend, Grads
-from gpurnn.backends.common import WORKSPACE_GATES, kernel_weight_grads
+from gpurnn.backends.common import kernel_weight_grads, loop_workspace_shape
 from gpurnn.cells import GATES
 
 log = logging.getLogger("gpurnn")
@@ -436,9 +436,8 @@ class CupyBackend(Backend):
         return plan
 
     def workspace_spec(self, cell, T, B, H, dtype, save):
-        if not save or WORKSPACE_GATES[cell] == 0:
-            return (0,), torch.float32
-        return (T, B, WORKSPACE_GATES[cell] * H), torch.float32
+        # fields as the torch loop's (gpurnn.cells), always fp32: the kernels' gate math
+        return loop_workspace_shape(cell, T, B, H, save), torch.float32
 
     # ------------------------------------------------------------------ weights
 

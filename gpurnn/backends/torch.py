@@ -6,11 +6,9 @@ The loop is vectorised over the batch, with a hand-written backpropagation throu
 the fused kernels' forward/backward split. (Whole modules run eagerly with
 backend="torch" skip it and call PyTorch's native layer functions: gpurnn.native.)
 
-The loop keeps what its backward needs in one workspace tensor (T, B, S), gate math in
-fp32 for 16-bit inputs:
-    lstm  S = 5H: i, f, g, o (activations), c (cell state after the step)
-    gru   S = 4H: r, z, n (activations), hn = W_hn h + b_hn
-    rnn   S = 0:  the output y already holds every h_t
+The loop keeps what its backward needs in one workspace tensor, in the gate math's dtype
+(fp32 for 16-bit inputs), laid out as gpurnn.cells says: lstm i, f, g, o, c; gru r, z, n,
+hn; none for plain RNNs, whose output y already holds every h_t.
 """
 
 from __future__ import annotations
@@ -19,8 +17,8 @@ import torch
 
 from gpurnn.backends.base import Backend, Grads
 from gpurnn.backends.common import (
-    WORKSPACE_GATES,
     compute_dtype,
+    loop_workspace_shape,
     previous_states,
     step_mask,
 )
@@ -99,9 +97,7 @@ class TorchBackend(Backend):
     backward_uses_xg = False
 
     def workspace_spec(self, cell, T, B, H, dtype, save):
-        if not save or WORKSPACE_GATES[cell] == 0:
-            return (0,), compute_dtype(dtype)
-        return (T, B, WORKSPACE_GATES[cell] * H), compute_dtype(dtype)
+        return loop_workspace_shape(cell, T, B, H, save), compute_dtype(dtype)
 
     def forward(self, cell, xg, w_hh, h0, c0, lengths, reverse, b_hn, w_hr, save):
         T, B, GH = xg.shape

@@ -1,7 +1,8 @@
 // The four cells as the persistent skeleton (rnn_persistent.cu) sees them: what one hidden
 // unit j of one batch row does with its gate pre-activations, forward and backward.
 //
-// Formulas and gate order are PyTorch's (gpurnn/cells.py). Workspace fields (fp32, field f
+// Formulas, gate order and workspace fields are gpurnn/cells.py's (tests/test_cells.py parses
+// kGates, kFields and the list below to check them against it). Workspace fields (fp32, field f
 // of unit j at column f*H + j of a (T, B, kFields*H) tensor) match the torch backend's, so
 // either backend's backward can read the other's forward:
 //   LstmCell  i, f, g, o (activations), c (cell state after the step)

@@ -43,12 +43,10 @@ h exchanged; backward: dh on the own BP outputs, exchanged; dm and the gate back
 own units), each ended by a grid barrier; the per-step fallback launches each phase apart.
 The workspace is the plain LSTM's (m = o * tanh c follows from it).
 
-Workspace (what backward reads; `unpack_workspace` names the fields): (T, B, NW*H) in the
-input dtype, field k of unit j at column k*H + j:
-    lstm  NW=5: i, f, g, o (activations), c (cell state after the step)
-    gru   NW=4: r, z, n (activations), hn = W_hn h + b_hn
-    rnn   NW=1: h (the activation, before rounding to the output dtype)
-Entries of (t, b) past a sequence's end are 0.
+Workspace (what backward reads): (T, B, NW*H) in the input dtype, field k of unit j at
+column k*H + j, the fields as gpurnn.cells lists them (WS_FIELDS; `unpack_workspace` names
+them): lstm NW=5 i, f, g, o, c; gru NW=4 r, z, n, hn; rnn NW=1 h (the activation, before
+rounding to the output dtype). Entries of (t, b) past a sequence's end are 0.
 """
 
 from __future__ import annotations
@@ -60,6 +58,7 @@ import torch
 import triton
 import triton.language as tl
 
+from gpurnn import cells
 from gpurnn.cells import GATES
 
 # compile-time cell switch
@@ -68,12 +67,8 @@ GRU: tl.constexpr = tl.constexpr(1)
 RNN_TANH: tl.constexpr = tl.constexpr(2)
 RNN_RELU: tl.constexpr = tl.constexpr(3)
 CELL_CODE = {"lstm": 0, "gru": 1, "rnn_tanh": 2, "rnn_relu": 3}
-WS_FIELDS = {
-    "lstm": ("i", "f", "g", "o", "c"),
-    "gru": ("r", "z", "n", "hn"),
-    "rnn_tanh": ("h",),
-    "rnn_relu": ("h",),
-}
+# the workspace fields per cell, all of them (the plain RNN's h too): gpurnn.cells' table
+WS_FIELDS = {cell: cells.saved_fields(cell) for cell in cells.CELLS}
 
 # Added to the barrier counter by a program whose wait timed out: every later wait in every
 # program then passes at once (the kernel runs to its end with garbage) and the launcher,
@@ -1350,10 +1345,7 @@ def unpack_workspace(cell: str, workspace: torch.Tensor, H: int) -> dict[str, to
     """Every step's gate activations and cell states from a saved workspace (T, B, NW*H),
     as (T, B, H) views, named as in WS_FIELDS: lstm i, f, g, o, c (c after the step);
     gru r, z, n, hn (= W_hn h + b_hn); rnn h. Entries past a sequence's end are 0."""
-    names = WS_FIELDS[cell]
-    T, B, _ = workspace.shape
-    w = workspace.view(T, B, len(names), H)
-    return {n: w[:, :, k] for k, n in enumerate(names)}
+    return cells.unpack_workspace(cell, workspace, H)
 
 
 _FIT_CACHE: dict = {}
