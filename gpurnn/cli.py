@@ -118,58 +118,6 @@ def cmd_check(args) -> int:
     return 1 if failed else 0
 
 
-def cmd_demo(args) -> int:
-    """Drop-in in action: a torch.nn model converted to gpurnn gives the same outputs, then
-    trains (a two-layer LSTM predicting the next value of a noisy sine)."""
-    import gpurnn
-
-    torch.manual_seed(0)
-    # a 32-unit model: per-step products are tiny, and extra threads cost more than they save
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return _train_demo(gpurnn, args.steps)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _train_demo(gpurnn, steps: int) -> int:
-
-    class Forecaster(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.rnn = torch.nn.LSTM(1, 32, num_layers=2, batch_first=True)
-            self.head = torch.nn.Linear(32, 1)
-
-        def forward(self, x):
-            return self.head(self.rnn(x)[0])
-
-    model = Forecaster()
-    t = torch.linspace(0, 60, 2001)
-    series = torch.sin(t) + 0.05 * torch.randn_like(t)
-    starts = torch.randint(0, len(series) - 51, (64,))
-    windows = torch.stack([series[s : s + 51] for s in starts])[..., None]
-    x, target = windows[:, :-1], windows[:, 1:]
-    with torch.no_grad():
-        before = model(x)
-    gpurnn.convert(model)
-    with torch.no_grad():
-        after = model(x)
-    print(
-        f"converted {type(model.rnn).__module__}.{type(model.rnn).__name__}: max |output "
-        f"change| = {(after - before).abs().max():.1e}"
-    )
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for step in range(steps + 1):
-        loss = torch.nn.functional.mse_loss(model(x), target)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if step % max(1, steps // 5) == 0:
-            print(f"step {step:4d}  mse {loss.item():.4f}")
-    return 0
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m gpurnn", description=__doc__, formatter_class=HelpFormatter
@@ -186,13 +134,15 @@ def main(argv=None) -> int:
     check.add_argument("--device", help="cpu or cuda (default: cuda if present)")
     check.add_argument("--dtypes", help="comma-separated, of " + ",".join(DTYPES))
     check.add_argument("--backends", help="comma-separated backend names (default: all)")
-    demo = sub.add_parser(
-        "demo", help="convert a torch.nn model and train it a little", formatter_class=HelpFormatter
-    )
-    demo.add_argument("--steps", type=int, default=100, help="training steps")
+    from gpurnn import bench, demos, dispatch, plot
 
-    from gpurnn import bench, dispatch, plot
-    from gpurnn import inspect as inspect_
+    demos.add_forecast_arguments(
+        sub.add_parser(
+            "demo",
+            help="convert a torch.nn model and train it a little",
+            formatter_class=HelpFormatter,
+        )
+    )
 
     bench.add_arguments(
         sub.add_parser(
@@ -209,7 +159,7 @@ def main(argv=None) -> int:
             formatter_class=HelpFormatter,
         )
     )
-    inspect_.add_arguments(
+    demos.add_depth_arguments(
         sub.add_parser(
             "inspect",
             help="train a small LSTM, record every step's gates and states, plot them",
@@ -238,9 +188,9 @@ def main(argv=None) -> int:
         "dispatch": dispatch.run,
         "info": cmd_info,
         "check": cmd_check,
-        "demo": cmd_demo,
+        "demo": demos.forecast,
         "bench": bench.run,
         "plot": plot.run,
-        "inspect": inspect_.cmd_inspect,
+        "inspect": demos.depth,
     }
     return commands[args.command](args)

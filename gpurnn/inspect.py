@@ -20,18 +20,14 @@ float64 reference). It records the eval-mode computation: no dropout between lay
 Recorded tensors are time-major, (T, B, units), in the model's dtype (fp32 for 16-bit
 models). Steps past a sequence's end (PackedSequence input) did not happen: they are NaN.
 
-`python -m gpurnn inspect` trains a small LSTM to track the nesting depth of brackets
-(a few seconds on a CPU), records it and writes the pictures: on CPU it reads the depth
-right at 99.9% of steps, and 11 of its 16 hidden units follow the depth (|r| > 0.9).
+`python -m gpurnn inspect` (gpurnn.demos) shows it on a small LSTM trained to track the
+nesting depth of brackets.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -40,7 +36,7 @@ from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 from gpurnn import functional
 from gpurnn.backends import choose_backend, get_backend
 from gpurnn.backends.common import compute_dtype, step_mask
-from gpurnn.cells import MODE_TO_CELL
+from gpurnn.cells import MODE_TO_CELL, TABLE, unpack_workspace
 
 __all__ = [
     "GATE_NAMES",
@@ -49,11 +45,10 @@ __all__ = [
     "saturation",
     "plot_heatmap",
     "plot_gate_saturation",
-    "main",
 ]
 
-# gate activations per cell, in PyTorch's order (the order of the torch backend's workspace)
-GATE_NAMES = {"lstm": ("i", "f", "g", "o"), "gru": ("r", "z", "n"), "rnn_tanh": (), "rnn_relu": ()}
+# gate activations per cell, in PyTorch's order (gpurnn.cells' table)
+GATE_NAMES = {name: cell.gate_names for name, cell in TABLE.items()}
 # quantities bounded by tanh (range [-1, 1]); the sigmoid gates are in [0, 1]
 _TANH_RANGE = {"g", "n"}
 SATURATION = 0.1  # a sigmoid gate within 0.1 of 0 or 1 (a tanh within 0.1 of ±1) is saturated
@@ -72,7 +67,7 @@ class Recording:
 
     @property
     def names(self) -> tuple[str, ...]:
-        return GATE_NAMES[self.cell] + (("c",) if self.cell == "lstm" else ()) + ("h",)
+        return _recorded_fields(self.cell) + ("h",)
 
     def get(self, what: str, layer: int = 0, direction: int = 0) -> Tensor:
         if what not in self.names:
@@ -101,7 +96,13 @@ def _initial_states(module, hx, B, like):
     return h0, c0
 
 
-# backends whose forward(save=True) workspace has the layout read below
+def _recorded_fields(cell: str) -> tuple[str, ...]:
+    """The workspace fields a recording keeps: the gates and LSTM's c (GRU's hn is not an
+    activation; h is taken from y)."""
+    return GATE_NAMES[cell] + (("c",) if cell == "lstm" else ())
+
+
+# backends whose forward(save=True) workspace has gpurnn.cells' layout
 _RECORDING_BACKENDS = ("torch", "triton")
 
 
@@ -163,18 +164,20 @@ def record(module, input, hx=None, *, backend: str | None = None) -> Recording:
                 w_hr,
                 save=True,
             )
-            names = GATE_NAMES[cell] + (("c",) if cell == "lstm" else ())
+            names = _recorded_fields(cell)
             if names and workspace.numel() == 0:  # a kernel set to recompute keeps none
                 raise RuntimeError(
                     f"backend {runner.name!r} kept no workspace (recompute mode); "
                     "record with backend='torch'"
                 )
             outputs.append(y)
-            # the workspace holds the activations side by side: LSTM [i f g o c], GRU [r z n hn]
-            blocks = workspace.chunk(len(names) + (cell == "gru"), dim=-1) if names else ()
+            # the workspace holds the fields side by side (gpurnn.cells); whether a plain
+            # RNN's h is among them differs per backend, so h is always taken from y
+            H = w_hh.shape[0] // TABLE[cell].gate_count
+            fields = unpack_workspace(cell, workspace, H, from_output=True) if names else {}
             # a kernel may keep its 16-bit gates in the input dtype (triton does, to halve
             # the workspace); the recording promises the compute dtype on every backend
-            steps = {name: block.to(acc) for name, block in zip(names, blocks)}
+            steps = {name: fields[name].to(acc) for name in names}
             steps["h"] = y.to(acc)
             if valid is not None:  # past a sequence's end nothing was computed
                 steps = {n: v.masked_fill(~valid, math.nan) for n, v in steps.items()}
@@ -288,134 +291,3 @@ def plot_gate_saturation(
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
-
-
-# ----------------------------------------------------------------------------------------
-# python -m gpurnn inspect: a small trained example
-# ----------------------------------------------------------------------------------------
-
-BRACKETS = "()."  # open, close, filler
-
-
-def bracket_batch(batch: int, T: int, max_depth: int = 4, generator=None):
-    """Random bracket strings and their nesting depth after each character.
-    Returns (one-hot x (B, T, 3), depth (B, T) float)."""
-    u = torch.rand(batch, T, generator=generator)
-    tokens = torch.empty(batch, T, dtype=torch.long)
-    depth = torch.empty(batch, T)
-    d = torch.zeros(batch)
-    for t in range(T):
-        # open below max depth with p=0.4, close above 0 with p=0.4, else filler
-        opens = (u[:, t] < 0.4) & (d < max_depth)
-        closes = (u[:, t] >= 0.6) & (d > 0)
-        tokens[:, t] = torch.where(opens, 0, torch.where(closes, 1, 2))
-        d = d + opens.float() - closes.float()
-        depth[:, t] = d
-    return torch.nn.functional.one_hot(tokens, 3).float(), depth
-
-
-class DepthTracker(torch.nn.Module):
-    """An LSTM reads brackets; a linear head reads the depth off its hidden state."""
-
-    def __init__(self, hidden: int = 16):
-        super().__init__()
-        import gpurnn
-
-        self.rnn = gpurnn.LSTM(3, hidden, batch_first=True)
-        self.head = torch.nn.Linear(hidden, 1)
-
-    def forward(self, x):
-        return self.head(self.rnn(x)[0]).squeeze(-1)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--steps", type=int, default=300, help="training steps")
-    parser.add_argument("--hidden", type=int, default=16, help="LSTM hidden units")
-    parser.add_argument("--length", type=int, default=60, help="characters per sequence")
-    parser.add_argument("--out", default="inspect_out", help="folder for the PNGs")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the data and the weights")
-    parser.add_argument(
-        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu"
-    )
-    # tiny per-step matmuls: thread start-up costs more than it saves (100x on a busy 2-core)
-    parser.add_argument("--threads", type=int, default=1, help="CPU threads (0: torch's default)")
-
-
-def run(args) -> dict:
-    """Train the depth tracker, record it on a fresh sequence, write the pictures."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    gen = torch.Generator().manual_seed(args.seed)
-    device = torch.device(args.device)
-    model = DepthTracker(args.hidden).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    losses, start = [], time.perf_counter()
-    for step in range(args.steps):
-        x, depth = bracket_batch(64, args.length, generator=gen)
-        loss = torch.nn.functional.mse_loss(model(x.to(device)), depth.to(device))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        if step % max(1, args.steps // 5) == 0 or step == args.steps - 1:
-            print(f"step {step:4d}  mse {loss.item():.4f}")
-    model.eval()
-    x, depth = bracket_batch(256, args.length, generator=gen)
-    x, depth = x.to(device), depth.to(device)
-    with torch.no_grad():
-        accuracy = (model(x).round() == depth).float().mean().item()
-    print(
-        f"trained {args.steps} steps in {time.perf_counter() - start:.1f} s; depth read "
-        f"correctly at {accuracy:.1%} of steps"
-    )
-
-    rec = record(model.rnn, x)
-    # how closely each unit's hidden state follows the depth: the network's counters
-    h = rec.get("h").reshape(-1, args.hidden)
-    dv = depth.T.reshape(-1, 1)  # rec is time-major
-    corr = ((h - h.mean(0)) * (dv - dv.mean())).mean(0) / (h.std(0) * dv.std() + 1e-9)
-    unit = int(corr.abs().argmax())
-    counters = int((corr.abs() > 0.9).sum())
-    print(
-        f"{counters} of {args.hidden} units' hidden states follow the depth (|correlation| > 0.9);"
-        f" closest: unit {unit}, {corr[unit]:+.2f}"
-    )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    chars = [BRACKETS[i] for i in x[0].argmax(-1).tolist()]
-    titles = {"h": "LSTM hidden states reading brackets: many units rise and fall with the depth"}
-    paths = [
-        plot_heatmap(rec, name, path=out / f"{name}.png", xticklabels=chars, title=titles.get(name))
-        for name in rec.names
-    ]
-    paths.append(plot_gate_saturation(rec, path=out / "saturation.png"))
-    for gates in saturation(rec).values():
-        print(
-            "saturated (low/high): "
-            + ", ".join(f"{g} {lo:.0%}/{hi:.0%}" for g, (lo, hi) in gates.items())
-        )
-    print("wrote " + ", ".join(str(p) for p in paths))
-    return {
-        "losses": losses,
-        "accuracy": accuracy,
-        "depth_correlation": corr.tolist(),
-        "paths": paths,
-        "recording": rec,
-    }
-
-
-def cmd_inspect(args) -> int:
-    run(args)
-    return 0
-
-
-def main(argv=None) -> int:
-    """`python -m gpurnn inspect`: train a small LSTM on bracket depth, record, plot."""
-    parser = argparse.ArgumentParser(prog="python -m gpurnn inspect", description=main.__doc__)
-    add_arguments(parser)
-    return cmd_inspect(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

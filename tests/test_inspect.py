@@ -14,7 +14,7 @@ import torch
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import gpurnn
-from gpurnn import inspect
+from gpurnn import demos, inspect
 from gpurnn.reference import rnn_forward
 from tests.conftest import seeded_generator
 from tests.helpers import make_torch_module, uneven_lengths
@@ -197,7 +197,7 @@ def test_cli_demo_trains_and_writes_pictures(tmp_path):
     pytest.importorskip("matplotlib")
     threads = torch.get_num_threads()
     try:
-        result = inspect.run(inspect_args(tmp_path))
+        result = demos.depth_tracking(depth_args(tmp_path))
     finally:
         torch.set_num_threads(threads)
     losses = result["losses"]
@@ -206,11 +206,11 @@ def test_cli_demo_trains_and_writes_pictures(tmp_path):
     assert names == {f"{name}.png" for name in ("i", "f", "g", "o", "c", "h", "saturation")}
 
 
-def inspect_args(out):
+def depth_args(out):
     import argparse
 
     parser = argparse.ArgumentParser()
-    inspect.add_arguments(parser)
+    demos.add_depth_arguments(parser)
     return parser.parse_args(f"--steps 60 --length 20 --hidden 8 --device cpu --out {out}".split())
 
 
