@@ -34,7 +34,7 @@ from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from gpurnn import functional
-from gpurnn.backends import choose_backend, get_backend
+from gpurnn.backends import Inputs, choose_backend, get_backend
 from gpurnn.backends.common import compute_dtype, step_mask
 from gpurnn.cells import MODE_TO_CELL, TABLE, unpack_workspace
 
@@ -152,18 +152,18 @@ def record(module, input, hx=None, *, backend: str | None = None) -> Recording:
             k = layer * D + d
             w_ih, w_hh, b_ih, b_hh, w_hr = weights[k]
             xg, b_hn = functional.input_projection(cell, layer_in, w_ih, b_ih, b_hh)
-            y, _, _, workspace = runner.forward(
+            inputs = Inputs(
                 cell,
                 xg,
                 w_hh,
                 h0[k],
                 c0[k] if c0 is not None else None,
                 lengths,
-                d == 1,
-                b_hn,
-                w_hr,
-                save=True,
+                reverse=d == 1,
+                b_hn=b_hn,
+                w_hr=w_hr,
             )
+            y, _, _, workspace = runner.forward(inputs, save=True)
             names = _recorded_fields(cell)
             if names and workspace.numel() == 0:  # a kernel set to recompute keeps none
                 raise RuntimeError(

@@ -27,10 +27,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gpurnn.backends import choose_backend, get_backend
+from gpurnn.backends import Grads, Inputs, choose_backend, get_backend
 from gpurnn.cells import GATES, check_cell
 
 _OPTIONAL_GRADS = ("h0", "c0", "b_hn", "w_hr")
+# the custom ops' schemas are flat (torch.library needs that): their first arguments are
+# the fields of Inputs, in order, and each op builds the Inputs right away
+_N_INPUTS = len(Inputs._fields)
+
+
+def _split(op_args) -> tuple[Inputs, tuple]:
+    """A custom op's arguments as (Inputs, the arguments after them)."""
+    return Inputs(*op_args[:_N_INPUTS]), tuple(op_args[_N_INPUTS:])
 
 
 def _empty(like: Tensor) -> Tensor:
@@ -56,18 +64,17 @@ def _recurrence_op(
     proj_b: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     # proj_* are read by the double backward only (see _setup_context)
-    y, h_T, c_T, workspace = get_backend(backend).forward(
-        cell, xg, w_hh, h0, c0, lengths, reverse, b_hn, w_hr, save
-    )
+    inputs = Inputs(cell, xg, w_hh, h0, c0, lengths, reverse, b_hn, w_hr)
+    y, h_T, c_T, workspace = get_backend(backend).forward(inputs, save)
     return y, h_T, c_T if c_T is not None else _empty(xg), workspace
 
 
 @_recurrence_op.register_fake
-def _recurrence_fake(
-    cell, xg, w_hh, h0, c0, lengths, reverse, b_hn, w_hr, backend, save, proj_x, proj_w, proj_b
-):
+def _recurrence_fake(*op_args):
+    inputs, (backend, save, *_) = _split(op_args)
+    cell, xg = inputs.cell, inputs.xg
     T, B, GH = xg.shape
-    H, H_out = GH // GATES[cell], w_hh.shape[1]
+    H, H_out = GH // GATES[cell], inputs.w_hh.shape[1]
     shape, dtype = get_backend(backend).workspace_spec(cell, T, B, H, xg.dtype, save)
     return (
         xg.new_empty(T, B, H_out),
@@ -95,48 +102,51 @@ def _recurrence_backward_op(
     dc_T: Tensor | None,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    grads = get_backend(backend).backward(
-        cell, xg, w_hh, h0, c0, lengths, reverse, b_hn, w_hr, y, workspace, dy, dh_T, dc_T
-    )
+    inputs = Inputs(cell, xg, w_hh, h0, c0, lengths, reverse, b_hn, w_hr)
+    grads = get_backend(backend).backward(inputs, y, workspace, dy, dh_T, dc_T)
     return tuple(g if g is not None else _empty(y) for g in grads)
 
 
 @_recurrence_backward_op.register_fake
-def _recurrence_backward_fake(
-    cell, xg, w_hh, h0, c0, lengths, reverse, b_hn, w_hr, y, workspace, dy, dh_T, dc_T, backend
-):
+def _recurrence_backward_fake(*op_args):
+    inputs, (y, *_) = _split(op_args)
     T, B, _ = y.shape
     return (
-        y.new_empty(T, B, w_hh.shape[0]),
-        torch.empty_like(w_hh),
-        *(torch.empty_like(t) if t is not None else _empty(y) for t in (h0, c0, b_hn, w_hr)),
+        y.new_empty(T, B, inputs.w_hh.shape[0]),
+        torch.empty_like(inputs.w_hh),
+        *(
+            torch.empty_like(t) if t is not None else _empty(y)
+            for t in (getattr(inputs, name) for name in _OPTIONAL_GRADS)
+        ),
     )
 
 
-def _setup_context(ctx, inputs, output):
-    cell, xg, w_hh, h0, c0, lengths, reverse, b_hn, w_hr, backend, _, *projection = inputs
+class _Kept:
+    """Marks, in ctx.kept, a place whose tensor went to ctx.save_for_backward."""
+
+
+def _setup_context(ctx, inputs, output):  # torch.library passes these by keyword
+    inputs, (backend, _, *projection) = _split(inputs)
     y, _, _, workspace = output
-    ctx.cell, ctx.reverse, ctx.backend = cell, reverse, backend
-    ctx.xg_dtype = xg.dtype
+    ctx.backend = backend
+    ctx.xg_dtype = inputs.xg.dtype
     # xg is kept when the backend's backward reads it, or when nothing else could rebuild
     # it for a double backward; otherwise the projection's inputs stand in for it (autograd
     # keeps them for the projection's own backward, so they cost no memory here)
     has_projection = projection[0] is not None
     keep_xg = get_backend(backend).backward_uses_xg or not has_projection
-    ctx.keep_xg = keep_xg
-    kept = (h0, c0, lengths, b_hn, w_hr) + (tuple(projection) if not keep_xg else ())
-    ctx.absent = [t is None for t in kept]
-    ctx.save_for_backward(
-        xg if keep_xg else None,
-        *(t for t in kept if t is not None),
-        w_hh,
-        y,
-        workspace,
-    )
+    if keep_xg:
+        kept = (*inputs, None, None, None)
+    else:
+        kept = (*inputs._replace(xg=None), *projection)
+    # tensors go through save_for_backward (which checks they were not modified in place
+    # since); everything else (cell, reverse, absent tensors) is kept as it is
+    ctx.kept = [_Kept if isinstance(v, Tensor) else v for v in kept]
+    ctx.save_for_backward(*(v for v in kept if isinstance(v, Tensor)), y, workspace)
     ctx.mark_non_differentiable(workspace)
 
 
-def _differentiable_backward(ctx, xg, w_hh, h0, c0, lengths, b_hn, w_hr, dy, dh_T, dc_T):
+def _differentiable_backward(ctx, inputs: Inputs, dy, dh_T, dc_T):
     """The gradients as a differentiable function of the inputs and of (dy, dh_T, dc_T): the
     forward rerun through the torch backend's loop (plain torch ops), differentiated with
     create_graph=True. Exact, on any backend and device; slower than the kernels, which is
@@ -144,19 +154,15 @@ def _differentiable_backward(ctx, xg, w_hh, h0, c0, lengths, b_hn, w_hr, dy, dh_
     from gpurnn.backends.torch import TorchBackend
 
     wanted = {
-        name: t
-        for name, t, needed in zip(
-            ("xg", "w_hh", "h0", "c0", "b_hn", "w_hr"),
-            (xg, w_hh, h0, c0, b_hn, w_hr),
-            (ctx.needs_input_grad[i] for i in (1, 2, 3, 4, 7, 8)),
-        )
-        if needed and t is not None and t.requires_grad
+        name: getattr(inputs, name)
+        for name in Grads._fields
+        if ctx.needs_input_grad[Inputs._fields.index(name)]
+        and getattr(inputs, name) is not None
+        and getattr(inputs, name).requires_grad
     }
     if not wanted:  # only the projection's own inputs want gradients: none pass through here
-        return (None,) * 6
-    y, h_T, c_T, _ = TorchBackend().forward(
-        ctx.cell, xg, w_hh, h0, c0, lengths, ctx.reverse, b_hn, w_hr, False
-    )
+        return Grads(*(None,) * len(Grads._fields))
+    y, h_T, c_T, _ = TorchBackend().forward(inputs, False)
     outputs, grad_outputs = [y, h_T], [dy, dh_T]
     if c_T is not None:
         outputs.append(c_T)
@@ -164,57 +170,42 @@ def _differentiable_backward(ctx, xg, w_hh, h0, c0, lengths, b_hn, w_hr, dy, dh_
     grads = dict(zip(wanted, torch.autograd.grad(
         outputs, list(wanted.values()), grad_outputs, create_graph=True, allow_unused=True
     )))  # fmt: skip
-    return tuple(grads.get(name) for name in ("xg", "w_hh", "h0", "c0", "b_hn", "w_hr"))
+    return Grads(*(grads.get(name) for name in Grads._fields))
 
 
 def _backward(ctx, dy, dh_T, dc_T, _d_workspace):
-    saved = list(ctx.saved_tensors)
-    xg = saved[0]
-    w_hh, y, workspace = saved[-3:]
-    rest = iter(saved[1:-3])
-    h0, c0, lengths, b_hn, w_hr, *projection = (
-        None if absent else next(rest) for absent in ctx.absent
-    )
-    is_lstm = ctx.cell == "lstm"
+    *saved, y, workspace = ctx.saved_tensors
+    saved = iter(saved)
+    kept = [next(saved) if v is _Kept else v for v in ctx.kept]
+    inputs, projection = _split(kept)
+    is_lstm = inputs.cell == "lstm"
     dy = dy if dy is not None else torch.zeros_like(y)
     dh_T = dh_T if dh_T is not None else y.new_zeros(y.shape[1:])
     if is_lstm and (dc_T is None or dc_T.numel() == 0):
-        dc_T = y.new_zeros(y.shape[1], w_hh.shape[0] // 4)
+        dc_T = y.new_zeros(y.shape[1], inputs.w_hh.shape[0] // 4)
+    dc_T = dc_T if is_lstm else None
     if torch.is_grad_enabled():
         # autograd wants a graph of this backward (create_graph=True): differentiate a
         # differentiable rerun instead of the backend's kernels
-        if xg is None:
+        if inputs.xg is None:
             x, w, b = projection
             if x.dtype != ctx.xg_dtype:  # autocast ran the projection in its own dtype
                 x, w = x.to(ctx.xg_dtype), w.to(ctx.xg_dtype)
                 b = b.to(ctx.xg_dtype) if b is not None else None
-            xg = F.linear(x, w, b)
-        d_xg, d_w_hh, d_h0, d_c0, d_b_hn, d_w_hr = _differentiable_backward(
-            ctx, xg, w_hh, h0, c0, lengths, b_hn, w_hr, dy, dh_T, dc_T if is_lstm else None
-        )
+            inputs = inputs._replace(xg=F.linear(x, w, b))
+        grads = _differentiable_backward(ctx, inputs, dy, dh_T, dc_T)
     else:
-        d_xg, d_w_hh, *optional = _recurrence_backward_op(
-            ctx.cell,
-            xg if get_backend(ctx.backend).backward_uses_xg else None,
-            w_hh,
-            h0,
-            c0,
-            lengths,
-            ctx.reverse,
-            b_hn,
-            w_hr,
-            y,
-            workspace,
-            dy,
-            dh_T,
-            dc_T if is_lstm else None,
-            ctx.backend,
+        if not get_backend(ctx.backend).backward_uses_xg:
+            inputs = inputs._replace(xg=None)
+        grads = Grads(*_recurrence_backward_op(
+            *inputs, y, workspace, dy, dh_T, dc_T, ctx.backend
+        ))  # fmt: skip
+        grads = grads._replace(
+            **{name: None for name in _OPTIONAL_GRADS if getattr(inputs, name) is None}
         )
-        d_h0, d_c0, d_b_hn, d_w_hr = (
-            g if t is not None else None for g, t in zip(optional, (h0, c0, b_hn, w_hr))
-        )
-    return (None, d_xg, d_w_hh, d_h0, d_c0, None, None, d_b_hn, d_w_hr, None, None,
-            None, None, None)  # fmt: skip
+    # one gradient per argument of the op: those of the Inputs, None for the rest
+    per_input = tuple(grads._asdict().get(name) for name in Inputs._fields)
+    return per_input + (None,) * (len(ctx.needs_input_grad) - _N_INPUTS)
 
 
 torch.library.register_autograd("gpurnn::recurrence", _backward, setup_context=_setup_context)

@@ -103,7 +103,7 @@ def test_a_case_that_cannot_be_set_up_fails_its_rows_only(tmp_path, monkeypatch)
             raise RuntimeError("CUDA out of memory (pretend)")
         return original(shape, base, inputs)
 
-    monkeypatch.setattr(bench, "compute_reference", out_of_memory_for_gru)
+    monkeypatch.setattr(bench.harness, "compute_reference", out_of_memory_for_gru)
     path = tmp_path / "r.csv"
     shapes = "gru-T8-B2-H16,rnn_tanh-T8-B2-H16"
     assert bench.main(["--shapes", shapes, "--backends", IMPLS, "--csv", str(path)]) == 0
@@ -345,10 +345,10 @@ def test_commit_is_the_packages_own_checkout_or_unknown(tmp_path, monkeypatch):
     plain.mkdir()
     assert bench.project_commit(plain) == "unknown"
     # and that is what a run records
-    monkeypatch.setattr(bench, "REPO_ROOT", vendored)
+    monkeypatch.setattr(bench.results, "REPO_ROOT", vendored)
     meta = bench.run_metadata(torch.device("cpu"))
     assert meta["commit"] == "unknown" and meta["run_id"].endswith("-unknown")
-    monkeypatch.setattr(bench, "REPO_ROOT", own)
+    monkeypatch.setattr(bench.results, "REPO_ROOT", own)
     assert bench.run_metadata(torch.device("cpu"))["commit"] == head + "+dirty"
 
 

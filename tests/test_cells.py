@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gpurnn import cells
-from gpurnn.backends import get_backend
+from gpurnn.backends import Inputs, get_backend
 from gpurnn.backends.common import compute_dtype, previous_states, step_mask
 from tests.conftest import seeded_generator
 
@@ -89,9 +89,8 @@ def _expected_fields(cell, xg_t, h_prev, c_prev, w_hh, b_hn):
 
 
 def _saved_workspace(backend, cell, xg, w_hh, h0, c0, lengths, reverse, b_hn):
-    y, _, _, workspace = backend.forward(
-        cell, xg, w_hh, h0, c0, lengths, reverse, b_hn, None, save=True
-    )
+    inputs = Inputs(cell, xg, w_hh, h0, c0, lengths, reverse, b_hn)
+    y, _, _, workspace = backend.forward(inputs, save=True)
     return y, workspace
 
 

@@ -49,10 +49,10 @@ def test_check_fails_on_a_wrong_backend(monkeypatch, capsys):
 def test_check_reports_a_raising_backend_and_goes_on(monkeypatch, capsys):
     backend = get_backend("torch")
 
-    def broken(self, cell, *args):
-        if cell == "gru":
+    def broken(self, inputs, save):
+        if inputs.cell == "gru":
             raise RuntimeError("kernel launch failed")
-        return original(self, cell, *args)
+        return original(self, inputs, save)
 
     original = type(backend).forward
     monkeypatch.setattr(type(backend), "forward", broken)

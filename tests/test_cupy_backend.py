@@ -26,6 +26,7 @@ import torch
 import gpurnn
 from gpurnn import reference
 from gpurnn.backends import cupy as cupy_backend
+from gpurnn.backends.base import Inputs
 from gpurnn.backends.cupy import (
     CLUSTER_SIZE,
     MMA_K,
@@ -342,8 +343,8 @@ def check_against_reference(monkeypatch, gpu_report, variant, dtype, cell, B):
             # pre-activation on opposite sides of 0, their gradients differ by O(1) there,
             # rightly. So the backward runs on the reference's own output here (same signs).
             grads = backend.backward(
-                cell, None, w_hh.detach(), None if h0 is None else h0.detach(), None,
-                None if lengths is None else lengths.cuda(), reverse, None, None,
+                Inputs(cell, None, w_hh.detach(), None if h0 is None else h0.detach(), None,
+                       None if lengths is None else lengths.cuda(), reverse),
                 torch.from_numpy(ry).to(dtype).cuda(), torch.empty(0, device="cuda"),
                 dy, dh_T, None,
             )  # fmt: skip
@@ -487,9 +488,10 @@ def test_launch_arguments_have_exact_c_types(monkeypatch, variant, cell):
     T, B, H, G = 5, 3, 24, GATES[cell]
     xg, w_hh = torch.randn(T, B, G * H), torch.randn(G * H, H)
     b_hn = torch.randn(H) if cell == "gru" else None
-    y, h_T, c_T, ws = backend.forward(cell, xg, w_hh, None, None, None, True, b_hn, None, True)
+    inputs = Inputs(cell, xg, w_hh, reverse=True, b_hn=b_hn)
+    y, h_T, c_T, ws = backend.forward(inputs, True)
     assert ws.shape == backend.workspace_spec(cell, T, B, H, xg.dtype, True)[0]
-    backend.backward(cell, None, w_hh, None, None, None, True, b_hn, None, y.zero_(), ws,
+    backend.backward(inputs._replace(xg=None), y.zero_(), ws,
                      torch.randn(T, B, H), torch.randn(B, H),
                      torch.randn(B, H) if cell == "lstm" else None)  # fmt: skip
     for (_, plan_, _, _, args), direction in zip(launches, ["forward", "backward"]):
@@ -504,8 +506,8 @@ def test_empty_sequence_launches_nothing(monkeypatch):
     monkeypatch.setattr(cupy_backend, "_launch", lambda *a: pytest.fail("launched"))
     backend = cupy_backend.CupyBackend()
     h0 = torch.randn(2, 4)
-    y, h_T, c_T, _ = backend.forward("lstm", torch.randn(0, 2, 16), torch.randn(16, 4), h0,
-                                     torch.randn(2, 4), None, False, None, None, False)  # fmt: skip
+    inputs = Inputs("lstm", torch.randn(0, 2, 16), torch.randn(16, 4), h0, torch.randn(2, 4))
+    y, h_T, c_T, _ = backend.forward(inputs, False)
     assert y.shape == (0, 2, 4) and torch.equal(h_T, h0)
 
 

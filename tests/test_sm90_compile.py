@@ -175,6 +175,7 @@ def resources() -> dict[int, dict]:
 
 def table(results: dict[int, dict]) -> str:
     cols = ("plan", "regs", "smem", "trips", "loads", "other_ldg", "bar", "mma", "spills")
+
     def row(name, cells):
         return f"{name:32s} " + " ".join(f"{x:>26}" if c == "plan" else f"{x:>9}"
                                          for c, x in zip(cols, cells))  # fmt: skip

@@ -22,6 +22,7 @@ pytest.importorskip("triton")
 from gpurnn.kernels.triton import recurrence as _tl  # noqa: E402
 
 from gpurnn import reference as ref  # noqa: E402
+from gpurnn.backends.base import Inputs  # noqa: E402
 from gpurnn.backends.triton import TritonBackend  # noqa: E402
 from tests.conftest import seeded_generator  # noqa: E402
 from tests.helpers import relu_clear_of_zero  # noqa: E402
@@ -107,8 +108,9 @@ def run_vs_reference(cell, case, gin, reverse, tol, be=None, plan=None):
     c = case
     args = (c["xg"], c["w_hh"], c["h0"], c["c0"], c["lengths"], reverse, c["b_hn"])
     if plan is None:
-        y, h_T, c_T, ws = be.forward(cell, *args, None, True)
-        gr = be.backward(cell, *args, None, y, ws, gin["dy"], gin["dh_T"], gin["dc_T"])
+        inputs = Inputs(cell, *args)
+        y, h_T, c_T, ws = be.forward(inputs, True)
+        gr = be.backward(inputs, y, ws, gin["dy"], gin["dh_T"], gin["dc_T"])
         got = dict(xg=gr.xg, w_hh=gr.w_hh, h0=gr.h0, c0=gr.c0, b_hn=gr.b_hn)
     else:
         y, h_T, c_T, ws = _tl.forward(cell, *args, True, plan=plan, precision=be.fp32_precision)
@@ -234,8 +236,9 @@ def test_vs_torch_nn(cell, dtype):
         xg = x.float() @ m.weight_ih_l0.float().t() + m.bias_ih_l0.float() + b_fold.float()
         xg = xg.to(dtype)
         be = TritonBackend()
-        y, h_T, c_T, _ = be.forward(cell, xg, m.weight_hh_l0, h0[0], c0[0] if c0 is not None
-                                    else None, None, False, b_hn, None, False)  # fmt: skip
+        inputs = Inputs(cell, xg, m.weight_hh_l0, h0[0], c0[0] if c0 is not None else None,
+                        b_hn=b_hn)  # fmt: skip
+        y, h_T, c_T, _ = be.forward(inputs, False)
     tol = {torch.bfloat16: 5e-2, torch.float16: 1e-2, torch.float32: 1e-2}[dtype]
     assert rel_err(y, out) <= tol
     h_ref = hid[0][0] if cell == "lstm" else hid[0]

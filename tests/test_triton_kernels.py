@@ -21,6 +21,7 @@ pytest.importorskip("triton")
 from gpurnn.kernels.triton import recurrence as _tl  # noqa: E402
 
 from gpurnn import reference as ref  # noqa: E402
+from gpurnn.backends.base import Inputs  # noqa: E402
 from gpurnn.backends.triton import TritonBackend  # noqa: E402
 from tests.conftest import seeded_generator  # noqa: E402
 from tests.helpers import relu_clear_of_zero  # noqa: E402
@@ -96,8 +97,9 @@ def run_and_compare(cell, case, gin, reverse, dtype, backend=None, plan_fwd=None
     args = (c["xg"], c["w_hh"], c["h0"], c["c0"], c["lengths"], reverse, c["b_hn"])
     if plan_fwd is None:
         be = backend or TritonBackend()
-        y, h_T, c_T, ws = be.forward(cell, *args, None, True)
-        grads = be.backward(cell, *args, None, y, ws, gin["dy"], gin["dh_T"], gin["dc_T"])
+        inputs = Inputs(cell, *args)
+        y, h_T, c_T, ws = be.forward(inputs, True)
+        grads = be.backward(inputs, y, ws, gin["dy"], gin["dh_T"], gin["dc_T"])
         got = dict(xg=grads.xg, w_hh=grads.w_hh, h0=grads.h0, c0=grads.c0, b_hn=grads.b_hn)
     else:
         y, h_T, c_T, ws = _tl.forward(cell, *args, True, plan=plan_fwd, precision="ieee")
@@ -232,7 +234,7 @@ def test_all_sequences_empty_and_T_zero():
     xg = torch.randn(0, 2, 32, dtype=torch.float64)
     w = torch.randn(32, 8, dtype=torch.float64)
     h0 = torch.randn(2, 8, dtype=torch.float64)
-    y, h_T, c_T, _ = be.forward("lstm", xg, w, h0, None, None, False, None, None, False)
+    y, h_T, c_T, _ = be.forward(Inputs("lstm", xg, w, h0), False)
     assert y.shape == (0, 2, 8) and torch.equal(h_T, h0) and torch.equal(c_T, torch.zeros(2, 8))
 
 
@@ -248,8 +250,8 @@ def test_recompute_option(cell):
     be.recompute = True
     assert be.backward_uses_xg
     assert be.workspace_spec(cell, 5, 3, 12, torch.float64, True)[0] == (0,)
-    y, _, _, ws = be.forward(cell, case["xg"], case["w_hh"], case["h0"], case["c0"],
-                             case["lengths"], False, case["b_hn"], None, True)  # fmt: skip
+    y, _, _, ws = be.forward(Inputs(cell, case["xg"], case["w_hh"], case["h0"], case["c0"],
+                                    case["lengths"], False, case["b_hn"]), True)  # fmt: skip
     assert ws.numel() == 0
     run_and_compare(cell, case, gin, False, torch.float64, backend=be)
 
@@ -257,8 +259,7 @@ def test_recompute_option(cell):
 def test_save_false_writes_no_workspace():
     case, _ = make_case("gru", 4, 2, 8, torch.float64, key="nosave")
     be = TritonBackend()
-    *_, ws = be.forward("gru", case["xg"], case["w_hh"], None, None, None, False, case["b_hn"],
-                        None, False)  # fmt: skip
+    *_, ws = be.forward(Inputs("gru", case["xg"], case["w_hh"], b_hn=case["b_hn"]), False)
     assert ws.numel() == 0
     shape, dtype = be.workspace_spec("gru", 4, 2, 8, torch.float64, True)
     assert shape == (4, 2, 32) and dtype == torch.float64
@@ -269,8 +270,8 @@ def test_unpack_workspace_lstm():
     T, B, H = 4, 3, 8
     case, _ = make_case("lstm", T, B, H, torch.float64, lengths=[4, 2, 3], key="unpack")
     be = TritonBackend()
-    y, h_T, c_T, ws = be.forward("lstm", case["xg"], case["w_hh"], case["h0"], case["c0"],
-                                 case["lengths"], False, None, None, True)  # fmt: skip
+    y, h_T, c_T, ws = be.forward(Inputs("lstm", case["xg"], case["w_hh"], case["h0"],
+                                        case["c0"], case["lengths"]), True)  # fmt: skip
     assert ws.shape == be.workspace_spec("lstm", T, B, H, torch.float64, True)[0]
     f = _tl.unpack_workspace("lstm", ws, H)
     assert set(f) == {"i", "f", "g", "o", "c"}
@@ -297,9 +298,9 @@ def test_unsupported_reasons():
     assert "interpreter" in be.unsupported_reason("lstm", cpu, torch.bfloat16, False)
     assert be.unavailable_reason() is None
     with pytest.raises(RuntimeError, match="bfloat16"):
-        be.forward("lstm", torch.randn(2, 1, 16, dtype=torch.bfloat16),
-                   torch.randn(16, 2, dtype=torch.bfloat16), None, None, None, False, None,
-                   torch.randn(2, 4, dtype=torch.bfloat16), False)  # fmt: skip
+        be.forward(Inputs("lstm", torch.randn(2, 1, 16, dtype=torch.bfloat16),
+                          torch.randn(16, 2, dtype=torch.bfloat16),
+                          w_hr=torch.randn(2, 4, dtype=torch.bfloat16)), False)  # fmt: skip
 
 
 def test_no_recompile_for_new_T_or_B():
@@ -352,8 +353,9 @@ def run_and_compare_proj(case, gin, reverse, dtype, backend=None, plan_fwd=None,
     args = (c["xg"], c["w_hh"], c["h0"], c["c0"], c["lengths"], reverse, None)
     if plan_fwd is None:
         be = backend or TritonBackend()
-        y, h_T, c_T, ws = be.forward("lstm", *args, c["w_hr"], True)
-        g = be.backward("lstm", *args, c["w_hr"], y, ws, gin["dy"], gin["dh_T"], gin["dc_T"])
+        inputs = Inputs("lstm", *args, c["w_hr"])
+        y, h_T, c_T, ws = be.forward(inputs, True)
+        g = be.backward(inputs, y, ws, gin["dy"], gin["dh_T"], gin["dc_T"])
         got = dict(xg=g.xg, w_hh=g.w_hh, h0=g.h0, c0=g.c0, w_hr=g.w_hr)
     else:
         y, h_T, c_T, ws = _tl.forward("lstm", *args, True, w_hr=c["w_hr"], plan=plan_fwd,
@@ -449,8 +451,8 @@ def test_proj_recompute_and_empty():
     be = TritonBackend()
     be.recompute = True
     run_and_compare_proj(case, gin, True, torch.float64, backend=be)
-    y, h_T, c_T, _ = be.forward("lstm", case["xg"][:0], case["w_hh"], case["h0"], case["c0"],
-                                None, False, None, case["w_hr"], False)  # fmt: skip
+    y, h_T, c_T, _ = be.forward(Inputs("lstm", case["xg"][:0], case["w_hh"], case["h0"],
+                                       case["c0"], w_hr=case["w_hr"]), False)  # fmt: skip
     assert y.shape == (0, 3, 5) and torch.equal(h_T, case["h0"]) and torch.equal(c_T, case["c0"])
 
 
@@ -459,8 +461,8 @@ def test_proj_workspace_spec():
     T, B, H, P = 3, 2, 8, 4
     case, _ = make_proj_case(T, B, H, P, torch.float64, key="spec")
     be = TritonBackend()
-    *_, ws = be.forward("lstm", case["xg"], case["w_hh"], case["h0"], case["c0"], None, False,
-                        None, case["w_hr"], True)  # fmt: skip
+    inputs = Inputs("lstm", case["xg"], case["w_hh"], case["h0"], case["c0"], w_hr=case["w_hr"])
+    *_, ws = be.forward(inputs, True)
     assert ws.shape == be.workspace_spec("lstm", T, B, H, torch.float64, True)[0] == (T, B, 5 * H)
 
 

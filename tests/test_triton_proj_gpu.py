@@ -16,6 +16,7 @@ from gpurnn.kernels.triton import recurrence as _tl  # noqa: E402
 
 import gpurnn  # noqa: E402
 from gpurnn import reference as ref  # noqa: E402
+from gpurnn.backends.base import Inputs  # noqa: E402
 from gpurnn.backends.triton import TritonBackend  # noqa: E402
 from tests.conftest import seeded_generator  # noqa: E402
 from tests.test_triton_gpu import TOL, _np, rel_err  # noqa: E402
@@ -49,8 +50,9 @@ def run_proj_vs_reference(case, gin, reverse, tol, plan=None):
     args = (c["xg"], c["w_hh"], c["h0"], c["c0"], c["lengths"], reverse, None)
     if plan is None:
         be = TritonBackend()
-        y, h_T, c_T, ws = be.forward("lstm", *args, c["w_hr"], True)
-        g = be.backward("lstm", *args, c["w_hr"], y, ws, gin["dy"], gin["dh_T"], gin["dc_T"])
+        inputs = Inputs("lstm", *args, c["w_hr"])
+        y, h_T, c_T, ws = be.forward(inputs, True)
+        g = be.backward(inputs, y, ws, gin["dy"], gin["dh_T"], gin["dc_T"])
         got = dict(xg=g.xg, w_hh=g.w_hh, h0=g.h0, c0=g.c0, w_hr=g.w_hr)
     else:
         y, h_T, c_T, ws = _tl.forward("lstm", *args, True, w_hr=c["w_hr"], plan=plan)

@@ -21,11 +21,12 @@ import os
 # not `import torch`: that would bind the name of our own submodule gpurnn.backends.torch
 import torch as _torch
 
-from gpurnn.backends.base import Backend, Grads
+from gpurnn.backends.base import Backend, Grads, Inputs
 
 __all__ = [
     "Backend",
     "Grads",
+    "Inputs",
     "BACKENDS",
     "available_backends",
     "get_backend",

@@ -16,6 +16,22 @@ import torch
 from torch import Tensor
 
 
+class Inputs(NamedTuple):
+    """The primitive's inputs for one (layer, direction), as every backend receives them
+    (see gpurnn.recurrence for their shapes). In `backward`, xg is None when the backend's
+    `backward_uses_xg` is False: the custom op need not have kept it."""
+
+    cell: str
+    xg: Tensor | None
+    w_hh: Tensor
+    h0: Tensor | None = None
+    c0: Tensor | None = None
+    lengths: Tensor | None = None
+    reverse: bool = False
+    b_hn: Tensor | None = None
+    w_hr: Tensor | None = None
+
+
 class Grads(NamedTuple):
     """Gradients of the primitive's differentiable inputs; None where an input was absent."""
 
@@ -62,33 +78,13 @@ class Backend(ABC):
         return (0,), dtype
 
     @abstractmethod
-    def forward(
-        self,
-        cell: str,
-        xg: Tensor,
-        w_hh: Tensor,
-        h0: Tensor | None,
-        c0: Tensor | None,
-        lengths: Tensor | None,
-        reverse: bool,
-        b_hn: Tensor | None,
-        w_hr: Tensor | None,
-        save: bool,
-    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+    def forward(self, inputs: Inputs, save: bool) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
         """Returns (y, h_T, c_T or None, workspace). `save` is False when no backward will run."""
 
     @abstractmethod
     def backward(
         self,
-        cell: str,
-        xg: Tensor | None,
-        w_hh: Tensor,
-        h0: Tensor | None,
-        c0: Tensor | None,
-        lengths: Tensor | None,
-        reverse: bool,
-        b_hn: Tensor | None,
-        w_hr: Tensor | None,
+        inputs: Inputs,
         y: Tensor,
         workspace: Tensor,
         dy: Tensor,

@@ -459,8 +459,10 @@ class CupyBackend(Backend):
 
     # ------------------------------------------------------------------ forward
 
-    def forward(self, cell, xg, w_hh, h0, c0, lengths, reverse, b_hn, w_hr, save):
-        if w_hr is not None:
+    def forward(self, inputs, save):
+        cell, xg, w_hh, h0, c0 = inputs.cell, inputs.xg, inputs.w_hh, inputs.h0, inputs.c0
+        lengths, b_hn = inputs.lengths, inputs.b_hn
+        if inputs.w_hr is not None:
             raise RuntimeError(self.unsupported_reason(cell, xg.device, xg.dtype, True))
         T, B, GH = xg.shape
         H = GH // GATES[cell]
@@ -485,7 +487,7 @@ class CupyBackend(Backend):
             args = (
                 _ptr(xg), _ptr(frags), _ptr(b_hn32), _ptr(lengths), _ptr(y),
                 _ptr(workspace if workspace.numel() else None), _ptr(h_state), _ptr(c_state),
-                _i32(T), _i32(B), _i32(H), _i32(plan.KT), _i32(int(reverse)), *exchange_args,
+                _i32(T), _i32(B), _i32(H), _i32(plan.KT), _i32(int(inputs.reverse)), *exchange_args,
             )  # fmt: skip
             _launch(dev, plan, cell, dtype, args)
             del exchange
@@ -505,10 +507,10 @@ class CupyBackend(Backend):
 
     # ------------------------------------------------------------------ backward
 
-    def backward(
-        self, cell, xg, w_hh, h0, c0, lengths, reverse, b_hn, w_hr, y, workspace, dy, dh_T, dc_T
-    ):
-        if w_hr is not None:
+    def backward(self, inputs, y, workspace, dy, dh_T, dc_T):
+        cell, w_hh, h0, c0, lengths = inputs.cell, inputs.w_hh, inputs.h0, inputs.c0, inputs.lengths
+        reverse, b_hn = inputs.reverse, inputs.b_hn
+        if inputs.w_hr is not None:
             raise RuntimeError(self.unsupported_reason(cell, y.device, y.dtype, True))
         T, B, H = y.shape
         G = GATES[cell]
@@ -533,7 +535,7 @@ class CupyBackend(Backend):
             args = (
                 _ptr(frags), _ptr(lengths), _ptr(y), _ptr(ws), _ptr(dy), _ptr(h_init),
                 _ptr(c_init), _ptr(dxg), _ptr(dhn), _ptr(dh_state), _ptr(dc_state),
-                _i32(T), _i32(B), _i32(H), _i32(plan.KT), _i32(int(reverse)), *exchange_args,
+                _i32(T), _i32(B), _i32(H), _i32(plan.KT), _i32(int(inputs.reverse)), *exchange_args,
             )  # fmt: skip
             _launch(dev, plan, cell, dtype, args)
             del exchange

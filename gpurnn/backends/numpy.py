@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from gpurnn import reference
-from gpurnn.backends.base import Backend, Grads
+from gpurnn.backends.base import Backend, Grads, Inputs
 
 # Both ways copy: torch marks a storage shared with NumPy as not resizable, and whoever
 # frees or regrows a parameter's or gradient's storage (FSDP does) would then fail.
@@ -28,46 +29,24 @@ def _back(a, like):
     return torch.from_numpy(np.ascontiguousarray(a)).to(like.device, like.dtype, copy=True)
 
 
+def _host_inputs(inputs: Inputs) -> Inputs:
+    """The inputs as the reference takes them: float64 arrays, lengths as integers."""
+    lengths = inputs.lengths
+    return Inputs(
+        *(_host(v) if isinstance(v, Tensor) else v for v in inputs._replace(lengths=None))
+    )._replace(lengths=None if lengths is None else lengths.cpu().numpy())
+
+
 class NumpyBackend(Backend):
     name = "numpy"
 
-    def forward(self, cell, xg, w_hh, h0, c0, lengths, reverse, b_hn, w_hr, save):
-        y, h_T, c_T = reference.recurrence_forward(
-            cell,
-            _host(xg),
-            _host(w_hh),
-            _host(h0),
-            _host(c0),
-            None if lengths is None else lengths.cpu().numpy(),
-            reverse,
-            _host(b_hn),
-            _host(w_hr),
-        )
-        workspace = xg.new_empty(0)
-        return _back(y, xg), _back(h_T, xg), _back(c_T, xg), workspace
+    def forward(self, inputs, save):
+        y, h_T, c_T = reference.recurrence_forward(*_host_inputs(inputs))
+        xg = inputs.xg
+        return _back(y, xg), _back(h_T, xg), _back(c_T, xg), xg.new_empty(0)
 
-    def backward(
-        self, cell, xg, w_hh, h0, c0, lengths, reverse, b_hn, w_hr, y, workspace, dy, dh_T, dc_T
-    ):
+    def backward(self, inputs, y, workspace, dy, dh_T, dc_T):
         g = reference.recurrence_backward(
-            cell,
-            _host(xg),
-            _host(w_hh),
-            _host(h0),
-            _host(c0),
-            None if lengths is None else lengths.cpu().numpy(),
-            reverse,
-            _host(b_hn),
-            _host(w_hr),
-            _host(dy),
-            _host(dh_T),
-            _host(dc_T),
+            *_host_inputs(inputs), _host(dy), _host(dh_T), _host(dc_T)
         )
-        return Grads(
-            xg=_back(g["xg"], xg),
-            w_hh=_back(g["w_hh"], w_hh),
-            h0=_back(g["h0"], h0),
-            c0=_back(g["c0"], c0),
-            b_hn=_back(g["b_hn"], b_hn),
-            w_hr=_back(g["w_hr"], w_hr),
-        )
+        return Grads(*(_back(g[name], getattr(inputs, name)) for name in Grads._fields))

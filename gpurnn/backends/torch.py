@@ -99,7 +99,9 @@ class TorchBackend(Backend):
     def workspace_spec(self, cell, T, B, H, dtype, save):
         return loop_workspace_shape(cell, T, B, H, save), compute_dtype(dtype)
 
-    def forward(self, cell, xg, w_hh, h0, c0, lengths, reverse, b_hn, w_hr, save):
+    def forward(self, inputs, save):
+        cell, xg, w_hh, h0, c0 = inputs.cell, inputs.xg, inputs.w_hh, inputs.h0, inputs.c0
+        b_hn, w_hr = inputs.b_hn, inputs.w_hr
         T, B, GH = xg.shape
         H = GH // GATES[cell]
         acc = compute_dtype(xg.dtype)
@@ -112,8 +114,8 @@ class TorchBackend(Backend):
         y = xg.new_zeros(T, B, w_hh.shape[1])
         shape, _ = self.workspace_spec(cell, T, B, H, xg.dtype, save)
         workspace = xg.new_zeros(shape, dtype=acc)
-        mask = step_mask(T, lengths, xg.device)
-        for t in range(T - 1, -1, -1) if reverse else range(T):
+        mask = step_mask(T, inputs.lengths, xg.device)
+        for t in range(T - 1, -1, -1) if inputs.reverse else range(T):
             h_new, c_new, saved = _step(cell, xg[t].to(acc), h, c, w_hh_, b_hn_, w_hr_)
             if mask is None:
                 h, c = h_new, c_new
@@ -126,9 +128,9 @@ class TorchBackend(Backend):
                 workspace[t] = saved
         return y, h.to(xg.dtype), c.to(xg.dtype) if c is not None else None, workspace
 
-    def backward(
-        self, cell, xg, w_hh, h0, c0, lengths, reverse, b_hn, w_hr, y, workspace, dy, dh_T, dc_T
-    ):
+    def backward(self, inputs, y, workspace, dy, dh_T, dc_T):
+        cell, w_hh, h0, c0, lengths = inputs.cell, inputs.w_hh, inputs.h0, inputs.c0, inputs.lengths
+        reverse, b_hn, w_hr = inputs.reverse, inputs.b_hn, inputs.w_hr
         T, B, H_out = y.shape
         H = w_hh.shape[0] // GATES[cell]
         acc = workspace.dtype

@@ -19,7 +19,7 @@ import os
 import torch
 from torch import Tensor
 
-from gpurnn.backends.base import Backend, Grads
+from gpurnn.backends.base import Backend, Grads, Inputs
 from gpurnn.backends.common import kernel_weight_grads
 
 try:  # triton is optional (e.g. macOS); the kernels module imports it at the top
@@ -102,35 +102,34 @@ class TritonBackend(Backend):
 
     # ------------------------------------------------------------------ forward
 
-    def _forward(self, cell, xg, w_hh, h0, c0, lengths, reverse, b_hn, w_hr, save):
+    def _forward(self, inputs: Inputs, save: bool):
         return _tl.forward(
-            cell, xg.contiguous(), w_hh.contiguous(), _c(h0), _c(c0),
-            _c(lengths), reverse, _c(b_hn), save, w_hr=_c(w_hr), precision=self.fp32_precision,
+            inputs.cell, inputs.xg.contiguous(), inputs.w_hh.contiguous(), _c(inputs.h0),
+            _c(inputs.c0), _c(inputs.lengths), inputs.reverse, _c(inputs.b_hn), save,
+            w_hr=_c(inputs.w_hr), precision=self.fp32_precision,
         )  # fmt: skip
 
-    def forward(self, cell, xg, w_hh, h0, c0, lengths, reverse, b_hn, w_hr, save):
-        reason = self.unsupported_reason(cell, xg.device, xg.dtype, w_hr is not None)
+    def forward(self, inputs, save):
+        xg = inputs.xg
+        reason = self.unsupported_reason(inputs.cell, xg.device, xg.dtype, inputs.w_hr is not None)
         if reason is not None:
             raise RuntimeError(f"gpurnn triton backend: {reason}")
-        save = save and not self.recompute
-        return self._forward(cell, xg, w_hh, h0, c0, lengths, reverse, b_hn, w_hr, save)
+        return self._forward(inputs, save and not self.recompute)
 
     # ------------------------------------------------------------------ backward
 
-    def backward(
-        self, cell, xg, w_hh, h0, c0, lengths, reverse, b_hn, w_hr, y, workspace, dy, dh_T, dc_T
-    ):
+    def backward(self, inputs, y, workspace, dy, dh_T, dc_T):
+        cell, h0, c0, lengths, b_hn = inputs.cell, inputs.h0, inputs.c0, inputs.lengths, inputs.b_hn
+        reverse = inputs.reverse
         T, B, H_out = y.shape  # H_out: P for a projected LSTM, else H
-        w_hh = w_hh.contiguous()
-        w_hr = _c(w_hr)
+        w_hh = inputs.w_hh.contiguous()
+        w_hr = _c(inputs.w_hr)
         if workspace.numel() == 0 and T * B * H_out > 0:
             # recompute: rebuild the activations (y again too: it is the exchange buffer,
             # and the values match the saved y bit for bit)
-            if xg is None:
+            if inputs.xg is None:
                 raise RuntimeError("triton backward: no workspace saved and no xg to recompute it")
-            y, _, _, workspace = self._forward(
-                cell, xg, w_hh, h0, c0, lengths, reverse, b_hn, w_hr, True
-            )
+            y, _, _, workspace = self._forward(inputs, True)
         y = y.contiguous()
         workspace = workspace.contiguous()
         dxg, dhn, dh0, dc0 = _tl.backward(
