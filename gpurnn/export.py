@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from gpurnn.cells import GATES
+from gpurnn.recurrence import input_projection, recurrence
 
 __all__ = ["layer", "onnx_translation_table", "export_onnx", "store_reordered_weights"]
 
@@ -42,10 +43,6 @@ __all__ = ["layer", "onnx_translation_table", "export_onnx", "store_reordered_we
 
 
 def _layer_impl(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse, w_hr, backend):
-    # imported here: gpurnn.functional imports this module
-    from gpurnn.functional import input_projection
-    from gpurnn.recurrence import recurrence
-
     xg, b_hn = input_projection(cell, x, w_ih, b_ih, b_hh)
     return recurrence(
         cell,

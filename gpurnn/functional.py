@@ -12,28 +12,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from gpurnn import export
-from gpurnn.recurrence import recurrence
+from gpurnn.recurrence import folded_biases, input_projection, recurrence
 
-
-def folded_biases(
-    cell: str, w_ih: Tensor, b_ih: Tensor | None, b_hh: Tensor | None
-) -> tuple[Tensor | None, Tensor | None]:
-    """The input projection's bias (b_ih + b_hh) and GRU's b_hn, which must stay inside
-    r ⊙ (W_hn h + b_hn) and so cannot be folded."""
-    if b_ih is None:
-        return None, None
-    if cell != "gru":
-        return b_ih + b_hh, None
-    H = w_ih.shape[0] // 3
-    return torch.cat([b_ih[: 2 * H] + b_hh[: 2 * H], b_ih[2 * H :]]), b_hh[2 * H :]
-
-
-def input_projection(
-    cell: str, x: Tensor, w_ih: Tensor, b_ih: Tensor | None, b_hh: Tensor | None
-) -> tuple[Tensor, Tensor | None]:
-    """xg = x W_ihᵀ + b_ih + b_hh for all steps at once, and GRU's b_hn."""
-    bias, b_hn = folded_biases(cell, w_ih, b_ih, b_hh)
-    return F.linear(x, w_ih, bias), b_hn
+__all__ = ["rnn", "cell_step", "folded_biases", "input_projection"]
 
 
 def rnn(
