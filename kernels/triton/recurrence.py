@@ -117,6 +117,45 @@ def _tanh(x):
 
 
 @triton.jit
+def _lstm_cell(x0, x1, x2, x3, a0, a1, a2, a3, c_prev):
+    """One LSTM step of the own units from the pre-activations x + W_hh h (PyTorch's gate
+    order i, f, g, o): the gates, c_t and o * tanh(c_t) (h_t, or m_t before a projection)."""
+    ig = _sigmoid(x0 + a0)
+    fg = _sigmoid(x1 + a1)
+    gg = _tanh(x2 + a2)
+    og = _sigmoid(x3 + a3)
+    c_new = fg * c_prev + ig * gg
+    return ig, fg, gg, og, c_new, og * _tanh(c_new)
+
+
+@triton.jit
+def _lstm_cell_backward(dh, dc_next, ig, fg, gg, og, c, c_prev):
+    """The LSTM step backwards: from the saved gates and cell states and the gradients of
+    o * tanh(c_t) (dh) and of c_t from the step after (dc_next), the gradients of the four
+    pre-activations and dc_t (dc_{t-1} = dc_t * f)."""
+    tc = _tanh(c)
+    dc = dc_next + dh * og * (1.0 - tc * tc)
+    d0 = dc * gg * ig * (1.0 - ig)
+    d1 = dc * c_prev * fg * (1.0 - fg)
+    d2 = dc * ig * (1.0 - gg * gg)
+    d3 = dh * tc * og * (1.0 - og)
+    return d0, d1, d2, d3, dc
+
+
+@triton.jit
+def _row_tile(pid_b, B, T, len_ptr, BLOCK_B: tl.constexpr, HAS_LEN: tl.constexpr):
+    """The batch rows of program column pid_b, which of them exist, and their lengths (T
+    without lengths)."""
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    mb = offs_b < B
+    if HAS_LEN:
+        L = tl.load(len_ptr + offs_b, mask=mb, other=0).to(tl.int32)
+    else:
+        L = tl.zeros([BLOCK_B], dtype=tl.int32) + T
+    return offs_b, mb, L
+
+
+@triton.jit
 def _barrier_arrive(sync_ptr):
     # Every thread's exchange stores of this step are issued before thread 0 arrives (block
     # barrier); the gpu-scope release publishes them, cumulatively, to the other programs.
@@ -274,13 +313,8 @@ def _recurrence_fwd_kernel(
     nprog = tl.num_programs(0) * tl.num_programs(1)
     offs_j = pid_h * BH + tl.arange(0, BH)
     mj = offs_j < H
-    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    mb = offs_b < B
+    offs_b, mb, L = _row_tile(pid_b, B, T, len_ptr, BLOCK_B, HAS_LEN)
     m_own = mb[:, None] & mj[None, :]
-    if HAS_LEN:
-        L = tl.load(len_ptr + offs_b, mask=mb, other=0).to(tl.int32)
-    else:
-        L = tl.zeros([BLOCK_B], dtype=tl.int32) + T
     B64 = B.to(tl.int64)
     hrow = offs_b.to(tl.int64) * H
     xrow = offs_b.to(tl.int64) * (G * H)
@@ -373,12 +407,7 @@ def _recurrence_fwd_kernel(
 
         # gates (fp32, fp64 for fp64 inputs)
         if CELL == LSTM:
-            ig = _sigmoid(x0 + a0)
-            fg = _sigmoid(x1 + a1)
-            gg = _tanh(x2 + a2)
-            og = _sigmoid(x3 + a3)
-            c_new = fg * cs + ig * gg
-            h_new = og * _tanh(c_new)
+            ig, fg, gg, og, c_new, h_new = _lstm_cell(x0, x1, x2, x3, a0, a1, a2, a3, cs)
         elif CELL == GRU:
             hn = a2 + bhn[None, :]
             rg = _sigmoid(x0 + a0)
@@ -507,13 +536,8 @@ def _recurrence_bwd_kernel(
     nprog = tl.num_programs(0) * tl.num_programs(1)
     offs_j = pid_h * BH + tl.arange(0, BH)
     mj = offs_j < H
-    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    mb = offs_b < B
+    offs_b, mb, L = _row_tile(pid_b, B, T, len_ptr, BLOCK_B, HAS_LEN)
     m_own = mb[:, None] & mj[None, :]
-    if HAS_LEN:
-        L = tl.load(len_ptr + offs_b, mask=mb, other=0).to(tl.int32)
-    else:
-        L = tl.zeros([BLOCK_B], dtype=tl.int32) + T
     B64 = B.to(tl.int64)
     hrow = offs_b.to(tl.int64) * H
     xrow = offs_b.to(tl.int64) * (G * H)
@@ -611,17 +635,8 @@ def _recurrence_bwd_kernel(
 
         # gate backward for the own units (fields f0.. as laid out in the module docstring)
         if CELL == LSTM:
-            ig = f0
-            fg = f1
-            gg = f2
-            og = f3
-            tc = _tanh(f4)
-            dc = dc_c + dh * og * (1.0 - tc * tc)
-            d0 = dc * gg * ig * (1.0 - ig)
-            d1 = dc * pv * fg * (1.0 - fg)
-            d2 = dc * ig * (1.0 - gg * gg)
-            d3 = dh * tc * og * (1.0 - og)
-            dc_c = tl.where(v2, dc * fg, dc_c)
+            d0, d1, d2, d3, dc = _lstm_cell_backward(dh, dc_c, f0, f1, f2, f3, f4, pv)
+            dc_c = tl.where(v2, dc * f1, dc_c)
             direct = tl.zeros([BLOCK_B, BH], dtype=ACC)
         elif CELL == GRU:
             rg = f0
@@ -727,14 +742,9 @@ def _lstmp_fwd_kernel(
     mj = offs_j < H
     offs_p = pid_h * BP + tl.arange(0, BP)
     mp = offs_p < P
-    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    mb = offs_b < B
+    offs_b, mb, L = _row_tile(pid_b, B, T, len_ptr, BLOCK_B, HAS_LEN)
     m_own = mb[:, None] & mj[None, :]
     m_ownp = mb[:, None] & mp[None, :]
-    if HAS_LEN:
-        L = tl.load(len_ptr + offs_b, mask=mb, other=0).to(tl.int32)
-    else:
-        L = tl.zeros([BLOCK_B], dtype=tl.int32) + T
     B64 = B.to(tl.int64)
     hrow = offs_b.to(tl.int64) * H
     prow = offs_b.to(tl.int64) * P
@@ -814,12 +824,7 @@ def _lstmp_fwd_kernel(
                         acc += tl.dot(hp[ci], wk, input_precision=PREC, out_dtype=ACC)
             a0, a1, a2, a3 = _split_gates(acc, BLOCK_B, BH, GP)
             x0, x1, x2, x3 = _split_gates(x, BLOCK_B, BH, GP)
-            ig = _sigmoid(x0 + a0)
-            fg = _sigmoid(x1 + a1)
-            gg = _tanh(x2 + a2)
-            og = _sigmoid(x3 + a3)
-            c_new = fg * cs + ig * gg
-            m_new = og * _tanh(c_new)
+            ig, fg, gg, og, c_new, m_new = _lstm_cell(x0, x1, x2, x3, a0, a1, a2, a3, cs)
             cs = tl.where(v2, c_new, cs)
             tl.store(mx_ptr + mrow + own, tl.where(v2, m_new, 0.0).to(hd), mask=m_own)
             if USE_BARRIER:
@@ -925,14 +930,9 @@ def _lstmp_bwd_kernel(
     mj = offs_j < H
     offs_p = pid_h * BP + tl.arange(0, BP)
     mp = offs_p < P
-    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    mb = offs_b < B
+    offs_b, mb, L = _row_tile(pid_b, B, T, len_ptr, BLOCK_B, HAS_LEN)
     m_own = mb[:, None] & mj[None, :]
     m_ownp = mb[:, None] & mp[None, :]
-    if HAS_LEN:
-        L = tl.load(len_ptr + offs_b, mask=mb, other=0).to(tl.int32)
-    else:
-        L = tl.zeros([BLOCK_B], dtype=tl.int32) + T
     B64 = B.to(tl.int64)
     hrow = offs_b.to(tl.int64) * H
     prow = offs_b.to(tl.int64) * P
@@ -1041,17 +1041,8 @@ def _lstmp_bwd_kernel(
                     wk = tl.load(whr_ptr + offs_k[:, None] * H + offs_j[None, :],
                                  mask=(offs_k < P)[:, None] & mj[None, :], other=0.0)  # fmt: skip
                 dm += tl.dot(dp[i], wk, input_precision=PREC, out_dtype=ACC)
-            ig = f0
-            fg = f1
-            gg = f2
-            og = f3
-            tc = _tanh(f4)
-            dc = dc_c + dm * og * (1.0 - tc * tc)
-            d0 = dc * gg * ig * (1.0 - ig)
-            d1 = dc * pv * fg * (1.0 - fg)
-            d2 = dc * ig * (1.0 - gg * gg)
-            d3 = dm * tc * og * (1.0 - og)
-            dc_c = tl.where(v2, dc * fg, dc_c)
+            d0, d1, d2, d3, dc = _lstm_cell_backward(dm, dc_c, f0, f1, f2, f3, f4, pv)
+            dc_c = tl.where(v2, dc * f1, dc_c)
             ms = m_own & (s < T)
             gp = dxg_ptr + toff * (G * H) + xrow[:, None] + offs_j[None, :]
             tl.store(gp, tl.where(v2, d0, 0.0).to(xd), mask=ms)
