@@ -13,6 +13,9 @@ i.e. the largest backward branch) and counts:
   other_ldg  other global loads in the loop (own inputs, workspace; streamed weights)
   bar        block barriers (BAR.SYNC)
   mma        tensor-core instructions (HMMA / HGMMA)
+  mma_depth  tensor-core instructions on the longest dependency path through one step: a
+             chain of MMAs accumulating into one register tile costs its full latency per
+             instruction (about 30 cycles each on sm_90), independent chains overlap
   spills     local-memory traffic (LDL / STL)
   spin_loops the grid barrier's polling loops (left out of every other count)
 """
@@ -98,13 +101,14 @@ def _dest_regs(op: str, operands: str) -> set[str]:
     m = re.match(r"R(\d+)", first)
     if not m:
         return set()
-    width = 4 if ".128" in op else 2 if ".64" in op else 1
+    width = 4 if ".128" in op or op.startswith("HMMA.16816.F32") else 2 if ".64" in op else 1
     return {f"R{int(m.group(1)) + k}" for k in range(width)}
 
 
 def count(loop: list[tuple]) -> dict[str, int]:
-    c = dict(trips=0, loads=0, other_ldg=0, bar=0, mma=0, spills=0, spin_loops=0,
+    c = dict(trips=0, loads=0, other_ldg=0, bar=0, mma=0, mma_depth=0, spills=0, spin_loops=0,
              instructions=0)  # fmt: skip
+    depth: dict[str, int] = {}  # register -> MMAs on the longest path that produced it
     outstanding: set[str] = set()
     in_wave = False
     for kind, op, operands in loop:
@@ -114,6 +118,16 @@ def count(loop: list[tuple]) -> dict[str, int]:
         c["instructions"] += 1
         stores = op.startswith(("STS", "STG", "ST.", "RED", "ATOM"))
         sources = operands if stores else ",".join(operands.split(",")[1:])
+        src_regs = _regs(operands if stores else sources)
+        if op.startswith(("HMMA", "HGMMA")):
+            src_regs |= _regs(operands)  # the accumulator is read too
+        d = max((depth.get(r, 0) for r in src_regs), default=0)
+        if op.startswith(("HMMA", "HGMMA")):
+            d += 1
+            c["mma_depth"] = max(c["mma_depth"], d)
+        if not stores:
+            for r in _dest_regs(op, operands):
+                depth[r] = d
         if outstanding and _regs(sources) & outstanding:
             in_wave = False  # a result is used: the warp waits for that load here
             outstanding.clear()

@@ -174,7 +174,8 @@ def resources() -> dict[int, dict]:
 
 
 def table(results: dict[int, dict]) -> str:
-    cols = ("plan", "regs", "smem", "trips", "loads", "other_ldg", "bar", "mma", "spills")
+    cols = ("plan", "regs", "smem", "trips", "loads", "other_ldg", "bar", "mma", "mma_depth",
+            "spills")
 
     def row(name, cells):
         return f"{name:32s} " + " ".join(f"{x:>26}" if c == "plan" else f"{x:>9}"
@@ -223,6 +224,10 @@ def test_step_loop_shape(resources, index):
         # consumes the first one early: 2 waves at most)
         assert r["trips"] <= 2, f"the forward's h loads of a step wait on each other: {r}"
         assert r["bar"] <= 8, r
+    if plan.resident and plan.BLOCK_B == 16 and r["mma"]:
+        # one accumulator per K chunk: no MMA waits on more than a chunk's worth of others
+        # (folded into one accumulator, the first kernels chained all H/16 of them: 48)
+        assert r["mma_depth"] <= 2 * plan.KC // 16, f"one long chain of dependent MMAs: {r}"
     if bwd and plan.resident and plan.BLOCK_B == 16:
         # at most one round trip per K chunk of every gate (the first kernel: one per 64-wide
         # chunk of each gate, 48 at LSTM H=768), and no warp repeats another's MMAs: G*H/16

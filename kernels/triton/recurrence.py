@@ -187,6 +187,15 @@ def _barrier_wait(sync_ptr, target, spin_max):
 
 
 @triton.jit
+def _runtime_zeros(shape: tl.constexpr, s, ACC: tl.constexpr):
+    """Zeros the compiler cannot prove zero. Triton folds `dot(a, b, 0) + c` into
+    `dot(a, b, c)`, which chains per-chunk accumulators back into one accumulator: H/16
+    dependent MMAs a step (about 30 cycles each on sm_90). Started from these, the chunks'
+    dots stay independent chains that the tensor cores overlap, and are summed after."""
+    return (tl.zeros(shape, dtype=ACC) + s) * 0.0
+
+
+@triton.jit
 def _load_fields(ptr, row, offs_j, mask, H: tl.constexpr, N: tl.constexpr, ACC: tl.constexpr):
     """Up to 5 (BLOCK_B, BH) column blocks k*H + j of one time step; unused ones alias the first."""
     p = ptr + row[:, None] + offs_j[None, :]
@@ -389,9 +398,14 @@ def _recurrence_fwd_kernel(
                 for i in tl.static_range(NKC):
                     offs_k = i * KC + tl.arange(0, KC)
                     hp = hp + (_load_h(hx_ptr, prev, hrow, offs_k, mb, H, EVEN_K),)
-                # one accumulator per chunk: NKC independent HMMA chains, not one H/16 deep
+                # one accumulator per chunk: NKC independent MMA chains, not one H/16 deep
+                z = _runtime_zeros([BLOCK_B, NG], s, ACC)
+                parts = ()
                 for i in tl.static_range(NKC):
-                    acc += tl.dot(hp[i], w_res[i], input_precision=PREC, out_dtype=ACC)
+                    parts = parts + (tl.dot(hp[i], w_res[i], z, input_precision=PREC,
+                                            out_dtype=ACC),)  # fmt: skip
+                for i in tl.static_range(NKC):
+                    acc += parts[i]
             else:
                 for k0 in range(0, H, KC):
                     offs_k = k0 + tl.arange(0, KC)
@@ -608,6 +622,7 @@ def _recurrence_bwd_kernel(
             # CHUNKS_PER_TRIP chunks' loads (every gate) issued together, as many as registers
             # hold, then their dots; one accumulator per chunk, summed over gates at the end
             acc3 = tl.zeros([GP, BLOCK_B, BH], dtype=ACC)
+            z3 = _runtime_zeros([GP, BLOCK_B, BH], s, ACC)
             for c0 in tl.static_range(0, NKC, CHUNKS_PER_TRIP):
                 gk = ()
                 for ci in tl.static_range(CHUNKS_PER_TRIP):
@@ -617,7 +632,7 @@ def _recurrence_bwd_kernel(
                                                     nvalid, CELL, G, GP, H),)  # fmt: skip
                 for ci in tl.static_range(CHUNKS_PER_TRIP):
                     if c0 + ci < NKC:
-                        acc3 += tl.dot(gk[ci], w_res[c0 + ci], input_precision=PREC,
+                        acc3 += tl.dot(gk[ci], w_res[c0 + ci], z3, input_precision=PREC,
                                        out_dtype=ACC)  # fmt: skip
             rec = tl.sum(acc3, axis=0)
         else:
@@ -1085,6 +1100,7 @@ RESIDENT_SMEM = 160 * 1024
 # backward step 18 us on an H100.
 INFLIGHT_BYTES = 256
 KC_GPU = 128  # K chunk of resident dots: 6 independent chains at H=768
+KC_FWD_16 = 64  # the forward's K chunk for 16-row batch tiles (see make_plan)
 BATCH_TILES = (16, 32, 64)  # rows per program: one m16 mma tile up to a 64-row wgmma tile
 
 
@@ -1214,20 +1230,29 @@ def make_plan(
     fits = n_h * n_b <= sms
     pers = fits if persistent is None else (persistent and fits)
     # backward: narrower chunks for taller batch tiles, so one chunk of every gate's dgates
-    # stays within the registers INFLIGHT_BYTES allows (64 rows x 128 spilled on sm_90)
-    kc = KC or min(KC_GPU if not backward else max(32, KC_GPU * 16 // bb), hp)
+    # stays within the registers INFLIGHT_BYTES allows (64 rows x 128 spilled on sm_90).
+    # Forward, 16-row tiles: 64-wide chunks, i.e. H/64 independent MMA chains 4 deep (at 128
+    # ptxas interleaves only two or three of the 8-deep chains: 15 MMAs in a row at H=768).
+    if backward:
+        kc_default = max(32, KC_GPU * 16 // bb)
+    else:
+        kc_default = KC_FWD_16 if bb == 16 else KC_GPU
+    kc = KC or min(kc_default, hp)
     if resident is None:
         resident = weight_bytes(H, G, bh, kc, dtype, backward) <= RESIDENT_SMEM
     if not resident and KC is None:
         kc = stream_kc(G, bh, backward, dtype)
-    # Forward 8 warps: with 4, ptxas holds back most of a step's h loads until earlier ones
-    # have landed in shared memory, i.e. several dependent round trips (seen in the SASS).
+    # Forward: 4 warps for 16-row tiles, one (16, 8) output tile each (8 warps computed
+    # every tile twice); with independent chunk accumulators all of a step's h loads still
+    # go out in one wave (with one chained accumulator ptxas held most of them back). 8 for
+    # taller tiles (registers).
     # Backward 4 (resident, up to 32 rows): a 3-D dot over the gates gives each warp a gate;
     # more warps would repeat MMAs (the first kernels: every warp computed the one (16, 8)
     # output tile, 18 us per LSTM H=768 step on an H100 with 8 warps). 64-row tiles and
     # streamed weights need 8 warps' registers (4 spilled on sm_90).
     # Backward: as many K chunks' dgates loads per trip as INFLIGHT_BYTES per thread allow.
-    nw = num_warps or (4 if backward and resident and bb <= 32 else 8)
+    nw = num_warps or (4 if (backward and resident and bb <= 32) or (not backward and bb == 16)
+                       else 8)  # fmt: skip
     per_chunk = _next_pow2(G) * bb * kc * es
     cpt = chunks_per_trip or max(1, min(triton.cdiv(H, kc), INFLIGHT_BYTES * 32 * nw // per_chunk))
     return Plan(bh, bb, n_h, n_b, resident, pers, kc, nw, False, cpt)
