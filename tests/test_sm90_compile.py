@@ -174,8 +174,18 @@ def resources() -> dict[int, dict]:
 
 
 def table(results: dict[int, dict]) -> str:
-    cols = ("plan", "regs", "smem", "trips", "loads", "other_ldg", "bar", "mma", "mma_depth",
-            "spills")
+    cols = (
+        "plan",
+        "regs",
+        "smem",
+        "trips",
+        "loads",
+        "other_ldg",
+        "bar",
+        "mma",
+        "mma_depth",
+        "spills",
+    )
 
     def row(name, cells):
         return f"{name:32s} " + " ".join(f"{x:>26}" if c == "plan" else f"{x:>9}"
