@@ -7,9 +7,10 @@ the cubin of an sm_90 compile into SASS; this module finds the step loop (the la
 i.e. the largest backward branch) and counts:
 
   trips      dependent waves of exchange loads: the loads that read other programs' data
-             (`.cg`, shown as LDG...STRONG.GPU) issued before any of them is consumed form
-             one wave; a load issued after an earlier one's result was used starts another.
-  loads      exchange loads (LDG...STRONG.GPU) in the loop
+             (`.cg` or polled, shown as LDG...STRONG.GPU / STRONG.SYS) issued before any of
+             them is consumed form one wave; a load issued after an earlier one's result was
+             used starts another.
+  loads      exchange loads in the loop
   other_ldg  other global loads in the loop (own inputs, workspace; streamed weights)
   bar        block barriers (BAR.SYNC)
   mma        tensor-core instructions (HMMA / HGMMA)
@@ -77,17 +78,25 @@ def _loops(ins: list[tuple]) -> list[tuple[int, int]]:
     return out
 
 
-SPIN_LOOP = 16  # a loop this short inside the step loop is the barrier's poll
+SPIN_LOOP = 16  # a loop this short inside the step loop is the grid barrier's poll
+
+
+def _polls(body: list[tuple]) -> bool:
+    """The grid barrier's spin on its counter: a short loop of relaxed (volatile, STRONG.SYS)
+    loads. (The forward's retry of a step's h loads is a loop too, but it holds the step's
+    whole data path, dots included, and counts as part of the step.)"""
+    ops = [x[1] for x in body if x[0] == "ins"]
+    return len(ops) < SPIN_LOOP and any(o.startswith("LDG") and "STRONG.SYS" in o for o in ops)
 
 
 def step_loop(ins: list[tuple]) -> list[tuple]:
-    """The instructions of the largest loop, without the barrier's spin loop (its polling
-    loads are not the step's data; `count` reports the spin loops apart)."""
+    """The instructions of the largest loop, without its polling loops (`count` reports
+    them apart as spin_loops)."""
     loops = _loops(ins)
     if not loops:
         return []
     a, b = max(loops, key=lambda ab: ab[1] - ab[0])
-    spins = [(x, y) for x, y in loops if a < x and y < b and y - x < SPIN_LOOP]
+    spins = [(x, y) for x, y in loops if a < x and y < b and _polls(ins[x : y + 1])]
     body = [x for i, x in enumerate(ins[a : b + 1], a) if not any(p <= i <= q for p, q in spins)]
     return body + [("spin", "", "")] * len(spins)
 
@@ -131,13 +140,13 @@ def count(loop: list[tuple]) -> dict[str, int]:
         if outstanding and _regs(sources) & outstanding:
             in_wave = False  # a result is used: the warp waits for that load here
             outstanding.clear()
-        if op.startswith("LDG") and "STRONG.GPU" in op:
+        if op.startswith("LDG") and ("STRONG.GPU" in op or "STRONG.SYS" in op):
             c["loads"] += 1
             if not in_wave:
                 c["trips"] += 1
                 in_wave = True
             outstanding |= _dest_regs(op, operands)
-        elif op.startswith("LDG") and "STRONG.SYS" not in op:
+        elif op.startswith("LDG"):
             c["other_ldg"] += 1
         elif op.startswith("BAR"):
             c["bar"] += 1

@@ -176,14 +176,17 @@ def test_matches_reference(cell, reverse, lengths, h0, dtype):
 
 
 @pytest.mark.parametrize("cell", CELLS)
-def test_many_programs_per_step_launches(cell):
+@pytest.mark.parametrize("poll", (True, False), ids=("poll", "plain"))
+def test_many_programs_per_step_launches(cell, poll):
     """Units and batch split over 3 x 2 programs, launched one step at a time (launch
     boundaries stand in for the grid barrier): exercises the cross-program exchange of h
-    through y and of dgates through dxg, and state carried between launches."""
+    through y and of dgates through dxg, and state carried between launches. The forward
+    polls its exchange rows for the sentinel (as on a GPU) or reads them plainly."""
     T, B, H = 4, 5, 20
     L = torch.tensor([4, 2, 0, 3, 1])
     case, gin = make_case(cell, T, B, H, torch.float64, lengths=L, key="many")
-    plan = _tl.Plan(BH=8, BLOCK_B=4, n_h=3, n_b=2, resident=True, persistent=False, KC=16)
+    plan = _tl.Plan(BH=8, BLOCK_B=4, n_h=3, n_b=2, resident=True, persistent=False, KC=16,
+                    poll=poll)  # fmt: skip
     run_and_compare(cell, case, gin, True, torch.float64, plan_fwd=plan, plan_bwd=plan)
 
 
@@ -220,6 +223,49 @@ def test_one_program_reverse_lengths(cell, on_chip):
                          on_chip=on_chip)  # fmt: skip
     assert plan.nprog == 1 and plan.on_chip == on_chip
     run_and_compare(cell, case, gin, True, torch.float64, plan_fwd=plan, plan_bwd=plan)
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.float32, torch.float64))
+def test_h0_holding_the_sentinel_is_a_nan(dtype):
+    """A caller's h0 may hold any bits, the polled exchange's sentinel among them: it is
+    read as the NaN it is (torch.nn propagates it), not as data still on its way."""
+    T, B, H = 3, 2, 12
+    case, gin = make_case("gru", T, B, H, dtype, key=("sentinel", str(dtype)))
+    h0 = case["h0"].clone()
+    h0.view(_tl._BITS[dtype])[1, 5] = _tl._SENTINEL[dtype]
+    assert torch.isnan(h0[1, 5]) and not torch.isnan(h0[0]).any()
+    plan = _tl.make_plan(H, B, 3, dtype, torch.device(DEVICE), on_chip=False)
+    assert _tl._polls(plan)
+    y, h_T, _, _ = _tl.forward("gru", case["xg"], case["w_hh"], h0, None, None, False,
+                               case["b_hn"], False, plan=plan, precision="ieee",
+                               spin_max=50)  # fmt: skip
+    assert torch.isnan(y[:, 1]).all() and torch.isnan(h_T[1]).all()
+    ry, _, _ = ref.recurrence_forward(
+        "gru", _np(case["xg"])[:, :1], _np(case["w_hh"]), _np(h0)[:1], None, None, False,
+        _np(case["b_hn"]),
+    )  # fmt: skip
+    check(y[:, :1], ry, dtype, "y of the other row")
+
+
+def test_polled_exchange_that_never_arrives_raises():
+    """An exchange element that never arrives (here h0's row left as the sentinel, which no
+    launch ever writes) ends the bounded spin and raises instead of hanging or returning
+    garbage."""
+    T, B, H = 2, 2, 12
+    case, _ = make_case("rnn_tanh", T, B, H, torch.float32, key="never")
+    plan = _tl.make_plan(H, B, 1, torch.float32, torch.device(DEVICE), on_chip=False)
+    assert plan.persistent and _tl._polls(plan)
+    hx = torch.empty(T + 1, B, H).view(torch.int32).fill_(_tl._SENTINEL[torch.float32])
+    hx = hx.view(torch.float32)
+    hs = torch.zeros(B, H)
+    xg = case["xg"]
+    args = (xg, case["w_hh"], xg, xg, hx, hx[1:], hs, hs, xg)
+    kw = dict(CELL=_tl.CELL_CODE["rnn_tanh"], G=1, GP=1, NW=1, H=H, HAS_LEN=False,
+              REVERSE=False, SAVE=False, PREC="ieee", ACC=_tl._acc_dtype(torch.float32),
+              POLL=False, ASM=False, SENTINEL=_tl._SENTINEL[torch.float32])  # fmt: skip
+    with pytest.raises(RuntimeError, match="timed out"):
+        _tl._launch_steps(_tl._recurrence_fwd_kernel, plan, T, B, T, args, kw, 3,
+                          torch.device(DEVICE))  # fmt: skip
 
 
 def test_gru_without_b_hn():

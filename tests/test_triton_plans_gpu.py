@@ -1,6 +1,7 @@
 """Each kind of plan `make_plan` picks on a GPU, against the float64 reference at real sizes:
 on chip (small layers, no exchange, no grid barrier), 16-row and 64-row batch tiles with
-resident weights, several batch tiles, and streamed weights with 64-row tiles. Marked `gpu`
+resident weights, the forward's polled exchange and the grid barrier, several batch tiles,
+and streamed weights with 64-row tiles. Marked `gpu`
 (conftest.py skips them without CUDA); the streamed 64-row case compiles for about a minute
 cold and is also marked `slow`."""
 
@@ -48,9 +49,21 @@ def test_batch_tile_64(cell):
     run_vs_reference(cell, case, gin, False, TOL[torch.bfloat16])
 
 
+@pytest.mark.parametrize("poll", (True, False), ids=("polled", "grid-barrier"))
+def test_forward_exchange_kinds(poll, cell="lstm"):
+    """H=768 B=16 over 96 programs: the forward polls its exchange rows (the default), or
+    waits at the grid barrier (what the streamed plans and the backward use)."""
+    T, B, H = 40, 16, 768
+    plan = _tl.make_plan(H, B, _tl.GATES[cell], torch.bfloat16, DEV, poll=poll)
+    assert plan.persistent and plan.nprog > 1 and _tl._polls(plan) == poll
+    case, gin = make_case(cell, T, B, H, torch.bfloat16, lengths=_lengths(B, T, (cell, poll)),
+                          reverse=poll)  # fmt: skip
+    run_vs_reference(cell, case, gin, poll, TOL[torch.bfloat16], plan=plan)
+
+
 def test_one_program_exchange_through_memory():
-    """One program over every unit, exchanging h through the (T+1)-row buffer (the block
-    barrier orders a step's stores before the next step's loads by the other warps)."""
+    """One program over every unit, exchanging h through the (T+1)-row buffer (polled: a
+    warp reads the others' h of the step until it has arrived)."""
     T, B, H = 32, 16, 128
     plan = _tl.make_plan(H, B, 4, torch.float16, DEV, BH=128, on_chip=False)
     assert plan.nprog == 1 and not plan.on_chip

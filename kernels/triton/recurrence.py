@@ -171,9 +171,9 @@ def _barrier_wait(sync_ptr, target, spin_max):
     # then one gpu-scope acquire orders its next exchange loads after the others' released
     # stores. (One polling thread per program and a block barrier after it measured slower on
     # an H100: 5.9 against 4.1 us per LSTM H=768 B=16 forward step.)
-    cnt = tl.load(sync_ptr, volatile=True)
+    cnt = target - 1  # every poll inside the loop (targets are >= 1)
     spins = 0
-    while (cnt < target) & (spins < spin_max):
+    while (cnt < target) & (spins <= spin_max):
         cnt = tl.load(sync_ptr, volatile=True)
         spins += 1
     if cnt < target:
@@ -184,6 +184,71 @@ def _barrier_wait(sync_ptr, target, spin_max):
         "ld.acquire.gpu.global.b32 $0, [$1];", "=r,l", [sync_ptr + tl.zeros([1], tl.int32)],
         dtype=tl.int32, is_pure=False, pack=1,
     )  # fmt: skip
+
+
+@triton.jit
+def _is_pending(x, SENTINEL: tl.constexpr):
+    """Whether elements of a loaded exchange tile still hold the sentinel (see POLL)."""
+    if x.dtype.primitive_bitwidth == 16:
+        bits = x.to(tl.int16, bitcast=True)
+    elif x.dtype.primitive_bitwidth == 32:
+        bits = x.to(tl.int32, bitcast=True)
+    else:
+        bits = x.to(tl.int64, bitcast=True)
+    return bits == SENTINEL
+
+
+@triton.jit
+def _all_arrived(hp, N: tl.constexpr, SENTINEL: tl.constexpr):
+    pending = _is_pending(hp[0], SENTINEL)
+    for i in tl.static_range(1, N):
+        pending = pending | _is_pending(hp[i], SENTINEL)
+    return 1 - tl.max(pending.to(tl.int32))  # 1 when every element has arrived
+
+
+@triton.jit
+def _store_exchange(ptr, value, mask, ASM: tl.constexpr):
+    """The exchange store of h_t. With ASM, a relaxed gpu-scope store per element: others
+    poll these elements with relaxed loads, and a relaxed (morally strong) store makes that
+    a well-defined race in the PTX memory model. The interpreter has no inline PTX."""
+    if ASM:
+        m = mask.to(tl.int32)
+        if value.dtype.primitive_bitwidth == 16:
+            tl.inline_asm_elementwise(
+                "{ .reg .pred p; setp.ne.b32 p, $3, 0; @p st.relaxed.gpu.global.b16 [$1], $2; "
+                "mov.u32 $0, 0; }",
+                "=r,l,h,r", [ptr, value.to(tl.int16, bitcast=True), m], dtype=tl.int32,
+                is_pure=False, pack=1,
+            )  # fmt: skip
+        elif value.dtype.primitive_bitwidth == 32:
+            tl.inline_asm_elementwise(
+                "{ .reg .pred p; setp.ne.b32 p, $3, 0; @p st.relaxed.gpu.global.b32 [$1], $2; "
+                "mov.u32 $0, 0; }",
+                "=r,l,r,r", [ptr, value.to(tl.int32, bitcast=True), m], dtype=tl.int32,
+                is_pure=False, pack=1,
+            )  # fmt: skip
+        else:
+            tl.inline_asm_elementwise(
+                "{ .reg .pred p; setp.ne.b32 p, $3, 0; @p st.relaxed.gpu.global.b64 [$1], $2; "
+                "mov.u32 $0, 0; }",
+                "=r,l,l,r", [ptr, value.to(tl.int64, bitcast=True), m], dtype=tl.int32,
+                is_pure=False, pack=1,
+            )  # fmt: skip
+    else:
+        tl.store(ptr, value, mask=mask)
+
+
+@triton.jit
+def _chunk_dots(hp, w_res, z, N: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):
+    """sum_i hp[i] @ w_res[i]: one accumulator per K chunk (N independent MMA chains, not
+    one H/16 deep), all started before any is summed."""
+    parts = ()
+    for i in tl.static_range(N):
+        parts = parts + (tl.dot(hp[i], w_res[i], z, input_precision=PREC, out_dtype=ACC),)
+    acc = parts[0]
+    for i in tl.static_range(1, N):
+        acc = acc + parts[i]
+    return acc
 
 
 @triton.jit
@@ -245,17 +310,21 @@ def _load_w(whh_ptr, offs_k, offs_j, mk, mj, g: tl.constexpr, H: tl.constexpr, B
 
 
 @triton.jit
-def _load_h(hx_ptr, row_off, hrow, offs_k, mb, H: tl.constexpr, EVEN_K: tl.constexpr):
+def _load_h(hx_ptr, row_off, hrow, offs_k, mb, H: tl.constexpr, EVEN_K: tl.constexpr,
+            POLL: tl.constexpr = False):  # fmt: skip
     """h_{t-1} columns offs_k of every batch row of the tile, in the storage dtype, from the
     exchange buffer row at row_off (h0 sits in its first row: no special first step)."""
     if EVEN_K:
         m = mb[:, None]
     else:
         m = mb[:, None] & (offs_k < H)[None, :]
-    return tl.load(
-        hx_ptr + row_off + hrow[:, None] + offs_k[None, :], mask=m, other=0.0,
-        cache_modifier=".cg",  # written by other programs during this launch: skip L1
-    )  # fmt: skip
+    p = hx_ptr + row_off + hrow[:, None] + offs_k[None, :]
+    if POLL:
+        # polled: read again until it arrives, so never hoisted and never from L1
+        return tl.load(p, mask=m, other=0.0, volatile=True)
+    else:
+        # written by other programs during this launch: skip L1
+        return tl.load(p, mask=m, other=0.0, cache_modifier=".cg")
 
 
 @triton.jit
@@ -314,8 +383,8 @@ def _recurrence_fwd_kernel(
     CELL: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, NW: tl.constexpr, H: tl.constexpr,
     KC: tl.constexpr, NKC: tl.constexpr, BH: tl.constexpr, BLOCK_B: tl.constexpr,
     ON_CHIP: tl.constexpr, RESIDENT: tl.constexpr, HAS_LEN: tl.constexpr,
-    REVERSE: tl.constexpr, SAVE: tl.constexpr, USE_BARRIER: tl.constexpr,
-    PREC: tl.constexpr, ACC: tl.constexpr,
+    REVERSE: tl.constexpr, SAVE: tl.constexpr, USE_BARRIER: tl.constexpr, POLL: tl.constexpr,
+    ASM: tl.constexpr, SENTINEL: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
     pid_h = tl.program_id(0)
     pid_b = tl.program_id(1)
@@ -335,6 +404,11 @@ def _recurrence_fwd_kernel(
     # is written apart. Everywhere else the exchange rows are y itself.
     SEPARATE_Y: tl.constexpr = HAS_LEN and REVERSE
     EVEN_K: tl.constexpr = H % KC == 0
+    # POLL (resident weights): no grid barrier. The exchange rows start as SENTINEL (a
+    # signalling-NaN bit pattern that no arithmetic produces) and each is written once, so a
+    # program reads its step's h_{t-1} until no element is the sentinel any more: the data
+    # is its own barrier (no fence, no counter; one round trip from store to load).
+    budget = spin_max
 
     # running state of the own units: h0/c0 (or zeros) put in the state buffers by the
     # launcher, or what the previous launch left there (per-step fallback)
@@ -392,20 +466,38 @@ def _recurrence_fwd_kernel(
         else:
             # exchange row of h_{t-1}: t (forward; row 0 is h0) or t + 1 (reverse; row T)
             prev = (t + REVERSE).to(tl.int64) * B64 * H
-            if RESIDENT:
+            if RESIDENT and POLL:
+                # Read h_{t-1} and multiply until nothing read was pending. A pending element
+                # (the sentinel is a NaN) makes its batch row of the product NaN, so a
+                # NaN-free product proves that the step's h all arrived without comparing
+                # each element on the way in; only a NaN product (data on its way, or a
+                # genuine NaN in h or W_hh) compares elements.
+                arrived = 0
+                spins = 0
+                while (arrived == 0) & (spins <= budget):
+                    hp = ()
+                    for i in tl.static_range(NKC):
+                        offs_k = i * KC + tl.arange(0, KC)
+                        hp = hp + (_load_h(hx_ptr, prev, hrow, offs_k, mb, H, EVEN_K, POLL),)
+                    acc = _chunk_dots(hp, w_res, _runtime_zeros([BLOCK_B, NG], s, ACC), NKC,
+                                      PREC, ACC)  # fmt: skip
+                    arrived = 1 - tl.max((acc != acc).to(tl.int32))
+                    if arrived == 0:
+                        arrived = _all_arrived(hp, NKC, SENTINEL)
+                    spins += 1
+                if arrived == 0:
+                    # timed out: a program is not co-resident (or died). Flag the launch as
+                    # failed (the launcher raises) and stop waiting from here on.
+                    tl.atomic_max(sync_ptr, SYNC_ERROR, sem="relaxed", scope="gpu")
+                    budget = -1
+            elif RESIDENT:
                 # every load of the step first, then the dots: one memory round trip
                 hp = ()
                 for i in tl.static_range(NKC):
                     offs_k = i * KC + tl.arange(0, KC)
                     hp = hp + (_load_h(hx_ptr, prev, hrow, offs_k, mb, H, EVEN_K),)
-                # one accumulator per chunk: NKC independent MMA chains, not one H/16 deep
-                z = _runtime_zeros([BLOCK_B, NG], s, ACC)
-                parts = ()
-                for i in tl.static_range(NKC):
-                    parts = parts + (tl.dot(hp[i], w_res[i], z, input_precision=PREC,
-                                            out_dtype=ACC),)  # fmt: skip
-                for i in tl.static_range(NKC):
-                    acc += parts[i]
+                acc = _chunk_dots(hp, w_res, _runtime_zeros([BLOCK_B, NG], s, ACC), NKC, PREC,
+                                  ACC)  # fmt: skip
             else:
                 for k0 in range(0, H, KC):
                     offs_k = k0 + tl.arange(0, KC)
@@ -440,17 +532,17 @@ def _recurrence_fwd_kernel(
         toff = t.to(tl.int64) * B64
         if SEPARATE_Y:
             hs = tl.where(v2, h_new.to(hd).to(ACC), hs)
-            tl.store(hx_ptr + out + own, hs.to(hd), mask=m_own)
+            _store_exchange(hx_ptr + out + own, hs.to(hd), m_own, ASM and POLL)
         else:
             yv = tl.where(v2, h_new, 0.0).to(hd)
-            tl.store(hx_ptr + out + own, yv, mask=m_own)
+            _store_exchange(hx_ptr + out + own, yv, m_own, ASM and POLL)
             hs = tl.where(v2, yv.to(ACC), hs)
         if CELL == LSTM:
             cs = tl.where(v2, c_new, cs)
         if USE_BARRIER:
             if s + 1 < s_end:
                 _barrier_arrive(sync_ptr)
-        elif not ON_CHIP:
+        elif not ON_CHIP and not POLL:
             # one program (or one step per launch): the other warps read this step's h from
             # the exchange buffer next step; the block barrier orders those loads after it
             tl.debug_barrier()
@@ -1088,6 +1180,13 @@ POISON = os.environ.get("GPURNN_DEBUG_POISON") == "1"
 
 # Bounded barrier spin (iterations of one relaxed L2 load, ~0.5-1 us each): ~4 s by default.
 SPIN_MAX = int(os.environ.get("GPURNN_TRITON_SPIN_MAX", str(1 << 22)))
+# The forward's exchange rows start as these bit patterns (signalling NaNs with payload 1:
+# arithmetic only ever produces quiet NaNs, so an h value written by the kernel never
+# equals one) and a polling program waits until no element of its step's h_{t-1} does.
+_SENTINEL = {torch.bfloat16: 0x7F81, torch.float16: 0x7C01, torch.float32: 0x7F800001,
+             torch.float64: 0x7FF0000000000001}  # fmt: skip
+_BITS = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32,
+         torch.float64: torch.int64}  # fmt: skip
 
 # Weights kept on chip live in shared memory (Triton stages a `tl.dot` operand loaded before
 # the loop there and re-reads it with ldmatrix every step), so plans are budgeted in bytes of
@@ -1123,6 +1222,8 @@ class Plan:
     on_chip: bool = False  # one program owns every unit: no exchange, no grid barrier
     chunks_per_trip: int = 1  # backward: K chunks (all gates) whose loads are issued together
     BP: int = 0  # LSTM with projection: projected outputs per program (0: no projection)
+    # forward with resident weights: poll the exchange rows instead of a grid barrier
+    poll: bool = False
 
     @property
     def nprog(self) -> int:
@@ -1173,6 +1274,7 @@ def make_plan(
     sm_count: int | None = None,
     proj_size: int | None = None,
     BP: int | None = None,
+    poll: bool | None = None,
 ) -> Plan:
     """Pick tiling and mode from sizes (the launchers then check it against the compiled
     kernel, `_fit`). Keyword overrides exist for tests and tuning.
@@ -1185,6 +1287,8 @@ def make_plan(
        grid within one program per SM) per program, weights resident in shared memory when
        they fit RESIDENT_SMEM, else streamed from L2 each step.
     3. one launch per step, when even BH=64 leaves more programs than SMs.
+    The forward with resident weights polls its exchange rows instead of waiting at a grid
+    barrier (`poll`, POLL in the kernel).
     `sm_count` stands in for the device's SM count (planning for a GPU without one).
     `proj_size` (LSTM with projection): see `_make_proj_plan`."""
     if proj_size:
@@ -1206,7 +1310,8 @@ def make_plan(
             raise ValueError("the interpreter runs programs one after another: a grid barrier "
                              "across several programs would never complete")  # fmt: skip
         chip = (n_h == 1 and pers and res) if on_chip is None else on_chip
-        return Plan(bh, bb, n_h, n_b, res, pers, kc, num_warps or 4, chip, chunks_per_trip or 2)
+        return Plan(bh, bb, n_h, n_b, res, pers, kc, num_warps or 4, chip, chunks_per_trip or 2,
+                    poll=not backward if poll is None else poll)  # fmt: skip
 
     sms = sm_count or torch.cuda.get_device_properties(device).multi_processor_count
     bb = BLOCK_B or _batch_tile(B)
@@ -1242,20 +1347,21 @@ def make_plan(
         resident = weight_bytes(H, G, bh, kc, dtype, backward) <= RESIDENT_SMEM
     if not resident and KC is None:
         kc = stream_kc(G, bh, backward, dtype)
-    # Forward: 4 warps for 16-row tiles, one (16, 8) output tile each (8 warps computed
-    # every tile twice); with independent chunk accumulators all of a step's h loads still
-    # go out in one wave (with one chained accumulator ptxas held most of them back). 8 for
-    # taller tiles (registers).
+    # Forward: 4 warps for 16-row tiles in 16-bit, one (16, 8) output tile each (8 warps
+    # computed every tile twice); with independent chunk accumulators all of a step's h
+    # loads still go out in one wave (with one chained accumulator ptxas held most of them
+    # back). 8 for taller tiles and fp32 (registers: 4 spilled).
     # Backward 4 (resident, up to 32 rows): a 3-D dot over the gates gives each warp a gate;
     # more warps would repeat MMAs (the first kernels: every warp computed the one (16, 8)
     # output tile, 18 us per LSTM H=768 step on an H100 with 8 warps). 64-row tiles and
     # streamed weights need 8 warps' registers (4 spilled on sm_90).
     # Backward: as many K chunks' dgates loads per trip as INFLIGHT_BYTES per thread allow.
-    nw = num_warps or (4 if (backward and resident and bb <= 32) or (not backward and bb == 16)
-                       else 8)  # fmt: skip
+    nw = num_warps or (4 if (backward and resident and bb <= 32)
+                       or (not backward and bb == 16 and es == 2) else 8)  # fmt: skip
     per_chunk = _next_pow2(G) * bb * kc * es
     cpt = chunks_per_trip or max(1, min(triton.cdiv(H, kc), INFLIGHT_BYTES * 32 * nw // per_chunk))
-    return Plan(bh, bb, n_h, n_b, resident, pers, kc, nw, False, cpt)
+    return Plan(bh, bb, n_h, n_b, resident, pers, kc, nw, False, cpt,
+                poll=not backward if poll is None else poll)  # fmt: skip
 
 
 def proj_weight_bytes(
@@ -1387,10 +1493,10 @@ def _fit(kernel, plan: Plan, args, kw, device) -> Plan:
         grid = (fitted.n_h, fitted.n_b)
         try:
             sync = torch.zeros(2, dtype=torch.int32, device=device)
-            use_barrier = fitted.persistent and fitted.nprog > 1 and not fitted.on_chip
-            k = kernel.warmup(*args, sync, 1, 1, 0, 1, 1, grid=grid, USE_BARRIER=use_barrier,
-                              num_warps=fitted.num_warps, num_stages=1,
-                              **_plan_kw(fitted, kw))  # fmt: skip
+            pkw = _plan_kw(fitted, kw)
+            k = kernel.warmup(*args, sync, 1, 1, 0, 1, 1, grid=grid,
+                              USE_BARRIER=_uses_barrier(fitted, pkw),
+                              num_warps=fitted.num_warps, num_stages=1, **pkw)  # fmt: skip
             k._init_handles()
             ok = k.metadata.shared <= max_smem and getattr(k, "n_spills", 0) == 0
         except triton.runtime.errors.OutOfResources:
@@ -1416,10 +1522,21 @@ def _fit(kernel, plan: Plan, args, kw, device) -> Plan:
     return fitted
 
 
+def _polls(plan: Plan) -> bool:
+    """Whether the forward kernel polls its exchange rows (POLL) under this plan."""
+    return plan.poll and plan.resident and not plan.on_chip
+
+
+def _uses_barrier(plan: Plan, kw: dict) -> bool:
+    return plan.persistent and plan.nprog > 1 and not plan.on_chip and not kw.get("POLL")
+
+
 def _plan_kw(plan: Plan, kw: dict) -> dict:
     out = dict(kw, KC=plan.KC, BH=plan.BH, BLOCK_B=plan.BLOCK_B, RESIDENT=plan.resident,
                ON_CHIP=plan.on_chip)  # fmt: skip
     out["NKC"] = triton.cdiv(kw["H"], plan.KC)
+    if "POLL" in kw:  # the unprojected forward
+        out["POLL"] = _polls(plan)
     if "P" in kw:  # LSTM with projection
         out["BP"] = plan.BP
         out["NKP"] = triton.cdiv(kw["P"], plan.KC)
@@ -1439,11 +1556,11 @@ def _launch_steps(kernel, plan: Plan, T: int, B: int, n_steps: int, args, kw, sp
     if plan.persistent:
         if n_steps * plan.nprog >= _SYNC_ERROR:
             raise ValueError("sequence too long for one persistent launch")
-        use_barrier = plan.nprog > 1 and not plan.on_chip
+        use_barrier = _uses_barrier(plan, kw)
         kernel[grid](*args, sync, T, B, 0, n_steps, spin_max,
                      USE_BARRIER=use_barrier, num_warps=plan.num_warps, num_stages=1,
                      **kw)  # fmt: skip
-        if use_barrier:
+        if use_barrier or kw.get("POLL"):
             _check_barrier(sync, plan, device)
     else:
         if plan.on_chip:
@@ -1538,10 +1655,6 @@ def forward(
         return xg.new_empty((0, B, H)), hs.to(dt), (cs.to(dt) if cell == "lstm" else None), ws
     hx = _alloc((T + 1, B, H), dt, dev)
     first = T if reverse else 0
-    if h0 is not None:
-        hx[first].copy_(h0)
-    else:
-        hx[first].zero_()
     if lengths is not None and reverse:
         y = _alloc((T, B, H), dt, dev)
     else:
@@ -1558,8 +1671,20 @@ def forward(
     kw = dict(
         CELL=CELL_CODE[cell], G=G, GP=_next_pow2(G), NW=NW, H=H,
         HAS_LEN=lengths is not None, REVERSE=bool(reverse), SAVE=bool(save),
-        PREC=_prec(dt, precision), ACC=_acc_dtype(dt),
+        PREC=_prec(dt, precision), ACC=_acc_dtype(dt), POLL=False, ASM=not interpreting(),
+        SENTINEL=_SENTINEL[dt],
     )  # fmt: skip
+    plan = _fit(_recurrence_fwd_kernel, plan, args, kw, dev)
+    if _polls(plan):
+        # every row but h0's starts as the sentinel the kernel polls for
+        hx.view(_BITS[dt]).fill_(_SENTINEL[dt])
+    if h0 is not None:
+        hx[first].copy_(h0)
+        if _polls(plan):
+            # h0 (the caller's bits) must not look pending: its sentinels become plain NaNs
+            hx[first].masked_fill_(hx[first].view(_BITS[dt]) == _SENTINEL[dt], float("nan"))
+    else:
+        hx[first].zero_()
     _launch_steps(_recurrence_fwd_kernel, plan, T, B, T, args, kw,
                   SPIN_MAX if spin_max is None else spin_max, dev)  # fmt: skip
     return y, hs.to(dt), (cs.to(dt) if cell == "lstm" else None), ws
