@@ -21,7 +21,10 @@ compiled kernel's real shared memory, registers and spills:
   before the first dot (one memory round trip forward; about one per gate backward) and
   keeps one accumulator per K chunk (per gate backward), so the HMMA chains are short. c and
   the backward carries dh/dc stay in registers (they depend on the program's own units only).
-- One grid-wide barrier per step, split in two (`_barrier_arrive` right after the exchange
+- The forward with resident weights (POLL) has no grid barrier: the exchange rows start as
+  a sentinel bit pattern and a program reads its step's h_{t-1} until nothing it read is
+  the sentinel (see POLL in `_recurrence_fwd_kernel`).
+- Elsewhere one grid-wide barrier per step, split in two (`_barrier_arrive` right after the exchange
   stores, `_barrier_wait` after the work that needs nobody else's data: workspace stores,
   the next step's own loads): an atomic counter, relaxed polls, one acquire, bounded spin,
   error flag. With one program, or one step per launch (the per-step fallback), it is
