@@ -5,8 +5,8 @@ directly (no input projection, no weight-gradient GEMMs, no autograd), and in th
 process torch.nn's LSTM/GRU/RNN (cuDNN) at the same shape, forward (no_grad) and
 forward + backward, for the ratio. cuDNN's numbers are whole layers (its input GEMM
 included), so the ratio bounds what gpurnn's whole layer can reach with these kernels.
-Where the forward polls its exchange rows, the same forward with a grid barrier instead
-is timed beside it.
+Where a kernel polls what it exchanges, the same kernel with a grid barrier instead is
+timed beside it.
 
     python benchmarks/step_timing.py --out out/step_timing.jsonl
     python benchmarks/step_timing.py --cases lstm-bf16-H768-B16 --steps 1024
@@ -146,11 +146,15 @@ def _rounded(value):
 def describe(r: dict) -> str:
     if "error" in r:
         return f"{r['case']:22} FAILED {r['error']}"
-    barrier = r.get("triton_fwd_barrier_us")
-    barrier = f" (grid barrier {barrier:.2f})" if barrier else ""
+
+    def barrier(key):
+        us = r.get(key)
+        return f" (grid barrier {us:.2f})" if us else ""
+
     return (
-        f"{r['case']:22} µs/step: triton fwd {r['triton_fwd_us']:7.2f}{barrier} "
-        f"fwd+save {r['triton_fwd_save_us']:7.2f} bwd {r['triton_bwd_us']:7.2f} | "
+        f"{r['case']:22} µs/step: triton fwd {r['triton_fwd_us']:7.2f}"
+        f"{barrier('triton_fwd_barrier_us')} fwd+save {r['triton_fwd_save_us']:7.2f} "
+        f"bwd {r['triton_bwd_us']:7.2f}{barrier('triton_bwd_barrier_us')} | "
         f"{r['baseline']} fwd {r['baseline_fwd_us']:7.2f} fwd+bwd {r['baseline_fwdbwd_us']:7.2f} "
         f"| ratio fwd {r['fwd_ratio']:.2f}x fwd+bwd {r['fwdbwd_ratio']:.2f}x "
         f"| first calls {r['triton_fwd_first_s']:.1f}/{r['triton_bwd_first_s']:.1f} s"
@@ -205,6 +209,15 @@ def time_case(case: Case, T: int, reps: int, device) -> dict:
             )  # fmt: skip
         )
         out["triton_fwd_barrier_us"] = fwd_barrier_ms * 1e3 / T
+    plan_bwd = tl_rec.make_plan(H, B, G, dtype, device, backward=True, proj_size=P or None)
+    if tl_rec._polls(plan_bwd):
+        barrier_b = dataclasses.replace(plan_bwd, poll=False)
+        _, bwd_barrier_ms = timer.first_and_median(
+            lambda: tl_rec.backward(
+                cell, w_hh, h0, c0, None, False, y, ws, dy, dh_T, dc_T, plan=barrier_b
+            )  # fmt: skip
+        )
+        out["triton_bwd_barrier_us"] = bwd_barrier_ms * 1e3 / T
 
     layer_cls = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "rnn_tanh": torch.nn.RNN}[cell]
     layer = (layer_cls(H, H, proj_size=P) if P else layer_cls(H, H)).to(device, dtype)

@@ -18,7 +18,8 @@ i.e. the largest backward branch) and counts:
              chain of MMAs accumulating into one register tile costs its full latency per
              instruction (about 30 cycles each on sm_90), independent chains overlap
   spills     local-memory traffic (LDL / STL)
-  spin_loops the grid barrier's polling loops (left out of every other count)
+  spin_loops polling loops (left out of every other count): the grid barrier's spin, the
+             backward's element-wise recheck of polled dgates
 """
 
 from __future__ import annotations
@@ -78,15 +79,15 @@ def _loops(ins: list[tuple]) -> list[tuple[int, int]]:
     return out
 
 
-SPIN_LOOP = 16  # a loop this short inside the step loop is the grid barrier's poll
-
-
 def _polls(body: list[tuple]) -> bool:
-    """The grid barrier's spin on its counter: a short loop of relaxed (volatile, STRONG.SYS)
-    loads. (The forward's retry of a step's h loads is a loop too, but it holds the step's
-    whole data path, dots included, and counts as part of the step.)"""
+    """A polling loop inside the step loop: relaxed (volatile, STRONG.SYS) loads and no
+    tensor-core work. The grid barrier's spin on its counter, or the backward's element-wise
+    recheck of dgates after a product came out NaN (a rare path). (The retry loop around a
+    polled step's loads and dots holds the step's whole data path and counts as the step.)"""
     ops = [x[1] for x in body if x[0] == "ins"]
-    return len(ops) < SPIN_LOOP and any(o.startswith("LDG") and "STRONG.SYS" in o for o in ops)
+    return any(o.startswith("LDG") and "STRONG.SYS" in o for o in ops) and not any(
+        o.startswith(("HMMA", "HGMMA", "FFMA", "DFMA")) for o in ops
+    )
 
 
 def step_loop(ins: list[tuple]) -> list[tuple]:

@@ -120,8 +120,9 @@ def compile_variant(v) -> dict:
         kw.update(CHUNKS_PER_TRIP=plan.chunks_per_trip, GP=R._next_pow2(G))
     else:
         fn = R._recurrence_fwd_kernel
-        kw.update(GP=R._next_pow2(G), SAVE=True, POLL=R._polls(plan), ASM=True,
-                  SENTINEL=R._SENTINEL[TORCH_DT[dt]])  # fmt: skip
+        kw.update(GP=R._next_pow2(G), SAVE=True)
+    if not P:
+        kw.update(POLL=R._polls(plan), ASM=True, SENTINEL=R._SENTINEL[TORCH_DT[dt]])
         kw["USE_BARRIER"] = kw["USE_BARRIER"] and not kw["POLL"]
     sig = _signature(fn, dt)
     # torch allocations are 16-byte aligned; the JIT tells the compiler so, and so do we

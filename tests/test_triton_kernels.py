@@ -247,6 +247,52 @@ def test_h0_holding_the_sentinel_is_a_nan(dtype):
     check(y[:, :1], ry, dtype, "y of the other row")
 
 
+@pytest.mark.parametrize("cell", ("lstm", "gru"))
+def test_polled_exchange_with_genuine_nans(cell):
+    """A NaN in the inputs (xg forward, dy backward) spreads to every unit of its sequence,
+    so the polled product keeps coming out NaN although everything has arrived: the kernels
+    must tell that from data on its way (the element-wise check) and go on, not spin until
+    the bound. NaNs land where the reference puts them; the other sequence is exact."""
+    T, B, H = 5, 2, 20
+    case, gin = make_case(cell, T, B, H, torch.float64, key=("nan", cell))
+    case["xg"][2, 1, 3] = float("nan")
+    gin["dy"][1, 1, 7] = float("nan")
+    # one persistent program: a spin that runs out raises (per-step launches cannot wait)
+    plan = _tl.make_plan(H, B, _tl.GATES[cell], torch.float64, torch.device(DEVICE), KC=16,
+                         on_chip=False)  # fmt: skip
+    assert plan.persistent and _tl._polls(plan)
+    c = case
+    y, h_T, c_T, ws = _tl.forward(
+        cell,
+        c["xg"],
+        c["w_hh"],
+        c["h0"],
+        c["c0"],
+        None,
+        False,
+        c["b_hn"],
+        True,
+        plan=plan,
+        precision="ieee",
+        spin_max=20,
+    )
+    dxg, _, dh0, _ = _tl.backward(cell, c["w_hh"], c["h0"], c["c0"], None, False, y, ws,
+                                  gin["dy"], gin["dh_T"], gin["dc_T"], plan=plan,
+                                  precision="ieee", spin_max=20)  # fmt: skip
+    n = {k: _np(v) for k, v in c.items()}
+    ry, rh, _ = ref.recurrence_forward(cell, n["xg"], n["w_hh"], n["h0"], n["c0"], None, False,
+                                       n["b_hn"])  # fmt: skip
+    rg = ref.recurrence_backward(cell, n["xg"], n["w_hh"], n["h0"], n["c0"], None, False,
+                                 n["b_hn"], None, _np(gin["dy"]), _np(gin["dh_T"]),
+                                 _np(gin["dc_T"]))  # fmt: skip
+    for got, exp, what in ((y, ry, "y"), (h_T, rh, "h_T"), (dxg, rg["xg"], "dxg"),
+                           (dh0, rg["h0"], "dh0")):  # fmt: skip
+        g = _np(got)
+        assert (np.isnan(g) == np.isnan(exp)).all() and np.isnan(exp).any(), what
+        np.testing.assert_allclose(g[:, 0] if g.ndim == 3 else g[0], exp[:, 0] if g.ndim == 3
+                                   else exp[0], atol=1e-10, rtol=1e-10, err_msg=what)  # fmt: skip
+
+
 def test_polled_exchange_that_never_arrives_raises():
     """An exchange element that never arrives (here h0's row left as the sentinel, which no
     launch ever writes) ends the bounded spin and raises instead of hanging or returning

@@ -1,6 +1,6 @@
 """Each kind of plan `make_plan` picks on a GPU, against the float64 reference at real sizes:
 on chip (small layers, no exchange, no grid barrier), 16-row and 64-row batch tiles with
-resident weights, the forward's polled exchange and the grid barrier, several batch tiles,
+resident weights, the polled exchange and the grid barrier, several batch tiles,
 and streamed weights with 64-row tiles. Marked `gpu`
 (conftest.py skips them without CUDA); the streamed 64-row case compiles for about a minute
 cold and is also marked `slow`."""
@@ -50,9 +50,9 @@ def test_batch_tile_64(cell):
 
 
 @pytest.mark.parametrize("poll", (True, False), ids=("polled", "grid-barrier"))
-def test_forward_exchange_kinds(poll, cell="lstm"):
-    """H=768 B=16 over 96 programs: the forward polls its exchange rows (the default), or
-    waits at the grid barrier (what the streamed plans and the backward use)."""
+def test_exchange_kinds(poll, cell="lstm"):
+    """H=768 B=16 over 96 programs: forward and backward poll what they exchange (h, dgates;
+    the default), or wait at the grid barrier (what the streamed plans use)."""
     T, B, H = 40, 16, 768
     plan = _tl.make_plan(H, B, _tl.GATES[cell], torch.bfloat16, DEV, poll=poll)
     assert plan.persistent and plan.nprog > 1 and _tl._polls(plan) == poll

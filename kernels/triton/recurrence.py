@@ -345,9 +345,10 @@ def _load_dgates(dxg_ptr, dhn_ptr, tn, B64, xrow, hrow, offs_k, nvalid, g: tl.co
 
 @triton.jit
 def _load_dgates_all(dxg_ptr, dhn_ptr, tn, B64, xrow, hrow, offs_k, nvalid, CELL: tl.constexpr,
-                     G: tl.constexpr, GP: tl.constexpr, H: tl.constexpr):  # fmt: skip
+                     G: tl.constexpr, GP: tl.constexpr, H: tl.constexpr,
+                     POLL: tl.constexpr = False):  # fmt: skip
     """(GP, BLOCK_B, KC): columns offs_k of every gate of d(W_hh h) at step tn (gate-major,
-    GRU's n block from dhn, padding gates 0)."""
+    GRU's n block from dhn, padding gates 0); polled (volatile) or `.cg`, as `_load_h`."""
     g3 = tl.arange(0, GP)[:, None, None]
     k3 = offs_k[None, None, :]
     m = (g3 < G) & nvalid[None, :, None] & (k3 < H)
@@ -355,7 +356,35 @@ def _load_dgates_all(dxg_ptr, dhn_ptr, tn, B64, xrow, hrow, offs_k, nvalid, CELL
     if CELL == GRU:
         pn = dhn_ptr + tn.to(tl.int64) * B64 * H + hrow[None, :, None] + k3
         p = tl.where(g3 == 2, pn, p)
-    return tl.load(p, mask=m, other=0.0, cache_modifier=".cg")
+    if POLL:
+        return tl.load(p, mask=m, other=0.0, volatile=True)
+    else:
+        return tl.load(p, mask=m, other=0.0, cache_modifier=".cg")
+
+
+@triton.jit
+def _dgates_dots(dxg_ptr, dhn_ptr, tn, B64, xrow, hrow, nvalid, w_res, s, CELL: tl.constexpr,
+                 G: tl.constexpr, GP: tl.constexpr, H: tl.constexpr, KC: tl.constexpr,
+                 NKC: tl.constexpr, BLOCK_B: tl.constexpr, BH: tl.constexpr,
+                 CHUNKS_PER_TRIP: tl.constexpr, POLL: tl.constexpr, PREC: tl.constexpr,
+                 ACC: tl.constexpr):  # fmt: skip
+    """dgates_{tn} @ W_hh[:, own units] with resident weights (NKC (GP, KC, BH) chunks):
+    CHUNKS_PER_TRIP chunks' loads (every gate) issued together, as many as registers hold,
+    then their dots; one accumulator per chunk, summed over the gates at the end."""
+    acc3 = tl.zeros([GP, BLOCK_B, BH], dtype=ACC)
+    z3 = _runtime_zeros([GP, BLOCK_B, BH], s, ACC)
+    for c0 in tl.static_range(0, NKC, CHUNKS_PER_TRIP):
+        gk = ()
+        for ci in tl.static_range(CHUNKS_PER_TRIP):
+            if c0 + ci < NKC:
+                offs_k = (c0 + ci) * KC + tl.arange(0, KC)
+                gk = gk + (_load_dgates_all(dxg_ptr, dhn_ptr, tn, B64, xrow, hrow, offs_k,
+                                            nvalid, CELL, G, GP, H, POLL),)  # fmt: skip
+        for ci in tl.static_range(CHUNKS_PER_TRIP):
+            if c0 + ci < NKC:
+                acc3 += tl.dot(gk[ci], w_res[c0 + ci], z3, input_precision=PREC,
+                               out_dtype=ACC)  # fmt: skip
+    return tl.sum(acc3, axis=0)
 
 
 @triton.jit
@@ -634,12 +663,14 @@ def _recurrence_bwd_kernel(
     KC: tl.constexpr, NKC: tl.constexpr, BH: tl.constexpr, BLOCK_B: tl.constexpr,
     CHUNKS_PER_TRIP: tl.constexpr, ON_CHIP: tl.constexpr, RESIDENT: tl.constexpr,
     HAS_LEN: tl.constexpr, REVERSE: tl.constexpr, USE_BARRIER: tl.constexpr,
+    POLL: tl.constexpr, ASM: tl.constexpr, SENTINEL: tl.constexpr,
     PREC: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
     """Steps s in [0, T]: step s < T handles forward step T-1-s; step T only adds the last
     dgates' recurrent contribution (to dh0). dgates (= dxg, except GRU's n block, kept apart in
     dhn as dn_pre * r) are exchanged through their output buffers, or, ON_CHIP (one program
-    owns every unit), kept in registers from one step to the next."""
+    owns every unit), kept in registers from one step to the next. POLL (resident weights):
+    dxg and dhn start as the sentinel and are polled, as the forward's exchange rows."""
     pid_h = tl.program_id(0)
     pid_b = tl.program_id(1)
     nprog = tl.num_programs(0) * tl.num_programs(1)
@@ -654,6 +685,7 @@ def _recurrence_bwd_kernel(
     GH: tl.constexpr = G * H
     own = hrow[:, None] + offs_j[None, :]
     xd = dxg_ptr.dtype.element_ty
+    budget = spin_max
 
     # carries: dh_T / dc_T (put in the state buffers by the launcher) or what the previous
     # launch left there
@@ -713,23 +745,37 @@ def _recurrence_bwd_kernel(
                 rec += tl.dot(e2, w2, input_precision=PREC, out_dtype=ACC)
             if G > 3:
                 rec += tl.dot(e3, w3, input_precision=PREC, out_dtype=ACC)
+        elif RESIDENT and POLL:
+            # as the forward's poll: a NaN-free product proves that every dgates element it
+            # read had arrived. A NaN product compares elements (read again: the trips do
+            # not keep their tiles); once nothing is pending, one more product is final,
+            # NaNs and all (they are genuine).
+            arrived = 0
+            complete = 0
+            spins = 0
+            while (arrived == 0) & (spins <= budget):
+                rec = _dgates_dots(dxg_ptr, dhn_ptr, tn, B64, xrow, hrow, nvalid, w_res, s,
+                                   CELL, G, GP, H, KC, NKC, BLOCK_B, BH, CHUNKS_PER_TRIP, POLL,
+                                   PREC, ACC)  # fmt: skip
+                arrived = (1 - tl.max((rec != rec).to(tl.int32))) | complete
+                if arrived == 0:
+                    # (a runtime loop: compact code for a rare path, registers left alone)
+                    pending = 0
+                    for c in range(0, NKC):
+                        offs_k = c * KC + tl.arange(0, KC)
+                        gk = _load_dgates_all(dxg_ptr, dhn_ptr, tn, B64, xrow, hrow, offs_k,
+                                              nvalid, CELL, G, GP, H, POLL)  # fmt: skip
+                        pending = pending | tl.max(_is_pending(gk, SENTINEL).to(tl.int32))
+                    complete = 1 - pending
+                spins += 1
+            if arrived == 0:
+                # timed out: flag the launch as failed, stop waiting from here on
+                tl.atomic_max(sync_ptr, SYNC_ERROR, sem="relaxed", scope="gpu")
+                budget = -1
         elif RESIDENT:
-            # CHUNKS_PER_TRIP chunks' loads (every gate) issued together, as many as registers
-            # hold, then their dots; one accumulator per chunk, summed over gates at the end
-            acc3 = tl.zeros([GP, BLOCK_B, BH], dtype=ACC)
-            z3 = _runtime_zeros([GP, BLOCK_B, BH], s, ACC)
-            for c0 in tl.static_range(0, NKC, CHUNKS_PER_TRIP):
-                gk = ()
-                for ci in tl.static_range(CHUNKS_PER_TRIP):
-                    if c0 + ci < NKC:
-                        offs_k = (c0 + ci) * KC + tl.arange(0, KC)
-                        gk = gk + (_load_dgates_all(dxg_ptr, dhn_ptr, tn, B64, xrow, hrow, offs_k,
-                                                    nvalid, CELL, G, GP, H),)  # fmt: skip
-                for ci in tl.static_range(CHUNKS_PER_TRIP):
-                    if c0 + ci < NKC:
-                        acc3 += tl.dot(gk[ci], w_res[c0 + ci], z3, input_precision=PREC,
-                                       out_dtype=ACC)  # fmt: skip
-            rec = tl.sum(acc3, axis=0)
+            rec = _dgates_dots(dxg_ptr, dhn_ptr, tn, B64, xrow, hrow, nvalid, w_res, s, CELL, G,
+                               GP, H, KC, NKC, BLOCK_B, BH, CHUNKS_PER_TRIP, False, PREC,
+                               ACC)  # fmt: skip
         else:
             for k0 in range(0, H, KC):
                 offs_k = k0 + tl.arange(0, KC)
@@ -769,19 +815,20 @@ def _recurrence_bwd_kernel(
         toff = t.to(tl.int64) * B64
         ms = m_own & (s < T)
         gp = dxg_ptr + toff * GH + xrow[:, None] + offs_j[None, :]
+        relaxed: tl.constexpr = ASM and POLL
         q0 = tl.where(v2, d0, 0.0).to(xd)
-        tl.store(gp, q0, mask=ms)
+        _store_exchange(gp, q0, ms, relaxed)
         if G > 1:
             q1 = tl.where(v2, d1, 0.0).to(xd)
             q2 = tl.where(v2, d2, 0.0).to(xd)
-            tl.store(gp + H, q1, mask=ms)
-            tl.store(gp + 2 * H, q2, mask=ms)
+            _store_exchange(gp + H, q1, ms, relaxed)
+            _store_exchange(gp + 2 * H, q2, ms, relaxed)
         if G > 3:
             q3 = tl.where(v2, d3, 0.0).to(xd)
-            tl.store(gp + 3 * H, q3, mask=ms)
+            _store_exchange(gp + 3 * H, q3, ms, relaxed)
         if CELL == GRU:
             qn = tl.where(v2, dhn, 0.0).to(xd)
-            tl.store(dhn_ptr + toff * H + own, qn, mask=ms)
+            _store_exchange(dhn_ptr + toff * H + own, qn, ms, relaxed)
         if ON_CHIP:
             e0 = tl.where(m_own, q0, 0.0)
             if G > 1:
@@ -795,7 +842,7 @@ def _recurrence_bwd_kernel(
         if USE_BARRIER:
             if s + 1 < s_end:
                 _barrier_arrive(sync_ptr)
-        elif not ON_CHIP:
+        elif not ON_CHIP and not POLL:
             tl.debug_barrier()  # see the forward: one program's warps exchange through memory
 
         dy, f0, f1, f2, f3, f4, pv = _bwd_own_loads(
@@ -1202,7 +1249,7 @@ RESIDENT_SMEM = 160 * 1024
 # backward step 18 us on an H100.
 INFLIGHT_BYTES = 256
 KC_GPU = 128  # K chunk of resident dots: 6 independent chains at H=768
-KC_FWD_16 = 64  # the forward's K chunk for 16-row batch tiles (see make_plan)
+KC_16ROWS = 64  # K chunk of 16-row forward tiles (and RNN backward): 4-deep MMA chains
 BATCH_TILES = (16, 32, 64)  # rows per program: one m16 mma tile up to a 64-row wgmma tile
 
 
@@ -1225,7 +1272,7 @@ class Plan:
     on_chip: bool = False  # one program owns every unit: no exchange, no grid barrier
     chunks_per_trip: int = 1  # backward: K chunks (all gates) whose loads are issued together
     BP: int = 0  # LSTM with projection: projected outputs per program (0: no projection)
-    # forward with resident weights: poll the exchange rows instead of a grid barrier
+    # resident weights: poll the exchanged rows (h, dgates) instead of a grid barrier
     poll: bool = False
 
     @property
@@ -1290,8 +1337,8 @@ def make_plan(
        grid within one program per SM) per program, weights resident in shared memory when
        they fit RESIDENT_SMEM, else streamed from L2 each step.
     3. one launch per step, when even BH=64 leaves more programs than SMs.
-    The forward with resident weights polls its exchange rows instead of waiting at a grid
-    barrier (`poll`, POLL in the kernel).
+    With resident weights the kernels poll what they exchange (h forward, dgates backward)
+    instead of waiting at a grid barrier (`poll`, POLL in the kernels).
     `sm_count` stands in for the device's SM count (planning for a GPU without one).
     `proj_size` (LSTM with projection): see `_make_proj_plan`."""
     if proj_size:
@@ -1314,7 +1361,7 @@ def make_plan(
                              "across several programs would never complete")  # fmt: skip
         chip = (n_h == 1 and pers and res) if on_chip is None else on_chip
         return Plan(bh, bb, n_h, n_b, res, pers, kc, num_warps or 4, chip, chunks_per_trip or 2,
-                    poll=not backward if poll is None else poll)  # fmt: skip
+                    poll=True if poll is None else poll)  # fmt: skip
 
     sms = sm_count or torch.cuda.get_device_properties(device).multi_processor_count
     bb = BLOCK_B or _batch_tile(B)
@@ -1341,10 +1388,11 @@ def make_plan(
     # stays within the registers INFLIGHT_BYTES allows (64 rows x 128 spilled on sm_90).
     # Forward, 16-row tiles: 64-wide chunks, i.e. H/64 independent MMA chains 4 deep (at 128
     # ptxas interleaves only two or three of the 8-deep chains: 15 MMAs in a row at H=768).
+    # Backward RNN (one gate, so every warp holds the whole (16, 8) tile) likewise.
     if backward:
-        kc_default = max(32, KC_GPU * 16 // bb)
+        kc_default = KC_16ROWS if (G == 1 and bb == 16) else max(32, KC_GPU * 16 // bb)
     else:
-        kc_default = KC_FWD_16 if bb == 16 else KC_GPU
+        kc_default = KC_16ROWS if bb == 16 else KC_GPU
     kc = KC or min(kc_default, hp)
     if resident is None:
         resident = weight_bytes(H, G, bh, kc, dtype, backward) <= RESIDENT_SMEM
@@ -1363,8 +1411,10 @@ def make_plan(
                        or (not backward and bb == 16 and es == 2) else 8)  # fmt: skip
     per_chunk = _next_pow2(G) * bb * kc * es
     cpt = chunks_per_trip or max(1, min(triton.cdiv(H, kc), INFLIGHT_BYTES * 32 * nw // per_chunk))
-    return Plan(bh, bb, n_h, n_b, resident, pers, kc, nw, False, cpt,
-                poll=not backward if poll is None else poll)  # fmt: skip
+    if poll is None:
+        # backward 64-row tiles: the poll's retry loop spilled registers on sm_90
+        poll = not (backward and bb == 64)
+    return Plan(bh, bb, n_h, n_b, resident, pers, kc, nw, False, cpt, poll=poll)
 
 
 def proj_weight_bytes(
@@ -1538,7 +1588,7 @@ def _plan_kw(plan: Plan, kw: dict) -> dict:
     out = dict(kw, KC=plan.KC, BH=plan.BH, BLOCK_B=plan.BLOCK_B, RESIDENT=plan.resident,
                ON_CHIP=plan.on_chip)  # fmt: skip
     out["NKC"] = triton.cdiv(kw["H"], plan.KC)
-    if "POLL" in kw:  # the unprojected forward
+    if "POLL" in kw:  # the unprojected kernels
         out["POLL"] = _polls(plan)
     if "P" in kw:  # LSTM with projection
         out["BP"] = plan.BP
@@ -1824,8 +1874,14 @@ def backward(
         CELL=CELL_CODE[cell], G=G, GP=_next_pow2(G), NW=NW, H=H,
         CHUNKS_PER_TRIP=plan.chunks_per_trip,
         HAS_LEN=lengths is not None, REVERSE=bool(reverse), PREC=_prec(dt, precision),
-        ACC=_acc_dtype(dt),
+        ACC=_acc_dtype(dt), POLL=False, ASM=not interpreting(), SENTINEL=_SENTINEL[dt],
     )  # fmt: skip
+    plan = _fit(_recurrence_bwd_kernel, plan, args, kw, dev)
+    if _polls(plan):
+        # every dgates element is written once, by the step that owns it: polled
+        dxg.view(_BITS[dt]).fill_(_SENTINEL[dt])
+        if dhn is not None:
+            dhn.view(_BITS[dt]).fill_(_SENTINEL[dt])
     # T + 1 steps: the last one only folds the first step's dgates into dh0
     _launch_steps(_recurrence_bwd_kernel, plan, T, B, T + 1, args, kw,
                   SPIN_MAX if spin_max is None else spin_max, dev)  # fmt: skip
