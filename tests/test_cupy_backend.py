@@ -30,9 +30,12 @@ from gpurnn.backends.base import Inputs
 from gpurnn.backends.cupy import (
     CLUSTER_SIZE,
     MMA_K,
+    PROJ_OUT_ROWS,
     block_rows,
+    lstmp_block_rows,
     pack_fragments,
     plan_launch,
+    plan_lstmp_launch,
     units_per_block,
 )
 from gpurnn.cells import GATES
@@ -87,13 +90,27 @@ def test_reason_without_gpu():
     assert cupy_backend.CupyBackend().unavailable_reason() == "no CUDA device"
 
 
-def test_unsupported_cases():
+def test_unsupported_cases(monkeypatch):
     backend = cupy_backend.CupyBackend()
     cuda = torch.device("cuda", 0)
-    assert "proj_size" in backend.unsupported_reason("lstm", cuda, torch.float16, True)
     assert "float64" in backend.unsupported_reason("lstm", cuda, torch.float64, False)
+    assert "float64" in backend.unsupported_reason("lstm", cuda, torch.float64, True)
     cpu = torch.device("cpu")
     assert "CUDA tensors" in backend.unsupported_reason("gru", cpu, torch.float32, False)
+    assert "CUDA tensors" in backend.unsupported_reason("lstm", cpu, torch.float32, True)
+    # projections run in the grid variant only
+    monkeypatch.setenv("GPURNN_CUPY_VARIANT", "cluster")
+    cluster = cupy_backend.CupyBackend()
+    assert "grid variant" in cluster.unsupported_reason("lstm", cuda, torch.float16, True)
+    inputs = Inputs("lstm", torch.randn(3, 2, 16), torch.randn(16, 2), w_hr=torch.randn(2, 4))
+    with pytest.raises(RuntimeError, match="grid variant"):
+        cluster.forward(inputs, True)
+
+
+def test_auto_leaves_projections_to_others_until_gpu_tested():
+    backend = cupy_backend.CupyBackend()
+    assert "GPU tests" in backend.auto_reason("lstm", True)
+    assert backend.auto_reason("lstm", False) is None
 
 
 # ------------------------------------------------------------------ plan
@@ -227,6 +244,83 @@ def test_block_rows_feed_the_kernel_epilogue(cell, direction):
                 torch.testing.assert_close(D[p, g * plan.units + u], full[:, g * H + j])
         else:
             torch.testing.assert_close(D[p, u], full[:, j])
+
+
+# ------------------------------------------------------------------ LSTM with projection
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_lstmp_plan_invariants(dtype, direction):
+    names = set(cupy_backend.kernel_names(clusters=False))
+    for (H, P), B, device in itertools.product(
+        [(2, 1), (40, 17), (96, 40), (256, 128), (1024, 256), (1024, 512), (2048, 512)],
+        [1, 8, 9, 64],
+        [H100, A100],
+    ):
+        plan = plan_lstmp_launch(direction, dtype, H, P, B, **device)
+        if plan is None:
+            continue
+        assert plan.variant == "grid" and plan.proj == P
+        assert plan.shared_bytes <= device["smem_limit"]
+        assert plan.units == units_per_block(direction, "lstm", plan.m_tiles)
+        # every unit and every projected output has its block, all of them resident
+        assert plan.blocks * plan.units >= H and plan.blocks * PROJ_OUT_ROWS >= P
+        assert plan.blocks <= device["sm_count"]
+        k = MMA_K[dtype]
+        assert plan.K == P and plan.ldx == plan.KT * k >= P  # the units' GEMM: K = P
+        out_K = H if direction == "forward" else 4 * H
+        assert plan.out_ldx == plan.out_KT * k >= out_K
+        assert plan.batch_rows >= B and plan.batch_rows % (8 * plan.n_tiles) == 0
+        assert plan.kernel_name("lstm", dtype) in names
+    # the GPU tests' real size runs on an H100 in 16-bit
+    for d in ("forward", "backward"):
+        assert plan_lstmp_launch(d, torch.bfloat16, 1024, 256, 16, **H100) is not None
+
+
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+@pytest.mark.parametrize("H, P, B", [(37, 11, 3), (40, 33, 2)])
+def test_lstmp_block_rows_feed_the_kernel_epilogue(direction, H, P, B):
+    """The two A matrices of every block give what the kernel's two phases expect. Forward:
+    units' row g*units + u of block p is gate g of unit p*units + u of W_hh h (h P wide),
+    output row r is (W_hr m)[16p + r]; backward: units' row u is (W_hr^T dh)[unit], output
+    row r is (W_hh^T dgates)[16p + r]."""
+    plan = plan_lstmp_launch(direction, torch.float32, H, P, B, **A100)
+    w_hh = torch.randn(4 * H, P, dtype=torch.float64)
+    w_hr = torch.randn(P, H, dtype=torch.float64)
+    units, outs = lstmp_block_rows(direction, w_hh, w_hr, plan)
+    assert units.shape[0] == plan.blocks and outs.shape[:2] == (math.ceil(P / 16), 16)
+    x_units = torch.randn(B, P, dtype=torch.float64)  # h_{t-1} forward, dh_t backward
+    x_outs = torch.randn(B, H if direction == "forward" else 4 * H, dtype=torch.float64)
+    D_units, D_outs = units @ x_units.t(), outs @ x_outs.t()
+    full_units = x_units @ (w_hh.t() if direction == "forward" else w_hr)  # (B, 4H) / (B, H)
+    full_outs = x_outs @ (w_hr.t() if direction == "forward" else w_hh)  # (B, P)
+    for p, u in itertools.product(range(plan.blocks), range(plan.units)):
+        j = p * plan.units + u
+        rows = [g * plan.units + u for g in range(4)] if direction == "forward" else [u]
+        cols = [g * H + j for g in range(4)] if direction == "forward" else [j]
+        for row, col in zip(rows, cols):
+            if j >= H:
+                assert (units[p, row] == 0).all()
+            else:
+                torch.testing.assert_close(D_units[p, row], full_units[:, col])
+    for p, r in itertools.product(range(outs.shape[0]), range(PROJ_OUT_ROWS)):
+        if 16 * p + r >= P:
+            assert (outs[p, r] == 0).all()
+        else:
+            torch.testing.assert_close(D_outs[p, r], full_outs[:, 16 * p + r])
+
+
+def test_projection_grad_matches_its_definition():
+    """dW_hr = sum over (t, b) of dhp^T (o * tanh c), o and c from the workspace."""
+    T, B, H, P = 4, 3, 6, 5
+    ws = torch.randn(T, B, 5 * H)
+    dhp = torch.randn(T, B, P)
+    m = ws[..., 3 * H : 4 * H] * torch.tanh(ws[..., 4 * H :])
+    expected = torch.einsum("tbp,tbh->ph", dhp.double(), m.double())
+    got = cupy_backend.projection_grad(dhp, ws, H)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(cupy_backend.projection_grad(dhp[:0], ws[:0], H), torch.zeros(P, H))
 
 
 # ------------------------------------------------------------------ GPU
@@ -461,12 +555,21 @@ def test_gpu_matches_torch_nn(gpu_report, dtype, cell):
 
 
 def _kernel_param_types(variant: str, direction: str) -> list[str]:
-    """'ptr' / 'int' for each parameter of the kernel, read off the CUDA source."""
+    """'ptr' / 'int' for each parameter of the kernel, read off the CUDA source (variant
+    "lstmp": the grid kernels of the LSTM with projection)."""
     src = cupy_backend.kernel_source()
-    macro = re.search(rf"#define GPURNN_{direction.upper()}_PARAMS(.*?)\n#define", src, re.S)
-    params = macro.group(1).replace("\\", " ").split(",")
-    extra = {"grid": ["void* xbuf", "int ldx", "int Bpad", "u32* sync_counter"],
-             "cluster": ["int ldx"]}[variant]  # fmt: skip
+
+    def macro(name):
+        body = re.search(rf"#define {name}(.*?)\n(#define|\n)", src, re.S).group(1)
+        return body.replace("\\", " ").split(",")
+
+    if variant == "lstmp":
+        params = macro(f"GPURNN_LSTMP_{direction.upper()}_PARAMS")
+        extra = macro("GPURNN_LSTMP_EXCHANGE_PARAMS")
+    else:
+        params = macro(f"GPURNN_{direction.upper()}_PARAMS")
+        extra = {"grid": ["void* xbuf", "int ldx", "int Bpad", "u32* sync_counter"],
+                 "cluster": ["int ldx"]}[variant]  # fmt: skip
     return ["ptr" if "*" in p else "int" for p in [*params, *extra]]
 
 
@@ -481,7 +584,8 @@ def test_launch_arguments_have_exact_c_types(monkeypatch, variant, cell):
     backend = cupy_backend.CupyBackend()
     device = H100 if variant == "cluster" else A100
 
-    def plan(direction, cell_, dtype, H, B, dev):
+    def plan(direction, cell_, dtype, H, B, dev, proj=0):
+        assert not proj
         return plan_launch(direction, cell_, dtype, H, B, **device, variant=variant)
 
     monkeypatch.setattr(backend, "plan", plan)
@@ -497,6 +601,37 @@ def test_launch_arguments_have_exact_c_types(monkeypatch, variant, cell):
     for (_, plan_, _, _, args), direction in zip(launches, ["forward", "backward"]):
         assert plan_.variant == variant and plan_.direction == direction
         kinds = _kernel_param_types(variant, direction)
+        assert len(args) == len(kinds)
+        for arg, kind in zip(args, kinds):
+            assert type(arg) is (np.uint64 if kind == "ptr" else np.int32), (arg, kind)
+
+
+def test_lstmp_launch_arguments_have_exact_c_types(monkeypatch):
+    """As above for the LSTM with projection; the glue's dW_hr and dW_hh have their weights'
+    shapes."""
+    launches = []
+    monkeypatch.setattr(cupy_backend, "_launch", lambda *a: launches.append(a))
+    backend = cupy_backend.CupyBackend()
+
+    def plan(direction, cell_, dtype, H, B, dev, proj=0):
+        assert proj
+        return plan_lstmp_launch(direction, dtype, H, proj, B, **A100)
+
+    monkeypatch.setattr(backend, "plan", plan)
+    T, B, H, P = 5, 3, 24, 7
+    xg, w_hh, w_hr = torch.randn(T, B, 4 * H), torch.randn(4 * H, P), torch.randn(P, H)
+    inputs = Inputs("lstm", xg, w_hh, torch.randn(B, P), torch.randn(B, H), reverse=True,
+                    w_hr=w_hr)  # fmt: skip
+    y, h_T, c_T, ws = backend.forward(inputs, True)
+    assert y.shape == (T, B, P) and h_T.shape == (B, P) and c_T.shape == (B, H)
+    assert ws.shape == backend.workspace_spec("lstm", T, B, H, xg.dtype, True)[0]
+    grads = backend.backward(inputs._replace(xg=None), y.zero_(), ws.zero_(),
+                             torch.randn(T, B, P), torch.randn(B, P), torch.randn(B, H))  # fmt: skip
+    assert grads.w_hh.shape == w_hh.shape and grads.w_hr.shape == w_hr.shape
+    assert grads.h0.shape == (B, P) and grads.c0.shape == (B, H) and grads.xg.shape == xg.shape
+    for (_, plan_, cell, _, args), direction in zip(launches, ["forward", "backward"]):
+        assert plan_.proj == P and plan_.direction == direction and cell == "lstm"
+        kinds = _kernel_param_types("lstmp", direction)
         assert len(args) == len(kinds)
         for arg, kind in zip(args, kinds):
             assert type(arg) is (np.uint64 if kind == "ptr" else np.int32), (arg, kind)

@@ -196,9 +196,11 @@ LSTMP_CLUSTER_REASON = ("LSTM proj_size runs in the grid variant of the cupy ker
 PROJ_OUT_ROWS = 16  # projected outputs per block (kOutRows in rnn_lstmp.cuh): one m-tile
 
 
-def plan_lstmp_launch(direction, dtype, H, P, B, *, sm_count, smem_limit) -> Plan | None:
+def plan_lstmp_launch(direction, dtype, H, P, B, *, sm_count, smem_limit,
+                      has_clusters=False) -> Plan | None:  # fmt: skip
     """The grid launch of the LSTM-with-projection kernels (rnn_lstmp.cuh) for hidden size
-    H and proj_size P, or None if the W_hh and W_hr slices of a block do not fit on chip.
+    H and proj_size P, or None if the W_hh and W_hr slices of a block do not fit on chip
+    (`has_clusters` is accepted as plan_launch takes it, and unused: no cluster variant).
     A block holds the units' GEMM rows (forward: their 4 gate rows of W_hh; backward: their
     W_hr columns; K = P both ways) and one 16-row tile of projected outputs (forward: W_hr
     rows, K = H; backward: W_hh columns, K = 4H)."""
