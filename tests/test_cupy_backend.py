@@ -371,8 +371,9 @@ def _poison_allocations(monkeypatch):
     monkeypatch.setattr(cupy_backend.torch, "empty", nan_empty)
 
 
-def _cupy_with_variant(monkeypatch, variant, cell, dtype, H, B):
-    """The registry's cupy backend forced to `variant`; skips where it cannot run here."""
+def _cupy_with_variant(monkeypatch, variant, cell, dtype, H, B, proj=0):
+    """The registry's cupy backend forced to `variant`; skips where it cannot run here
+    (`proj`: the LSTM-with-projection kernels for proj_size `proj`)."""
     if gpurnn.available_backends()["cupy"] is not None:
         pytest.skip(gpurnn.available_backends()["cupy"])
     monkeypatch.setenv("GPURNN_CUPY_VARIANT", variant)
@@ -382,8 +383,9 @@ def _cupy_with_variant(monkeypatch, variant, cell, dtype, H, B):
     backend = registry.get_backend("cupy")
     device = torch.device("cuda", torch.cuda.current_device())
     for direction in ("forward", "backward"):
-        if backend.plan(direction, cell, dtype, H, B, device) is None:
-            pytest.skip(f"no {variant} {direction} plan for {cell} H={H} {dtype} on this GPU")
+        if backend.plan(direction, cell, dtype, H, B, device, proj=proj) is None:
+            pytest.skip(f"no {variant} {direction} plan for {cell} H={H} P={proj} {dtype} "
+                        "on this GPU")  # fmt: skip
     return backend
 
 
@@ -518,6 +520,100 @@ def test_gpu_cluster_matches_reference(monkeypatch, gpu_report, dtype, cell, B):
     check_against_reference(monkeypatch, gpu_report, "cluster", dtype, cell, B)
 
 
+def check_lstmp_against_reference(monkeypatch, gpu_report, dtype, T, B, H, P):
+    """LSTM with projection (grid kernels), every direction x lengths x h0/c0 combination
+    against the float64 reference: y, h_T, c_T and the gradients of xg, W_hh, W_hr, h0, c0."""
+    _cupy_with_variant(monkeypatch, "grid", "lstm", dtype, H, B, proj=P)
+    _poison_allocations(monkeypatch)
+    gen = seeded_generator("lstmp", T, B, H, P, str(dtype))
+    for reverse, with_lengths, with_h0 in itertools.product([False, True], repeat=3):
+
+        def rand(*shape, scale=1.0):
+            t = (scale * torch.randn(*shape, generator=gen, dtype=torch.float64)).to(dtype)
+            return t.cuda().requires_grad_(True)
+
+        xg = rand(T, B, 4 * H)
+        w_hh, w_hr = rand(4 * H, P, scale=P**-0.5), rand(P, H, scale=H**-0.5)
+        h0 = rand(B, P) if with_h0 else None
+        c0 = rand(B, H) if with_h0 else None
+        lengths = None
+        if with_lengths:
+            lengths = torch.randint(0, T + 1, (B,), generator=gen)
+            lengths[0] = T
+        y, h_T, c_T = gpurnn.recurrence("lstm", xg, w_hh, h0, c0, lengths=lengths,
+                                        reverse=reverse, w_hr=w_hr, backend="cupy")  # fmt: skip
+        dy = torch.randn(T, B, P, generator=gen, dtype=torch.float64).to(dtype).cuda()
+        dh_T = torch.randn(B, P, generator=gen, dtype=torch.float64).to(dtype).cuda()
+        dc_T = torch.randn(B, H, generator=gen, dtype=torch.float64).to(dtype).cuda()
+        torch.autograd.backward([y, h_T, c_T], [dy, dh_T, dc_T])
+
+        def np_(t):
+            return None if t is None else t.detach().double().cpu().numpy()
+
+        args = ("lstm", np_(xg), np_(w_hh), np_(h0), np_(c0),
+                None if lengths is None else lengths.numpy(), reverse, None, np_(w_hr))  # fmt: skip
+        what = (f"lstm H={H} P={P} {dtype} T={T} B={B} reverse={reverse} "
+                f"lengths={with_lengths} h0={with_h0}")  # fmt: skip
+        ry, rh, rc = reference.recurrence_forward(*args)
+        assert_scaled_close(y, ry, dtype, f"y {what}", gpu_report, "y")
+        assert_scaled_close(h_T, rh, dtype, f"h_T {what}", gpu_report, "h_T")
+        assert_scaled_close(c_T, rc, dtype, f"c_T {what}", gpu_report, "c_T")
+        rg = reference.recurrence_backward(*args, np_(dy), np_(dh_T), np_(dc_T))
+        for name, t in {"xg": xg, "w_hh": w_hh, "w_hr": w_hr, "h0": h0, "c0": c0}.items():
+            if t is not None:
+                assert_scaled_close(t.grad, rg[name], dtype, f"d{name} {what}", gpu_report,
+                                    "d" + name)  # fmt: skip
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("B", [1, 11])
+def test_gpu_lstmp_matches_reference(monkeypatch, gpu_report, dtype, B):
+    """Small odd shape: H, P not multiples of a tile, one and two n-tiles, partial groups."""
+    check_lstmp_against_reference(monkeypatch, gpu_report, dtype, 24, B, 96, 40)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_lstmp_real_size_matches_reference(monkeypatch, gpu_report, dtype):
+    """H=1024, P=256, B=16, T=64 (fp32 where its W_hh columns fit a block: skipped at this
+    H, whose backward needs 16 x 4H fp32 hi/lo fragments per block)."""
+    check_lstmp_against_reference(monkeypatch, gpu_report, dtype, 64, 16, 1024, 256)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_lstmp_module_matches_torch_nn(monkeypatch, gpu_report, dtype):
+    """A whole torch.nn.LSTM with proj_size on backend='cupy' against torch.nn itself: two
+    layers, bidirectional, packed, h0/c0 given; outputs, final states and every gradient."""
+    from tests.helpers import run_torch_style, uneven_lengths
+
+    T, B, I, H, P = 32, 5, 48, 256, 64
+    _cupy_with_variant(monkeypatch, "grid", "lstm", dtype, H, B, proj=P)
+    gen = seeded_generator("lstmp module", str(dtype))
+    ref = make_torch_module("lstm", input_size=I, hidden_size=H, num_layers=2,
+                            bidirectional=True, proj_size=P, dtype=dtype).cuda()  # fmt: skip
+    ours = gpurnn.convert(copy.deepcopy(ref), backend="cupy")
+    x = torch.randn(T, B, I, generator=gen).to(dtype).cuda()
+    h0 = torch.randn(4, B, P, generator=gen).to(dtype).cuda()
+    c0 = torch.randn(4, B, H, generator=gen).to(dtype).cuda()
+    lengths = uneven_lengths(B, T, gen)
+    results = []
+    for model in (ref, ours):
+        inputs = [t.clone().requires_grad_(True) for t in (x, h0, c0)]
+        out, (h_n, c_n) = run_torch_style(model, inputs[0], tuple(inputs[1:]), lengths)
+        grads = [torch.randn(t.shape, generator=seeded_generator("g", i)).to(dtype).cuda()
+                 for i, t in enumerate((out, h_n, c_n))]  # fmt: skip
+        torch.autograd.backward([out, h_n, c_n], grads)
+        params = [p.grad for p in model.parameters()]
+        results.append([out, h_n, c_n, *(t.grad for t in inputs), *params])
+    names = ["output", "h_n", "c_n", "dx", "dh0", "dc0",
+             *(f"d{n}" for n, _ in ref.named_parameters())]  # fmt: skip
+    for name, expected, got in zip(names, *results):
+        assert_scaled_close(got, expected.detach().double().cpu().numpy(), dtype, name,
+                            gpu_report, name)  # fmt: skip
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("cell", CELLS)
@@ -625,8 +721,8 @@ def test_lstmp_launch_arguments_have_exact_c_types(monkeypatch):
     y, h_T, c_T, ws = backend.forward(inputs, True)
     assert y.shape == (T, B, P) and h_T.shape == (B, P) and c_T.shape == (B, H)
     assert ws.shape == backend.workspace_spec("lstm", T, B, H, xg.dtype, True)[0]
-    grads = backend.backward(inputs._replace(xg=None), y.zero_(), ws.zero_(),
-                             torch.randn(T, B, P), torch.randn(B, P), torch.randn(B, H))  # fmt: skip
+    dy, dh_T, dc_T = torch.randn(T, B, P), torch.randn(B, P), torch.randn(B, H)
+    grads = backend.backward(inputs._replace(xg=None), y.zero_(), ws.zero_(), dy, dh_T, dc_T)
     assert grads.w_hh.shape == w_hh.shape and grads.w_hr.shape == w_hr.shape
     assert grads.h0.shape == (B, P) and grads.c0.shape == (B, H) and grads.xg.shape == xg.shape
     for (_, plan_, cell, _, args), direction in zip(launches, ["forward", "backward"]):
