@@ -766,4 +766,5 @@ def projection_grad(dhp: Tensor, workspace: Tensor, H: int) -> Tensor:
     if dhp.device.type == "cuda":
         # 16-bit GEMM (cuBLAS accumulates in fp32), m rounded as the kernel's exchange held it
         return dhp.reshape(-1, P).t() @ m.to(dhp.dtype)
-    return dhp.reshape(-1, P).t().float() @ m
+    acc = torch.float64 if torch.float64 in (dhp.dtype, m.dtype) else torch.float32
+    return dhp.reshape(-1, P).t().to(acc) @ m.to(acc)
