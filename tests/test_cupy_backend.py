@@ -574,6 +574,14 @@ def test_gpu_lstmp_matches_reference(monkeypatch, gpu_report, dtype, B):
 
 
 @pytest.mark.gpu
+def test_gpu_lstmp_bounds_checked(monkeypatch, gpu_report):
+    """The small odd shape once more, built with GPURNN_DEBUG_BOUNDS=1: every index of both
+    phases checked against its buffer (a trap at the first one outside)."""
+    monkeypatch.setenv("GPURNN_DEBUG_BOUNDS", "1")
+    check_lstmp_against_reference(monkeypatch, gpu_report, torch.bfloat16, 24, 11, 96, 40)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_gpu_lstmp_real_size_matches_reference(monkeypatch, gpu_report, dtype):
     """H=1024, P=256, B=16, T=64 (fp32 where its W_hh columns fit a block: skipped at this

@@ -30,8 +30,6 @@
 
 namespace gpurnn {
 
-constexpr int kOutRows = 16;  // projected outputs per block: one m-tile
-
 struct LstmpForwardArgs {
   const void* xg;            // (T, B, 4H) elements
   const uint4* w_frag;       // (blocks, fragment_uint4s<M_TILES>(KT)) packed W_hh rows
@@ -86,6 +84,7 @@ __device__ __forceinline__ void lstmp_forward_body(const LstmpForwardArgs& a,
   constexpr int G = Cell::kGates;
   constexpr int F = Cell::kFields;
   constexpr int kUnits = (M_TILES * 16) / G;
+  constexpr int kOutRows = 16;  // projected outputs per block: one m-tile (PROJ_OUT_ROWS)
   const int T = a.T, B = a.B, H = a.H, P = a.P;
   const int u0 = block * kUnits, p0 = block * kOutRows;
   const bool projects = p0 < P;
@@ -201,6 +200,7 @@ __device__ __forceinline__ void lstmp_backward_body(const LstmpBackwardArgs& a,
   constexpr int G = Cell::kGates;
   constexpr int F = Cell::kFields;
   constexpr int kUnits = M_TILES * 16;
+  constexpr int kOutRows = 16;  // projected outputs per block: one m-tile (PROJ_OUT_ROWS)
   const int T = a.T, B = a.B, H = a.H, P = a.P;
   const int u0 = block * kUnits, p0 = block * kOutRows;
   const bool projects = p0 < P;
