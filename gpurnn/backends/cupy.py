@@ -8,7 +8,9 @@ Layers, top to bottom:
             exchanged through L2, a grid barrier per step: cooperative launch) and `cluster`
             (sm_90, kernels/cuda/rnn_cluster.cuh: all of W_hh in one 8-block cluster, h
             exchanged through distributed shared memory with asynchronous stores completing
-            on mbarriers, no barrier between steps; one cluster per 8 batch rows).
+            on mbarriers, no barrier between steps; one cluster per 8 batch rows). LSTM
+            with projection (proj_size) has its own grid kernels (rnn_lstmp.cuh: two
+            phases and two grid barriers a step) and no cluster variant.
   plan      `plan_launch`: which variant, tile sizes and grid for (cell, dtype, H, B) on a
             device; pure Python, testable without a GPU.
   pack      `pack_fragments`: W_hh rows/columns for each block, padded and permuted into the
@@ -27,8 +29,9 @@ GPURNN_DEBUG_BOUNDS=1 compiles the kernels with every buffer index checked
 (kernels/cuda/rnn_index.cuh: a trap at the first bad access) and synchronizes after each
 launch, so a failure is reported at the kernel that caused it.
 
-Workspace: the torch backend's layout, fp32: lstm (T, B, 5H) i, f, g, o, c; gru (T, B, 4H)
-r, z, n, hn; rnn none. Entries of steps past a sequence's end are 0.
+Workspace: the torch backend's layout, fp32: lstm (T, B, 5H) i, f, g, o, c (with projection
+too: m = o * tanh(c) follows from it, for dW_hr); gru (T, B, 4H) r, z, n, hn; rnn none.
+Entries of steps past a sequence's end are 0.
 """
 
 from __future__ import annotations
