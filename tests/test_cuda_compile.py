@@ -45,6 +45,9 @@ def _instantiation_unit(names: list[str]) -> str:
         fn = name.removeprefix("gpurnn::")
         params = "GPURNN_FORWARD_PARAMS" if "forward" in fn else "GPURNN_BACKWARD_PARAMS"
         extra = ", void*, int, int, u32*" if "_grid<" in fn else ", int"
+        if fn.startswith("rnn_lstmp_"):  # LSTM with projection: its own parameter lists
+            params = params.replace("GPURNN_", "GPURNN_LSTMP_")
+            extra = ", GPURNN_LSTMP_EXCHANGE_PARAMS"
         lines.append(f"template __global__ void {fn}({params}{extra});")
     lines.append("}")
     return "\n".join(lines)
@@ -69,11 +72,19 @@ def parse_ptxas(log: str) -> dict[str, dict[str, int]]:
     return out
 
 
+def _names_of(cell: str, clusters: bool) -> list[str]:
+    """The instantiations of one cell; "lstmp": the LSTM-with-projection kernels."""
+    if cell == "lstmp":
+        return [n for n in kernel_names(clusters) if n.startswith("gpurnn::rnn_lstmp_")]
+    return [n for n in kernel_names(clusters) if f"<{CELL_TYPES[cell]}," in n]
+
+
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found")
-@pytest.mark.parametrize("cell", list(CELL_TYPES))
+@pytest.mark.parametrize("cell", [*CELL_TYPES, "lstmp"])
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_nvcc_compiles_without_spills(tmp_path, arch, cell):
-    names = [n for n in kernel_names(clusters=ARCHS[arch]) if f"<{CELL_TYPES[cell]}," in n]
+    names = _names_of(cell, ARCHS[arch])
+    assert names
     src = tmp_path / "instantiate.cu"
     src.write_text(_instantiation_unit(names))
     result = subprocess.run(
@@ -95,12 +106,16 @@ def test_nvcc_compiles_without_spills(tmp_path, arch, cell):
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found")
-@pytest.mark.parametrize("variant", ["grid", "cluster"])
+@pytest.mark.parametrize("variant", ["grid", "cluster", "lstmp"])
 def test_nvcc_compiles_bounds_checked_build(tmp_path, variant):
     """GPURNN_DEBUG_BOUNDS=1 adds a check (and trap) to every buffer index: the kernels still
-    build (LSTM, every dtype; spills are allowed in this debug build)."""
-    names = [n for n in kernel_names(clusters=True)
-             if n.startswith(f"gpurnn::rnn_backward_{variant}<LstmCell,")]  # fmt: skip
+    build (LSTM backward, and the projected LSTM both ways, every dtype; spills are allowed
+    in this debug build)."""
+    if variant == "lstmp":
+        names = _names_of("lstmp", clusters=True)
+    else:
+        names = [n for n in kernel_names(clusters=True)
+                 if n.startswith(f"gpurnn::rnn_backward_{variant}<LstmCell,")]  # fmt: skip
     src = tmp_path / "instantiate.cu"
     src.write_text(_instantiation_unit(names))
     result = subprocess.run(

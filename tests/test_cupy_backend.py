@@ -30,9 +30,12 @@ from gpurnn.backends.base import Inputs
 from gpurnn.backends.cupy import (
     CLUSTER_SIZE,
     MMA_K,
+    PROJ_OUT_ROWS,
     block_rows,
+    lstmp_block_rows,
     pack_fragments,
     plan_launch,
+    plan_lstmp_launch,
     units_per_block,
 )
 from gpurnn.cells import GATES
@@ -87,13 +90,27 @@ def test_reason_without_gpu():
     assert cupy_backend.CupyBackend().unavailable_reason() == "no CUDA device"
 
 
-def test_unsupported_cases():
+def test_unsupported_cases(monkeypatch):
     backend = cupy_backend.CupyBackend()
     cuda = torch.device("cuda", 0)
-    assert "proj_size" in backend.unsupported_reason("lstm", cuda, torch.float16, True)
     assert "float64" in backend.unsupported_reason("lstm", cuda, torch.float64, False)
+    assert "float64" in backend.unsupported_reason("lstm", cuda, torch.float64, True)
     cpu = torch.device("cpu")
     assert "CUDA tensors" in backend.unsupported_reason("gru", cpu, torch.float32, False)
+    assert "CUDA tensors" in backend.unsupported_reason("lstm", cpu, torch.float32, True)
+    # projections run in the grid variant only
+    monkeypatch.setenv("GPURNN_CUPY_VARIANT", "cluster")
+    cluster = cupy_backend.CupyBackend()
+    assert "grid variant" in cluster.unsupported_reason("lstm", cuda, torch.float16, True)
+    inputs = Inputs("lstm", torch.randn(3, 2, 16), torch.randn(16, 2), w_hr=torch.randn(2, 4))
+    with pytest.raises(RuntimeError, match="grid variant"):
+        cluster.forward(inputs, True)
+
+
+def test_auto_leaves_projections_to_others_until_gpu_tested():
+    backend = cupy_backend.CupyBackend()
+    assert "GPU tests" in backend.auto_reason("lstm", True)
+    assert backend.auto_reason("lstm", False) is None
 
 
 # ------------------------------------------------------------------ plan
@@ -229,6 +246,86 @@ def test_block_rows_feed_the_kernel_epilogue(cell, direction):
             torch.testing.assert_close(D[p, u], full[:, j])
 
 
+# ------------------------------------------------------------------ LSTM with projection
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_lstmp_plan_invariants(dtype, direction):
+    names = set(cupy_backend.kernel_names(clusters=False))
+    for (H, P), B, device in itertools.product(
+        [(2, 1), (40, 17), (96, 40), (256, 128), (1024, 256), (1024, 512), (2048, 512)],
+        [1, 8, 9, 64],
+        [H100, A100],
+    ):
+        plan = plan_lstmp_launch(direction, dtype, H, P, B, **device)
+        if plan is None:
+            continue
+        assert plan.variant == "grid" and plan.proj == P
+        assert plan.shared_bytes <= device["smem_limit"]
+        assert plan.units == units_per_block(direction, "lstm", plan.m_tiles)
+        # every unit and every projected output has its block, all of them resident
+        assert plan.blocks * plan.units >= H and plan.blocks * PROJ_OUT_ROWS >= P
+        assert plan.blocks <= device["sm_count"]
+        k = MMA_K[dtype]
+        assert plan.K == P and plan.ldx == plan.KT * k >= P  # the units' GEMM: K = P
+        out_K = H if direction == "forward" else 4 * H
+        assert plan.out_ldx == plan.out_KT * k >= out_K
+        assert plan.batch_rows >= B and plan.batch_rows % (8 * plan.n_tiles) == 0
+        assert plan.kernel_name("lstm", dtype) in names
+    # the GPU tests' real sizes run on an H100
+    for d, (dt, H, P) in itertools.product(
+        ["forward", "backward"],
+        [(torch.bfloat16, 1024, 256), (torch.float16, 1024, 256), (torch.float32, 384, 128)],
+    ):
+        assert plan_lstmp_launch(d, dt, H, P, 16, **H100) is not None
+
+
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+@pytest.mark.parametrize("H, P, B", [(37, 11, 3), (40, 33, 2)])
+def test_lstmp_block_rows_feed_the_kernel_epilogue(direction, H, P, B):
+    """The two A matrices of every block give what the kernel's two phases expect. Forward:
+    units' row g*units + u of block p is gate g of unit p*units + u of W_hh h (h P wide),
+    output row r is (W_hr m)[16p + r]; backward: units' row u is (W_hr^T dh)[unit], output
+    row r is (W_hh^T dgates)[16p + r]."""
+    plan = plan_lstmp_launch(direction, torch.float32, H, P, B, **A100)
+    w_hh = torch.randn(4 * H, P, dtype=torch.float64)
+    w_hr = torch.randn(P, H, dtype=torch.float64)
+    units, outs = lstmp_block_rows(direction, w_hh, w_hr, plan)
+    assert units.shape[0] == plan.blocks and outs.shape[:2] == (math.ceil(P / 16), 16)
+    x_units = torch.randn(B, P, dtype=torch.float64)  # h_{t-1} forward, dh_t backward
+    x_outs = torch.randn(B, H if direction == "forward" else 4 * H, dtype=torch.float64)
+    D_units, D_outs = units @ x_units.t(), outs @ x_outs.t()
+    full_units = x_units @ (w_hh.t() if direction == "forward" else w_hr)  # (B, 4H) / (B, H)
+    full_outs = x_outs @ (w_hr.t() if direction == "forward" else w_hh)  # (B, P)
+    for p, u in itertools.product(range(plan.blocks), range(plan.units)):
+        j = p * plan.units + u
+        rows = [g * plan.units + u for g in range(4)] if direction == "forward" else [u]
+        cols = [g * H + j for g in range(4)] if direction == "forward" else [j]
+        for row, col in zip(rows, cols):
+            if j >= H:
+                assert (units[p, row] == 0).all()
+            else:
+                torch.testing.assert_close(D_units[p, row], full_units[:, col])
+    for p, r in itertools.product(range(outs.shape[0]), range(PROJ_OUT_ROWS)):
+        if 16 * p + r >= P:
+            assert (outs[p, r] == 0).all()
+        else:
+            torch.testing.assert_close(D_outs[p, r], full_outs[:, 16 * p + r])
+
+
+def test_projection_grad_matches_its_definition():
+    """dW_hr = sum over (t, b) of dhp^T (o * tanh c), o and c from the workspace."""
+    T, B, H, P = 4, 3, 6, 5
+    ws = torch.randn(T, B, 5 * H)
+    dhp = torch.randn(T, B, P)
+    m = ws[..., 3 * H : 4 * H] * torch.tanh(ws[..., 4 * H :])
+    expected = torch.einsum("tbp,tbh->ph", dhp.double(), m.double())
+    got = cupy_backend.projection_grad(dhp, ws, H)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(cupy_backend.projection_grad(dhp[:0], ws[:0], H), torch.zeros(P, H))
+
+
 # ------------------------------------------------------------------ GPU
 #
 # Quick on purpose (they run in a time-limited stage of the device check): the full matrix at
@@ -277,8 +374,9 @@ def _poison_allocations(monkeypatch):
     monkeypatch.setattr(cupy_backend.torch, "empty", nan_empty)
 
 
-def _cupy_with_variant(monkeypatch, variant, cell, dtype, H, B):
-    """The registry's cupy backend forced to `variant`; skips where it cannot run here."""
+def _cupy_with_variant(monkeypatch, variant, cell, dtype, H, B, proj=0):
+    """The registry's cupy backend forced to `variant`; skips where it cannot run here
+    (`proj`: the LSTM-with-projection kernels for proj_size `proj`)."""
     if gpurnn.available_backends()["cupy"] is not None:
         pytest.skip(gpurnn.available_backends()["cupy"])
     monkeypatch.setenv("GPURNN_CUPY_VARIANT", variant)
@@ -288,8 +386,9 @@ def _cupy_with_variant(monkeypatch, variant, cell, dtype, H, B):
     backend = registry.get_backend("cupy")
     device = torch.device("cuda", torch.cuda.current_device())
     for direction in ("forward", "backward"):
-        if backend.plan(direction, cell, dtype, H, B, device) is None:
-            pytest.skip(f"no {variant} {direction} plan for {cell} H={H} {dtype} on this GPU")
+        if backend.plan(direction, cell, dtype, H, B, device, proj=proj) is None:
+            pytest.skip(f"no {variant} {direction} plan for {cell} H={H} P={proj} {dtype} "
+                        "on this GPU")  # fmt: skip
     return backend
 
 
@@ -424,6 +523,113 @@ def test_gpu_cluster_matches_reference(monkeypatch, gpu_report, dtype, cell, B):
     check_against_reference(monkeypatch, gpu_report, "cluster", dtype, cell, B)
 
 
+def check_lstmp_against_reference(monkeypatch, gpu_report, dtype, T, B, H, P):
+    """LSTM with projection (grid kernels), every direction x lengths x h0/c0 combination
+    against the float64 reference: y, h_T, c_T and the gradients of xg, W_hh, W_hr, h0, c0."""
+    _cupy_with_variant(monkeypatch, "grid", "lstm", dtype, H, B, proj=P)
+    _poison_allocations(monkeypatch)
+    gen = seeded_generator("lstmp", T, B, H, P, str(dtype))
+    for reverse, with_lengths, with_h0 in itertools.product([False, True], repeat=3):
+
+        def rand(*shape, scale=1.0):
+            t = (scale * torch.randn(*shape, generator=gen, dtype=torch.float64)).to(dtype)
+            return t.cuda().requires_grad_(True)
+
+        xg = rand(T, B, 4 * H)
+        w_hh, w_hr = rand(4 * H, P, scale=P**-0.5), rand(P, H, scale=H**-0.5)
+        h0 = rand(B, P) if with_h0 else None
+        c0 = rand(B, H) if with_h0 else None
+        lengths = None
+        if with_lengths:
+            lengths = torch.randint(0, T + 1, (B,), generator=gen)
+            lengths[0] = T
+        y, h_T, c_T = gpurnn.recurrence("lstm", xg, w_hh, h0, c0, lengths=lengths,
+                                        reverse=reverse, w_hr=w_hr, backend="cupy")  # fmt: skip
+        dy = torch.randn(T, B, P, generator=gen, dtype=torch.float64).to(dtype).cuda()
+        dh_T = torch.randn(B, P, generator=gen, dtype=torch.float64).to(dtype).cuda()
+        dc_T = torch.randn(B, H, generator=gen, dtype=torch.float64).to(dtype).cuda()
+        torch.autograd.backward([y, h_T, c_T], [dy, dh_T, dc_T])
+
+        def np_(t):
+            return None if t is None else t.detach().double().cpu().numpy()
+
+        args = ("lstm", np_(xg), np_(w_hh), np_(h0), np_(c0),
+                None if lengths is None else lengths.numpy(), reverse, None, np_(w_hr))  # fmt: skip
+        what = (f"lstm H={H} P={P} {dtype} T={T} B={B} reverse={reverse} "
+                f"lengths={with_lengths} h0={with_h0}")  # fmt: skip
+        ry, rh, rc = reference.recurrence_forward(*args)
+        assert_scaled_close(y, ry, dtype, f"y {what}", gpu_report, "y")
+        assert_scaled_close(h_T, rh, dtype, f"h_T {what}", gpu_report, "h_T")
+        assert_scaled_close(c_T, rc, dtype, f"c_T {what}", gpu_report, "c_T")
+        rg = reference.recurrence_backward(*args, np_(dy), np_(dh_T), np_(dc_T))
+        for name, t in {"xg": xg, "w_hh": w_hh, "w_hr": w_hr, "h0": h0, "c0": c0}.items():
+            if t is not None:
+                assert_scaled_close(t.grad, rg[name], dtype, f"d{name} {what}", gpu_report,
+                                    "d" + name)  # fmt: skip
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("B", [1, 11])
+def test_gpu_lstmp_matches_reference(monkeypatch, gpu_report, dtype, B):
+    """Small odd shape: H, P not multiples of a tile, one and two n-tiles, partial groups."""
+    check_lstmp_against_reference(monkeypatch, gpu_report, dtype, 24, B, 96, 40)
+
+
+@pytest.mark.gpu
+def test_gpu_lstmp_bounds_checked(monkeypatch, gpu_report):
+    """The small odd shape once more, built with GPURNN_DEBUG_BOUNDS=1: every index of both
+    phases checked against its buffer (a trap at the first one outside)."""
+    monkeypatch.setenv("GPURNN_DEBUG_BOUNDS", "1")
+    check_lstmp_against_reference(monkeypatch, gpu_report, torch.bfloat16, 24, 11, 96, 40)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, H, P", [
+    (torch.bfloat16, 1024, 256),
+    (torch.float16, 1024, 256),
+    # fp32 keeps tf32 hi and lo halves: the backward's 16 x 4H W_hh columns fit a block only
+    # up to H ~ 400
+    (torch.float32, 384, 128),
+])  # fmt: skip
+def test_gpu_lstmp_real_size_matches_reference(monkeypatch, gpu_report, dtype, H, P):
+    """Real sizes, B=16, T=64."""
+    check_lstmp_against_reference(monkeypatch, gpu_report, dtype, 64, 16, H, P)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_lstmp_module_matches_torch_nn(monkeypatch, gpu_report, dtype):
+    """A whole torch.nn.LSTM with proj_size on backend='cupy' against torch.nn itself: two
+    layers, bidirectional, packed, h0/c0 given; outputs, final states and every gradient."""
+    from tests.helpers import run_torch_style, uneven_lengths
+
+    T, B, I, H, P = 32, 5, 48, 256, 64
+    _cupy_with_variant(monkeypatch, "grid", "lstm", dtype, H, B, proj=P)
+    gen = seeded_generator("lstmp module", str(dtype))
+    ref = make_torch_module("lstm", input_size=I, hidden_size=H, num_layers=2,
+                            bidirectional=True, proj_size=P, dtype=dtype).cuda()  # fmt: skip
+    ours = gpurnn.convert(copy.deepcopy(ref), backend="cupy")
+    x = torch.randn(T, B, I, generator=gen).to(dtype).cuda()
+    h0 = torch.randn(4, B, P, generator=gen).to(dtype).cuda()
+    c0 = torch.randn(4, B, H, generator=gen).to(dtype).cuda()
+    lengths = uneven_lengths(B, T, gen)
+    results = []
+    for model in (ref, ours):
+        inputs = [t.clone().requires_grad_(True) for t in (x, h0, c0)]
+        out, (h_n, c_n) = run_torch_style(model, inputs[0], tuple(inputs[1:]), lengths)
+        grads = [torch.randn(t.shape, generator=seeded_generator("g", i)).to(dtype).cuda()
+                 for i, t in enumerate((out, h_n, c_n))]  # fmt: skip
+        torch.autograd.backward([out, h_n, c_n], grads)
+        params = [p.grad for p in model.parameters()]
+        results.append([out, h_n, c_n, *(t.grad for t in inputs), *params])
+    names = ["output", "h_n", "c_n", "dx", "dh0", "dc0",
+             *(f"d{n}" for n, _ in ref.named_parameters())]  # fmt: skip
+    for name, expected, got in zip(names, *results):
+        assert_scaled_close(got, expected.detach().double().cpu().numpy(), dtype, name,
+                            gpu_report, name)  # fmt: skip
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("cell", CELLS)
@@ -461,12 +667,21 @@ def test_gpu_matches_torch_nn(gpu_report, dtype, cell):
 
 
 def _kernel_param_types(variant: str, direction: str) -> list[str]:
-    """'ptr' / 'int' for each parameter of the kernel, read off the CUDA source."""
+    """'ptr' / 'int' for each parameter of the kernel, read off the CUDA source (variant
+    "lstmp": the grid kernels of the LSTM with projection)."""
     src = cupy_backend.kernel_source()
-    macro = re.search(rf"#define GPURNN_{direction.upper()}_PARAMS(.*?)\n#define", src, re.S)
-    params = macro.group(1).replace("\\", " ").split(",")
-    extra = {"grid": ["void* xbuf", "int ldx", "int Bpad", "u32* sync_counter"],
-             "cluster": ["int ldx"]}[variant]  # fmt: skip
+
+    def macro(name):
+        body = re.search(rf"#define {name}(.*?)\n(#define|\n)", src, re.S).group(1)
+        return body.replace("\\", " ").split(",")
+
+    if variant == "lstmp":
+        params = macro(f"GPURNN_LSTMP_{direction.upper()}_PARAMS")
+        extra = macro("GPURNN_LSTMP_EXCHANGE_PARAMS")
+    else:
+        params = macro(f"GPURNN_{direction.upper()}_PARAMS")
+        extra = {"grid": ["void* xbuf", "int ldx", "int Bpad", "u32* sync_counter"],
+                 "cluster": ["int ldx"]}[variant]  # fmt: skip
     return ["ptr" if "*" in p else "int" for p in [*params, *extra]]
 
 
@@ -481,7 +696,8 @@ def test_launch_arguments_have_exact_c_types(monkeypatch, variant, cell):
     backend = cupy_backend.CupyBackend()
     device = H100 if variant == "cluster" else A100
 
-    def plan(direction, cell_, dtype, H, B, dev):
+    def plan(direction, cell_, dtype, H, B, dev, proj=0):
+        assert not proj
         return plan_launch(direction, cell_, dtype, H, B, **device, variant=variant)
 
     monkeypatch.setattr(backend, "plan", plan)
@@ -497,6 +713,37 @@ def test_launch_arguments_have_exact_c_types(monkeypatch, variant, cell):
     for (_, plan_, _, _, args), direction in zip(launches, ["forward", "backward"]):
         assert plan_.variant == variant and plan_.direction == direction
         kinds = _kernel_param_types(variant, direction)
+        assert len(args) == len(kinds)
+        for arg, kind in zip(args, kinds):
+            assert type(arg) is (np.uint64 if kind == "ptr" else np.int32), (arg, kind)
+
+
+def test_lstmp_launch_arguments_have_exact_c_types(monkeypatch):
+    """As above for the LSTM with projection; the glue's dW_hr and dW_hh have their weights'
+    shapes."""
+    launches = []
+    monkeypatch.setattr(cupy_backend, "_launch", lambda *a: launches.append(a))
+    backend = cupy_backend.CupyBackend()
+
+    def plan(direction, cell_, dtype, H, B, dev, proj=0):
+        assert proj
+        return plan_lstmp_launch(direction, dtype, H, proj, B, **A100)
+
+    monkeypatch.setattr(backend, "plan", plan)
+    T, B, H, P = 5, 3, 24, 7
+    xg, w_hh, w_hr = torch.randn(T, B, 4 * H), torch.randn(4 * H, P), torch.randn(P, H)
+    inputs = Inputs("lstm", xg, w_hh, torch.randn(B, P), torch.randn(B, H), reverse=True,
+                    w_hr=w_hr)  # fmt: skip
+    y, h_T, c_T, ws = backend.forward(inputs, True)
+    assert y.shape == (T, B, P) and h_T.shape == (B, P) and c_T.shape == (B, H)
+    assert ws.shape == backend.workspace_spec("lstm", T, B, H, xg.dtype, True)[0]
+    dy, dh_T, dc_T = torch.randn(T, B, P), torch.randn(B, P), torch.randn(B, H)
+    grads = backend.backward(inputs._replace(xg=None), y.zero_(), ws.zero_(), dy, dh_T, dc_T)
+    assert grads.w_hh.shape == w_hh.shape and grads.w_hr.shape == w_hr.shape
+    assert grads.h0.shape == (B, P) and grads.c0.shape == (B, H) and grads.xg.shape == xg.shape
+    for (_, plan_, cell, _, args), direction in zip(launches, ["forward", "backward"]):
+        assert plan_.proj == P and plan_.direction == direction and cell == "lstm"
+        kinds = _kernel_param_types("lstmp", direction)
         assert len(args) == len(kinds)
         for arg, kind in zip(args, kinds):
             assert type(arg) is (np.uint64 if kind == "ptr" else np.int32), (arg, kind)

@@ -8,7 +8,9 @@ Layers, top to bottom:
             exchanged through L2, a grid barrier per step: cooperative launch) and `cluster`
             (sm_90, kernels/cuda/rnn_cluster.cuh: all of W_hh in one 8-block cluster, h
             exchanged through distributed shared memory with asynchronous stores completing
-            on mbarriers, no barrier between steps; one cluster per 8 batch rows).
+            on mbarriers, no barrier between steps; one cluster per 8 batch rows). LSTM
+            with projection (proj_size) has its own grid kernels (rnn_lstmp.cuh: two
+            phases and two grid barriers a step) and no cluster variant.
   plan      `plan_launch`: which variant, tile sizes and grid for (cell, dtype, H, B) on a
             device; pure Python, testable without a GPU.
   pack      `pack_fragments`: W_hh rows/columns for each block, padded and permuted into the
@@ -27,14 +29,16 @@ GPURNN_DEBUG_BOUNDS=1 compiles the kernels with every buffer index checked
 (kernels/cuda/rnn_index.cuh: a trap at the first bad access) and synchronizes after each
 launch, so a failure is reported at the kernel that caused it.
 
-Workspace: the torch backend's layout, fp32: lstm (T, B, 5H) i, f, g, o, c; gru (T, B, 4H)
-r, z, n, hn; rnn none. Entries of steps past a sequence's end are 0.
+Workspace: the torch backend's layout, fp32: lstm (T, B, 5H) i, f, g, o, c (with projection
+too: m = o * tanh(c) follows from it, for dW_hr); gru (T, B, 4H) r, z, n, hn; rnn none.
+Entries of steps past a sequence's end are 0.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.resources
+import itertools
 import logging
 import math
 import os
@@ -48,7 +52,7 @@ from torch import Tensor
 
 from gpurnn.backends.base import Backend, Grads
 from gpurnn.backends.common import kernel_weight_grads, loop_workspace_shape
-from gpurnn.cells import GATES
+from gpurnn.cells import GATES, saved_fields
 
 log = logging.getLogger("gpurnn")
 
@@ -95,8 +99,17 @@ class Plan:
     ldx: int  # exchange row stride: elements (grid), floats (cluster)
     batch_rows: int  # exchange rows (grid: B padded to 8*n_tiles; cluster: 8)
     shared_bytes: int
+    # LSTM with projection (rnn_lstmp.cuh): proj_size P (0: none); K, KT, ldx above are then
+    # the units' GEMM (K = P), these the projected outputs' (16 per block; K = H forward,
+    # 4H backward) and its exchange's row stride
+    proj: int = 0
+    out_KT: int = 0
+    out_ldx: int = 0
 
     def kernel_name(self, cell: str, dtype: torch.dtype) -> str:
+        if self.proj:
+            args = f"{ELEM_TYPES[dtype]}, {self.m_tiles}, {self.n_tiles}"
+            return f"gpurnn::rnn_lstmp_{self.direction}_grid<{args}>"
         args = [CELL_TYPES[cell], ELEM_TYPES[dtype], str(self.m_tiles)]
         if self.variant == "grid":
             args.append(str(self.n_tiles))
@@ -181,10 +194,45 @@ def plan_launch(direction, cell, dtype, H, B, *, sm_count, smem_limit, has_clust
     return None
 
 
+LSTMP_CLUSTER_REASON = ("LSTM proj_size runs in the grid variant of the cupy kernels only, not "
+                        "GPURNN_CUPY_VARIANT=cluster (auto or grid runs it)")  # fmt: skip
+PROJ_OUT_ROWS = 16  # projected outputs per block (kOutRows in rnn_lstmp.cuh): one m-tile
+
+
+def plan_lstmp_launch(direction, dtype, H, P, B, *, sm_count, smem_limit,
+                      has_clusters=False) -> Plan | None:  # fmt: skip
+    """The grid launch of the LSTM-with-projection kernels (rnn_lstmp.cuh) for hidden size
+    H and proj_size P, or None if the W_hh and W_hr slices of a block do not fit on chip
+    (`has_clusters` is accepted as plan_launch takes it, and unused: no cluster variant).
+    A block holds the units' GEMM rows (forward: their 4 gate rows of W_hh; backward: their
+    W_hr columns; K = P both ways) and one 16-row tile of projected outputs (forward: W_hr
+    rows, K = H; backward: W_hh columns, K = 4H)."""
+    k = MMA_K[dtype]
+    KT = math.ceil(P / k)
+    out_K = H if direction == "forward" else GATES["lstm"] * H
+    out_KT = math.ceil(out_K / k)
+    n_tiles = 1 if B <= 8 else 2
+    out_blocks = math.ceil(P / PROJ_OUT_ROWS)
+    for m in FORWARD_M_TILES if direction == "forward" else BACKWARD_M_TILES:
+        units = units_per_block(direction, "lstm", m)
+        blocks = max(math.ceil(H / units), out_blocks)
+        smem = shared_bytes(dtype, m, n_tiles, KT) + fragment_bytes(dtype, 1, out_KT)
+        if blocks <= sm_count and smem <= smem_limit:
+            rows = 8 * n_tiles
+            return Plan(direction, "grid", m, n_tiles, units, blocks, P, KT, KT * k,
+                        math.ceil(B / rows) * rows, smem, P, out_KT, out_KT * k)  # fmt: skip
+    return None
+
+
 def kernel_names(clusters: bool) -> list[str]:
-    """Every instantiation `plan_launch` can pick (with `clusters`: the sm_90 cluster ones
-    too): what the compile tests build."""
+    """Every instantiation `plan_launch` and `plan_lstmp_launch` can pick (with `clusters`:
+    the sm_90 cluster ones too): what the compile tests build."""
     names = []
+    for dtype in ELEM_TYPES:
+        for direction, tiles in (("forward", FORWARD_M_TILES), ("backward", BACKWARD_M_TILES)):
+            for m, n in itertools.product(tiles, N_TILES):
+                plan = Plan(direction, "grid", m, n, 0, 0, 0, 0, 0, 0, 0, proj=1)
+                names.append(plan.kernel_name("lstm", dtype))
     for cell in CELL_TYPES:
         for dtype in ELEM_TYPES:
             for direction, tiles in (("forward", FORWARD_M_TILES), ("backward", BACKWARD_M_TILES)):
@@ -251,6 +299,35 @@ def block_rows(direction: str, cell: str, w_hh: Tensor, plan: Plan) -> Tensor:
     else:
         idx = unit
     return src[idx]
+
+
+def _gather_rows(src: Tensor, blocks: int, per_block: int, n: int, groups: int = 1,
+                 stride: int = 0) -> Tensor:  # fmt: skip
+    """(blocks, groups * per_block, K): block p's row g * per_block + u is src row
+    g * stride + p * per_block + u where p * per_block + u < n, else zeros."""
+    src = torch.cat([src, src.new_zeros(1, src.shape[1])])  # row -1: zeros
+    dev = src.device
+    unit = torch.arange(blocks, device=dev)[:, None] * per_block
+    unit = unit + torch.arange(per_block, device=dev)
+    group = torch.arange(groups, device=dev)[None, :, None] * stride
+    idx = torch.where(unit[:, None, :] < n, group + unit[:, None, :], -1)
+    return src[idx.reshape(blocks, groups * per_block)]
+
+
+def lstmp_block_rows(direction: str, w_hh: Tensor, w_hr: Tensor, plan: Plan):
+    """The A matrices of the projected-LSTM kernels, (units' rows, outputs' rows), each
+    (blocks, rows, K). Forward: block p's units' row g*units + u is W_hh row g*H + p*units + u
+    (K = P), its output row r is W_hr row 16p + r (K = H). Backward: units' row u is W_hr
+    column p*units + u (K = P), output row r is W_hh column 16p + r (K = 4H)."""
+    P, H = w_hr.shape
+    out_blocks = math.ceil(P / PROJ_OUT_ROWS)
+    if direction == "forward":
+        units = _gather_rows(w_hh, plan.blocks, plan.units, H, GATES["lstm"], H)
+        outs = _gather_rows(w_hr, out_blocks, PROJ_OUT_ROWS, P)
+    else:
+        units = _gather_rows(w_hr.t(), plan.blocks, plan.units, H)
+        outs = _gather_rows(w_hh.t(), out_blocks, PROJ_OUT_ROWS, P)
+    return units, outs
 
 
 # ------------------------------------------------------------------------------- compile
@@ -393,9 +470,8 @@ class CupyBackend(Backend):
         return None
 
     def unsupported_reason(self, cell, device, dtype, projected, hidden_size=None) -> str | None:
-        if projected:
-            return ("LSTM proj_size is not implemented in the cupy kernels; "
-                    "use backend='torch' (or 'auto', which falls back to it)")  # fmt: skip
+        if projected and self.variant == "cluster":
+            return LSTMP_CLUSTER_REASON
         if dtype not in ELEM_TYPES:
             return f"dtype {dtype} not supported (float16, bfloat16, float32)"
         if device.type != "cuda":
@@ -403,8 +479,10 @@ class CupyBackend(Backend):
         major, minor = torch.cuda.get_device_capability(device)
         if major < 8:
             return f"needs compute capability 8.0+ (bf16 mma.sync), device has {major}.{minor}"
+        # projected: whether the smallest proj_size fits (a larger one may not: the launch
+        # then raises, naming the shape)
         if hidden_size is not None and any(
-            self.plan(direction, cell, dtype, hidden_size, 1, device) is None
+            self.plan(direction, cell, dtype, hidden_size, 1, device, proj=int(projected)) is None
             for direction in ("forward", "backward")
         ):
             return (
@@ -413,10 +491,21 @@ class CupyBackend(Backend):
             )
         return None
 
-    def plan(self, direction, cell, dtype, H, B, device) -> Plan | None:
+    def auto_reason(self, cell, projected):
+        if projected:
+            # compiled for sm_80 / sm_90 and checked on CPU, not yet run on a GPU: until the
+            # projection kernels' GPU tests pass, "auto" leaves LSTMP layers to the others
+            return "LSTM projections in the cupy kernels have not yet passed their GPU tests"
+        return None
+
+    def plan(self, direction, cell, dtype, H, B, device, proj=0) -> Plan | None:
         """The launch this backend would use, or None where W_hh does not fit on chip
-        (for shape-aware dispatch: the kernels raise then)."""
+        (for shape-aware dispatch: the kernels raise then). `proj`: LSTM proj_size."""
         props = torch.cuda.get_device_properties(device)
+        if proj:
+            return plan_lstmp_launch(direction, dtype, H, proj, B,
+                                     sm_count=props.multi_processor_count,
+                                     smem_limit=props.shared_memory_per_block_optin)  # fmt: skip
         return plan_launch(
             direction, cell, dtype, H, B,
             sm_count=props.multi_processor_count,
@@ -425,11 +514,12 @@ class CupyBackend(Backend):
             variant=self.variant,
         )  # fmt: skip
 
-    def _plan_or_raise(self, direction, cell, dtype, H, B, device) -> Plan:
-        plan = self.plan(direction, cell, dtype, H, B, device)
+    def _plan_or_raise(self, direction, cell, dtype, H, B, device, proj=0) -> Plan:
+        plan = self.plan(direction, cell, dtype, H, B, device, proj=proj)
         if plan is None:
+            shape = f"hidden_size={H}" + (f" proj_size={proj}" if proj else "")
             raise RuntimeError(
-                f"gpurnn cupy: {cell} hidden_size={H} {dtype} does not fit the persistent "
+                f"gpurnn cupy: {cell} {shape} {dtype} does not fit the persistent "
                 f"{direction} kernel on this GPU (its W_hh slice per block exceeds shared "
                 f"memory; variant={self.variant}); use backend='triton' or 'torch'"
             )
@@ -452,9 +542,27 @@ class CupyBackend(Backend):
             if ref() is w_hh and version == w_hh._version:
                 return packed
         packed = pack_fragments(block_rows(direction, cell, w_hh, plan), plan.m_tiles)
+        self._remember(key, w_hh, packed)
+        return packed
+
+    def _remember(self, key, weight: Tensor, packed) -> None:
         if len(self._packed) >= 16:
             self._packed.clear()
-        self._packed[key] = (weakref.ref(w_hh), w_hh._version, packed)
+        self._packed[key] = (weakref.ref(weight), weight._version, packed)
+
+    def _lstmp_fragments(self, direction: str, w_hh: Tensor, w_hr: Tensor, plan: Plan):
+        """(units', outputs') packed fragments of the projected LSTM, cached as `_fragments`
+        while both weights are the same unchanged tensors."""
+        key = ("lstmp", direction, plan, id(w_hh), id(w_hr))
+        entry = self._packed.get(key)
+        if entry is not None:
+            ref, version, (packed, w_hr_ref, w_hr_version) = entry
+            if (ref() is w_hh and version == w_hh._version and w_hr_ref() is w_hr
+                    and w_hr_version == w_hr._version):  # fmt: skip
+                return packed
+        units, outs = lstmp_block_rows(direction, w_hh, w_hr, plan)
+        packed = (pack_fragments(units, plan.m_tiles), pack_fragments(outs, 1))
+        self._remember(key, w_hh, (packed, weakref.ref(w_hr), w_hr._version))
         return packed
 
     # ------------------------------------------------------------------ forward
@@ -463,7 +571,7 @@ class CupyBackend(Backend):
         cell, xg, w_hh, h0, c0 = inputs.cell, inputs.xg, inputs.w_hh, inputs.h0, inputs.c0
         lengths, b_hn = inputs.lengths, inputs.b_hn
         if inputs.w_hr is not None:
-            raise RuntimeError(self.unsupported_reason(cell, xg.device, xg.dtype, True))
+            return self._forward_lstmp(inputs, save)
         T, B, GH = xg.shape
         H = GH // GATES[cell]
         dtype, dev = xg.dtype, xg.device
@@ -511,7 +619,7 @@ class CupyBackend(Backend):
         cell, w_hh, h0, c0, lengths = inputs.cell, inputs.w_hh, inputs.h0, inputs.c0, inputs.lengths
         reverse, b_hn = inputs.reverse, inputs.b_hn
         if inputs.w_hr is not None:
-            raise RuntimeError(self.unsupported_reason(cell, y.device, y.dtype, True))
+            return self._backward_lstmp(inputs, y, workspace, dy, dh_T, dc_T)
         T, B, H = y.shape
         G = GATES[cell]
         dtype, dev = y.dtype, y.device
@@ -553,3 +661,113 @@ class CupyBackend(Backend):
             b_hn=db_hn,
             w_hr=None,
         )
+
+    # ------------------------------------------------------------------ LSTM with projection
+
+    def _check_lstmp_variant(self) -> None:
+        if self.variant == "cluster":
+            raise RuntimeError(f"gpurnn cupy: {LSTMP_CLUSTER_REASON}")
+
+    @staticmethod
+    def _lstmp_exchange(plan: Plan, dtype, dev) -> tuple[list[Tensor], list]:
+        """Zeroed exchanges of the projected kernels (their padding must read as 0): the
+        P-wide one (forward h, backward dh) and the outputs' GEMM input (forward m, H wide;
+        backward dgates, 4H wide), with one zeroed barrier counter."""
+        xbuf = torch.zeros(2, plan.batch_rows, plan.ldx, dtype=dtype, device=dev)
+        obuf = torch.zeros(2, plan.batch_rows, plan.out_ldx, dtype=dtype, device=dev)
+        counter = torch.zeros(1, dtype=torch.int32, device=dev)
+        args = [_ptr(xbuf), _i32(plan.ldx), _ptr(obuf), _i32(plan.out_ldx),
+                _i32(plan.batch_rows), _ptr(counter)]  # fmt: skip
+        return [xbuf, obuf, counter], args
+
+    def _forward_lstmp(self, inputs, save):
+        self._check_lstmp_variant()
+        xg, w_hh, w_hr, h0, c0, lengths = (inputs.xg, inputs.w_hh, inputs.w_hr, inputs.h0,
+                                           inputs.c0, inputs.lengths)  # fmt: skip
+        T, B, GH = xg.shape
+        H, P = GH // GATES["lstm"], w_hr.shape[0]
+        dtype, dev = xg.dtype, xg.device
+        f32 = dict(dtype=torch.float32, device=dev)
+        h_state = h0.float().clone() if h0 is not None else torch.zeros(B, P, **f32)
+        c_state = c0.float().clone() if c0 is not None else torch.zeros(B, H, **f32)
+        y = torch.empty(T, B, P, dtype=dtype, device=dev)
+        shape, ws_dtype = self.workspace_spec("lstm", T, B, H, dtype, save)
+        workspace = torch.empty(shape, dtype=ws_dtype, device=dev)
+        if T * B * H > 0:
+            plan = self._plan_or_raise("forward", "lstm", dtype, H, B, dev, proj=P)
+            xg = xg.contiguous()
+            units, outs = self._lstmp_fragments("forward", w_hh.contiguous(),
+                                                w_hr.contiguous(), plan)  # fmt: skip
+            lengths = lengths.contiguous() if lengths is not None else None
+            exchange, exchange_args = self._lstmp_exchange(plan, dtype, dev)
+            args = (
+                _ptr(xg), _ptr(units), _ptr(outs), _ptr(lengths), _ptr(y),
+                _ptr(workspace if workspace.numel() else None), _ptr(h_state), _ptr(c_state),
+                _i32(T), _i32(B), _i32(H), _i32(P), _i32(plan.KT), _i32(plan.out_KT),
+                _i32(int(inputs.reverse)), *exchange_args,
+            )  # fmt: skip
+            _launch(dev, plan, "lstm", dtype, args)
+            del exchange
+        return y, h_state.to(dtype), c_state.to(dtype), workspace
+
+    def _backward_lstmp(self, inputs, y, workspace, dy, dh_T, dc_T):
+        self._check_lstmp_variant()
+        w_hh, w_hr, h0, c0, lengths = (inputs.w_hh, inputs.w_hr, inputs.h0, inputs.c0,
+                                       inputs.lengths)  # fmt: skip
+        T, B, P = y.shape
+        H = w_hr.shape[1]
+        dtype, dev = y.dtype, y.device
+        f32 = dict(dtype=torch.float32, device=dev)
+        y = y.contiguous()
+        dxg = torch.empty(T, B, GATES["lstm"] * H, dtype=dtype, device=dev)
+        dhp = torch.empty(T, B, P, dtype=dtype, device=dev)
+        dh_state = dh_T.float().clone()
+        dc_state = dc_T.float().clone() if dc_T is not None else torch.zeros(B, H, **f32)
+        c_init = c0.float().contiguous() if c0 is not None else torch.zeros(B, H, **f32)
+        if T * B * H > 0:
+            plan = self._plan_or_raise("backward", "lstm", dtype, H, B, dev, proj=P)
+            units, outs = self._lstmp_fragments("backward", w_hh.contiguous(),
+                                                w_hr.contiguous(), plan)  # fmt: skip
+            lengths = lengths.contiguous() if lengths is not None else None
+            dy = dy.contiguous()
+            workspace = workspace.contiguous()
+            exchange, exchange_args = self._lstmp_exchange(plan, dtype, dev)
+            args = (
+                _ptr(units), _ptr(outs), _ptr(lengths), _ptr(workspace), _ptr(dy),
+                _ptr(c_init), _ptr(dxg), _ptr(dhp), _ptr(dh_state), _ptr(dc_state),
+                _i32(T), _i32(B), _i32(H), _i32(P), _i32(plan.KT), _i32(plan.out_KT),
+                _i32(int(inputs.reverse)), *exchange_args,
+            )  # fmt: skip
+            _launch(dev, plan, "lstm", dtype, args)
+            del exchange
+        else:
+            dxg.zero_()
+            dhp.zero_()
+
+        dw_hr = projection_grad(dhp, workspace, H)
+        h_init = h0 if h0 is not None else y.new_zeros(B, P)
+        dw_hh, _ = kernel_weight_grads("lstm", dxg, None, y, h_init, lengths, inputs.reverse, None)
+        return Grads(
+            xg=dxg,
+            w_hh=dw_hh.to(w_hh.dtype),
+            h0=dh_state.to(h0.dtype) if h0 is not None else None,
+            c0=dc_state.to(c0.dtype) if c0 is not None else None,
+            b_hn=None,
+            w_hr=dw_hr.to(w_hr.dtype),
+        )
+
+
+def projection_grad(dhp: Tensor, workspace: Tensor, H: int) -> Tensor:
+    """dW_hr (P, H) = sum over every (t, b) of dhp[t, b]^T m[t, b], one GEMM, with
+    m = o * tanh(c) from the workspace's fields (lstm: i, f, g, o, c). Rows past a sequence's
+    end have dhp = 0 and add nothing."""
+    P = dhp.shape[-1]
+    if dhp.numel() == 0:
+        return torch.zeros(P, H, dtype=torch.float32, device=dhp.device)
+    fields = workspace.reshape(-1, len(saved_fields("lstm", from_output=True)), H)
+    m = fields[:, 3] * torch.tanh(fields[:, 4])  # fp32, as the kernel computed it
+    if dhp.device.type == "cuda":
+        # 16-bit GEMM (cuBLAS accumulates in fp32), m rounded as the kernel's exchange held it
+        return dhp.reshape(-1, P).t() @ m.to(dhp.dtype)
+    acc = torch.float64 if torch.float64 in (dhp.dtype, m.dtype) else torch.float32
+    return dhp.reshape(-1, P).t().to(acc) @ m.to(acc)

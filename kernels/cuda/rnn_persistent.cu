@@ -419,5 +419,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 }  // namespace gpurnn
 
+// LSTM with projection (grid variant only): the same GEMM, exchange and barrier, two phases
+// per step.
+#include "rnn_lstmp.cuh"
+
 // The sm_90 cluster variant: the same GEMM and cells, its own step loop.
 #include "rnn_cluster.cuh"
