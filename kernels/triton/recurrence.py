@@ -255,12 +255,12 @@ def _chunk_dots(hp, w_res, z, N: tl.constexpr, PREC: tl.constexpr, ACC: tl.const
 
 
 @triton.jit
-def _runtime_zeros(shape: tl.constexpr, s, ACC: tl.constexpr):
+def _runtime_zeros(like, s):
     """Zeros the compiler cannot prove zero. Triton folds `dot(a, b, 0) + c` into
     `dot(a, b, c)`, which chains per-chunk accumulators back into one accumulator: H/16
     dependent MMAs a step (about 30 cycles each on sm_90). Started from these, the chunks'
     dots stay independent chains that the tensor cores overlap, and are summed after."""
-    return (tl.zeros(shape, dtype=ACC) + s) * 0.0
+    return (tl.zeros_like(like) + s) * 0.0
 
 
 @triton.jit
@@ -372,7 +372,7 @@ def _dgates_dots(dxg_ptr, dhn_ptr, tn, B64, xrow, hrow, nvalid, w_res, s, CELL: 
     CHUNKS_PER_TRIP chunks' loads (every gate) issued together, as many as registers hold,
     then their dots; one accumulator per chunk, summed over the gates at the end."""
     acc3 = tl.zeros([GP, BLOCK_B, BH], dtype=ACC)
-    z3 = _runtime_zeros([GP, BLOCK_B, BH], s, ACC)
+    z3 = _runtime_zeros(acc3, s)
     for c0 in tl.static_range(0, NKC, CHUNKS_PER_TRIP):
         gk = ()
         for ci in tl.static_range(CHUNKS_PER_TRIP):
@@ -511,7 +511,7 @@ def _recurrence_fwd_kernel(
                     for i in tl.static_range(NKC):
                         offs_k = i * KC + tl.arange(0, KC)
                         hp = hp + (_load_h(hx_ptr, prev, hrow, offs_k, mb, H, EVEN_K, POLL),)
-                    acc = _chunk_dots(hp, w_res, _runtime_zeros([BLOCK_B, NG], s, ACC), NKC,
+                    acc = _chunk_dots(hp, w_res, _runtime_zeros(acc, s), NKC,
                                       PREC, ACC)  # fmt: skip
                     arrived = 1 - tl.max((acc != acc).to(tl.int32))
                     if arrived == 0:
@@ -528,7 +528,7 @@ def _recurrence_fwd_kernel(
                 for i in tl.static_range(NKC):
                     offs_k = i * KC + tl.arange(0, KC)
                     hp = hp + (_load_h(hx_ptr, prev, hrow, offs_k, mb, H, EVEN_K),)
-                acc = _chunk_dots(hp, w_res, _runtime_zeros([BLOCK_B, NG], s, ACC), NKC, PREC,
+                acc = _chunk_dots(hp, w_res, _runtime_zeros(acc, s), NKC, PREC,
                                   ACC)  # fmt: skip
             else:
                 for k0 in range(0, H, KC):
@@ -739,12 +739,13 @@ def _recurrence_bwd_kernel(
         # One accumulator per gate: independent HMMA chains instead of one G*H deep.
         rec = tl.zeros([BLOCK_B, BH], dtype=ACC)
         if ON_CHIP:
-            rec += tl.dot(e0, w0, input_precision=PREC, out_dtype=ACC)
+            z = _runtime_zeros(rec, s)
+            rec += tl.dot(e0, w0, z, input_precision=PREC, out_dtype=ACC)
             if G > 1:
-                rec += tl.dot(e1, w1, input_precision=PREC, out_dtype=ACC)
-                rec += tl.dot(e2, w2, input_precision=PREC, out_dtype=ACC)
+                rec += tl.dot(e1, w1, z, input_precision=PREC, out_dtype=ACC)
+                rec += tl.dot(e2, w2, z, input_precision=PREC, out_dtype=ACC)
             if G > 3:
-                rec += tl.dot(e3, w3, input_precision=PREC, out_dtype=ACC)
+                rec += tl.dot(e3, w3, z, input_precision=PREC, out_dtype=ACC)
         elif RESIDENT and POLL:
             # as the forward's poll: a NaN-free product proves that every dgates element it
             # read had arrived. A NaN product compares elements (read again: the trips do
@@ -978,7 +979,8 @@ def _lstmp_fwd_kernel(
                             wk = tl.load(whh_ptr + col_n[None, :] * P + offs_k[:, None],
                                          mask=(offs_k < P)[:, None] & mn[None, :],
                                          other=0.0)  # fmt: skip
-                        acc += tl.dot(hp[ci], wk, input_precision=PREC, out_dtype=ACC)
+                        acc += tl.dot(hp[ci], wk, _runtime_zeros(acc, s), input_precision=PREC,
+                                      out_dtype=ACC)  # fmt: skip
             a0, a1, a2, a3 = _split_gates(acc, BLOCK_B, BH, GP)
             x0, x1, x2, x3 = _split_gates(x, BLOCK_B, BH, GP)
             ig, fg, gg, og, c_new, m_new = _lstm_cell(x0, x1, x2, x3, a0, a1, a2, a3, cs)
@@ -1148,7 +1150,13 @@ def _lstmp_bwd_kernel(
                         else:
                             offs_k = (c0 + ci) * KC + tl.arange(0, KC)
                             wk = _load_whh_cols(whh_ptr, offs_k, offs_p, mp, G, GP, H, P)
-                        acc3 += tl.dot(gk[ci], wk, input_precision=PREC, out_dtype=ACC)
+                        if BLOCK_B < 64:
+                            acc3 += tl.dot(gk[ci], wk, _runtime_zeros(acc3, s),
+                                           input_precision=PREC, out_dtype=ACC)  # fmt: skip
+                        else:
+                            # 64 rows: each warp has 4 row tiles to overlap already, and one
+                            # accumulator per chunk spilled on sm_90
+                            acc3 += tl.dot(gk[ci], wk, input_precision=PREC, out_dtype=ACC)
             dh_c += tl.sum(acc3, axis=0)
             dy = tl.load(dy_ptr + toff * P + ownp, mask=v2 & mp[None, :], other=0.0).to(ACC)
             dh = dh_c + dy
@@ -1197,7 +1205,8 @@ def _lstmp_bwd_kernel(
                     offs_k = i * KC + tl.arange(0, KC)
                     wk = tl.load(whr_ptr + offs_k[:, None] * H + offs_j[None, :],
                                  mask=(offs_k < P)[:, None] & mj[None, :], other=0.0)  # fmt: skip
-                dm += tl.dot(dp[i], wk, input_precision=PREC, out_dtype=ACC)
+                dm += tl.dot(dp[i], wk, _runtime_zeros(dm, s), input_precision=PREC,
+                             out_dtype=ACC)  # fmt: skip
             d0, d1, d2, d3, dc = _lstm_cell_backward(dm, dc_c, f0, f1, f2, f3, f4, pv)
             dc_c = tl.where(v2, dc * f1, dc_c)
             ms = m_own & (s < T)
