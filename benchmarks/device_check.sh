@@ -37,8 +37,8 @@ slack=1
 TOTAL_LIMIT=${TOTAL_LIMIT:-$((290 * slack))}
 TRITON_TESTS_LIMIT=${TRITON_TESTS_LIMIT:-$((120 * slack))}
 CHECK_LIMIT=${CHECK_LIMIT:-$((30 * slack))}
-BENCH_LIMIT=${BENCH_LIMIT:-$((90 * slack))}
-STEP_LIMIT=${STEP_LIMIT:-$((35 * slack))}
+BENCH_LIMIT=${BENCH_LIMIT:-$((80 * slack))}
+STEP_LIMIT=${STEP_LIMIT:-$((45 * slack))}
 CUPY_TESTS_LIMIT=${CUPY_TESTS_LIMIT:-$((20 * slack))}
 PLOT_LIMIT=${PLOT_LIMIT:-$((15 * slack))}
 # cupy is left out of the timed rows while its backward is wrong: a crash there (illegal
