@@ -1239,11 +1239,14 @@ POISON = os.environ.get("GPURNN_DEBUG_POISON") == "1"
 
 # Bounded barrier spin (iterations of one relaxed L2 load, ~0.5-1 us each): ~4 s by default.
 SPIN_MAX = int(os.environ.get("GPURNN_TRITON_SPIN_MAX", str(1 << 22)))
-# The forward's exchange rows start as these bit patterns (signalling NaNs with payload 1:
-# arithmetic only ever produces quiet NaNs, so an h value written by the kernel never
-# equals one) and a polling program waits until no element of its step's h_{t-1} does.
-_SENTINEL = {torch.bfloat16: 0x7F81, torch.float16: 0x7C01, torch.float32: 0x7F800001,
-             torch.float64: 0x7FF0000000000001}  # fmt: skip
+# The polled exchanges (h forward, dgates backward) start as these bit patterns, and a
+# program waits until no element it reads is one. They are signalling NaNs: arithmetic only
+# ever produces quiet NaNs, so a value a kernel writes never equals one. Their payload sits
+# in the highest mantissa bits that the tensor cores read (fp32 enters a tf32 MMA without
+# its low 13 mantissa bits: a payload there would read as infinity, not NaN), so a pending
+# element always makes the product it enters NaN.
+_SENTINEL = {torch.bfloat16: 0x7F81, torch.float16: 0x7D00, torch.float32: 0x7FA00000,
+             torch.float64: 0x7FF4000000000000}  # fmt: skip
 _BITS = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32,
          torch.float64: torch.int64}  # fmt: skip
 
