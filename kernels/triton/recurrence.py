@@ -397,6 +397,17 @@ def _load_w_all(whh_ptr, offs_k, offs_j, mj, G: tl.constexpr, GP: tl.constexpr, 
 
 
 @triton.jit
+def _load_xg(xg_ptr, s, s_begin, s_end, T, B64, xrow, col_n, mb, mn, L, G: tl.constexpr,
+             H: tl.constexpr, REVERSE: tl.constexpr):  # fmt: skip
+    """xg of step s (fused gate columns col_n), in the storage dtype; 0 past the step range
+    or a sequence's end."""
+    t = _time(s, T, REVERSE)
+    xv = mb & (t < L) & (s < s_end) & (s >= s_begin)
+    return tl.load(xg_ptr + t.to(tl.int64) * B64 * (G * H) + xrow[:, None] + col_n[None, :],
+                   mask=xv[:, None] & mn[None, :], other=0.0)  # fmt: skip
+
+
+@triton.jit
 def _time(s, T, REVERSE: tl.constexpr):
     if REVERSE:
         return T - 1 - s
@@ -480,14 +491,16 @@ def _recurrence_fwd_kernel(
                 ),
             )  # fmt: skip
 
-    t = _time(s_begin, T, REVERSE)
-    xv = mb & (t < L) & (s_begin < s_end)
-    x = tl.load(
-        xg_ptr + t.to(tl.int64) * B64 * (G * H) + xrow[:, None] + col_n[None, :],
-        mask=xv[:, None] & mn[None, :], other=0.0,
-    ).to(ACC)  # fmt: skip
+    # xg of the step is loaded a step ahead: after the exchange stores (the wait for the
+    # others' h hides its latency), or on chip, with no wait to hide it, at the top of the
+    # step before (the step's own work does)
+    x = _load_xg(xg_ptr, s_begin, s_begin, s_end, T, B64, xrow, col_n, mb, mn, L, G, H,
+                 REVERSE).to(ACC)  # fmt: skip
 
     for s in range(s_begin, s_end):
+        if ON_CHIP:
+            x_next = _load_xg(xg_ptr, s + 1, s_begin, s_end, T, B64, xrow, col_n, mb, mn, L, G,
+                              H, REVERSE)  # fmt: skip
         t = _time(s, T, REVERSE)
         valid = mb & (t < L)
 
@@ -598,12 +611,11 @@ def _recurrence_fwd_kernel(
                 tl.store(wp + 3 * H, tl.where(v2, hn, 0.0).to(wd), mask=m_own)
             else:
                 tl.store(wp, tl.where(v2, h_new, 0.0).to(wd), mask=m_own)
-        tn = _time(s + 1, T, REVERSE)
-        xv = mb & (tn < L) & (s + 1 < s_end)
-        x = tl.load(
-            xg_ptr + tn.to(tl.int64) * B64 * (G * H) + xrow[:, None] + col_n[None, :],
-            mask=xv[:, None] & mn[None, :], other=0.0,
-        ).to(ACC)  # fmt: skip
+        if ON_CHIP:
+            x = x_next.to(ACC)
+        else:
+            x = _load_xg(xg_ptr, s + 1, s_begin, s_end, T, B64, xrow, col_n, mb, mn, L, G, H,
+                         REVERSE).to(ACC)  # fmt: skip
         if USE_BARRIER:
             if s + 1 < s_end:
                 _barrier_wait(sync_ptr, (s - s_begin + 1) * nprog, spin_max)
