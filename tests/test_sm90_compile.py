@@ -89,7 +89,7 @@ def _signature(fn, dt: str) -> dict[str, str]:
             sig[name] = ("*i64" if name == "len_ptr" else "*i32" if name == "sync_ptr"
                          else "*fp32" if name in ("hs_ptr", "cs_ptr", "dhs_ptr", "dcs_ptr")
                          else "*" + dt)  # fmt: skip
-        elif name in ("T", "B", "s_begin", "s_end", "spin_max"):
+        elif name in ("T", "B", "nrows", "s_begin", "s_end", "spin_max"):
             sig[name] = "i32"
     return sig
 

@@ -309,9 +309,51 @@ def test_polled_exchange_that_never_arrives_raises():
     kw = dict(CELL=_tl.CELL_CODE["rnn_tanh"], G=1, GP=1, NW=1, H=H, HAS_LEN=False,
               REVERSE=False, SAVE=False, PREC="ieee", ACC=_tl._acc_dtype(torch.float32),
               POLL=False, ASM=False, SENTINEL=_tl._SENTINEL[torch.float32])  # fmt: skip
+    axes = (1, None, None, None, 1, 1, 0, 0, None)
     with pytest.raises(RuntimeError, match="timed out"):
         _tl._launch_steps(_tl._recurrence_fwd_kernel, plan, T, B, T, args, kw, 3,
-                          torch.device(DEVICE))  # fmt: skip
+                          torch.device(DEVICE), axes)  # fmt: skip
+
+
+@pytest.mark.parametrize("poll", (True, False), ids=("poll", "plain"))
+@pytest.mark.parametrize("reverse", (False, True), ids=("fwd", "rev"))
+@pytest.mark.parametrize("cell", ("lstm", "gru"))
+def test_batch_tiles_in_turns(cell, reverse, poll):
+    """Persistent launches that each take one of three batch tiles (rows 0-1, 2-3, 4), as
+    when a grid does not fit the GPU at once: each launch's pointers start at its first row
+    (lengths, h0, c0 and every (T, B, ...) buffer), B stays the row stride."""
+    T, B, H = 5, 5, 12
+    L = torch.tensor([5, 1, 0, 3, 4])
+    case, gin = make_case(cell, T, B, H, torch.float64, lengths=L, reverse=reverse,
+                          key=("turns", cell, reverse, poll))  # fmt: skip
+    plan = _tl.make_plan(H, B, _tl.GATES[cell], torch.float64, torch.device(DEVICE), BLOCK_B=2,
+                         on_chip=False, b_chunk=1, poll=poll)  # fmt: skip
+    assert plan.persistent and plan.n_b == 3 and plan.nprog == 1
+    run_and_compare(cell, case, gin, reverse, torch.float64, plan_fwd=plan, plan_bwd=plan)
+
+
+def test_batch_tiles_in_turns_projected():
+    T, B, H, P = 4, 5, 12, 6
+    L = torch.tensor([4, 2, 0, 3, 1])
+    case, gin = make_proj_case(T, B, H, P, torch.float64, lengths=L, key="turns")
+    plan = _tl.Plan(BH=16, BLOCK_B=2, n_h=1, n_b=3, resident=True, persistent=True, KC=16,
+                    BP=8, b_chunk=1)  # fmt: skip
+    run_and_compare_proj(case, gin, True, torch.float64, plan_fwd=plan, plan_bwd=plan)
+
+
+def test_plans_take_batch_tiles_in_turns():
+    """On a GPU: all batch tiles in one launch when their programs fit, else as many tiles
+    per launch as fit, else (not even one tile's programs fit) one launch per step."""
+    cuda = torch.device("cuda")
+    small = _tl.make_plan(768, 16, 4, torch.bfloat16, cuda, sm_count=132)
+    assert small.persistent and small.b_chunk == 0 and small.nprog == 96
+    big = _tl.make_plan(768, 1024, 4, torch.bfloat16, cuda, sm_count=132)
+    assert big.persistent and big.n_h == 12 and big.n_b == 16 and big.b_chunk == 11
+    assert big.nprog == 132
+    proj = _tl.make_plan(1024, 2048, 4, torch.bfloat16, cuda, sm_count=132, proj_size=256)
+    assert proj.persistent and proj.nprog <= 132 < proj.n_h * proj.n_b
+    huge = _tl.make_plan(16384, 16, 4, torch.bfloat16, cuda, sm_count=132)
+    assert not huge.persistent
 
 
 def test_gru_without_b_hn():
@@ -398,7 +440,7 @@ def test_unsupported_reasons():
 def test_no_recompile_for_new_T_or_B():
     """T, B and the step range are not specialised (do_not_specialize), so a new sequence
     length or batch size reuses the compiled kernel; B only picks a size bucket (BLOCK_B)."""
-    names = ["T", "B", "s_begin", "s_end", "spin_max"]
+    names = ["T", "B", "nrows", "s_begin", "s_end", "spin_max"]
     kernels = (_tl._recurrence_fwd_kernel, _tl._recurrence_bwd_kernel, _tl._lstmp_fwd_kernel,
                _tl._lstmp_bwd_kernel)  # fmt: skip
     for k in kernels:
@@ -407,8 +449,8 @@ def test_no_recompile_for_new_T_or_B():
             assert set(names) <= dns
         else:  # the interpreter's wrapper drops the decorator arguments: read the source
             src = inspect.getsource(k.fn)
-            dns = '@triton.jit(do_not_specialize=["T", "B", "s_begin", "s_end", "spin_max"])'
-            assert dns in src
+            listed = ", ".join(f'"{n}"' for n in names)
+            assert f"@triton.jit(do_not_specialize=[{listed}])" in src
     if not ON_GPU:
         plan = _tl.make_plan(20, 3, 4, torch.float32, torch.device("cpu"))
         assert plan.BLOCK_B == 4 and plan.nprog == 1

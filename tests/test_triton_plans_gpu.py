@@ -1,6 +1,7 @@
 """Each kind of plan `make_plan` picks on a GPU, against the float64 reference at real sizes:
 on chip (small layers, no exchange, no grid barrier), 16-row and 64-row batch tiles with
-resident weights, the polled exchange and the grid barrier, several batch tiles,
+resident weights, the polled exchange and the grid barrier, several batch tiles (also in
+turns),
 and streamed weights with 64-row tiles. Marked `gpu`
 (conftest.py skips them without CUDA); the streamed 64-row case compiles for about a minute
 cold and is also marked `slow`."""
@@ -59,6 +60,18 @@ def test_exchange_kinds(poll, cell="lstm"):
     case, gin = make_case(cell, T, B, H, torch.bfloat16, lengths=_lengths(B, T, (cell, poll)),
                           reverse=poll)  # fmt: skip
     run_vs_reference(cell, case, gin, poll, TOL[torch.bfloat16], plan=plan)
+
+
+@pytest.mark.parametrize("cell", ("lstm", "gru"))
+def test_batch_tiles_in_turns(cell):
+    """Persistent launches over 2 of the 4 batch tiles each (what a plan does when the grid
+    would not fit the GPU at once), polled exchange, with lengths."""
+    T, B, H = 24, 200, 256
+    plan = _tl.make_plan(H, B, _tl.GATES[cell], torch.bfloat16, DEV, b_chunk=2)
+    assert plan.persistent and plan.n_b == 4 and plan.tiles_per_launch == 2
+    case, gin = make_case(cell, T, B, H, torch.bfloat16, lengths=_lengths(B, T, (cell, "turns")),
+                          reverse=True)  # fmt: skip
+    run_vs_reference(cell, case, gin, True, TOL[torch.bfloat16], plan=plan)
 
 
 def test_one_program_exchange_through_memory():

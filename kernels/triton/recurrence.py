@@ -29,6 +29,10 @@ compiled kernel's real shared memory, registers and spills:
   the next step's own loads): an atomic counter, relaxed polls, one acquire, bounded spin,
   error flag. With one program, or one step per launch (the per-step fallback), it is
   compiled out, which is what makes the kernels run under TRITON_INTERPRET=1.
+- Batch tiles never exchange anything, so when a grid would not fit the GPU at once the
+  launcher runs persistent launches over a few batch tiles each (`b_chunk`): a launch's
+  pointers start at its first batch row, B stays the row stride and `nrows` says how many
+  rows the launch covers.
 - Kernels take a step range [s_begin, s_end): the persistent launch covers all steps; the
   per-step fallback launches one step at a time, carrying state between launches in the
   fp32 state buffers (`hs`, `cs`, `dhs`, `dcs`), which the launcher fills with h0/c0
@@ -54,6 +58,7 @@ rounding to the output dtype). Entries of (t, b) past a sequence's end are 0.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -146,11 +151,11 @@ def _lstm_cell_backward(dh, dc_next, ig, fg, gg, og, c, c_prev):
 
 
 @triton.jit
-def _row_tile(pid_b, B, T, len_ptr, BLOCK_B: tl.constexpr, HAS_LEN: tl.constexpr):
-    """The batch rows of program column pid_b, which of them exist, and their lengths (T
-    without lengths)."""
+def _row_tile(pid_b, nrows, T, len_ptr, BLOCK_B: tl.constexpr, HAS_LEN: tl.constexpr):
+    """The batch rows of program column pid_b, which of them exist (this launch covers
+    nrows rows from its pointers on), and their lengths (T without lengths)."""
     offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    mb = offs_b < B
+    mb = offs_b < nrows
     if HAS_LEN:
         L = tl.load(len_ptr + offs_b, mask=mb, other=0).to(tl.int32)
     else:
@@ -418,11 +423,11 @@ def _time(s, T, REVERSE: tl.constexpr):
 # ----------------------------------------------------------------------------- forward
 
 
-@triton.jit(do_not_specialize=["T", "B", "s_begin", "s_end", "spin_max"])
+@triton.jit(do_not_specialize=["T", "B", "nrows", "s_begin", "s_end", "spin_max"])
 def _recurrence_fwd_kernel(
     xg_ptr, whh_ptr, bhn_ptr, len_ptr,
     hx_ptr, y_ptr, hs_ptr, cs_ptr, ws_ptr, sync_ptr,
-    T, B, s_begin, s_end, spin_max,
+    T, B, nrows, s_begin, s_end, spin_max,
     CELL: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, NW: tl.constexpr, H: tl.constexpr,
     KC: tl.constexpr, NKC: tl.constexpr, BH: tl.constexpr, BLOCK_B: tl.constexpr,
     ON_CHIP: tl.constexpr, RESIDENT: tl.constexpr, HAS_LEN: tl.constexpr,
@@ -434,7 +439,7 @@ def _recurrence_fwd_kernel(
     nprog = tl.num_programs(0) * tl.num_programs(1)
     offs_j = pid_h * BH + tl.arange(0, BH)
     mj = offs_j < H
-    offs_b, mb, L = _row_tile(pid_b, B, T, len_ptr, BLOCK_B, HAS_LEN)
+    offs_b, mb, L = _row_tile(pid_b, nrows, T, len_ptr, BLOCK_B, HAS_LEN)
     m_own = mb[:, None] & mj[None, :]
     B64 = B.to(tl.int64)
     hrow = offs_b.to(tl.int64) * H
@@ -666,11 +671,11 @@ def _bwd_own_loads(
     return dy, f0, f1, f2, f3, f4, pv
 
 
-@triton.jit(do_not_specialize=["T", "B", "s_begin", "s_end", "spin_max"])
+@triton.jit(do_not_specialize=["T", "B", "nrows", "s_begin", "s_end", "spin_max"])
 def _recurrence_bwd_kernel(
     whh_ptr, h0_ptr, c0_ptr, len_ptr, y_ptr, ws_ptr, dy_ptr,
     dxg_ptr, dhn_ptr, dhs_ptr, dcs_ptr, sync_ptr,
-    T, B, s_begin, s_end, spin_max,
+    T, B, nrows, s_begin, s_end, spin_max,
     CELL: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, NW: tl.constexpr, H: tl.constexpr,
     KC: tl.constexpr, NKC: tl.constexpr, BH: tl.constexpr, BLOCK_B: tl.constexpr,
     CHUNKS_PER_TRIP: tl.constexpr, ON_CHIP: tl.constexpr, RESIDENT: tl.constexpr,
@@ -688,7 +693,7 @@ def _recurrence_bwd_kernel(
     nprog = tl.num_programs(0) * tl.num_programs(1)
     offs_j = pid_h * BH + tl.arange(0, BH)
     mj = offs_j < H
-    offs_b, mb, L = _row_tile(pid_b, B, T, len_ptr, BLOCK_B, HAS_LEN)
+    offs_b, mb, L = _row_tile(pid_b, nrows, T, len_ptr, BLOCK_B, HAS_LEN)
     m_own = mb[:, None] & mj[None, :]
     B64 = B.to(tl.int64)
     hrow = offs_b.to(tl.int64) * H
@@ -884,11 +889,11 @@ def _load_whr_t3(whr_ptr, c0, offs_p, mp, H: tl.constexpr, KC: tl.constexpr,
                    other=0.0)  # fmt: skip
 
 
-@triton.jit(do_not_specialize=["T", "B", "s_begin", "s_end", "spin_max"])
+@triton.jit(do_not_specialize=["T", "B", "nrows", "s_begin", "s_end", "spin_max"])
 def _lstmp_fwd_kernel(
     xg_ptr, whh_ptr, whr_ptr, len_ptr,
     hx_ptr, y_ptr, mx_ptr, hs_ptr, cs_ptr, ws_ptr, sync_ptr,
-    T, B, s_begin, s_end, spin_max,
+    T, B, nrows, s_begin, s_end, spin_max,
     G: tl.constexpr, GP: tl.constexpr, NW: tl.constexpr, H: tl.constexpr, P: tl.constexpr,
     KC: tl.constexpr, NKC: tl.constexpr, NKP: tl.constexpr, BH: tl.constexpr,
     BP: tl.constexpr, BLOCK_B: tl.constexpr, CHUNKS_PER_TRIP: tl.constexpr,
@@ -912,7 +917,7 @@ def _lstmp_fwd_kernel(
     mj = offs_j < H
     offs_p = pid_h * BP + tl.arange(0, BP)
     mp = offs_p < P
-    offs_b, mb, L = _row_tile(pid_b, B, T, len_ptr, BLOCK_B, HAS_LEN)
+    offs_b, mb, L = _row_tile(pid_b, nrows, T, len_ptr, BLOCK_B, HAS_LEN)
     m_own = mb[:, None] & mj[None, :]
     m_ownp = mb[:, None] & mp[None, :]
     B64 = B.to(tl.int64)
@@ -1074,11 +1079,11 @@ def _load_whh_cols(whh_ptr, offs_k, offs_p, mp, G: tl.constexpr, GP: tl.constexp
     return tl.load(whh_ptr + (g3 * H + k3) * P + offs_p[None, None, :], mask=m, other=0.0)
 
 
-@triton.jit(do_not_specialize=["T", "B", "s_begin", "s_end", "spin_max"])
+@triton.jit(do_not_specialize=["T", "B", "nrows", "s_begin", "s_end", "spin_max"])
 def _lstmp_bwd_kernel(
     whh_ptr, whr_ptr, c0_ptr, len_ptr, ws_ptr, dy_ptr,
     dxg_ptr, dhp_ptr, dhs_ptr, dcs_ptr, sync_ptr,
-    T, B, s_begin, s_end, spin_max,
+    T, B, nrows, s_begin, s_end, spin_max,
     G: tl.constexpr, GP: tl.constexpr, NW: tl.constexpr, H: tl.constexpr, P: tl.constexpr,
     KC: tl.constexpr, NKC: tl.constexpr, NKP: tl.constexpr, BH: tl.constexpr,
     BP: tl.constexpr, BLOCK_B: tl.constexpr, CHUNKS_PER_TRIP: tl.constexpr,
@@ -1101,7 +1106,7 @@ def _lstmp_bwd_kernel(
     mj = offs_j < H
     offs_p = pid_h * BP + tl.arange(0, BP)
     mp = offs_p < P
-    offs_b, mb, L = _row_tile(pid_b, B, T, len_ptr, BLOCK_B, HAS_LEN)
+    offs_b, mb, L = _row_tile(pid_b, nrows, T, len_ptr, BLOCK_B, HAS_LEN)
     m_own = mb[:, None] & mj[None, :]
     m_ownp = mb[:, None] & mp[None, :]
     B64 = B.to(tl.int64)
@@ -1298,10 +1303,18 @@ class Plan:
     BP: int = 0  # LSTM with projection: projected outputs per program (0: no projection)
     # resident weights: poll the exchanged rows (h, dgates) instead of a grid barrier
     poll: bool = False
+    # persistent: batch tiles per launch (0: all). Batch tiles are independent, so when the
+    # grid would not fit the GPU at once, persistent launches take the tiles in turns.
+    b_chunk: int = 0
+
+    @property
+    def tiles_per_launch(self) -> int:
+        return min(self.n_b, self.b_chunk) if self.b_chunk else self.n_b
 
     @property
     def nprog(self) -> int:
-        return self.n_h * self.n_b
+        """Programs of one launch (they must all be resident at once when persistent)."""
+        return self.n_h * self.tiles_per_launch
 
 
 def _element_size(dtype: torch.dtype) -> int:
@@ -1349,6 +1362,7 @@ def make_plan(
     proj_size: int | None = None,
     BP: int | None = None,
     poll: bool | None = None,
+    b_chunk: int | None = None,
 ) -> Plan:
     """Pick tiling and mode from sizes (the launchers then check it against the compiled
     kernel, `_fit`). Keyword overrides exist for tests and tuning.
@@ -1359,8 +1373,9 @@ def make_plan(
        exchange buffer and no grid barrier.
     2. persistent: BLOCK_B rows (16, 32 or 64) x BH units (8..64, the smallest keeping the
        grid within one program per SM) per program, weights resident in shared memory when
-       they fit RESIDENT_SMEM, else streamed from L2 each step.
-    3. one launch per step, when even BH=64 leaves more programs than SMs.
+       they fit RESIDENT_SMEM, else streamed from L2 each step. When even BH=64 leaves more
+       programs than SMs, the batch tiles take turns (`b_chunk` per launch).
+    3. one launch per step, when not even one batch tile's programs fit the SMs.
     With resident weights the kernels poll what they exchange (h forward, dgates backward)
     instead of waiting at a grid barrier (`poll`, POLL in the kernels).
     `sm_count` stands in for the device's SM count (planning for a GPU without one).
@@ -1379,13 +1394,14 @@ def make_plan(
         kc = KC or max(16, min(64, hp))
         n_h, n_b = triton.cdiv(H, bh), triton.cdiv(B, bb)
         res = True if resident is None else resident
-        pers = (n_h * n_b == 1) if persistent is None else persistent
-        if pers and n_h * n_b > 1:
+        per_launch = min(n_b, b_chunk) if b_chunk else n_b
+        pers = (n_h * per_launch == 1) if persistent is None else persistent
+        if pers and n_h * per_launch > 1:
             raise ValueError("the interpreter runs programs one after another: a grid barrier "
                              "across several programs would never complete")  # fmt: skip
         chip = (n_h == 1 and pers and res) if on_chip is None else on_chip
         return Plan(bh, bb, n_h, n_b, res, pers, kc, num_warps or 4, chip, chunks_per_trip or 2,
-                    poll=True if poll is None else poll)  # fmt: skip
+                    poll=True if poll is None else poll, b_chunk=b_chunk or 0)  # fmt: skip
 
     sms = sm_count or torch.cuda.get_device_properties(device).multi_processor_count
     bb = BLOCK_B or _batch_tile(B)
@@ -1406,7 +1422,10 @@ def make_plan(
         while triton.cdiv(H, bh) * n_b > sms and bh < 64:
             bh *= 2
     n_h = triton.cdiv(H, bh)
-    fits = n_h * n_b <= sms
+    # batch tiles in turns when they do not all fit; one launch per step if not even one does
+    if b_chunk is None:
+        b_chunk = 0 if n_h * n_b <= sms else sms // n_h
+    fits = n_h <= sms
     pers = fits if persistent is None else (persistent and fits)
     # backward: narrower chunks for taller batch tiles, so one chunk of every gate's dgates
     # stays within the registers INFLIGHT_BYTES allows (64 rows x 128 spilled on sm_90).
@@ -1438,7 +1457,7 @@ def make_plan(
     if poll is None:
         # backward 64-row tiles: the poll's retry loop spilled registers on sm_90
         poll = not (backward and bb == 64)
-    return Plan(bh, bb, n_h, n_b, resident, pers, kc, nw, False, cpt, poll=poll)
+    return Plan(bh, bb, n_h, n_b, resident, pers, kc, nw, False, cpt, poll=poll, b_chunk=b_chunk)
 
 
 def proj_weight_bytes(
@@ -1466,8 +1485,9 @@ def _make_proj_plan(H, P, B, dtype, device, *, backward, BH, BP, BLOCK_B, KC, re
     for the gates and BP projected outputs each for the projection (the smallest power of
     two >= 8, 2 in the interpreter, that covers P with n_h programs; programs past P idle in
     that phase). Weights resident when they fit RESIDENT_SMEM, else streamed every step.
-    Persistent (two grid barriers per step) when every program fits on the device at once;
-    else one launch per phase of each step. Never on chip: the projection needs the
+    Persistent (two grid barriers per step) when one batch tile's programs fit on the device
+    at once (the batch tiles in turns when not all do); else one launch per phase of each
+    step. Never on chip: the projection needs the
     exchange of m even with one program."""
     hp = _next_pow2(H)
     if device.type != "cuda":
@@ -1493,7 +1513,9 @@ def _make_proj_plan(H, P, B, dtype, device, *, backward, BH, BP, BLOCK_B, KC, re
             bh *= 2
     n_h = triton.cdiv(H, bh)
     bp = BP or max(8, _next_pow2(triton.cdiv(P, n_h)))
-    fits = n_h * n_b <= sms
+    # batch tiles in turns when they do not all fit (as `make_plan`)
+    b_chunk = 0 if n_h * n_b <= sms else sms // n_h
+    fits = n_h <= sms
     pers = fits if persistent is None else (persistent and fits)
     kc = KC or min(KC_GPU if not backward else max(32, KC_GPU * 16 // bb), max(16, hp))
     if resident is None:
@@ -1507,7 +1529,8 @@ def _make_proj_plan(H, P, B, dtype, device, *, backward, BH, BP, BLOCK_B, KC, re
     else:  # m (h) chunks, staged in shared memory; a power of two (the 3-D dot's batch)
         cpt = min(triton.cdiv(H, kc), PROJ_STAGE_BYTES // (bb * kc * _element_size(dtype)))
         cpt = 1 << max(0, cpt.bit_length() - 1)
-    plan = Plan(bh, bb, n_h, n_b, resident, pers, kc, nw, False, chunks_per_trip or max(1, cpt), bp)
+    plan = Plan(bh, bb, n_h, n_b, resident, pers, kc, nw, False, chunks_per_trip or max(1, cpt), bp,
+                b_chunk=b_chunk)  # fmt: skip
     assert plan.n_h * plan.BP >= P, plan
     return plan
 
@@ -1552,9 +1575,10 @@ _FIT_CACHE: dict = {}
 
 def _fit(kernel, plan: Plan, args, kw, device) -> Plan:
     """The plan checked against the compiled kernel (GPU only): shared memory within the
-    device's limit and no spills, else stream the weights; persistent only if every program
-    can be resident at once, counting programs per SM from the kernel's real shared memory
-    and registers (so two per SM where they fit)."""
+    device's limit and no spills, else stream the weights; persistent launches only as many
+    batch tiles as can be resident at once (all their programs), counting programs per SM
+    from the kernel's real shared memory and registers (so two per SM where they fit); one
+    launch per step only if not even one batch tile's programs can."""
     if device.type != "cuda":
         return plan
     key = (kernel.fn.__name__ if hasattr(kernel, "fn") else id(kernel), plan,
@@ -1567,11 +1591,11 @@ def _fit(kernel, plan: Plan, args, kw, device) -> Plan:
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     fitted = plan
     for _ in range(4):  # a few downgrades at most
-        grid = (fitted.n_h, fitted.n_b)
+        grid = (fitted.n_h, fitted.tiles_per_launch)
         try:
             sync = torch.zeros(2, dtype=torch.int32, device=device)
             pkw = _plan_kw(fitted, kw)
-            k = kernel.warmup(*args, sync, 1, 1, 0, 1, 1, grid=grid,
+            k = kernel.warmup(*args, sync, 1, 1, 1, 0, 1, 1, grid=grid,
                               USE_BARRIER=_uses_barrier(fitted, pkw),
                               num_warps=fitted.num_warps, num_stages=1, **pkw)  # fmt: skip
             k._init_handles()
@@ -1590,11 +1614,16 @@ def _fit(kernel, plan: Plan, args, kw, device) -> Plan:
                                              args[0].dtype)})  # fmt: skip
         else:
             break
-    if k is not None and fitted.persistent and fitted.nprog > 1:
+    if k is not None and fitted.persistent and fitted.nprog > 1 and not fitted.on_chip:
+        # (on chip, programs never wait for each other: any number may run)
         per_sm = min(sm_smem // max(1, k.metadata.shared + 1024),
                      65536 // max(1, k.n_regs * 32 * fitted.num_warps))  # fmt: skip
-        if fitted.nprog > sms * max(1, per_sm):
-            fitted = Plan(**{**fitted.__dict__, "persistent": False})
+        resident = sms * max(1, per_sm)
+        if fitted.nprog > resident:
+            if fitted.n_h <= resident:
+                fitted = dataclasses.replace(fitted, b_chunk=resident // fitted.n_h)
+            else:
+                fitted = dataclasses.replace(fitted, persistent=False)
     _FIT_CACHE[key] = fitted
     return fitted
 
@@ -1622,28 +1651,71 @@ def _plan_kw(plan: Plan, kw: dict) -> dict:
     return out
 
 
-def _launch_steps(kernel, plan: Plan, T: int, B: int, n_steps: int, args, kw, spin_max: int,
-                  device):  # fmt: skip
-    """Run steps [0, n_steps): one persistent launch with a grid barrier per step (none with
-    one program), or one launch per step. Raises if the barrier timed out."""
-    plan = _fit(kernel, plan, args, kw, device)
-    kw = _plan_kw(plan, kw)
-    grid = (plan.n_h, plan.n_b)
-    sync = torch.zeros(2, dtype=torch.int32, device=device)
-    if plan.persistent:
-        if n_steps * plan.nprog >= _SYNC_ERROR:
-            raise ValueError("sequence too long for one persistent launch")
-        use_barrier = _uses_barrier(plan, kw)
-        kernel[grid](*args, sync, T, B, 0, n_steps, spin_max,
+def _batch_chunks(plan: Plan, B: int, args, batch_axes):
+    """(rows, args) per persistent launch: the launch's first batch row is where its
+    pointers start (a view from row b0 on, along each argument's batch axis, None for
+    arguments without one); the kernels keep B for strides and mask rows >= `rows`."""
+    if len(batch_axes) != len(args):
+        raise ValueError("one batch axis (or None) per kernel argument")
+    step = plan.tiles_per_launch * plan.BLOCK_B
+    for b0 in range(0, B, step):
+        if b0 == 0:
+            yield min(B, step), args
+        else:
+            yield min(B - b0, step), tuple(
+                a if ax is None else a.narrow(ax, b0, a.shape[ax] - b0)
+                for a, ax in zip(args, batch_axes)
+            )  # fmt: skip
+
+
+def _launch_persistent(kernel, plan: Plan, T, B, n_steps, args, kw, spin_max, device,
+                       batch_axes, use_barrier, check, barriers_per_step):  # fmt: skip
+    """The persistent launches of a plan: its batch tiles in turns, as many per launch as can
+    be resident at once, each launch with its own barrier counter and error flag."""
+    if barriers_per_step * n_steps * plan.nprog >= _SYNC_ERROR:
+        raise ValueError("sequence too long for one persistent launch")
+    chunks = list(_batch_chunks(plan, B, args, batch_axes))
+    sync = torch.zeros(2 * len(chunks), dtype=torch.int32, device=device)
+    for c, (rows, chunk_args) in enumerate(chunks):
+        grid = (plan.n_h, triton.cdiv(rows, plan.BLOCK_B))
+        kernel[grid](*chunk_args, sync[2 * c :], T, B, rows, 0, n_steps, spin_max,
                      USE_BARRIER=use_barrier, num_warps=plan.num_warps, num_stages=1,
                      **kw)  # fmt: skip
-        if use_barrier or kw.get("POLL"):
-            _check_barrier(sync, plan, device)
+    if check:
+        _check_barrier(sync, plan, device)
+
+
+def _launch_steps(kernel, plan: Plan, T: int, B: int, n_steps: int, args, kw, spin_max: int,
+                  device, batch_axes):  # fmt: skip
+    """Run steps [0, n_steps): persistent launches (the batch tiles in turns if not all fit
+    at once), each with its exchange per step (polled, a grid barrier, or nothing with one
+    program), or one launch per step. Raises if a wait timed out."""
+    plan = _fit(kernel, plan, args, kw, device)
+    kw = _plan_kw(plan, kw)
+    if plan.persistent:
+        use_barrier = _uses_barrier(plan, kw)
+        _launch_persistent(
+            kernel,
+            plan,
+            T,
+            B,
+            n_steps,
+            args,
+            kw,
+            spin_max,
+            device,
+            batch_axes,
+            use_barrier,
+            use_barrier or kw.get("POLL"),
+            barriers_per_step=1,
+        )
     else:
         if plan.on_chip:
             raise ValueError("an on-chip plan keeps state in registers: it must be persistent")
+        sync = torch.zeros(2, dtype=torch.int32, device=device)
+        grid = (plan.n_h, plan.n_b)
         for s in range(n_steps):
-            kernel[grid](*args, sync, T, B, s, s + 1, spin_max,
+            kernel[grid](*args, sync, T, B, B, s, s + 1, spin_max,
                          USE_BARRIER=False, num_warps=plan.num_warps, num_stages=1,
                          **kw)  # fmt: skip
 
@@ -1651,7 +1723,7 @@ def _launch_steps(kernel, plan: Plan, T: int, B: int, n_steps: int, args, kw, sp
 def _check_barrier(sync: torch.Tensor, plan: Plan, device) -> None:
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return
-    if int(sync[0].item()) >= _SYNC_ERROR:
+    if int(sync.max().item()) >= _SYNC_ERROR:
         raise RuntimeError(
             f"gpurnn triton: grid barrier timed out ({plan.nprog} programs did not all "
             "run concurrently: is another kernel holding SMs, or MPS/green contexts "
@@ -1661,27 +1733,36 @@ def _check_barrier(sync: torch.Tensor, plan: Plan, device) -> None:
 
 
 def _launch_phases(kernel, plan: Plan, T: int, B: int, n_steps: int, args, kw, spin_max: int,
-                   device):  # fmt: skip
+                   device, batch_axes):  # fmt: skip
     """`_launch_steps` for the projected LSTM kernels (two phases, so two grid barriers, per
-    step): one persistent launch, or two launches per step (one per phase)."""
+    step): persistent launches, or two launches per step (one per phase)."""
     if plan.on_chip:
         raise ValueError("the projected LSTM kernels have no on-chip plan")
     plan = _fit(kernel, plan, args, kw, device)
     kw = _plan_kw(plan, kw)
-    grid = (plan.n_h, plan.n_b)
-    sync = torch.zeros(2, dtype=torch.int32, device=device)
     if plan.persistent:
-        if 2 * n_steps * plan.nprog >= _SYNC_ERROR:
-            raise ValueError("sequence too long for one persistent launch")
         use_barrier = plan.nprog > 1
-        kernel[grid](*args, sync, T, B, 0, n_steps, spin_max, USE_BARRIER=use_barrier,
-                     num_warps=plan.num_warps, num_stages=1, **kw)  # fmt: skip
-        if use_barrier:
-            _check_barrier(sync, plan, device)
+        _launch_persistent(
+            kernel,
+            plan,
+            T,
+            B,
+            n_steps,
+            args,
+            kw,
+            spin_max,
+            device,
+            batch_axes,
+            use_barrier,
+            use_barrier,
+            barriers_per_step=2,
+        )
     else:
+        sync = torch.zeros(2, dtype=torch.int32, device=device)
+        grid = (plan.n_h, plan.n_b)
         for s in range(n_steps):
             for phase in (1, 2):
-                kernel[grid](*args, sync, T, B, s, s + 1, spin_max, USE_BARRIER=False,
+                kernel[grid](*args, sync, T, B, B, s, s + 1, spin_max, USE_BARRIER=False,
                              num_warps=plan.num_warps, num_stages=1,
                              **{**kw, "PHASES": phase})  # fmt: skip
 
@@ -1762,8 +1843,10 @@ def forward(
             hx[first].masked_fill_(hx[first].view(_BITS[dt]) == _SENTINEL[dt], float("nan"))
     else:
         hx[first].zero_()
+    has_len = lengths is not None
+    axes = (1, None, None, 0 if has_len else None, 1, 1, 0, 0, 1 if save else None)
     _launch_steps(_recurrence_fwd_kernel, plan, T, B, T, args, kw,
-                  SPIN_MAX if spin_max is None else spin_max, dev)  # fmt: skip
+                  SPIN_MAX if spin_max is None else spin_max, dev, axes)  # fmt: skip
     return y, hs.to(dt), (cs.to(dt) if cell == "lstm" else None), ws
 
 
@@ -1804,8 +1887,10 @@ def _forward_proj(xg, w_hh, w_hr, h0, c0, lengths, reverse, save, plan, precisio
         HAS_LEN=lengths is not None, REVERSE=bool(reverse), SAVE=bool(save), PHASES=3,
         PREC=_prec(dt, precision), ACC=_acc_dtype(dt),
     )  # fmt: skip
+    axes = (1, None, None, 0 if lengths is not None else None, 1, 1, 1, 0, 0,
+            1 if save else None)  # fmt: skip
     _launch_phases(_lstmp_fwd_kernel, plan, T, B, T, args, kw,
-                   SPIN_MAX if spin_max is None else spin_max, dev)  # fmt: skip
+                   SPIN_MAX if spin_max is None else spin_max, dev, axes)  # fmt: skip
     return y, hs.to(dt), cs.to(dt), ws
 
 
@@ -1833,8 +1918,9 @@ def _backward_proj(w_hh, w_hr, c0, lengths, reverse, y, workspace, dy, dh_T, dc_
         HAS_LEN=lengths is not None, REVERSE=bool(reverse), PHASES=3,
         PREC=_prec(dt, precision), ACC=_acc_dtype(dt),
     )  # fmt: skip
+    axes = (None, None, 0, 0 if lengths is not None else None, 1, 1, 1, 1, 0, 0)
     _launch_phases(_lstmp_bwd_kernel, plan, T, B, T + 1, args, kw,
-                   SPIN_MAX if spin_max is None else spin_max, dev)  # fmt: skip
+                   SPIN_MAX if spin_max is None else spin_max, dev, axes)  # fmt: skip
     return dxg, dhp, dhs, dcs
 
 
@@ -1907,6 +1993,8 @@ def backward(
         if dhn is not None:
             dhn.view(_BITS[dt]).fill_(_SENTINEL[dt])
     # T + 1 steps: the last one only folds the first step's dgates into dh0
+    axes = (None, 0, 0 if cell == "lstm" else None, 0 if lengths is not None else None, 1, 1,
+            1, 1, 1 if dhn is not None else None, 0, 0)  # fmt: skip
     _launch_steps(_recurrence_bwd_kernel, plan, T, B, T + 1, args, kw,
-                  SPIN_MAX if spin_max is None else spin_max, dev)  # fmt: skip
+                  SPIN_MAX if spin_max is None else spin_max, dev, axes)  # fmt: skip
     return dxg, dhn, dhs, (dcs if cell == "lstm" else None)
