@@ -21,13 +21,13 @@ compiled kernel's real shared memory, registers and spills:
   before the first dot (one memory round trip forward; about one per gate backward) and
   keeps one accumulator per K chunk (per gate backward), so the HMMA chains are short. c and
   the backward carries dh/dc stay in registers (they depend on the program's own units only).
-- The forward with resident weights (POLL) has no grid barrier: the exchange rows start as
-  a sentinel bit pattern and a program reads its step's h_{t-1} until nothing it read is
-  the sentinel (see POLL in `_recurrence_fwd_kernel`).
-- Elsewhere one grid-wide barrier per step, split in two (`_barrier_arrive` right after the exchange
-  stores, `_barrier_wait` after the work that needs nobody else's data: workspace stores,
-  the next step's own loads): an atomic counter, relaxed polls, one acquire, bounded spin,
-  error flag. With one program, or one step per launch (the per-step fallback), it is
+- With resident weights (POLL) there is no grid barrier: what is exchanged (h forward,
+  dgates backward) starts as a sentinel bit pattern, is written once, and a program reads
+  its step's inputs until nothing it read is the sentinel (see POLL in the kernels).
+- Elsewhere one grid-wide barrier per step, split in two (`_barrier_arrive` right after the
+  exchange stores, `_barrier_wait` after the work that needs nobody else's data: workspace
+  stores, the next step's own loads): an atomic counter, relaxed polls, one acquire, bounded
+  spin, error flag. With one program, or one step per launch (the per-step fallback), it is
   compiled out, which is what makes the kernels run under TRITON_INTERPRET=1.
 - Batch tiles never exchange anything, so when a grid would not fit the GPU at once the
   launcher runs persistent launches over a few batch tiles each (`b_chunk`): a launch's
@@ -216,34 +216,29 @@ def _all_arrived(hp, N: tl.constexpr, SENTINEL: tl.constexpr):
 
 @triton.jit
 def _store_exchange(ptr, value, mask, ASM: tl.constexpr):
-    """The exchange store of h_t. With ASM, a relaxed gpu-scope store per element: others
-    poll these elements with relaxed loads, and a relaxed (morally strong) store makes that
-    a well-defined race in the PTX memory model. The interpreter has no inline PTX."""
+    """The exchange store of h_t (dgates). With ASM, a relaxed gpu-scope store per element:
+    others poll these elements with relaxed loads, and a relaxed (morally strong) store makes
+    that a well-defined race in the PTX memory model. The interpreter has no inline PTX."""
     if ASM:
-        m = mask.to(tl.int32)
-        if value.dtype.primitive_bitwidth == 16:
-            tl.inline_asm_elementwise(
-                "{ .reg .pred p; setp.ne.b32 p, $3, 0; @p st.relaxed.gpu.global.b16 [$1], $2; "
-                "mov.u32 $0, 0; }",
-                "=r,l,h,r", [ptr, value.to(tl.int16, bitcast=True), m], dtype=tl.int32,
-                is_pure=False, pack=1,
-            )  # fmt: skip
-        elif value.dtype.primitive_bitwidth == 32:
-            tl.inline_asm_elementwise(
-                "{ .reg .pred p; setp.ne.b32 p, $3, 0; @p st.relaxed.gpu.global.b32 [$1], $2; "
-                "mov.u32 $0, 0; }",
-                "=r,l,r,r", [ptr, value.to(tl.int32, bitcast=True), m], dtype=tl.int32,
-                is_pure=False, pack=1,
-            )  # fmt: skip
+        bits: tl.constexpr = value.dtype.primitive_bitwidth
+        if bits == 16:
+            _store_relaxed(ptr, value.to(tl.int16, bitcast=True), mask, "b16", "h")
+        elif bits == 32:
+            _store_relaxed(ptr, value.to(tl.int32, bitcast=True), mask, "b32", "r")
         else:
-            tl.inline_asm_elementwise(
-                "{ .reg .pred p; setp.ne.b32 p, $3, 0; @p st.relaxed.gpu.global.b64 [$1], $2; "
-                "mov.u32 $0, 0; }",
-                "=r,l,l,r", [ptr, value.to(tl.int64, bitcast=True), m], dtype=tl.int32,
-                is_pure=False, pack=1,
-            )  # fmt: skip
+            _store_relaxed(ptr, value.to(tl.int64, bitcast=True), mask, "b64", "l")
     else:
         tl.store(ptr, value, mask=mask)
+
+
+@triton.jit
+def _store_relaxed(ptr, bits, mask, WIDTH: tl.constexpr, REG: tl.constexpr):
+    tl.inline_asm_elementwise(
+        "{ .reg .pred p; setp.ne.b32 p, $3, 0; @p st.relaxed.gpu.global." + WIDTH
+        + " [$1], $2; mov.u32 $0, 0; }",
+        "=r,l," + REG + ",r", [ptr, bits, mask.to(tl.int32)], dtype=tl.int32, is_pure=False,
+        pack=1,
+    )  # fmt: skip
 
 
 @triton.jit
