@@ -121,9 +121,8 @@ def compile_variant(v) -> dict:
     else:
         fn = R._recurrence_fwd_kernel
         kw.update(GP=R._next_pow2(G), SAVE=True)
-    if not P:
-        kw.update(POLL=R._polls(plan), ASM=True, SENTINEL=R._SENTINEL[TORCH_DT[dt]])
-        kw["USE_BARRIER"] = kw["USE_BARRIER"] and not kw["POLL"]
+    kw.update(POLL=R._polls(plan), ASM=True, SENTINEL=R._SENTINEL[TORCH_DT[dt]])
+    kw["USE_BARRIER"] = kw["USE_BARRIER"] and not kw["POLL"]
     sig = _signature(fn, dt)
     # torch allocations are 16-byte aligned; the JIT tells the compiler so, and so do we
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]]

@@ -337,7 +337,7 @@ def test_batch_tiles_in_turns_projected():
     L = torch.tensor([4, 2, 0, 3, 1])
     case, gin = make_proj_case(T, B, H, P, torch.float64, lengths=L, key="turns")
     plan = _tl.Plan(BH=16, BLOCK_B=2, n_h=1, n_b=3, resident=True, persistent=True, KC=16,
-                    BP=8, b_chunk=1)  # fmt: skip
+                    BP=8, b_chunk=1, poll=True)  # fmt: skip
     run_and_compare_proj(case, gin, True, torch.float64, plan_fwd=plan, plan_bwd=plan)
 
 
@@ -551,7 +551,8 @@ def test_proj_float16_and_P_above_H():
     "resident,BP", ((True, 4), (False, 4), (True, 8)), ids=("resident", "streamed", "idle")
 )
 @pytest.mark.parametrize("reverse", (False, True), ids=("fwd", "rev"))
-def test_proj_many_programs_per_phase_launches(reverse, resident, BP):
+@pytest.mark.parametrize("poll", (True, False), ids=("poll", "plain"))
+def test_proj_many_programs_per_phase_launches(poll, reverse, resident, BP):
     """Units over 3 programs (8 each, the last partial), projected outputs over 3 programs
     (BP = 4 each, the last partial; or 8 each, the third program idle in the projection),
     batch over 2 tiles, each phase of each step its own launch (launch boundaries stand in
@@ -561,7 +562,7 @@ def test_proj_many_programs_per_phase_launches(reverse, resident, BP):
     L = torch.tensor([4, 2, 0, 3, 1])
     case, gin = make_proj_case(T, B, H, P, torch.float64, lengths=L, key=("many", resident, BP))
     plan = _tl.Plan(BH=8, BLOCK_B=4, n_h=3, n_b=2, resident=resident, persistent=False, KC=16,
-                    BP=BP)  # fmt: skip
+                    BP=BP, poll=poll)  # fmt: skip
     run_and_compare_proj(case, gin, reverse, torch.float64, plan_fwd=plan, plan_bwd=plan)
 
 
@@ -577,6 +578,36 @@ def test_proj_k_chunks(chunks_per_trip):
                          chunks_per_trip=chunks_per_trip)  # fmt: skip
     assert plan.nprog == 1 and plan.persistent and plan.BP == 32
     run_and_compare_proj(case, gin, False, torch.float64, plan_fwd=plan, plan_bwd=plan)
+
+
+def test_proj_polled_exchange_with_genuine_nans():
+    """As `test_polled_exchange_with_genuine_nans`, for both phases of the projected kernels:
+    a NaN in xg (forward) and in dy (backward) reaches every product of its sequence; the
+    polls must tell it from data on its way and go on (a tiny spin bound raises otherwise)."""
+    T, B, H, P = 5, 2, 12, 6
+    case, gin = make_proj_case(T, B, H, P, torch.float64, key="nan")
+    case["xg"][2, 1, 3] = float("nan")
+    gin["dy"][1, 1, 4] = float("nan")
+    plan = _tl.make_plan(H, B, 4, torch.float64, torch.device(DEVICE), KC=16, proj_size=P)
+    assert plan.persistent and _tl._polls(plan)
+    c = case
+    y, h_T, c_T, ws = _tl.forward("lstm", c["xg"], c["w_hh"], c["h0"], c["c0"], None, False,
+                                  None, True, w_hr=c["w_hr"], plan=plan, precision="ieee",
+                                  spin_max=20)  # fmt: skip
+    dxg, _, dh0, _ = _tl.backward("lstm", c["w_hh"], c["h0"], c["c0"], None, False, y, ws,
+                                  gin["dy"], gin["dh_T"], gin["dc_T"], w_hr=c["w_hr"],
+                                  plan=plan, precision="ieee", spin_max=20)  # fmt: skip
+    n = {k: _np(v) for k, v in c.items()}
+    fwd_args = (n["xg"], n["w_hh"], n["h0"], n["c0"], None, False, None)
+    ry, rh, _ = ref.recurrence_forward("lstm", *fwd_args, n["w_hr"])
+    rg = ref.recurrence_backward("lstm", *fwd_args, n["w_hr"], _np(gin["dy"]), _np(gin["dh_T"]),
+                                 _np(gin["dc_T"]))  # fmt: skip
+    for got, exp, what in ((y, ry, "y"), (h_T, rh, "h_T"), (dxg, rg["xg"], "dxg"),
+                           (dh0, rg["h0"], "dh0")):  # fmt: skip
+        g = _np(got)
+        assert (np.isnan(g) == np.isnan(exp)).all() and np.isnan(exp).any(), what
+        other = (slice(None), 0) if g.ndim == 3 else (0,)
+        np.testing.assert_allclose(g[other], exp[other], atol=1e-10, rtol=1e-10, err_msg=what)
 
 
 def test_proj_recompute_and_empty():

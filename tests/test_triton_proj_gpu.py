@@ -79,8 +79,9 @@ def run_proj_vs_reference(case, gin, reverse, tol, plan=None):
 
 @pytest.mark.parametrize("reverse", (False, True), ids=("fwd", "rev"))
 def test_proj_h1024_p256(reverse):
-    """H=1024, P=256, B=16, bf16: persistent, weights resident; reverse with lengths (a
-    row's state rides through its padded steps; y written apart from the exchange)."""
+    """H=1024, P=256, B=16, bf16: persistent, weights resident, polled exchanges; reverse
+    with lengths (a row's state rides through its padded steps; y written apart from the
+    exchange)."""
     T, B, H, P = 32, 16, 1024, 256
     for backward in (False, True):
         plan = _tl.make_plan(H, B, 4, torch.bfloat16, DEV, backward=backward, proj_size=P)
@@ -91,6 +92,16 @@ def test_proj_h1024_p256(reverse):
         L[0] = T
     case, gin = make_proj_case(T, B, H, P, torch.bfloat16, lengths=L, key=reverse)
     run_proj_vs_reference(case, gin, reverse, TOL[torch.bfloat16])
+
+
+def test_proj_grid_barrier():
+    """H=1024, P=256, B=16 with the two grid barriers a step instead of polling (what the
+    64-row tiles use)."""
+    T, B, H, P = 24, 16, 1024, 256
+    plan = _tl.make_plan(H, B, 4, torch.bfloat16, DEV, proj_size=P, poll=False)
+    assert plan.persistent and not _tl._polls(plan)
+    case, gin = make_proj_case(T, B, H, P, torch.bfloat16, lengths=None, key="barrier")
+    run_proj_vs_reference(case, gin, False, TOL[torch.bfloat16], plan=plan)
 
 
 def test_proj_per_phase_launches():

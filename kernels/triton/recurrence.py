@@ -884,6 +884,94 @@ def _load_whr_t3(whr_ptr, c0, offs_p, mp, H: tl.constexpr, KC: tl.constexpr,
                    other=0.0)  # fmt: skip
 
 
+@triton.jit
+def _load_rows(ptr, row_off, rows, offs_k, mrow, K: tl.constexpr, POLL: tl.constexpr):
+    """(BLOCK_B, KC): columns offs_k (< K) of an exchanged (T, B, K) buffer's rows at row_off:
+    polled (volatile) or `.cg`, as `_load_h`."""
+    p = ptr + row_off + rows[:, None] + offs_k[None, :]
+    m = mrow[:, None] & (offs_k < K)[None, :]
+    if POLL:
+        return tl.load(p, mask=m, other=0.0, volatile=True)
+    else:
+        return tl.load(p, mask=m, other=0.0, cache_modifier=".cg")
+
+
+@triton.jit
+def _rows_pending(ptr, row_off, rows, mrow, K: tl.constexpr, KC: tl.constexpr,
+                  SENTINEL: tl.constexpr):  # fmt: skip
+    """1 if any element of those rows (all K columns) still holds the sentinel. A runtime loop
+    over K chunks: compact code for the polls' rare path (a product came out NaN)."""
+    pending = 0
+    for k0 in range(0, K, KC):
+        offs_k = k0 + tl.arange(0, KC)
+        x = _load_rows(ptr, row_off, rows, offs_k, mrow, K, True)
+        pending = pending | tl.max(_is_pending(x, SENTINEL).to(tl.int32))
+    return pending
+
+
+@triton.jit
+def _product_arrived(prod, complete):
+    """Polls: a NaN-free product read nothing pending (a pending element is a NaN and turns
+    its row of the product NaN); after a recheck found nothing pending (`complete`), the
+    product is final whatever NaNs it holds (they are genuine)."""
+    return (1 - tl.max((prod != prod).to(tl.int32))) | complete
+
+
+@triton.jit
+def _lstmp_gate_dots(hx_ptr, prev, prow, mb, w_g, whh_ptr, col_n, mn, s, BLOCK_B: tl.constexpr,
+                     NG: tl.constexpr, P: tl.constexpr, KC: tl.constexpr, NKP: tl.constexpr,
+                     CHUNKS_PER_TRIP: tl.constexpr, RESIDENT: tl.constexpr,
+                     POLL: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
+    """The gates phase's product h_{t-1} (P wide) @ the own W_hh rows, (BLOCK_B, GP*BH):
+    CHUNKS_PER_TRIP K chunks' loads issued together, then their dots (each loaded chunk is
+    staged in shared memory for its dot: the trip bounds how much at once)."""
+    acc = tl.zeros([BLOCK_B, NG], dtype=ACC)
+    for c0 in tl.static_range(0, NKP, CHUNKS_PER_TRIP):
+        hp = ()
+        for ci in tl.static_range(CHUNKS_PER_TRIP):
+            if c0 + ci < NKP:
+                offs_k = (c0 + ci) * KC + tl.arange(0, KC)
+                hp = hp + (_load_rows(hx_ptr, prev, prow, offs_k, mb, P, POLL),)
+        for ci in tl.static_range(CHUNKS_PER_TRIP):
+            if c0 + ci < NKP:
+                if RESIDENT:
+                    wk = w_g[c0 + ci]
+                else:
+                    offs_k = (c0 + ci) * KC + tl.arange(0, KC)
+                    wk = tl.load(whh_ptr + col_n[None, :] * P + offs_k[:, None],
+                                 mask=(offs_k < P)[:, None] & mn[None, :], other=0.0)  # fmt: skip
+                acc += tl.dot(hp[ci], wk, _runtime_zeros(acc, s), input_precision=PREC,
+                              out_dtype=ACC)  # fmt: skip
+    return acc
+
+
+@triton.jit
+def _lstmp_proj_dots(mx_ptr, mrow, hrow, mb_p, w_r, whr_ptr, offs_p, mp, BLOCK_B: tl.constexpr,
+                     BP: tl.constexpr, H: tl.constexpr, KC: tl.constexpr, NKC: tl.constexpr,
+                     CHUNKS_PER_TRIP: tl.constexpr, RESIDENT: tl.constexpr,
+                     POLL: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
+    """The projection phase's product m_t (H wide) @ the own W_hr rows, (BLOCK_B, BP). The K
+    chunks of a trip are the batch dimension of a 3-D dot: the output is a single mma tile,
+    so a 2-D dot would have every warp repeat all of K; this way each warp takes its own
+    chunks, then the chunks' partial sums add up."""
+    hproj = tl.zeros([BLOCK_B, BP], dtype=ACC)
+    for c0 in tl.static_range(0, NKC, CHUNKS_PER_TRIP):
+        k3 = ((c0 + tl.arange(0, CHUNKS_PER_TRIP)) * KC)[:, None, None] + tl.arange(
+            0, KC)[None, None, :]  # fmt: skip
+        p3 = mx_ptr + mrow + hrow[None, :, None] + k3
+        m3 = mb_p[None, :, None] & (k3 < H)
+        if POLL:
+            mk = tl.load(p3, mask=m3, other=0.0, volatile=True)
+        else:
+            mk = tl.load(p3, mask=m3, other=0.0, cache_modifier=".cg")
+        if RESIDENT:
+            w3 = w_r[c0 // CHUNKS_PER_TRIP]
+        else:
+            w3 = _load_whr_t3(whr_ptr, c0, offs_p, mp, H, KC, CHUNKS_PER_TRIP)
+        hproj += tl.sum(tl.dot(mk, w3, input_precision=PREC, out_dtype=ACC), axis=0)
+    return hproj
+
+
 @triton.jit(do_not_specialize=["T", "B", "nrows", "s_begin", "s_end", "spin_max"])
 def _lstmp_fwd_kernel(
     xg_ptr, whh_ptr, whr_ptr, len_ptr,
@@ -894,7 +982,8 @@ def _lstmp_fwd_kernel(
     BP: tl.constexpr, BLOCK_B: tl.constexpr, CHUNKS_PER_TRIP: tl.constexpr,
     ON_CHIP: tl.constexpr, RESIDENT: tl.constexpr, HAS_LEN: tl.constexpr, REVERSE: tl.constexpr,
     SAVE: tl.constexpr,
-    USE_BARRIER: tl.constexpr, PHASES: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+    USE_BARRIER: tl.constexpr, PHASES: tl.constexpr, POLL: tl.constexpr, ASM: tl.constexpr,
+    SENTINEL: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
     """LSTM with projection (W_hh (4H, P), W_hr (P, H)), two phases per step:
     1. gates: program p owns units [p*BH, p*BH+BH): the gate dot of h_{t-1} (B, P) from the
@@ -902,9 +991,10 @@ def _lstmp_fwd_kernel(
        it stores to the m exchange buffer mx (two rows, alternating with the step's parity);
     2. projection: program p owns outputs [p*BP, p*BP+BP) (programs past P idle): the dot of
        m_t (B, H) from mx (K = H) with its W_hr rows, stored to hx (y is a view of it).
-    A grid barrier follows each phase. PHASES selects them (1, 2, or 3 = both): the
-    per-step fallback launches each phase on its own, which is also how the interpreter
-    runs several programs."""
+    A grid barrier follows each phase, or (POLL, resident weights) none: mx then has a row
+    per step, and hx and mx start as the sentinel and are polled, as in the unprojected
+    kernels. PHASES selects the phases (1, 2, or 3 = both): the per-step fallback launches
+    each phase on its own, which is also how the interpreter runs several programs."""
     pid_h = tl.program_id(0)
     pid_b = tl.program_id(1)
     nprog = tl.num_programs(0) * tl.num_programs(1)
@@ -924,6 +1014,7 @@ def _lstmp_fwd_kernel(
     ownp = prow[:, None] + offs_p[None, :]
     hd = hx_ptr.dtype.element_ty
     SEPARATE_Y: tl.constexpr = HAS_LEN and REVERSE  # as in the unprojected kernel
+    budget = spin_max
 
     # running state: the projected h of the own outputs, c of the own units
     hs = tl.load(hs_ptr + ownp, mask=m_ownp, other=0.0).to(ACC)
@@ -948,6 +1039,9 @@ def _lstmp_fwd_kernel(
         w_r = ()
         for c0 in tl.static_range(0, NKC, CHUNKS_PER_TRIP):
             w_r = w_r + (_load_whr_t3(whr_ptr, c0, offs_p, mp, H, KC, CHUNKS_PER_TRIP),)
+    else:
+        w_g = ()  # streamed: the products load them
+        w_r = ()
 
     if PHASES % 2 == 1:
         t = _time(s_begin, T, REVERSE)
@@ -962,45 +1056,46 @@ def _lstmp_fwd_kernel(
         valid = mb & (t < L)
         v2 = valid[:, None]
         toff = t.to(tl.int64) * B64
-        # the m exchange row of this step: two rows, so a phase-1 store of step s+1 never
-        # meets a phase-2 load of step s (there is a barrier between them anyway)
-        mrow = (s % 2) * B64 * H
+        # the m exchange row of this step: polled, one row per step (written once); else two
+        # rows, so a phase-1 store of step s+1 never meets a phase-2 load of step s (there is
+        # a barrier between them anyway)
+        if POLL:
+            mrow = toff * H
+        else:
+            mrow = (s % 2) * B64 * H
         k_bar = 2 * (s - s_begin)
         if PHASES % 2 == 1:
             # exchange row of h_{t-1}: t (forward; row 0 is h0) or t + 1 (reverse; row T)
             prev = (t + REVERSE).to(tl.int64) * B64 * P
-            # CHUNKS_PER_TRIP K chunks' loads issued together, then their dots (each loaded
-            # chunk is staged in shared memory for its dot: the trip bounds how much at once)
-            acc = tl.zeros([BLOCK_B, NG], dtype=ACC)
-            for c0 in tl.static_range(0, NKP, CHUNKS_PER_TRIP):
-                hp = ()
-                for ci in tl.static_range(CHUNKS_PER_TRIP):
-                    if c0 + ci < NKP:
-                        offs_k = (c0 + ci) * KC + tl.arange(0, KC)
-                        hp = hp + (
-                            tl.load(hx_ptr + prev + prow[:, None] + offs_k[None, :],
-                                    mask=mb[:, None] & (offs_k < P)[None, :], other=0.0,
-                                    cache_modifier=".cg"),
-                        )  # fmt: skip
-                for ci in tl.static_range(CHUNKS_PER_TRIP):
-                    if c0 + ci < NKP:
-                        if RESIDENT:
-                            wk = w_g[c0 + ci]
-                        else:
-                            offs_k = (c0 + ci) * KC + tl.arange(0, KC)
-                            wk = tl.load(whh_ptr + col_n[None, :] * P + offs_k[:, None],
-                                         mask=(offs_k < P)[:, None] & mn[None, :],
-                                         other=0.0)  # fmt: skip
-                        acc += tl.dot(hp[ci], wk, _runtime_zeros(acc, s), input_precision=PREC,
-                                      out_dtype=ACC)  # fmt: skip
+            if POLL:
+                acc = tl.zeros([BLOCK_B, NG], dtype=ACC)
+                arrived = 0
+                complete = 0
+                spins = 0
+                while (arrived == 0) & (spins <= budget):
+                    acc = _lstmp_gate_dots(hx_ptr, prev, prow, mb, w_g, whh_ptr, col_n, mn, s,
+                                           BLOCK_B, NG, P, KC, NKP, CHUNKS_PER_TRIP, RESIDENT,
+                                           POLL, PREC, ACC)  # fmt: skip
+                    arrived = _product_arrived(acc, complete)
+                    if arrived == 0:
+                        complete = 1 - _rows_pending(hx_ptr, prev, prow, mb, P, KC, SENTINEL)
+                    spins += 1
+                if arrived == 0:  # timed out (see the unprojected forward)
+                    tl.atomic_max(sync_ptr, SYNC_ERROR, sem="relaxed", scope="gpu")
+                    budget = -1
+            else:
+                acc = _lstmp_gate_dots(hx_ptr, prev, prow, mb, w_g, whh_ptr, col_n, mn, s,
+                                       BLOCK_B, NG, P, KC, NKP, CHUNKS_PER_TRIP, RESIDENT,
+                                       POLL, PREC, ACC)  # fmt: skip
             a0, a1, a2, a3 = _split_gates(acc, BLOCK_B, BH, GP)
             x0, x1, x2, x3 = _split_gates(x, BLOCK_B, BH, GP)
             ig, fg, gg, og, c_new, m_new = _lstm_cell(x0, x1, x2, x3, a0, a1, a2, a3, cs)
             cs = tl.where(v2, c_new, cs)
-            tl.store(mx_ptr + mrow + own, tl.where(v2, m_new, 0.0).to(hd), mask=m_own)
+            _store_exchange(mx_ptr + mrow + own, tl.where(v2, m_new, 0.0).to(hd), m_own,
+                            ASM and POLL)  # fmt: skip
             if USE_BARRIER:
                 _barrier_arrive(sync_ptr)
-            else:
+            elif not POLL:
                 tl.debug_barrier()
             if SAVE:
                 wp = ws_ptr + toff * (NW * H) + wrow[:, None] + offs_j[None, :]
@@ -1015,35 +1110,39 @@ def _lstmp_fwd_kernel(
         if PHASES >= 2:
             # a program past P loads nothing (it only keeps step with the barriers)
             mb_p = mb & (pid_h * BP < P)
-            # The K chunks of a trip as the batch dimension of a 3-D dot: the output (BLOCK_B,
-            # BP) is a single mma tile, so a 2-D dot would have every warp repeat all of K;
-            # this way each warp takes its own chunks, then the chunks' partial sums add up.
-            hproj = tl.zeros([BLOCK_B, BP], dtype=ACC)
-            for c0 in tl.static_range(0, NKC, CHUNKS_PER_TRIP):
-                k3 = ((c0 + tl.arange(0, CHUNKS_PER_TRIP)) * KC)[:, None, None] + tl.arange(
-                    0, KC)[None, None, :]  # fmt: skip
-                m3 = tl.load(mx_ptr + mrow + hrow[None, :, None] + k3,
-                             mask=mb_p[None, :, None] & (k3 < H), other=0.0,
-                             cache_modifier=".cg")  # fmt: skip
-                if RESIDENT:
-                    w3 = w_r[c0 // CHUNKS_PER_TRIP]
-                else:
-                    w3 = _load_whr_t3(whr_ptr, c0, offs_p, mp, H, KC, CHUNKS_PER_TRIP)
-                part = tl.dot(m3, w3, input_precision=PREC, out_dtype=ACC)
-                hproj += tl.sum(part, axis=0)
+            if POLL:
+                hproj = tl.zeros([BLOCK_B, BP], dtype=ACC)
+                arrived = 0
+                complete = 0
+                spins = 0
+                while (arrived == 0) & (spins <= budget):
+                    hproj = _lstmp_proj_dots(mx_ptr, mrow, hrow, mb_p, w_r, whr_ptr, offs_p, mp,
+                                             BLOCK_B, BP, H, KC, NKC, CHUNKS_PER_TRIP,
+                                             RESIDENT, POLL, PREC, ACC)  # fmt: skip
+                    arrived = _product_arrived(hproj, complete)
+                    if arrived == 0:
+                        complete = 1 - _rows_pending(mx_ptr, mrow, hrow, mb_p, H, KC, SENTINEL)
+                    spins += 1
+                if arrived == 0:
+                    tl.atomic_max(sync_ptr, SYNC_ERROR, sem="relaxed", scope="gpu")
+                    budget = -1
+            else:
+                hproj = _lstmp_proj_dots(mx_ptr, mrow, hrow, mb_p, w_r, whr_ptr, offs_p, mp,
+                                         BLOCK_B, BP, H, KC, NKC, CHUNKS_PER_TRIP, RESIDENT,
+                                         POLL, PREC, ACC)  # fmt: skip
             # h_t into its exchange row: t + 1 (forward) or t (reverse)
             out = (t + 1 - REVERSE).to(tl.int64) * B64 * P
             if SEPARATE_Y:
                 hs = tl.where(v2, hproj.to(hd).to(ACC), hs)
-                tl.store(hx_ptr + out + ownp, hs.to(hd), mask=m_ownp)
+                _store_exchange(hx_ptr + out + ownp, hs.to(hd), m_ownp, ASM and POLL)
             else:
                 yv = tl.where(v2, hproj, 0.0).to(hd)
-                tl.store(hx_ptr + out + ownp, yv, mask=m_ownp)
+                _store_exchange(hx_ptr + out + ownp, yv, m_ownp, ASM and POLL)
                 hs = tl.where(v2, yv.to(ACC), hs)
             if USE_BARRIER:
                 if s + 1 < s_end:
                     _barrier_arrive(sync_ptr)
-            else:
+            elif not POLL:
                 tl.debug_barrier()
             # work that needs nobody else's data, overlapping the barrier
             if SEPARATE_Y:
@@ -1074,6 +1173,63 @@ def _load_whh_cols(whh_ptr, offs_k, offs_p, mp, G: tl.constexpr, GP: tl.constexp
     return tl.load(whh_ptr + (g3 * H + k3) * P + offs_p[None, None, :], mask=m, other=0.0)
 
 
+@triton.jit
+def _lstmp_dh_dots(dxg_ptr, tn, B64, xrow, hrow, nvalid, w_g, whh_ptr, offs_p, mp, s,
+                   G: tl.constexpr, GP: tl.constexpr, H: tl.constexpr, P: tl.constexpr,
+                   KC: tl.constexpr, NKC: tl.constexpr, BLOCK_B: tl.constexpr,
+                   BP: tl.constexpr, CHUNKS_PER_TRIP: tl.constexpr, RESIDENT: tl.constexpr,
+                   POLL: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
+    """The backward's first product, dgates_{tn} @ W_hh[:, own outputs], (BLOCK_B, BP):
+    CHUNKS_PER_TRIP chunks' dgates loads (every gate) issued together, as many as registers
+    hold (as in the unprojected backward), then their dots."""
+    acc3 = tl.zeros([GP, BLOCK_B, BP], dtype=ACC)
+    for c0 in tl.static_range(0, NKC, CHUNKS_PER_TRIP):
+        gk = ()
+        for ci in tl.static_range(CHUNKS_PER_TRIP):
+            if c0 + ci < NKC:
+                offs_k = (c0 + ci) * KC + tl.arange(0, KC)
+                gk = gk + (_load_dgates_all(dxg_ptr, dxg_ptr, tn, B64, xrow, hrow, offs_k,
+                                            nvalid, LSTM, G, GP, H, POLL),)  # fmt: skip
+        for ci in tl.static_range(CHUNKS_PER_TRIP):
+            if c0 + ci < NKC:
+                if RESIDENT:
+                    wk = w_g[c0 + ci]
+                else:
+                    offs_k = (c0 + ci) * KC + tl.arange(0, KC)
+                    wk = _load_whh_cols(whh_ptr, offs_k, offs_p, mp, G, GP, H, P)
+                if BLOCK_B < 64:
+                    acc3 += tl.dot(gk[ci], wk, _runtime_zeros(acc3, s), input_precision=PREC,
+                                   out_dtype=ACC)  # fmt: skip
+                else:
+                    # 64 rows: each warp has 4 row tiles to overlap already, and one
+                    # accumulator per chunk spilled on sm_90
+                    acc3 += tl.dot(gk[ci], wk, input_precision=PREC, out_dtype=ACC)
+    return tl.sum(acc3, axis=0)
+
+
+@triton.jit
+def _lstmp_dm_dots(dhp_ptr, toff, prow, valid, w_r, whr_ptr, offs_j, mj, s, H: tl.constexpr,
+                   P: tl.constexpr, KC: tl.constexpr, NKP: tl.constexpr, BLOCK_B: tl.constexpr,
+                   BH: tl.constexpr, RESIDENT: tl.constexpr, POLL: tl.constexpr,
+                   PREC: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
+    """The backward's second product, dm = dh_t (P wide) @ W_hr[:, own units], (BLOCK_B, BH):
+    every chunk's load first, then the dots."""
+    dp = ()
+    for i in tl.static_range(NKP):
+        offs_k = i * KC + tl.arange(0, KC)
+        dp = dp + (_load_rows(dhp_ptr, toff * P, prow, offs_k, valid, P, POLL),)
+    dm = tl.zeros([BLOCK_B, BH], dtype=ACC)
+    for i in tl.static_range(NKP):
+        if RESIDENT:
+            wk = w_r[i]
+        else:
+            offs_k = i * KC + tl.arange(0, KC)
+            wk = tl.load(whr_ptr + offs_k[:, None] * H + offs_j[None, :],
+                         mask=(offs_k < P)[:, None] & mj[None, :], other=0.0)  # fmt: skip
+        dm += tl.dot(dp[i], wk, _runtime_zeros(dm, s), input_precision=PREC, out_dtype=ACC)
+    return dm
+
+
 @triton.jit(do_not_specialize=["T", "B", "nrows", "s_begin", "s_end", "spin_max"])
 def _lstmp_bwd_kernel(
     whh_ptr, whr_ptr, c0_ptr, len_ptr, ws_ptr, dy_ptr,
@@ -1084,7 +1240,8 @@ def _lstmp_bwd_kernel(
     BP: tl.constexpr, BLOCK_B: tl.constexpr, CHUNKS_PER_TRIP: tl.constexpr,
     ON_CHIP: tl.constexpr, RESIDENT: tl.constexpr, HAS_LEN: tl.constexpr, REVERSE: tl.constexpr,
     USE_BARRIER: tl.constexpr,
-    PHASES: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+    PHASES: tl.constexpr, POLL: tl.constexpr, ASM: tl.constexpr, SENTINEL: tl.constexpr,
+    PREC: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
     """Backward of `_lstmp_fwd_kernel`, steps s in [0, T] (step s < T handles forward step
     T-1-s; step T only folds the first step's dgates into dh0), two phases per step:
@@ -1093,7 +1250,8 @@ def _lstmp_bwd_kernel(
        input);
     2. program p owns units [p*BH, p*BH+BH): dm = dh_t (B, P) @ W_hr[:, own] (K = P), the
        LSTM gate backward with dm for dh, dgates to dxg[t].
-    A grid barrier follows each phase (PHASES as in the forward)."""
+    A grid barrier follows each phase, or (POLL) none: dxg and dhp start as the sentinel and
+    are polled (PHASES as in the forward)."""
     pid_h = tl.program_id(0)
     pid_b = tl.program_id(1)
     nprog = tl.num_programs(0) * tl.num_programs(1)
@@ -1112,6 +1270,7 @@ def _lstmp_bwd_kernel(
     own = hrow[:, None] + offs_j[None, :]
     ownp = prow[:, None] + offs_p[None, :]
     xd = dxg_ptr.dtype.element_ty
+    budget = spin_max
 
     # carries: dh of the own outputs (P wide), dc of the own units
     dh_c = tl.load(dhs_ptr + ownp, mask=m_ownp, other=0.0).to(ACC)
@@ -1130,6 +1289,9 @@ def _lstmp_bwd_kernel(
                 tl.load(whr_ptr + offs_k[:, None] * H + offs_j[None, :],
                         mask=(offs_k < P)[:, None] & mj[None, :], other=0.0),
             )  # fmt: skip
+    else:
+        w_g = ()  # streamed: the products load them
+        w_r = ()
 
     for s in range(s_begin, s_end):
         t = _time(T - 1 - s, T, REVERSE)
@@ -1145,41 +1307,39 @@ def _lstmp_bwd_kernel(
                 tn = t + 1
             # (a program past P loads nothing: it only keeps step with the barriers)
             nvalid = mb & (s > 0) & (tn < L) & (pid_h * BP < P)
-            # CHUNKS_PER_TRIP chunks' dgates loads (every gate) issued together, as many as
-            # registers hold (as in the unprojected backward), then their dots
-            acc3 = tl.zeros([GP, BLOCK_B, BP], dtype=ACC)
-            for c0 in tl.static_range(0, NKC, CHUNKS_PER_TRIP):
-                gk = ()
-                for ci in tl.static_range(CHUNKS_PER_TRIP):
-                    if c0 + ci < NKC:
-                        offs_k = (c0 + ci) * KC + tl.arange(0, KC)
-                        gk = gk + (_load_dgates_all(dxg_ptr, dxg_ptr, tn, B64, xrow, hrow, offs_k,
-                                                    nvalid, LSTM, G, GP, H),)  # fmt: skip
-                for ci in tl.static_range(CHUNKS_PER_TRIP):
-                    if c0 + ci < NKC:
-                        if RESIDENT:
-                            wk = w_g[c0 + ci]
-                        else:
-                            offs_k = (c0 + ci) * KC + tl.arange(0, KC)
-                            wk = _load_whh_cols(whh_ptr, offs_k, offs_p, mp, G, GP, H, P)
-                        if BLOCK_B < 64:
-                            acc3 += tl.dot(gk[ci], wk, _runtime_zeros(acc3, s),
-                                           input_precision=PREC, out_dtype=ACC)  # fmt: skip
-                        else:
-                            # 64 rows: each warp has 4 row tiles to overlap already, and one
-                            # accumulator per chunk spilled on sm_90
-                            acc3 += tl.dot(gk[ci], wk, input_precision=PREC, out_dtype=ACC)
-            dh_c += tl.sum(acc3, axis=0)
+            if POLL:
+                rec = tl.zeros([BLOCK_B, BP], dtype=ACC)
+                arrived = 0
+                complete = 0
+                spins = 0
+                while (arrived == 0) & (spins <= budget):
+                    rec = _lstmp_dh_dots(dxg_ptr, tn, B64, xrow, hrow, nvalid, w_g, whh_ptr,
+                                         offs_p, mp, s, G, GP, H, P, KC, NKC, BLOCK_B, BP,
+                                         CHUNKS_PER_TRIP, RESIDENT, POLL, PREC, ACC)  # fmt: skip
+                    arrived = _product_arrived(rec, complete)
+                    if arrived == 0:
+                        row_off = tn.to(tl.int64) * B64 * (G * H)
+                        complete = 1 - _rows_pending(dxg_ptr, row_off, xrow, nvalid, G * H, KC,
+                                                     SENTINEL)  # fmt: skip
+                    spins += 1
+                if arrived == 0:  # timed out (see the unprojected forward)
+                    tl.atomic_max(sync_ptr, SYNC_ERROR, sem="relaxed", scope="gpu")
+                    budget = -1
+            else:
+                rec = _lstmp_dh_dots(dxg_ptr, tn, B64, xrow, hrow, nvalid, w_g, whh_ptr, offs_p,
+                                     mp, s, G, GP, H, P, KC, NKC, BLOCK_B, BP, CHUNKS_PER_TRIP,
+                                     RESIDENT, POLL, PREC, ACC)  # fmt: skip
+            dh_c += rec
             dy = tl.load(dy_ptr + toff * P + ownp, mask=v2 & mp[None, :], other=0.0).to(ACC)
             dh = dh_c + dy
             # rows past a sequence's end: dhp 0, the carry rides on to the sequence's end
-            tl.store(dhp_ptr + toff * P + ownp, tl.where(v2, dh, 0.0).to(xd),
-                     mask=m_ownp & (s < T))  # fmt: skip
+            _store_exchange(dhp_ptr + toff * P + ownp, tl.where(v2, dh, 0.0).to(xd),
+                            m_ownp & (s < T), ASM and POLL)  # fmt: skip
             dh_c = tl.where(v2, 0.0, dh_c)
             if USE_BARRIER:
                 if s < T:
                     _barrier_arrive(sync_ptr)
-            else:
+            elif not POLL:
                 tl.debug_barrier()
         if PHASES >= 2:
             # the own units' saved fields and c_{t-1}, overlapping the barrier
@@ -1202,36 +1362,40 @@ def _lstmp_bwd_kernel(
                 if s < T:
                     _barrier_wait(sync_ptr, (k_bar + 1) * nprog, spin_max)
         if PHASES >= 2:
-            dp = ()
-            for i in tl.static_range(NKP):
-                offs_k = i * KC + tl.arange(0, KC)
-                dp = dp + (
-                    tl.load(dhp_ptr + toff * P + prow[:, None] + offs_k[None, :],
-                            mask=v2 & (offs_k < P)[None, :], other=0.0, cache_modifier=".cg"),
-                )  # fmt: skip
-            dm = tl.zeros([BLOCK_B, BH], dtype=ACC)
-            for i in tl.static_range(NKP):
-                if RESIDENT:
-                    wk = w_r[i]
-                else:
-                    offs_k = i * KC + tl.arange(0, KC)
-                    wk = tl.load(whr_ptr + offs_k[:, None] * H + offs_j[None, :],
-                                 mask=(offs_k < P)[:, None] & mj[None, :], other=0.0)  # fmt: skip
-                dm += tl.dot(dp[i], wk, _runtime_zeros(dm, s), input_precision=PREC,
-                             out_dtype=ACC)  # fmt: skip
+            if POLL:
+                dm = tl.zeros([BLOCK_B, BH], dtype=ACC)
+                arrived = 0
+                complete = 0
+                spins = 0
+                while (arrived == 0) & (spins <= budget):
+                    dm = _lstmp_dm_dots(dhp_ptr, toff, prow, valid, w_r, whr_ptr, offs_j, mj, s,
+                                        H, P, KC, NKP, BLOCK_B, BH, RESIDENT, POLL, PREC,
+                                        ACC)  # fmt: skip
+                    arrived = _product_arrived(dm, complete)
+                    if arrived == 0:
+                        complete = 1 - _rows_pending(dhp_ptr, toff * P, prow, valid, P, KC,
+                                                     SENTINEL)  # fmt: skip
+                    spins += 1
+                if arrived == 0:
+                    tl.atomic_max(sync_ptr, SYNC_ERROR, sem="relaxed", scope="gpu")
+                    budget = -1
+            else:
+                dm = _lstmp_dm_dots(dhp_ptr, toff, prow, valid, w_r, whr_ptr, offs_j, mj, s, H, P,
+                                    KC, NKP, BLOCK_B, BH, RESIDENT, POLL, PREC, ACC)  # fmt: skip
             d0, d1, d2, d3, dc = _lstm_cell_backward(dm, dc_c, f0, f1, f2, f3, f4, pv)
             dc_c = tl.where(v2, dc * f1, dc_c)
             ms = m_own & (s < T)
             gp = dxg_ptr + toff * (G * H) + xrow[:, None] + offs_j[None, :]
-            tl.store(gp, tl.where(v2, d0, 0.0).to(xd), mask=ms)
-            tl.store(gp + H, tl.where(v2, d1, 0.0).to(xd), mask=ms)
-            tl.store(gp + 2 * H, tl.where(v2, d2, 0.0).to(xd), mask=ms)
-            tl.store(gp + 3 * H, tl.where(v2, d3, 0.0).to(xd), mask=ms)
+            relaxed: tl.constexpr = ASM and POLL
+            _store_exchange(gp, tl.where(v2, d0, 0.0).to(xd), ms, relaxed)
+            _store_exchange(gp + H, tl.where(v2, d1, 0.0).to(xd), ms, relaxed)
+            _store_exchange(gp + 2 * H, tl.where(v2, d2, 0.0).to(xd), ms, relaxed)
+            _store_exchange(gp + 3 * H, tl.where(v2, d3, 0.0).to(xd), ms, relaxed)
             if USE_BARRIER:
                 if s + 1 < s_end:
                     _barrier_arrive(sync_ptr)
                     _barrier_wait(sync_ptr, (k_bar + 2) * nprog, spin_max)
-            else:
+            elif not POLL:
                 tl.debug_barrier()
 
     tl.store(dhs_ptr + ownp, dh_c, mask=m_ownp)
@@ -1379,7 +1543,7 @@ def make_plan(
         return _make_proj_plan(H, proj_size, B, dtype, device, backward=backward, BH=BH, BP=BP,
                                BLOCK_B=BLOCK_B, KC=KC, resident=resident, persistent=persistent,
                                num_warps=num_warps, chunks_per_trip=chunks_per_trip,
-                               sm_count=sm_count)  # fmt: skip
+                               sm_count=sm_count, poll=poll)  # fmt: skip
     es = _element_size(dtype)
     hp = _next_pow2(H)
     if device.type != "cuda":
@@ -1475,7 +1639,8 @@ PROJ_STAGE_BYTES = 32 * 1024
 
 
 def _make_proj_plan(H, P, B, dtype, device, *, backward, BH, BP, BLOCK_B, KC, resident,
-                    persistent, num_warps, chunks_per_trip, sm_count) -> Plan:  # fmt: skip
+                    persistent, num_warps, chunks_per_trip, sm_count,
+                    poll=None) -> Plan:  # fmt: skip
     """Plan of the projected LSTM kernels: n_h programs (per batch tile) own BH units each
     for the gates and BP projected outputs each for the projection (the smallest power of
     two >= 8, 2 in the interpreter, that covers P with n_h programs; programs past P idle in
@@ -1497,7 +1662,7 @@ def _make_proj_plan(H, P, B, dtype, device, *, backward, BH, BP, BLOCK_B, KC, re
             raise ValueError("the interpreter runs programs one after another: a grid barrier "
                              "across several programs would never complete")  # fmt: skip
         return Plan(bh, bb, n_h, n_b, res, pers, kc, num_warps or 4, False,
-                    chunks_per_trip or 2, bp)  # fmt: skip
+                    chunks_per_trip or 2, bp, poll=True if poll is None else poll)  # fmt: skip
     sms = sm_count or torch.cuda.get_device_properties(device).multi_processor_count
     bb = BLOCK_B or _batch_tile(B)
     n_b = triton.cdiv(B, bb)
@@ -1524,8 +1689,12 @@ def _make_proj_plan(H, P, B, dtype, device, *, backward, BH, BP, BLOCK_B, KC, re
     else:  # m (h) chunks, staged in shared memory; a power of two (the 3-D dot's batch)
         cpt = min(triton.cdiv(H, kc), PROJ_STAGE_BYTES // (bb * kc * _element_size(dtype)))
         cpt = 1 << max(0, cpt.bit_length() - 1)
+    if poll is None:
+        # 64-row tiles barrier-synchronised: polled, their loads went out in several times
+        # as many waves on sm_90 (forward 5 -> 13 a step, more than two barriers cost)
+        poll = bb < 64
     plan = Plan(bh, bb, n_h, n_b, resident, pers, kc, nw, False, chunks_per_trip or max(1, cpt), bp,
-                b_chunk=b_chunk)  # fmt: skip
+                poll=poll, b_chunk=b_chunk)  # fmt: skip
     assert plan.n_h * plan.BP >= P, plan
     return plan
 
@@ -1689,21 +1858,9 @@ def _launch_steps(kernel, plan: Plan, T: int, B: int, n_steps: int, args, kw, sp
     kw = _plan_kw(plan, kw)
     if plan.persistent:
         use_barrier = _uses_barrier(plan, kw)
-        _launch_persistent(
-            kernel,
-            plan,
-            T,
-            B,
-            n_steps,
-            args,
-            kw,
-            spin_max,
-            device,
-            batch_axes,
-            use_barrier,
-            use_barrier or kw.get("POLL"),
-            barriers_per_step=1,
-        )
+        _launch_persistent(kernel, plan, T, B, n_steps, args, kw, spin_max, device, batch_axes,
+                           use_barrier, use_barrier or kw.get("POLL"),
+                           barriers_per_step=1)  # fmt: skip
     else:
         if plan.on_chip:
             raise ValueError("an on-chip plan keeps state in registers: it must be persistent")
@@ -1737,21 +1894,10 @@ def _launch_phases(kernel, plan: Plan, T: int, B: int, n_steps: int, args, kw, s
     kw = _plan_kw(plan, kw)
     if plan.persistent:
         use_barrier = plan.nprog > 1
-        _launch_persistent(
-            kernel,
-            plan,
-            T,
-            B,
-            n_steps,
-            args,
-            kw,
-            spin_max,
-            device,
-            batch_axes,
-            use_barrier,
-            use_barrier,
-            barriers_per_step=2,
-        )
+        use_barrier = use_barrier and not kw.get("POLL")
+        _launch_persistent(kernel, plan, T, B, n_steps, args, kw, spin_max, device, batch_axes,
+                           use_barrier, use_barrier or kw.get("POLL"),
+                           barriers_per_step=2)  # fmt: skip
     else:
         sync = torch.zeros(2, dtype=torch.int32, device=device)
         grid = (plan.n_h, plan.n_b)
@@ -1828,21 +1974,32 @@ def forward(
         SENTINEL=_SENTINEL[dt],
     )  # fmt: skip
     plan = _fit(_recurrence_fwd_kernel, plan, args, kw, dev)
-    if _polls(plan):
-        # every row but h0's starts as the sentinel the kernel polls for
-        hx.view(_BITS[dt]).fill_(_SENTINEL[dt])
-    if h0 is not None:
-        hx[first].copy_(h0)
-        if _polls(plan):
-            # h0 (the caller's bits) must not look pending: its sentinels become plain NaNs
-            hx[first].masked_fill_(hx[first].view(_BITS[dt]) == _SENTINEL[dt], float("nan"))
-    else:
-        hx[first].zero_()
+    _fill_polled(plan, dt, hx)  # every row but h0's
+    _put_h0(plan, dt, hx[first], h0)
     has_len = lengths is not None
     axes = (1, None, None, 0 if has_len else None, 1, 1, 0, 0, 1 if save else None)
     _launch_steps(_recurrence_fwd_kernel, plan, T, B, T, args, kw,
                   SPIN_MAX if spin_max is None else spin_max, dev, axes)  # fmt: skip
     return y, hs.to(dt), (cs.to(dt) if cell == "lstm" else None), ws
+
+
+def _fill_polled(plan: Plan, dtype: torch.dtype, *buffers) -> None:
+    """Exchange buffers a polling plan reads start as the sentinel (None entries skipped)."""
+    if _polls(plan):
+        for b in buffers:
+            if b is not None:
+                b.view(_BITS[dtype]).fill_(_SENTINEL[dtype])
+
+
+def _put_h0(plan: Plan, dtype: torch.dtype, row: torch.Tensor, h0) -> None:
+    """h0 (or zeros) into the exchange row that holds it. Polled, the caller's bits must not
+    look pending: a sentinel among them becomes a plain NaN."""
+    if h0 is None:
+        row.zero_()
+        return
+    row.copy_(h0)
+    if _polls(plan):
+        row.masked_fill_(row.view(_BITS[dtype]) == _SENTINEL[dtype], float("nan"))
 
 
 def _forward_proj(xg, w_hh, w_hr, h0, c0, lengths, reverse, save, plan, precision, spin_max):
@@ -1863,15 +2020,12 @@ def _forward_proj(xg, w_hh, w_hr, h0, c0, lengths, reverse, save, plan, precisio
         return xg.new_empty((0, B, P)), hs.to(dt), cs.to(dt), ws
     hx = _alloc((T + 1, B, P), dt, dev)
     first = T if reverse else 0
-    if h0 is not None:
-        hx[first].copy_(h0)
-    else:
-        hx[first].zero_()
     if lengths is not None and reverse:
         y = _alloc((T, B, P), dt, dev)
     else:
         y = hx[:T] if reverse else hx[1:]
-    mx = _alloc((2, B, H), dt, dev)  # m exchange: one row per step parity
+    # m exchange: one row per step when polled (each written once), else per step parity
+    mx = _alloc((T if _polls(plan) else 2, B, H), dt, dev)
     dummy = xg
     args = (
         xg, w_hh, w_hr, lengths if lengths is not None else dummy,
@@ -1880,8 +2034,16 @@ def _forward_proj(xg, w_hh, w_hr, h0, c0, lengths, reverse, save, plan, precisio
     kw = dict(
         G=4, GP=4, NW=len(WS_FIELDS["lstm"]), H=H, P=P, CHUNKS_PER_TRIP=plan.chunks_per_trip,
         HAS_LEN=lengths is not None, REVERSE=bool(reverse), SAVE=bool(save), PHASES=3,
-        PREC=_prec(dt, precision), ACC=_acc_dtype(dt),
+        PREC=_prec(dt, precision), ACC=_acc_dtype(dt), POLL=False, ASM=not interpreting(),
+        SENTINEL=_SENTINEL[dt],
     )  # fmt: skip
+    fitted = _fit(_lstmp_fwd_kernel, plan, args, kw, dev)
+    if _polls(fitted) != _polls(plan):  # weights streamed after all: m by step parity
+        mx = _alloc((T if _polls(fitted) else 2, B, H), dt, dev)
+        args = args[:6] + (mx,) + args[7:]
+    plan = fitted
+    _fill_polled(plan, dt, hx, mx)
+    _put_h0(plan, dt, hx[first], h0)
     axes = (1, None, None, 0 if lengths is not None else None, 1, 1, 1, 0, 0,
             1 if save else None)  # fmt: skip
     _launch_phases(_lstmp_fwd_kernel, plan, T, B, T, args, kw,
@@ -1911,8 +2073,11 @@ def _backward_proj(w_hh, w_hr, c0, lengths, reverse, y, workspace, dy, dh_T, dc_
     kw = dict(
         G=4, GP=4, NW=len(WS_FIELDS["lstm"]), H=H, P=P, CHUNKS_PER_TRIP=plan.chunks_per_trip,
         HAS_LEN=lengths is not None, REVERSE=bool(reverse), PHASES=3,
-        PREC=_prec(dt, precision), ACC=_acc_dtype(dt),
+        PREC=_prec(dt, precision), ACC=_acc_dtype(dt), POLL=False, ASM=not interpreting(),
+        SENTINEL=_SENTINEL[dt],
     )  # fmt: skip
+    plan = _fit(_lstmp_bwd_kernel, plan, args, kw, dev)
+    _fill_polled(plan, dt, dxg, dhp)
     axes = (None, None, 0, 0 if lengths is not None else None, 1, 1, 1, 1, 0, 0)
     _launch_phases(_lstmp_bwd_kernel, plan, T, B, T + 1, args, kw,
                    SPIN_MAX if spin_max is None else spin_max, dev, axes)  # fmt: skip
@@ -1982,11 +2147,8 @@ def backward(
         ACC=_acc_dtype(dt), POLL=False, ASM=not interpreting(), SENTINEL=_SENTINEL[dt],
     )  # fmt: skip
     plan = _fit(_recurrence_bwd_kernel, plan, args, kw, dev)
-    if _polls(plan):
-        # every dgates element is written once, by the step that owns it: polled
-        dxg.view(_BITS[dt]).fill_(_SENTINEL[dt])
-        if dhn is not None:
-            dhn.view(_BITS[dt]).fill_(_SENTINEL[dt])
+    # every dgates element is written once, by the step that owns it: polled
+    _fill_polled(plan, dt, dxg, dhn)
     # T + 1 steps: the last one only folds the first step's dgates into dh0
     axes = (None, 0, 0 if cell == "lstm" else None, 0 if lengths is not None else None, 1, 1,
             1, 1, 1 if dhn is not None else None, 0, 0)  # fmt: skip
