@@ -35,9 +35,9 @@ DRY_RUN=${DRY_RUN:-0}
 slack=1
 [ "$DRY_RUN" = 1 ] && slack=10
 TOTAL_LIMIT=${TOTAL_LIMIT:-$((290 * slack))}
-TRITON_TESTS_LIMIT=${TRITON_TESTS_LIMIT:-$((120 * slack))}
+TRITON_TESTS_LIMIT=${TRITON_TESTS_LIMIT:-$((150 * slack))}
 CHECK_LIMIT=${CHECK_LIMIT:-$((30 * slack))}
-BENCH_LIMIT=${BENCH_LIMIT:-$((80 * slack))}
+BENCH_LIMIT=${BENCH_LIMIT:-$((60 * slack))}
 STEP_LIMIT=${STEP_LIMIT:-$((45 * slack))}
 CUPY_TESTS_LIMIT=${CUPY_TESTS_LIMIT:-$((20 * slack))}
 PLOT_LIMIT=${PLOT_LIMIT:-$((15 * slack))}
