@@ -11,7 +11,7 @@ import torch
 
 from gpurnn import cells
 from gpurnn.backends import Inputs, get_backend
-from gpurnn.backends.common import compute_dtype, previous_states, step_mask
+from gpurnn.backends.common import compute_dtype, previous_states, projection_grad, step_mask
 from tests.conftest import seeded_generator
 
 CUDA_DIR = Path(__file__).resolve().parents[1] / "kernels" / "cuda"
@@ -165,3 +165,16 @@ def test_saved_workspace_matches_table(name, cell, packed):
         for field, value in saved.items():
             got, want = value[t][valid[t]], expected[field][valid[t]]
             assert torch.allclose(got, want, atol=tolerance, rtol=0), (name, cell, field, t)
+
+
+def test_projection_grad_matches_its_definition():
+    """dW_hr = sum over (t, b) of dhp^T (o * tanh c), o and c read from the workspace by
+    the cell table (both GPU backends use this one function)."""
+    T, B, H, P = 4, 3, 6, 5
+    ws = torch.randn(T, B, 5 * H)
+    dhp = torch.randn(T, B, P)
+    m = ws[..., 3 * H : 4 * H] * torch.tanh(ws[..., 4 * H :])
+    expected = torch.einsum("tbp,tbh->ph", dhp.double(), m.double())
+    got = projection_grad(dhp, ws, H)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(projection_grad(dhp[:0], ws[:0], H), torch.zeros(P, H))

@@ -23,8 +23,8 @@ import pytest
 import torch
 
 from gpurnn import reference
-from gpurnn.backends.common import kernel_weight_grads
-from gpurnn.backends.cupy import PROJ_OUT_ROWS, projection_grad
+from gpurnn.backends.common import kernel_weight_grads, projection_grad
+from gpurnn.backends.cupy import PROJ_OUT_ROWS
 from tests.conftest import seeded_generator
 
 # ---------------------------------------------------------------- rnn_index.cuh, in Python

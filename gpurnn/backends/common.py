@@ -62,3 +62,22 @@ def kernel_weight_grads(cell, dxg, dhn, y, h_init, lengths, reverse, b_hn):
         dw_hh = d_hidden.t().to(acc) @ h_prev.to(acc)
     db_hn = dhn.to(acc).sum(dim=(0, 1)).to(b_hn.dtype) if b_hn is not None else None
     return dw_hh, db_hn
+
+
+def projection_grad(dhp: Tensor, workspace: Tensor, H: int) -> Tensor:
+    """dW_hr (P, H) of an LSTM with projection = the sum over every (t, b) of
+    dhp[t, b]^T m[t, b], one GEMM, with m = o * tanh(c) recomputed from the workspace's o and
+    c (field k of unit j at column k*H + j, the cell table's order; every GPU backend saves
+    the same LSTM fields). Rows past a sequence's end have dhp = 0 and add nothing."""
+    P = dhp.shape[-1]
+    if dhp.numel() == 0:
+        return torch.zeros(P, H, dtype=torch.float32, device=dhp.device)
+    names = saved_fields("lstm")
+    fields = workspace.reshape(-1, len(names), H)
+    acc = torch.float64 if torch.float64 in (dhp.dtype, workspace.dtype) else torch.float32
+    o, c = fields[:, names.index("o")].to(acc), fields[:, names.index("c")].to(acc)
+    m = o * torch.tanh(c)
+    if dhp.device.type == "cuda" and dhp.dtype != torch.float64:
+        # 16-bit GEMM (cuBLAS accumulates in fp32), m rounded as the kernels exchange it
+        return dhp.reshape(-1, P).t() @ m.to(dhp.dtype)
+    return dhp.reshape(-1, P).t().to(acc) @ m

@@ -51,8 +51,8 @@ import torch
 from torch import Tensor
 
 from gpurnn.backends.base import Backend, Grads
-from gpurnn.backends.common import kernel_weight_grads, loop_workspace_shape
-from gpurnn.cells import GATES, saved_fields
+from gpurnn.backends.common import kernel_weight_grads, loop_workspace_shape, projection_grad
+from gpurnn.cells import GATES
 
 log = logging.getLogger("gpurnn")
 
@@ -755,19 +755,3 @@ class CupyBackend(Backend):
             b_hn=None,
             w_hr=dw_hr.to(w_hr.dtype),
         )
-
-
-def projection_grad(dhp: Tensor, workspace: Tensor, H: int) -> Tensor:
-    """dW_hr (P, H) = sum over every (t, b) of dhp[t, b]^T m[t, b], one GEMM, with
-    m = o * tanh(c) from the workspace's fields (lstm: i, f, g, o, c). Rows past a sequence's
-    end have dhp = 0 and add nothing."""
-    P = dhp.shape[-1]
-    if dhp.numel() == 0:
-        return torch.zeros(P, H, dtype=torch.float32, device=dhp.device)
-    fields = workspace.reshape(-1, len(saved_fields("lstm", from_output=True)), H)
-    m = fields[:, 3] * torch.tanh(fields[:, 4])  # fp32, as the kernel computed it
-    if dhp.device.type == "cuda":
-        # 16-bit GEMM (cuBLAS accumulates in fp32), m rounded as the kernel's exchange held it
-        return dhp.reshape(-1, P).t() @ m.to(dhp.dtype)
-    acc = torch.float64 if torch.float64 in (dhp.dtype, m.dtype) else torch.float32
-    return dhp.reshape(-1, P).t().to(acc) @ m.to(acc)

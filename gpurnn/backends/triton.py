@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from gpurnn.backends.base import Backend, Grads, Inputs
-from gpurnn.backends.common import kernel_weight_grads
+from gpurnn.backends.common import kernel_weight_grads, projection_grad
 
 try:  # triton is optional (e.g. macOS); the kernels module imports it at the top
     from gpurnn.kernels.triton import recurrence as _tl
@@ -142,7 +142,7 @@ class TritonBackend(Backend):
         if w_hr is not None:
             # the kernel's second output is then dhp, each step's projected-output gradient
             dhp, dhn = dhn, None
-            dw_hr = _projection_grad(dhp, workspace, w_hr.shape[1])
+            dw_hr = projection_grad(dhp, workspace, w_hr.shape[1])
         h_init = h0 if h0 is not None else y.new_zeros(B, H_out)
         dw_hh, db_hn = kernel_weight_grads(cell, dxg, dhn, y, h_init, lengths, reverse, b_hn)
         return Grads(
@@ -153,16 +153,3 @@ class TritonBackend(Backend):
             b_hn=db_hn,
             w_hr=dw_hr.to(w_hr.dtype) if dw_hr is not None else None,
         )
-
-
-def _projection_grad(dhp: Tensor, workspace: Tensor, H: int) -> Tensor:
-    """dW_hr (P, H) = sum over every (t, b) of dhp[t, b]^T m[t, b], one GEMM; m = o * tanh(c)
-    from the workspace's fields (rows past a sequence's end have dhp = 0 and add nothing)."""
-    acc = torch.float64 if dhp.dtype == torch.float64 else torch.float32
-    f = _tl.unpack_workspace("lstm", workspace, H)
-    m = (f["o"].to(acc) * torch.tanh(f["c"].to(acc))).reshape(-1, H)
-    P = dhp.shape[-1]
-    if dhp.device.type == "cuda" and dhp.dtype != torch.float64:
-        # 16-bit GEMM (cuBLAS accumulates in fp32), m rounded as the kernel's exchange holds it
-        return dhp.reshape(-1, P).t() @ m.to(dhp.dtype)
-    return dhp.reshape(-1, P).t().to(acc) @ m

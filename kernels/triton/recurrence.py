@@ -363,16 +363,32 @@ def _load_dgates_all(dxg_ptr, dhn_ptr, tn, B64, xrow, hrow, offs_k, nvalid, CELL
 
 
 @triton.jit
-def _dgates_dots(dxg_ptr, dhn_ptr, tn, B64, xrow, hrow, nvalid, w_res, s, CELL: tl.constexpr,
-                 G: tl.constexpr, GP: tl.constexpr, H: tl.constexpr, KC: tl.constexpr,
-                 NKC: tl.constexpr, BLOCK_B: tl.constexpr, BH: tl.constexpr,
-                 CHUNKS_PER_TRIP: tl.constexpr, POLL: tl.constexpr, PREC: tl.constexpr,
-                 ACC: tl.constexpr):  # fmt: skip
-    """dgates_{tn} @ W_hh[:, own units] with resident weights (NKC (GP, KC, BH) chunks):
-    CHUNKS_PER_TRIP chunks' loads (every gate) issued together, as many as registers hold,
-    then their dots; one accumulator per chunk, summed over the gates at the end."""
-    acc3 = tl.zeros([GP, BLOCK_B, BH], dtype=ACC)
-    z3 = _runtime_zeros(acc3, s)
+def _load_whh_cols(whh_ptr, offs_k, offs_n, mn, G: tl.constexpr, GP: tl.constexpr,
+                   H: tl.constexpr, W: tl.constexpr):  # fmt: skip
+    """(GP, KC, N): rows offs_k of every gate block of W_hh (G*H, W), columns offs_n (the
+    own units, or the own projected outputs); padding gates and rows 0."""
+    g3 = tl.arange(0, GP)[:, None, None]
+    k3 = offs_k[None, :, None]
+    m = (g3 < G) & (k3 < H) & mn[None, None, :]
+    return tl.load(whh_ptr + (g3 * H + k3) * W + offs_n[None, None, :], mask=m, other=0.0)
+
+
+@triton.jit
+def _dgates_dots(dxg_ptr, dhn_ptr, tn, B64, xrow, hrow, nvalid, w_res, whh_ptr, offs_n, mn, s,
+                 CELL: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, H: tl.constexpr,
+                 W: tl.constexpr, KC: tl.constexpr, NKC: tl.constexpr,
+                 BLOCK_B: tl.constexpr, BN: tl.constexpr, CHUNKS_PER_TRIP: tl.constexpr,
+                 RESIDENT: tl.constexpr, SPLIT_ACC: tl.constexpr, POLL: tl.constexpr,
+                 PREC: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
+    """dgates_{tn} @ W_hh[:, columns offs_n], (BLOCK_B, BN): the backward's recurrent
+    product (the own units; projected LSTM: the own outputs, W = P). The gates are the
+    batch dimension of a 3-D dot, so each warp multiplies one gate instead of every warp
+    repeating the whole (BLOCK_B, BN) tile, a single mma tile. CHUNKS_PER_TRIP K chunks'
+    loads (every gate) are issued together, as many as registers hold, then their dots,
+    each from its own accumulator (SPLIT_ACC; at 64 rows a warp has 4 row tiles to overlap
+    already and separate accumulators spilled), summed over the gates at the end. Weights
+    resident (w_res: NKC (GP, KC, BN) chunks) or streamed."""
+    acc3 = tl.zeros([GP, BLOCK_B, BN], dtype=ACC)
     for c0 in tl.static_range(0, NKC, CHUNKS_PER_TRIP):
         gk = ()
         for ci in tl.static_range(CHUNKS_PER_TRIP):
@@ -382,18 +398,17 @@ def _dgates_dots(dxg_ptr, dhn_ptr, tn, B64, xrow, hrow, nvalid, w_res, s, CELL: 
                                             nvalid, CELL, G, GP, H, POLL),)  # fmt: skip
         for ci in tl.static_range(CHUNKS_PER_TRIP):
             if c0 + ci < NKC:
-                acc3 += tl.dot(gk[ci], w_res[c0 + ci], z3, input_precision=PREC,
-                               out_dtype=ACC)  # fmt: skip
+                if RESIDENT:
+                    wk = w_res[c0 + ci]
+                else:
+                    offs_k = (c0 + ci) * KC + tl.arange(0, KC)
+                    wk = _load_whh_cols(whh_ptr, offs_k, offs_n, mn, G, GP, H, W)
+                if SPLIT_ACC:
+                    acc3 += tl.dot(gk[ci], wk, _runtime_zeros(acc3, s), input_precision=PREC,
+                                   out_dtype=ACC)  # fmt: skip
+                else:
+                    acc3 += tl.dot(gk[ci], wk, input_precision=PREC, out_dtype=ACC)
     return tl.sum(acc3, axis=0)
-
-
-@triton.jit
-def _load_w_all(whh_ptr, offs_k, offs_j, mj, G: tl.constexpr, GP: tl.constexpr, H: tl.constexpr):
-    """(GP, KC, BH): rows offs_k of every gate block of W_hh, own unit columns (padding 0)."""
-    g3 = tl.arange(0, GP)[:, None, None]
-    k3 = offs_k[None, :, None]
-    m = (g3 < G) & (k3 < H) & mj[None, None, :]
-    return tl.load(whh_ptr + (g3 * H + k3) * H + offs_j[None, None, :], mask=m, other=0.0)
 
 
 @triton.jit
@@ -730,7 +745,7 @@ def _recurrence_bwd_kernel(
         w_res = ()
         for i in tl.static_range(NKC):
             offs_k = i * KC + tl.arange(0, KC)
-            w_res = w_res + (_load_w_all(whh_ptr, offs_k, offs_j, mj, G, GP, H),)
+            w_res = w_res + (_load_whh_cols(whh_ptr, offs_k, offs_j, mj, G, GP, H, H),)
 
     dy, f0, f1, f2, f3, f4, pv = _bwd_own_loads(
         s_begin, T, B64, L, mb, mj, offs_j, hrow, wrow, y_ptr, h0_ptr, c0_ptr, ws_ptr, dy_ptr,
@@ -767,10 +782,10 @@ def _recurrence_bwd_kernel(
             complete = 0
             spins = 0
             while (arrived == 0) & (spins <= budget):
-                rec = _dgates_dots(dxg_ptr, dhn_ptr, tn, B64, xrow, hrow, nvalid, w_res, s,
-                                   CELL, G, GP, H, KC, NKC, BLOCK_B, BH, CHUNKS_PER_TRIP, POLL,
-                                   PREC, ACC)  # fmt: skip
-                arrived = (1 - tl.max((rec != rec).to(tl.int32))) | complete
+                rec = _dgates_dots(dxg_ptr, dhn_ptr, tn, B64, xrow, hrow, nvalid, w_res, whh_ptr,
+                                   offs_j, mj, s, CELL, G, GP, H, H, KC, NKC, BLOCK_B, BH,
+                                   CHUNKS_PER_TRIP, True, True, POLL, PREC, ACC)  # fmt: skip
+                arrived = _product_arrived(rec, complete)
                 if arrived == 0:
                     # (a runtime loop: compact code for a rare path, registers left alone)
                     pending = 0
@@ -786,9 +801,9 @@ def _recurrence_bwd_kernel(
                 tl.atomic_max(sync_ptr, SYNC_ERROR, sem="relaxed", scope="gpu")
                 budget = -1
         elif RESIDENT:
-            rec = _dgates_dots(dxg_ptr, dhn_ptr, tn, B64, xrow, hrow, nvalid, w_res, s, CELL, G,
-                               GP, H, KC, NKC, BLOCK_B, BH, CHUNKS_PER_TRIP, False, PREC,
-                               ACC)  # fmt: skip
+            rec = _dgates_dots(dxg_ptr, dhn_ptr, tn, B64, xrow, hrow, nvalid, w_res, whh_ptr,
+                               offs_j, mj, s, CELL, G, GP, H, H, KC, NKC, BLOCK_B, BH,
+                               CHUNKS_PER_TRIP, True, True, False, PREC, ACC)  # fmt: skip
         else:
             for k0 in range(0, H, KC):
                 offs_k = k0 + tl.arange(0, KC)
@@ -1164,50 +1179,6 @@ def _lstmp_fwd_kernel(
 
 
 @triton.jit
-def _load_whh_cols(whh_ptr, offs_k, offs_p, mp, G: tl.constexpr, GP: tl.constexpr,
-                   H: tl.constexpr, P: tl.constexpr):  # fmt: skip
-    """(GP, KC, BP): rows offs_k of every gate block of W_hh (4H, P), own output columns."""
-    g3 = tl.arange(0, GP)[:, None, None]
-    k3 = offs_k[None, :, None]
-    m = (g3 < G) & (k3 < H) & mp[None, None, :]
-    return tl.load(whh_ptr + (g3 * H + k3) * P + offs_p[None, None, :], mask=m, other=0.0)
-
-
-@triton.jit
-def _lstmp_dh_dots(dxg_ptr, tn, B64, xrow, hrow, nvalid, w_g, whh_ptr, offs_p, mp, s,
-                   G: tl.constexpr, GP: tl.constexpr, H: tl.constexpr, P: tl.constexpr,
-                   KC: tl.constexpr, NKC: tl.constexpr, BLOCK_B: tl.constexpr,
-                   BP: tl.constexpr, CHUNKS_PER_TRIP: tl.constexpr, RESIDENT: tl.constexpr,
-                   POLL: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
-    """The backward's first product, dgates_{tn} @ W_hh[:, own outputs], (BLOCK_B, BP):
-    CHUNKS_PER_TRIP chunks' dgates loads (every gate) issued together, as many as registers
-    hold (as in the unprojected backward), then their dots."""
-    acc3 = tl.zeros([GP, BLOCK_B, BP], dtype=ACC)
-    for c0 in tl.static_range(0, NKC, CHUNKS_PER_TRIP):
-        gk = ()
-        for ci in tl.static_range(CHUNKS_PER_TRIP):
-            if c0 + ci < NKC:
-                offs_k = (c0 + ci) * KC + tl.arange(0, KC)
-                gk = gk + (_load_dgates_all(dxg_ptr, dxg_ptr, tn, B64, xrow, hrow, offs_k,
-                                            nvalid, LSTM, G, GP, H, POLL),)  # fmt: skip
-        for ci in tl.static_range(CHUNKS_PER_TRIP):
-            if c0 + ci < NKC:
-                if RESIDENT:
-                    wk = w_g[c0 + ci]
-                else:
-                    offs_k = (c0 + ci) * KC + tl.arange(0, KC)
-                    wk = _load_whh_cols(whh_ptr, offs_k, offs_p, mp, G, GP, H, P)
-                if BLOCK_B < 64:
-                    acc3 += tl.dot(gk[ci], wk, _runtime_zeros(acc3, s), input_precision=PREC,
-                                   out_dtype=ACC)  # fmt: skip
-                else:
-                    # 64 rows: each warp has 4 row tiles to overlap already, and one
-                    # accumulator per chunk spilled on sm_90
-                    acc3 += tl.dot(gk[ci], wk, input_precision=PREC, out_dtype=ACC)
-    return tl.sum(acc3, axis=0)
-
-
-@triton.jit
 def _lstmp_dm_dots(dhp_ptr, toff, prow, valid, w_r, whr_ptr, offs_j, mj, s, H: tl.constexpr,
                    P: tl.constexpr, KC: tl.constexpr, NKP: tl.constexpr, BLOCK_B: tl.constexpr,
                    BH: tl.constexpr, RESIDENT: tl.constexpr, POLL: tl.constexpr,
@@ -1313,9 +1284,10 @@ def _lstmp_bwd_kernel(
                 complete = 0
                 spins = 0
                 while (arrived == 0) & (spins <= budget):
-                    rec = _lstmp_dh_dots(dxg_ptr, tn, B64, xrow, hrow, nvalid, w_g, whh_ptr,
-                                         offs_p, mp, s, G, GP, H, P, KC, NKC, BLOCK_B, BP,
-                                         CHUNKS_PER_TRIP, RESIDENT, POLL, PREC, ACC)  # fmt: skip
+                    rec = _dgates_dots(dxg_ptr, dxg_ptr, tn, B64, xrow, hrow, nvalid, w_g,
+                                       whh_ptr, offs_p, mp, s, LSTM, G, GP, H, P, KC, NKC,
+                                       BLOCK_B, BP, CHUNKS_PER_TRIP, RESIDENT, BLOCK_B < 64,
+                                       POLL, PREC, ACC)  # fmt: skip
                     arrived = _product_arrived(rec, complete)
                     if arrived == 0:
                         row_off = tn.to(tl.int64) * B64 * (G * H)
@@ -1326,9 +1298,10 @@ def _lstmp_bwd_kernel(
                     tl.atomic_max(sync_ptr, SYNC_ERROR, sem="relaxed", scope="gpu")
                     budget = -1
             else:
-                rec = _lstmp_dh_dots(dxg_ptr, tn, B64, xrow, hrow, nvalid, w_g, whh_ptr, offs_p,
-                                     mp, s, G, GP, H, P, KC, NKC, BLOCK_B, BP, CHUNKS_PER_TRIP,
-                                     RESIDENT, POLL, PREC, ACC)  # fmt: skip
+                rec = _dgates_dots(dxg_ptr, dxg_ptr, tn, B64, xrow, hrow, nvalid, w_g, whh_ptr,
+                                   offs_p, mp, s, LSTM, G, GP, H, P, KC, NKC, BLOCK_B, BP,
+                                   CHUNKS_PER_TRIP, RESIDENT, BLOCK_B < 64, POLL, PREC,
+                                   ACC)  # fmt: skip
             dh_c += rec
             dy = tl.load(dy_ptr + toff * P + ownp, mask=v2 & mp[None, :], other=0.0).to(ACC)
             dh = dh_c + dy
