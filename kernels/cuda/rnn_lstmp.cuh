@@ -66,6 +66,18 @@ struct LstmpSmem {
       : units(smem),
         outs(smem + fragment_uint4s<Elem, M_TILES>(KT)),
         red(reinterpret_cast<float*>(outs + fragment_uint4s<Elem, 1>(KT_OUT))) {}
+  // This block's packed weights (forward and backward args alike): the units' fragments,
+  // and the outputs' where the block has outputs to project.
+  template <class Args>
+  __device__ __forceinline__ void load_weights(const Args& a, int block, bool projects) const {
+    load_fragments(units, a.w_frag + static_cast<size_t>(block) *
+                                         fragment_uint4s<Elem, M_TILES>(a.KT),
+                   fragment_uint4s<Elem, M_TILES>(a.KT));
+    if (projects)
+      load_fragments(outs, a.r_frag + static_cast<size_t>(block) *
+                                          fragment_uint4s<Elem, 1>(a.KT_OUT),
+                     fragment_uint4s<Elem, 1>(a.KT_OUT));
+  }
 };
 
 template <int M_TILES, int N_TILES>
@@ -93,14 +105,7 @@ __device__ __forceinline__ void lstmp_forward_body(const LstmpForwardArgs& a,
   S* y = static_cast<S*>(a.y);
   const LstmpSmem<Elem, M_TILES> sm(smem, a.KT, a.KT_OUT);
   const int unit_items = kUnits * 8 * N_TILES, out_items = kOutRows * 8 * N_TILES;
-
-  load_fragments(sm.units, a.w_frag + static_cast<size_t>(block) *
-                                          fragment_uint4s<Elem, M_TILES>(a.KT),
-                 fragment_uint4s<Elem, M_TILES>(a.KT));
-  if (projects)
-    load_fragments(sm.outs, a.r_frag + static_cast<size_t>(block) *
-                                           fragment_uint4s<Elem, 1>(a.KT_OUT),
-                   fragment_uint4s<Elem, 1>(a.KT_OUT));
+  sm.load_weights(a, block, projects);
   // publish h0 (this block's outputs) to plane 0
   for (int r0 = 0; r0 < B; r0 += 8 * N_TILES)
     for (int i = threadIdx.x; i < out_items; i += kThreads) {
@@ -210,14 +215,7 @@ __device__ __forceinline__ void lstmp_backward_body(const LstmpBackwardArgs& a,
   S* dhp = static_cast<S*>(a.dhp);
   const LstmpSmem<Elem, M_TILES> sm(smem, a.KT, a.KT_OUT);
   const int unit_items = kUnits * 8 * N_TILES, out_items = kOutRows * 8 * N_TILES;
-
-  load_fragments(sm.units, a.w_frag + static_cast<size_t>(block) *
-                                          fragment_uint4s<Elem, M_TILES>(a.KT),
-                 fragment_uint4s<Elem, M_TILES>(a.KT));
-  if (projects)
-    load_fragments(sm.outs, a.r_frag + static_cast<size_t>(block) *
-                                           fragment_uint4s<Elem, 1>(a.KT_OUT),
-                   fragment_uint4s<Elem, 1>(a.KT_OUT));
+  sm.load_weights(a, block, projects);
   __syncthreads();
 
   // s = T is the closing GEMM: it adds W_hh^T dgates of the last step to dh0.

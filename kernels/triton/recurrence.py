@@ -321,12 +321,16 @@ def _load_h(hx_ptr, row_off, hrow, offs_k, mb, H: tl.constexpr, EVEN_K: tl.const
         m = mb[:, None]
     else:
         m = mb[:, None] & (offs_k < H)[None, :]
-    p = hx_ptr + row_off + hrow[:, None] + offs_k[None, :]
+    return _load_exchanged(hx_ptr + row_off + hrow[:, None] + offs_k[None, :], m, POLL)
+
+
+@triton.jit
+def _load_exchanged(p, m, POLL: tl.constexpr):
+    """A load of what other programs write during the launch: never from L1 (`.cg`), and
+    polled loads volatile as well (read again until they arrive: never hoisted)."""
     if POLL:
-        # polled: read again until it arrives, so never hoisted and never from L1
         return tl.load(p, mask=m, other=0.0, volatile=True)
     else:
-        # written by other programs during this launch: skip L1
         return tl.load(p, mask=m, other=0.0, cache_modifier=".cg")
 
 
@@ -356,10 +360,7 @@ def _load_dgates_all(dxg_ptr, dhn_ptr, tn, B64, xrow, hrow, offs_k, nvalid, CELL
     if CELL == GRU:
         pn = dhn_ptr + tn.to(tl.int64) * B64 * H + hrow[None, :, None] + k3
         p = tl.where(g3 == 2, pn, p)
-    if POLL:
-        return tl.load(p, mask=m, other=0.0, volatile=True)
-    else:
-        return tl.load(p, mask=m, other=0.0, cache_modifier=".cg")
+    return _load_exchanged(p, m, POLL)
 
 
 @triton.jit
@@ -903,12 +904,8 @@ def _load_whr_t3(whr_ptr, c0, offs_p, mp, H: tl.constexpr, KC: tl.constexpr,
 def _load_rows(ptr, row_off, rows, offs_k, mrow, K: tl.constexpr, POLL: tl.constexpr):
     """(BLOCK_B, KC): columns offs_k (< K) of an exchanged (T, B, K) buffer's rows at row_off:
     polled (volatile) or `.cg`, as `_load_h`."""
-    p = ptr + row_off + rows[:, None] + offs_k[None, :]
     m = mrow[:, None] & (offs_k < K)[None, :]
-    if POLL:
-        return tl.load(p, mask=m, other=0.0, volatile=True)
-    else:
-        return tl.load(p, mask=m, other=0.0, cache_modifier=".cg")
+    return _load_exchanged(ptr + row_off + rows[:, None] + offs_k[None, :], m, POLL)
 
 
 @triton.jit
@@ -973,12 +970,8 @@ def _lstmp_proj_dots(mx_ptr, mrow, hrow, mb_p, w_r, whr_ptr, offs_p, mp, BLOCK_B
     for c0 in tl.static_range(0, NKC, CHUNKS_PER_TRIP):
         k3 = ((c0 + tl.arange(0, CHUNKS_PER_TRIP)) * KC)[:, None, None] + tl.arange(
             0, KC)[None, None, :]  # fmt: skip
-        p3 = mx_ptr + mrow + hrow[None, :, None] + k3
-        m3 = mb_p[None, :, None] & (k3 < H)
-        if POLL:
-            mk = tl.load(p3, mask=m3, other=0.0, volatile=True)
-        else:
-            mk = tl.load(p3, mask=m3, other=0.0, cache_modifier=".cg")
+        mk = _load_exchanged(mx_ptr + mrow + hrow[None, :, None] + k3,
+                             mb_p[None, :, None] & (k3 < H), POLL)  # fmt: skip
         if RESIDENT:
             w3 = w_r[c0 // CHUNKS_PER_TRIP]
         else:
