@@ -80,11 +80,6 @@ struct LstmpSmem {
   }
 };
 
-template <int M_TILES, int N_TILES>
-__device__ __forceinline__ void zero_red(float* red) {
-  for (int i = threadIdx.x; i < kWarps * N_TILES * M_TILES * 16 * 8; i += kThreads) red[i] = 0.0f;
-}
-
 // ------------------------------------------------------------------------- forward
 
 template <class Elem, int M_TILES, int N_TILES>
@@ -118,14 +113,7 @@ __device__ __forceinline__ void lstmp_forward_body(const LstmpForwardArgs& a,
     const int t = forward_time(s, T, a.reverse);
     // phase 1: gates of the own units from h_{t-1}, m_t to the exchange
     for (int r0 = 0; r0 < B; r0 += 8 * N_TILES) {
-      if (group_active<N_TILES>(a.lengths, r0, B, T, t)) {
-        typename GridExchange<Elem>::Reader x[N_TILES];
-#pragma unroll
-        for (int nt = 0; nt < N_TILES; ++nt) x[nt] = hx.reader(s, r0 + 8 * nt);
-        block_gemm<Elem, M_TILES, N_TILES>(sm.units, a.KT, x, sm.red);
-      } else {
-        zero_red<M_TILES, N_TILES>(sm.red);
-      }
+      group_gemm<Elem, M_TILES, N_TILES>(sm.units, a.KT, hx, s, r0, a.lengths, B, T, t, sm.red);
       __syncthreads();
       for (int i = threadIdx.x; i < unit_items; i += kThreads) {
         const int u = i % kUnits, rr = i / kUnits, nt = rr >> 3, col = rr & 7;
@@ -161,14 +149,7 @@ __device__ __forceinline__ void lstmp_forward_body(const LstmpForwardArgs& a,
     // phase 2: h_t of the own outputs from m_t
     if (projects) {
       for (int r0 = 0; r0 < B; r0 += 8 * N_TILES) {
-        if (group_active<N_TILES>(a.lengths, r0, B, T, t)) {
-          typename GridExchange<Elem>::Reader x[N_TILES];
-#pragma unroll
-          for (int nt = 0; nt < N_TILES; ++nt) x[nt] = mx.reader(s + 1, r0 + 8 * nt);
-          block_gemm<Elem, 1, N_TILES>(sm.outs, a.KT_OUT, x, sm.red);
-        } else {
-          zero_red<1, N_TILES>(sm.red);
-        }
+        group_gemm<Elem, 1, N_TILES>(sm.outs, a.KT_OUT, mx, s + 1, r0, a.lengths, B, T, t, sm.red);
         __syncthreads();
         for (int i = threadIdx.x; i < out_items; i += kThreads) {
           const int o = i % kOutRows, rr = i / kOutRows, nt = rr >> 3, col = rr & 7;
@@ -225,14 +206,8 @@ __device__ __forceinline__ void lstmp_backward_body(const LstmpBackwardArgs& a,
     if (projects) {
       for (int r0 = 0; r0 < B; r0 += 8 * N_TILES) {
         // rows whose source step lay outside their sequence published zeros: they add nothing
-        if (group_active<N_TILES>(a.lengths, r0, B, T, st.source)) {
-          typename GridExchange<Elem>::Reader x[N_TILES];
-#pragma unroll
-          for (int nt = 0; nt < N_TILES; ++nt) x[nt] = dgx.reader(s, r0 + 8 * nt);
-          block_gemm<Elem, 1, N_TILES>(sm.outs, a.KT_OUT, x, sm.red);
-        } else {
-          zero_red<1, N_TILES>(sm.red);
-        }
+        group_gemm<Elem, 1, N_TILES>(sm.outs, a.KT_OUT, dgx, s,
+                                     r0, a.lengths, B, T, st.source, sm.red);
         __syncthreads();
         for (int i = threadIdx.x; i < out_items; i += kThreads) {
           const int o = i % kOutRows, rr = i / kOutRows, nt = rr >> 3, col = rr & 7;
@@ -263,14 +238,8 @@ __device__ __forceinline__ void lstmp_backward_body(const LstmpBackwardArgs& a,
 
     // phase 2: dm = W_hr^T dh_t for the own units, the gate backward
     for (int r0 = 0; r0 < B; r0 += 8 * N_TILES) {
-      if (group_active<N_TILES>(a.lengths, r0, B, T, st.t)) {
-        typename GridExchange<Elem>::Reader x[N_TILES];
-#pragma unroll
-        for (int nt = 0; nt < N_TILES; ++nt) x[nt] = dhx.reader(s + 1, r0 + 8 * nt);
-        block_gemm<Elem, M_TILES, N_TILES>(sm.units, a.KT, x, sm.red);
-      } else {
-        zero_red<M_TILES, N_TILES>(sm.red);
-      }
+      group_gemm<Elem, M_TILES, N_TILES>(sm.units, a.KT, dhx, s + 1,
+                                         r0, a.lengths, B, T, st.t, sm.red);
       __syncthreads();
       for (int i = threadIdx.x; i < unit_items; i += kThreads) {
         const int u = i % kUnits, rr = i / kUnits, nt = rr >> 3, col = rr & 7;

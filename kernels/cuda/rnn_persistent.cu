@@ -157,6 +157,29 @@ __device__ __forceinline__ bool group_active(const long long* lengths, int row0,
   return __syncthreads_or(active) != 0;
 }
 
+// red = 0: the partial sums of a block_gemm that has nothing to multiply.
+template <int M_TILES, int N_TILES>
+__device__ __forceinline__ void zero_red(float* red) {
+  for (int i = threadIdx.x; i < kWarps * N_TILES * M_TILES * 16 * 8; i += kThreads) red[i] = 0.0f;
+}
+
+// red = this block's fragments times the exchanged vectors of rows [row0, row0 + 8*N_TILES)
+// at `step`, or zeros when no row of the group has step t inside its sequence (their
+// published vectors are zeros: they add nothing).
+template <class Elem, int M_TILES, int N_TILES, class Exchange>
+__device__ __forceinline__ void group_gemm(const uint4* frag, int KT, const Exchange& ex,
+                                           int step, int row0, const long long* lengths, int B,
+                                           int T, int t, float* red) {
+  if (group_active<N_TILES>(lengths, row0, B, T, t)) {
+    typename Exchange::Reader x[N_TILES];
+#pragma unroll
+    for (int nt = 0; nt < N_TILES; ++nt) x[nt] = ex.reader(step, row0 + 8 * nt);
+    block_gemm<Elem, M_TILES, N_TILES>(frag, KT, x, red);
+  } else {
+    zero_red<M_TILES, N_TILES>(red);
+  }
+}
+
 // Copy this block's packed W_hh fragments (n uint4) into shared memory.
 __device__ __forceinline__ void load_fragments(uint4* dst, const uint4* __restrict__ src,
                                                int n) {
@@ -211,15 +234,7 @@ __device__ __forceinline__ void forward_body(const ForwardArgs& a, Exchange& ex,
   for (int s = 0; s < T; ++s) {
     const int t = forward_time(s, T, a.reverse);
     for (int r0 = row_begin; r0 < row_end; r0 += 8 * N_TILES) {
-      if (group_active<N_TILES>(a.lengths, r0, B, T, t)) {
-        typename Exchange::Reader x[N_TILES];
-#pragma unroll
-        for (int nt = 0; nt < N_TILES; ++nt) x[nt] = ex.reader(s, r0 + 8 * nt);
-        block_gemm<Elem, M_TILES, N_TILES>(a_smem, a.KT, x, red);
-      } else {
-        for (int i = threadIdx.x; i < kWarps * N_TILES * M_TILES * 16 * 8; i += kThreads)
-          red[i] = 0.0f;
-      }
+      group_gemm<Elem, M_TILES, N_TILES>(a_smem, a.KT, ex, s, r0, a.lengths, B, T, t, red);
       __syncthreads();
 
       for (int i = threadIdx.x; i < n_items; i += kThreads) {
@@ -305,15 +320,8 @@ __device__ __forceinline__ void backward_body(const BackwardArgs& a, Exchange& e
     const BackwardStep st = backward_step(s, T, a.reverse);
     for (int r0 = row_begin; r0 < row_end; r0 += 8 * N_TILES) {
       // rows whose source step lay outside their sequence published zeros: they add nothing
-      if (group_active<N_TILES>(a.lengths, r0, B, T, st.source)) {
-        typename Exchange::Reader x[N_TILES];
-#pragma unroll
-        for (int nt = 0; nt < N_TILES; ++nt) x[nt] = ex.reader(s, r0 + 8 * nt);
-        block_gemm<Elem, M_TILES, N_TILES>(a_smem, a.KT, x, red);
-      } else {
-        for (int i = threadIdx.x; i < kWarps * N_TILES * M_TILES * 16 * 8; i += kThreads)
-          red[i] = 0.0f;
-      }
+      group_gemm<Elem, M_TILES, N_TILES>(a_smem, a.KT, ex, s, r0, a.lengths, B, T, st.source,
+                                         red);
       __syncthreads();
 
       for (int i = threadIdx.x; i < n_items; i += kThreads) {
