@@ -215,6 +215,17 @@ def _all_arrived(hp, N: tl.constexpr, SENTINEL: tl.constexpr):
 
 
 @triton.jit
+def _spin_budget(arrived, budget, sync_ptr):
+    """What is left of the polls' spin budget after a wait: nothing once one timed out (a
+    program is not co-resident, or died). The launch is then flagged failed (the launcher
+    raises) and no later wait spins, so a failed launch ends instead of hanging."""
+    if arrived == 0:
+        tl.atomic_max(sync_ptr, SYNC_ERROR, sem="relaxed", scope="gpu")
+        budget = -1
+    return budget
+
+
+@triton.jit
 def _store_exchange(ptr, value, mask, ASM: tl.constexpr):
     """The exchange store of h_t (dgates). With ASM, a relaxed gpu-scope store per element:
     others poll these elements with relaxed loads, and a relaxed (morally strong) store makes
@@ -546,11 +557,7 @@ def _recurrence_fwd_kernel(
                     if arrived == 0:
                         arrived = _all_arrived(hp, NKC, SENTINEL)
                     spins += 1
-                if arrived == 0:
-                    # timed out: a program is not co-resident (or died). Flag the launch as
-                    # failed (the launcher raises) and stop waiting from here on.
-                    tl.atomic_max(sync_ptr, SYNC_ERROR, sem="relaxed", scope="gpu")
-                    budget = -1
+                budget = _spin_budget(arrived, budget, sync_ptr)
             elif RESIDENT:
                 # every load of the step first, then the dots: one memory round trip
                 hp = ()
@@ -797,10 +804,7 @@ def _recurrence_bwd_kernel(
                         pending = pending | tl.max(_is_pending(gk, SENTINEL).to(tl.int32))
                     complete = 1 - pending
                 spins += 1
-            if arrived == 0:
-                # timed out: flag the launch as failed, stop waiting from here on
-                tl.atomic_max(sync_ptr, SYNC_ERROR, sem="relaxed", scope="gpu")
-                budget = -1
+            budget = _spin_budget(arrived, budget, sync_ptr)
         elif RESIDENT:
             rec = _dgates_dots(dxg_ptr, dhn_ptr, tn, B64, xrow, hrow, nvalid, w_res, whh_ptr,
                                offs_j, mj, s, CELL, G, GP, H, H, KC, NKC, BLOCK_B, BH,
@@ -1088,9 +1092,7 @@ def _lstmp_fwd_kernel(
                     if arrived == 0:
                         complete = 1 - _rows_pending(hx_ptr, prev, prow, mb, P, KC, SENTINEL)
                     spins += 1
-                if arrived == 0:  # timed out (see the unprojected forward)
-                    tl.atomic_max(sync_ptr, SYNC_ERROR, sem="relaxed", scope="gpu")
-                    budget = -1
+                budget = _spin_budget(arrived, budget, sync_ptr)
             else:
                 acc = _lstmp_gate_dots(hx_ptr, prev, prow, mb, w_g, whh_ptr, col_n, mn, s,
                                        BLOCK_B, NG, P, KC, NKP, CHUNKS_PER_TRIP, RESIDENT,
@@ -1131,9 +1133,7 @@ def _lstmp_fwd_kernel(
                     if arrived == 0:
                         complete = 1 - _rows_pending(mx_ptr, mrow, hrow, mb_p, H, KC, SENTINEL)
                     spins += 1
-                if arrived == 0:
-                    tl.atomic_max(sync_ptr, SYNC_ERROR, sem="relaxed", scope="gpu")
-                    budget = -1
+                budget = _spin_budget(arrived, budget, sync_ptr)
             else:
                 hproj = _lstmp_proj_dots(mx_ptr, mrow, hrow, mb_p, w_r, whr_ptr, offs_p, mp,
                                          BLOCK_B, BP, H, KC, NKC, CHUNKS_PER_TRIP, RESIDENT,
@@ -1287,9 +1287,7 @@ def _lstmp_bwd_kernel(
                         complete = 1 - _rows_pending(dxg_ptr, row_off, xrow, nvalid, G * H, KC,
                                                      SENTINEL)  # fmt: skip
                     spins += 1
-                if arrived == 0:  # timed out (see the unprojected forward)
-                    tl.atomic_max(sync_ptr, SYNC_ERROR, sem="relaxed", scope="gpu")
-                    budget = -1
+                budget = _spin_budget(arrived, budget, sync_ptr)
             else:
                 rec = _dgates_dots(dxg_ptr, dxg_ptr, tn, B64, xrow, hrow, nvalid, w_g, whh_ptr,
                                    offs_p, mp, s, LSTM, G, GP, H, P, KC, NKC, BLOCK_B, BP,
@@ -1342,9 +1340,7 @@ def _lstmp_bwd_kernel(
                         complete = 1 - _rows_pending(dhp_ptr, toff * P, prow, valid, P, KC,
                                                      SENTINEL)  # fmt: skip
                     spins += 1
-                if arrived == 0:
-                    tl.atomic_max(sync_ptr, SYNC_ERROR, sem="relaxed", scope="gpu")
-                    budget = -1
+                budget = _spin_budget(arrived, budget, sync_ptr)
             else:
                 dm = _lstmp_dm_dots(dhp_ptr, toff, prow, valid, w_r, whr_ptr, offs_j, mj, s, H, P,
                                     KC, NKP, BLOCK_B, BH, RESIDENT, POLL, PREC, ACC)  # fmt: skip
