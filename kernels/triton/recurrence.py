@@ -1815,8 +1815,8 @@ def _launch_steps(kernel, plan: Plan, T: int, B: int, n_steps: int, args, kw, sp
                   device, batch_axes):  # fmt: skip
     """Run steps [0, n_steps): persistent launches (the batch tiles in turns if not all fit
     at once), each with its exchange per step (polled, a grid barrier, or nothing with one
-    program), or one launch per step. Raises if a wait timed out."""
-    plan = _fit(kernel, plan, args, kw, device)
+    program), or one launch per step. Raises if a wait timed out. `plan` is the fitted one
+    (`_fit`: the launchers fit it first, since it decides how they fill the buffers)."""
     kw = _plan_kw(plan, kw)
     if plan.persistent:
         use_barrier = _uses_barrier(plan, kw)
@@ -1852,7 +1852,6 @@ def _launch_phases(kernel, plan: Plan, T: int, B: int, n_steps: int, args, kw, s
     step): persistent launches, or two launches per step (one per phase)."""
     if plan.on_chip:
         raise ValueError("the projected LSTM kernels have no on-chip plan")
-    plan = _fit(kernel, plan, args, kw, device)
     kw = _plan_kw(plan, kw)
     if plan.persistent:
         use_barrier = plan.nprog > 1
