@@ -1,4 +1,6 @@
-"""auto's per-shape choice among triton, cupy and torch (cuDNN), from measured rows."""
+"""auto's per-shape choice among triton, cupy and torch (cuDNN), from measured rows: the
+lookup (gpurnn.dispatch), the table built from rows (gpurnn.bench.table) and the record
+of GPU test runs (gpurnn.bench.gpu_tests)."""
 
 import csv
 import json
@@ -8,6 +10,7 @@ import torch
 
 from gpurnn import backends, dispatch
 from gpurnn.backends import choose_backend
+from gpurnn.bench import gpu_tests, table
 
 H100 = "NVIDIA H100 80GB HBM3"
 
@@ -65,7 +68,7 @@ def test_build_ranks_every_candidate_within_each_run():
         row("gpurnn-cupy", 768, 64, 1.0, layers="2"),
         row("gpurnn-cupy", 768, 64, 1.0, device="cpu"),
     ]
-    choices = dispatch.build(rows)["choices"]
+    choices = table.build(rows)["choices"]
     assert choices[dispatch.key("lstm", "bfloat16", 768, 4)] == ["cupy", "triton", "torch"]
     assert choices[dispatch.key("lstm", "bfloat16", 768, 64)] == ["torch", "triton", "cupy"]
     # unknown batch size: geometric mean over B=4 and B=64 of time / the case's fastest:
@@ -84,7 +87,7 @@ def test_a_wrong_or_failed_candidate_never_wins_its_bucket():
         row("gpurnn-triton", 256, 2, 2.0),
         row("gpurnn-cupy", 256, 2, 1.0),
     ]
-    choices = dispatch.build(rows)["choices"]
+    choices = table.build(rows)["choices"]
     assert choices[dispatch.key("lstm", "bfloat16", 256, 16)] == ["torch", "cupy"]
     assert choices[dispatch.key("lstm", "bfloat16", 256, 4)] == ["triton"]
 
@@ -96,7 +99,7 @@ def test_times_of_different_runs_are_never_compared():
         row("gpurnn-triton", 768, 16, 10.0, run_id="a", date="2026-11-27T07:00:00Z"),
         row("cudnn", 768, 16, 5.0, run_id="b", date="2026-11-27T06:00:00Z"),
     ]
-    assert dispatch.build(rows)["choices"][dispatch.key("lstm", "bfloat16", 768, 16)] == [
+    assert table.build(rows)["choices"][dispatch.key("lstm", "bfloat16", 768, 16)] == [
         "triton",
         "torch",
     ]
@@ -118,13 +121,13 @@ def test_failed_gpu_tests_keep_a_backend_out_on_that_card():
         dict(date="2026-11-29", card=H100, backend="triton", status="incomplete"),
         dict(date="2026-11-28", card="H200", backend="cupy", status="passed"),
     ]
-    table = dispatch.build(rows, records)
+    built = table.build(rows, records)
     k = dispatch.key("lstm", "bfloat16", 768, 16)
-    assert table["failed_gpu_tests"] == {H100: ["cupy"], "H200": []}
-    assert table["by_card"][H100][k] == ["triton", "torch"]
-    assert table["by_card"]["H200"][k] == ["cupy", "triton"]
+    assert built["failed_gpu_tests"] == {H100: ["cupy"], "H200": []}
+    assert built["by_card"][H100][k] == ["triton", "torch"]
+    assert built["by_card"]["H200"][k] == ["cupy", "triton"]
     # over every card (for cards without their own rows): failed somewhere is out
-    assert table["choices"][k] == ["triton", "torch"]
+    assert built["choices"][k] == ["triton", "torch"]
 
 
 def test_buckets():
@@ -184,7 +187,7 @@ def test_a_bucket_measured_faster_on_cudnn_runs_on_torch(table_file):
         row("gpurnn-triton", 768, 16, 6.5, card=H100),
         row("cudnn", 768, 16, 14.9, card=H100),
     ]
-    table_file(dispatch.build(rows))
+    table_file(table.build(rows))
     assert choose_backend(None, "lstm", CUDA, BF16, False, 768, 64, torch_native=True) == "torch"
     assert choose_backend(None, "lstm", CUDA, BF16, False, 768, 16, torch_native=True) == "triton"
     # where torch would be the explicit time loop (the primitive, torch.compile), cuDNN's
@@ -260,17 +263,17 @@ def test_write_from_csv(table_file, tmp_path, monkeypatch):
     results, tests = tmp_path / "results.csv", tmp_path / "gpu_tests.csv"
     _write_csv(results, rows)
     args = ["--csv", str(results), "--gpu-tests", str(tests), "--write"]
-    assert dispatch.main(args) == 0
+    assert table.main(args) == 0
     written = json.loads(dispatch.TABLE_PATH.read_text())
     assert written["choices"] == {
         "lstm/bfloat16/H<=512/B<=16": ["cupy", "triton"],
         "lstm/bfloat16/H<=512/Bany": ["cupy", "triton"],
     }
     _write_csv(tests, [dict(date="2026-11-28", card="H200", backend="cupy", status="failed")])
-    assert dispatch.main(args) == 0
+    assert table.main(args) == 0
     written = json.loads(dispatch.TABLE_PATH.read_text())
     assert written["choices"]["lstm/bfloat16/H<=512/B<=16"] == ["triton"]
-    assert dispatch.main(["--csv", str(tmp_path / "missing.csv")]) == 2
+    assert table.main(["--csv", str(tmp_path / "missing.csv")]) == 2
 
 
 PYTEST_LOG = """\
@@ -286,7 +289,7 @@ ERROR tests/test_triton_gpu.py::test_barrier_timeout_raises - RuntimeError
 
 
 def test_gpu_test_outcomes_from_a_pytest_log():
-    passed, failed = dispatch.pytest_outcomes(PYTEST_LOG)
+    passed, failed = gpu_tests.pytest_outcomes(PYTEST_LOG)
     assert passed == {
         "tests/test_triton_gpu.py::test_real_size_vs_reference[bfloat16-lstm]",
         "tests/test_triton_gpu.py::test_tf32_default[lstm]",
@@ -295,29 +298,105 @@ def test_gpu_test_outcomes_from_a_pytest_log():
         "tests/test_triton_gpu.py::test_real_size_vs_reference[bfloat16-gru]",
         "tests/test_triton_gpu.py::test_barrier_timeout_raises",
     }
-    status = dispatch.run_status
+
+    def status(exit_status, passed, failed, log=""):
+        return gpu_tests.run_status(exit_status, passed, failed, log)[0]
+
     assert status(1, passed, failed) == "failed"
     assert status(124, passed, failed) == "failed"  # cut at its limit after a failure
     assert status(124, passed, set()) == "incomplete"
     assert status(0, passed, set()) == "passed"
-    assert status(5, set(), set()) == "skipped"
-    assert status(0, set(), set()) == "skipped"
-    assert status(2, set(), set()) == "failed"  # e.g. the test module does not import
+    assert status(0, set(), set()) == "skipped"  # every test skipped itself: no CUDA
+
+
+COLLECTION_ERROR_LOG = """\
+collecting ... collected 0 items / 1 error
+
+==================================== ERRORS ====================================
+_____________________ ERROR collecting tests/test_triton_gpu.py ______________________
+ImportError while importing test module '/x/tests/test_triton_gpu.py'.
+test_triton_gpu.py:1: in <module>
+    import nonexistent_mod
+E   ModuleNotFoundError: No module named 'nonexistent_mod'
+=========================== short test summary info ============================
+ERROR tests/test_triton_gpu.py
+!!!!!!!!!!!!!!!!!!!! Interrupted: 1 error during collection !!!!!!!!!!!!!!!!!!!!
+"""
+
+
+@pytest.mark.parametrize(
+    "exit_status, log, reason",
+    [
+        (2, COLLECTION_ERROR_LOG, "tests/test_triton_gpu.py: ModuleNotFoundError: No module"),
+        (3, "INTERNALERROR> boom", "pytest internal error"),
+        (4, "ERROR: usage: pytest", "pytest usage error"),
+        (5, "collected 0 items / 3 deselected", "no tests collected"),
+        (124, "collecting ...", "stopped at its time limit before any test finished"),
+        (137, PYTEST_LOG.splitlines()[0], "stopped at its time limit after 1 passed"),
+        (1, COLLECTION_ERROR_LOG, "collection errors: tests/test_triton_gpu.py"),
+        (139, "collecting ...", "exit 139 before any test finished"),
+    ],
+)
+def test_a_run_stopped_before_its_tests_is_incomplete_with_its_reason(exit_status, log, reason):
+    """A harness problem (the test file does not import, pytest's own errors, a time limit
+    spent compiling) says nothing about the backend: never recorded as failed."""
+    passed, failed = gpu_tests.pytest_outcomes(log)
+    status, why = gpu_tests.run_status(exit_status, passed, failed, log)
+    assert status == "incomplete"
+    assert reason in why
+
+
+def test_a_crash_after_tests_passed_and_failures_are_failed():
+    passed, failed = gpu_tests.pytest_outcomes(PYTEST_LOG)
+    assert gpu_tests.run_status(2, passed, failed, PYTEST_LOG)[0] == "failed"
+    ran = {"tests/test_triton_gpu.py::test_tf32_default[lstm]"}
+    assert gpu_tests.run_status(139, ran, set(), "")[0] == "failed"  # died inside a test
 
 
 def test_record_gpu_tests_appends_a_row(tmp_path, capsys):
     log, out = tmp_path / "triton.log", tmp_path / "gpu_tests.csv"
     log.write_text(PYTEST_LOG)
     args = ["--record-gpu-tests", "triton", "--pytest-log", str(log), "--gpu-tests", str(out)]
-    assert dispatch.main([*args, "--exit-status", "1"]) == 0
-    assert dispatch.main([*args, "--exit-status", "0"]) == 0
+    assert table.main([*args, "--exit-status", "1"]) == 0
+    assert table.main([*args, "--exit-status", "0"]) == 0
     with out.open(newline="") as f:
         records = list(csv.DictReader(f))
     assert [r["status"] for r in records] == ["failed", "failed"]
     assert records[0]["backend"] == "triton" and records[0]["failed"] == "2"
     assert "test_barrier_timeout_raises" in records[0]["note"]
     assert "GPU tests of triton" in capsys.readouterr().out
-    assert dispatch.main(["--record-gpu-tests", "triton", "--gpu-tests", str(out)]) == 2
+    assert table.main(["--record-gpu-tests", "triton", "--gpu-tests", str(out)]) == 2
+
+
+def test_a_collection_error_is_recorded_incomplete_beside_older_rows(tmp_path, capsys):
+    """As the device check records a stage: `python -m gpurnn dispatch --record-gpu-tests`,
+    into a file of the older columns (no `reason`), whose rows are kept and still read."""
+    log, out = tmp_path / "triton.log", tmp_path / "gpu_tests.csv"
+    log.write_text(COLLECTION_ERROR_LOG)
+    out.write_text(
+        "date,card,commit,backend,status,passed,failed,note\n"
+        "2026-11-27,H200,abc,triton,failed,3,1,pytest exit 1\n"
+    )
+    from gpurnn import cli
+
+    args = ["dispatch", "--record-gpu-tests", "Triton", "--pytest-log", str(log)]
+    args += ["--exit-status", "2", "--gpu-tests", str(out), "--reason", "warm-up cut short"]
+    assert cli.main(args) == 0
+    assert "incomplete" in capsys.readouterr().out
+    records = gpu_tests.read_records(out)
+    assert [(r["backend"], r["status"]) for r in records] == [
+        ("triton", "failed"),
+        ("triton", "incomplete"),
+    ]
+    assert records[0]["reason"] == "" and records[0]["note"] == "pytest exit 1"
+    assert records[1]["reason"].startswith("warm-up cut short; interrupted")
+    assert "ModuleNotFoundError" in records[1]["reason"]
+    # the incomplete run neither clears nor condemns: the older failure still counts
+    assert gpu_tests.failed_by_card(records) == {"H200": {"triton"}}
+    # a fresh file has every column, in order
+    fresh = tmp_path / "fresh.csv"
+    assert cli.main([*args[:-4], "--gpu-tests", str(fresh)]) == 0
+    assert fresh.read_text().splitlines()[0] == ",".join(gpu_tests.FIELDS)
 
 
 def test_auto_leaves_projections_to_torch_until_gpu_checked(both_kernels, monkeypatch):

@@ -6,6 +6,9 @@
 #   results      CSV columns and rows, commit / card / version detection, the summary table
 #   harness      the run: each case measured, judged and turned into rows
 #   cli          the command's arguments, the plan of cases, and `main`
+#   gpu_tests    the record of GPU test runs (gpu_tests.csv), read from pytest logs
+#   table        auto's dispatch table (gpurnn/dispatch.json) built from rows and records,
+#                and its command, `python -m gpurnn dispatch`
 # Each module imports only those listed above it. The names below are the ones other
 # modules, scripts and tests use, importable as `gpurnn.bench.NAME`. A test that replaces
 # a function for the run (monkeypatch) patches it where it is looked up, e.g.
@@ -30,6 +33,7 @@ from gpurnn.bench.results import (
     cpu_name,
     project_commit,
     run_metadata,
+    scratch_csv,
     summary_table,
 )
 from gpurnn.bench.runners import (
@@ -103,6 +107,7 @@ __all__ = [
     "run",
     "run_cases",
     "run_metadata",
+    "scratch_csv",
     "select_shapes",
     "summary_table",
 ]
