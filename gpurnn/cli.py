@@ -1,14 +1,21 @@
-"""Command line: `python -m gpurnn info | check | demo | bench | plot | inspect`."""
+"""Command line: `python -m gpurnn info | check | demo | bench | plot | inspect | dispatch`.
+
+Each command's arguments and its work live with what it runs (gpurnn.check, gpurnn.demos,
+gpurnn.bench, gpurnn.plot, gpurnn.bench.table); this module parses and dispatches. A
+user's mistake (an unknown name, a device this machine lacks) ends in one line and exit
+status 2 (gpurnn.arguments).
+"""
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import subprocess
 import sys
 
 import torch
+
+from gpurnn.arguments import Parser, UsageError, device, names, usage_error
 
 DTYPES = {
     "fp64": torch.float64,
@@ -35,18 +42,6 @@ def _rerun_under_triton_interpreter(argv: list[str]) -> int | None:
         return None
     env = dict(os.environ, TRITON_INTERPRET="1")
     return subprocess.call([sys.executable, "-m", "gpurnn", *argv], env=env)
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Help that shows every option's default (unless its help already says it, or it has
-    none: None, or False for a flag); descriptions keep their own line breaks."""
-
-    def _get_help_string(self, action):
-        help = action.help or ""
-        has_default = action.default not in (None, False, argparse.SUPPRESS)
-        if has_default and action.option_strings and "default" not in help:
-            help += " (default: %(default)s)"
-        return help
 
 
 def _triton_status(reason: str | None) -> str:
@@ -102,14 +97,12 @@ def cmd_info(args) -> int:
 def cmd_check(args) -> int:
     from gpurnn.check import format_progress, format_table, run_check
 
-    device = torch.device(args.device) if args.device else None
-    dtypes = [DTYPES[d] for d in args.dtypes.split(",")] if args.dtypes else None
-    backends = args.backends.split(",") if args.backends else None
+    dtypes = [DTYPES[d] for d in args.dtypes] if args.dtypes else None
 
     def progress(group, seconds, done, total):
         print(format_progress(group, seconds, done, total), flush=True)
 
-    results = run_check(device, dtypes, backends, progress)
+    results = run_check(args.device, dtypes, args.backends, progress)
     print()
     print(format_table(results))
     failed = [r for r in results if not r.ok]
@@ -118,74 +111,88 @@ def cmd_check(args) -> int:
     return 1 if failed else 0
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m gpurnn", description=__doc__, formatter_class=HelpFormatter
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
+def build_parser() -> Parser:
+    """The whole command line: every subcommand with its arguments."""
+    from gpurnn import bench, check, demos, plot
+    from gpurnn.backends import BACKENDS
+    from gpurnn.bench import table
+
+    backends = [b for b in BACKENDS if b != "auto"]  # check runs each by name
+    parser = Parser(prog="python -m gpurnn", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser(
-        "info",
-        help="versions, device, which backends work here (and how triton runs on a CPU)",
-        formatter_class=HelpFormatter,
+        "info", help="versions, device, which backends work here (and how triton runs on a CPU)"
     )
-    check = sub.add_parser(
-        "check", help="every available backend against the reference", formatter_class=HelpFormatter
+    checking = sub.add_parser(
+        "check",
+        help="every available backend against the float64 reference",
+        description=check.__doc__,
     )
-    check.add_argument("--device", help="cpu or cuda (default: cuda if present)")
-    check.add_argument("--dtypes", help="comma-separated, of " + ",".join(DTYPES))
-    check.add_argument("--backends", help="comma-separated backend names (default: all)")
-    from gpurnn import bench, demos, dispatch, plot
-
+    checking.add_argument(
+        "--device", type=device, help="cpu, cuda or cuda:N (default: cuda if present, else cpu)"
+    )
+    checking.add_argument(
+        "--dtypes",
+        type=names(DTYPES, "dtype"),
+        help="comma-separated, of " + ",".join(DTYPES) + " (default: bf16,fp16,fp32 on CUDA, "
+        "fp64,fp32 on CPU)",
+    )
+    checking.add_argument(
+        "--backends",
+        type=names(backends, "backend"),
+        help="comma-separated, of " + ",".join(backends) + " (default: all; one "
+        "that cannot run here is listed with the reason)",
+    )
     demos.add_forecast_arguments(
-        sub.add_parser(
-            "demo",
-            help="convert a torch.nn model and train it a little",
-            formatter_class=HelpFormatter,
-        )
+        sub.add_parser("demo", help="convert a torch.nn model and train it a little")
     )
-
     bench.add_arguments(
         sub.add_parser(
             "bench",
             help="time gpurnn against cuDNN, a cell loop and FlashRNN",
             description=bench.__doc__,
-            formatter_class=HelpFormatter,
         )
     )
     plot.add_arguments(
         sub.add_parser(
             "plot",
-            help="PNG plots and the README table from benchmarks/results.csv",
-            formatter_class=HelpFormatter,
+            help="PNG plots and the README table from the GPU rows of benchmarks/results.csv",
+            description=plot.__doc__,
         )
     )
     demos.add_depth_arguments(
         sub.add_parser(
             "inspect",
             help="train a small LSTM, record every step's gates and states, plot them",
-            formatter_class=HelpFormatter,
+            description=demos.__doc__,
         )
     )
-    dispatch.add_arguments(
+    table.add_arguments(
         sub.add_parser(
             "dispatch",
             help="the auto backend's per-shape ranking of triton, cupy and torch (cuDNN), "
-            "from bench rows and GPU test records",
-            description=dispatch.__doc__,
-            formatter_class=HelpFormatter,
+            "from bench rows and GPU test records; --record-gpu-tests records a GPU test run",
+            description=table.__doc__,
         )
     )
+    return parser
+
+
+def main(argv=None) -> int:
+    from gpurnn import bench, demos, plot
+    from gpurnn.bench import table
+
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     wants_triton = args.command == "check" or (
-        args.command == "bench" and "gpurnn-triton" in (args.backends or "")
+        args.command == "bench" and "gpurnn-triton" in (args.backends or ())
     )
     if wants_triton:
         status = _rerun_under_triton_interpreter(argv)
         if status is not None:
             return status
     commands = {
-        "dispatch": dispatch.run,
+        "dispatch": table.run,
         "info": cmd_info,
         "check": cmd_check,
         "demo": demos.forecast,
@@ -193,4 +200,7 @@ def main(argv=None) -> int:
         "plot": plot.run,
         "inspect": demos.depth,
     }
-    return commands[args.command](args)
+    try:
+        return commands[args.command](args)
+    except UsageError as e:
+        return usage_error(f"python -m gpurnn {args.command}", e)

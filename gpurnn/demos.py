@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from gpurnn import arguments
 from gpurnn.inspect import plot_gate_saturation, plot_heatmap, record, saturation
 
 # ----------------------------------------------------------------------------------------
@@ -27,7 +28,7 @@ from gpurnn.inspect import plot_gate_saturation, plot_heatmap, record, saturatio
 
 
 def add_forecast_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--steps", type=int, default=100, help="training steps")
+    parser.add_argument("--steps", type=arguments.positive_int, default=100, help="training steps")
 
 
 def forecast(args) -> int:
@@ -123,16 +124,30 @@ class DepthTracker(torch.nn.Module):
 
 
 def add_depth_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--steps", type=int, default=300, help="training steps")
-    parser.add_argument("--hidden", type=int, default=16, help="LSTM hidden units")
-    parser.add_argument("--length", type=int, default=60, help="characters per sequence")
-    parser.add_argument("--out", default="inspect_out", help="folder for the PNGs")
+    parser.add_argument("--steps", type=arguments.positive_int, default=300, help="training steps")
+    parser.add_argument(
+        "--hidden", type=arguments.positive_int, default=16, help="LSTM hidden units"
+    )
+    parser.add_argument(
+        "--length", type=arguments.positive_int, default=60, help="characters per sequence"
+    )
+    parser.add_argument(
+        "--out", default="inspect_out", help="folder for the PNGs, under the current folder"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the data and the weights")
     parser.add_argument(
-        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu"
+        "--device",
+        type=arguments.device,
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="cpu, cuda or cuda:N",
     )
     # tiny per-step matmuls: thread start-up costs more than it saves (100x on a busy 2-core)
-    parser.add_argument("--threads", type=int, default=1, help="CPU threads (0: torch's default)")
+    parser.add_argument(
+        "--threads",
+        type=arguments.non_negative_int,
+        default=1,
+        help="CPU threads (0: torch's default)",
+    )
 
 
 def depth_tracking(args) -> dict:

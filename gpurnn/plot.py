@@ -1,18 +1,23 @@
 """`python -m gpurnn plot`: pictures and the README table from benchmarks/results.csv.
 
-For each card the CSV holds, only its latest run is drawn (runs are told apart by the
-run_id column), so a plot never mixes code versions on one card:
+Only GPU rows are drawn into the tracked pictures and the README (a CSV's CPU rows are
+left out); a file of CPU rows only (a CPU run's scratch file) is drawn, for a look, into
+a plots/ folder beside that file. For each card, only its latest run is drawn (runs are told
+apart by the run_id column), so a plot never mixes code versions on one card:
 
   speedup_vs_batch.png   speedup over cuDNN against batch size (the shape family with
                          the most batch sizes: T=1024, H=768 LSTM in the GPU matrix)
   speedup_vs_hidden.png  speedup over cuDNN against hidden size
-  memory.png             peak training memory per shape and implementation (CUDA only)
+  memory.png             peak training memory per shape and implementation, from the
+                         latest run that measured it for each case (CUDA only)
+
+Each picture's title names the cards, dates and shapes of the rows it draws.
 
 `--readme` rewrites the table between `<!-- bench:start -->` and `<!-- bench:end -->`:
-per card, the latest measurement of each shape and dtype (each from one run), headed by
-card, dates and commits, with the implementation `auto` runs marked (from the dispatch
-table built from the same rows and the GPU test records in gpu_tests.csv beside the CSV)
-and a sentence each on where gpurnn wins and where `auto` runs cuDNN instead.
+one table per card, the latest measurement of each shape and dtype (each from one run),
+headed by card, dates and commits, with the implementation `auto` runs marked (from the
+dispatch table built from the same rows and the GPU test records in gpu_tests.csv beside
+the CSV) and a sentence each on where gpurnn wins and where `auto` runs cuDNN instead.
 """
 
 from __future__ import annotations
@@ -22,11 +27,12 @@ import csv
 import os
 import sys
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CSV = REPO_ROOT / "benchmarks" / "results.csv"
+from gpurnn.arguments import UsageError, run_command
+from gpurnn.bench.results import DEFAULT_CSV, REPO_ROOT
+
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "plots"
 DEFAULT_README = REPO_ROOT / "README.md"
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
@@ -38,6 +44,11 @@ MODE_TITLES = {"fwd": "forward (inference)", "fwdbwd": "forward + backward (trai
 def read_rows(path: Path) -> list[dict]:
     with Path(path).open(newline="") as f:
         return list(csv.DictReader(f))
+
+
+def gpu_rows(rows: Iterable[dict]) -> list[dict]:
+    """The rows measured on a GPU: the only ones the tracked plots and README show."""
+    return [r for r in rows if r.get("device") == "cuda"]
 
 
 def latest_runs(rows: list[dict]) -> dict[str, list[dict]]:
@@ -100,20 +111,47 @@ def _family(rows: list[dict], vary: str) -> tuple[dict, list[dict]] | None:
     return dict(zip([k for k in fixed if k != "input_size"], key)), members
 
 
-def _baseline_label(card_runs: dict[str, list[dict]]) -> str:
-    names = {r["impl"] for rows in card_runs.values() for r in rows if r["impl"] in BASELINES}
+def _baseline_label(rows: Iterable[dict]) -> str:
+    names = {r["impl"] for r in rows if r["impl"] in BASELINES}
     return " / ".join(sorted(names)) or "cuDNN"
 
 
-def _subtitle(card_runs: dict[str, list[dict]]) -> str:
-    return "; ".join(f"{card}, {rows[0]['date'][:10]}" for card, rows in card_runs.items())
+def _subtitle(card_rows: dict[str, list[dict]]) -> str:
+    """'card, date(s)' of the rows drawn, per card."""
+    return "; ".join(
+        f"{card}, {', '.join(sorted({r['date'][:10] for r in rows}))}"
+        for card, rows in card_rows.items()
+    )
+
+
+def speedup_title(families: dict[str, tuple[dict, list[dict]]]) -> str:
+    """What a speedup plot draws: the fixed parameters of each card's family, the cards and
+    the dates of the rows drawn."""
+
+    def desc(fixed: dict) -> str:
+        return ", ".join(
+            f"{k}={v}" for k, v in fixed.items() if k in ("cell", "T", "B", "H", "dtype")
+        )
+
+    descs = {card: desc(fixed) for card, (fixed, _) in families.items()}
+    if len(set(descs.values())) == 1:
+        drawn = {card: members for card, (_, members) in families.items()}
+        return f"{next(iter(descs.values()))} — {_subtitle(drawn)}"
+    return "; ".join(
+        f"{descs[card]} — {_subtitle({card: members})}" for card, (_, members) in families.items()
+    )
+
+
+def speedup_families(card_runs: dict[str, list[dict]], vary: str) -> dict[str, tuple]:
+    """card -> (fixed parameters, rows) of the family a speedup plot draws for that card."""
+    families = {card: _family(rows, vary) for card, rows in card_runs.items()}
+    return {card: f for card, f in families.items() if f is not None}
 
 
 def plot_speedup(card_runs: dict[str, list[dict]], vary: str, path: Path) -> str:
     import matplotlib.pyplot as plt
 
-    families = {card: _family(rows, vary) for card, rows in card_runs.items()}
-    families = {card: f for card, f in families.items() if f is not None}
+    families = speedup_families(card_runs, vary)
     if not families:
         return f"skipped {path.name}: no rows with a speedup to plot against {vary}"
     modes = [
@@ -121,7 +159,7 @@ def plot_speedup(card_runs: dict[str, list[dict]], vary: str, path: Path) -> str
     ]
     fig, axes = plt.subplots(1, len(modes), figsize=(6 * len(modes), 4.2), squeeze=False)
     several_cards = len(families) > 1
-    baseline = _baseline_label(card_runs)
+    baseline = _baseline_label(r for _, members in families.values() for r in members)
     for ax, mode in zip(axes[0], modes):
         for card, (_, members) in families.items():
             series: dict[str, list[tuple[int, float]]] = defaultdict(list)
@@ -142,32 +180,50 @@ def plot_speedup(card_runs: dict[str, list[dict]], vary: str, path: Path) -> str
         ax.set_title(MODE_TITLES[mode], fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-    fixed = next(iter(families.values()))[0]
-    desc = ", ".join(f"{k}={v}" for k, v in fixed.items() if k in ("cell", "T", "B", "H", "dtype"))
-    fig.suptitle(f"{desc} — {_subtitle(card_runs)}", fontsize=10)
+    fig.suptitle(speedup_title(families), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return f"wrote {path}"
 
 
-def plot_memory(card_runs: dict[str, list[dict]], path: Path) -> str:
+def memory_rows(rows: list[dict]) -> dict[str, list[dict]]:
+    """card -> the peak-memory rows to draw: training steps of the card's primary dtype
+    that ran ok, for each shape those of the latest run that measured its peak memory (a
+    later run without memory rows does not hide them)."""
+    measured = [
+        r
+        for r in rows
+        if r.get("mode") == "fwdbwd" and _ok(r) and _float(r.get("peak_mem_mb")) is not None
+    ]
+    drawn: dict[str, list[dict]] = {}
+    for card, cases in latest_cases(measured).items():
+        card_rows = [r for case_rows in cases.values() for r in case_rows]
+        dtype = _primary_dtype(card_rows)
+        drawn[card] = [r for r in card_rows if r["dtype"] == dtype]
+    return drawn
+
+
+def memory_title(card_rows: dict[str, list[dict]]) -> str:
+    dtypes = ", ".join(sorted({r["dtype"] for rows in card_rows.values() for r in rows}))
+    return f"peak training memory, {dtypes} — {_subtitle(card_rows)}"
+
+
+def plot_memory(rows: list[dict], path: Path) -> str:
     import matplotlib.pyplot as plt
 
+    card_rows = memory_rows(rows)
     bars: dict[tuple[str, str], dict[str, float]] = defaultdict(dict)  # (card, shape) -> impl
-    for card, rows in card_runs.items():
-        dtype = _primary_dtype(rows)
-        for r in rows:
-            mb = _float(r.get("peak_mem_mb"))
-            if r["mode"] == "fwdbwd" and r["dtype"] == dtype and _ok(r) and mb is not None:
-                bars[(card, f"{r['shape']} {dtype}")][r["impl"]] = mb
+    for card, drawn in card_rows.items():
+        for r in drawn:
+            bars[(card, f"{r['shape']} {r['dtype']}")][r["impl"]] = float(r["peak_mem_mb"])
     if not bars:
         return f"skipped {path.name}: no peak-memory rows (they are measured on CUDA only)"
     impls = sorted(
         {impl for per_impl in bars.values() for impl in per_impl},
         key=lambda i: (i not in BASELINES, i),
     )
-    labels = [shape if len(card_runs) == 1 else f"{shape}\n{card}" for card, shape in bars]
+    labels = [shape if len(card_rows) == 1 else f"{shape}\n{card}" for card, shape in bars]
     width = 0.8 / len(impls)
     fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(bars) + 2), 4.5))
     for k, impl in enumerate(impls):
@@ -178,7 +234,7 @@ def plot_memory(card_runs: dict[str, list[dict]], path: Path) -> str:
     ax.set_xticklabels(labels, rotation=40, ha="right", fontsize=7)
     ax.set_yscale("log")
     ax.set_ylabel("peak memory of a training step (MB)")
-    ax.set_title(f"peak training memory — {_subtitle(card_runs)}", fontsize=10)
+    ax.set_title(memory_title(card_rows), fontsize=10)
     ax.grid(True, axis="y", which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -198,7 +254,7 @@ def write_plots(rows: list[dict], out: Path) -> list[str]:
     return [
         plot_speedup(card_runs, "B", out / PLOTS[0]),
         plot_speedup(card_runs, "H", out / PLOTS[1]),
-        plot_memory(card_runs, out / PLOTS[2]),
+        plot_memory(rows, out / PLOTS[2]),
     ]
 
 
@@ -233,12 +289,11 @@ def _auto_choice(table: dict, card: str, r: dict) -> str | None:
     """The backend `auto` runs for this case on this card (the table's first candidate,
     else its default order's first, triton), for single-layer dense CUDA shapes."""
     from gpurnn import dispatch
+    from gpurnn.bench.table import DTYPE_NAMES
 
-    if r["device"] != "cuda":
-        return "torch"
     if r.get("layers") != "1" or r.get("bidirectional") != "0" or r.get("varlen"):
         return None  # the table is measured on single layers: not shown for stacks
-    k = dispatch.key(r["cell"], dispatch._DTYPE_NAMES.get(r["dtype"], r["dtype"]),
+    k = dispatch.key(r["cell"], DTYPE_NAMES.get(r["dtype"], r["dtype"]),
                      int(r["H"]), int(r["B"]))  # fmt: skip
     ranking = table.get("by_card", {}).get(card, {}).get(k) or table.get("choices", {}).get(k)
     failed = set(table.get("failed_gpu_tests", {}).get(card, ()))
@@ -250,14 +305,15 @@ def _auto_choice(table: dict, card: str, r: dict) -> str | None:
 def markdown_table(
     rows: list[dict], plots_dir: Path | None, readme_dir: Path, gpu_tests: list[dict] = ()
 ) -> str:
-    """The measured rows as markdown, per card (newest first): the latest measurement of
-    each shape and dtype, the backend `auto` runs there, and in words which cases gpurnn
-    wins and which `auto` sends to cuDNN."""
-    from gpurnn import dispatch
+    """The GPU rows as markdown, one table per card (newest first): the latest measurement
+    of each shape and dtype, the backend `auto` runs there, and in words which cases gpurnn
+    wins and which `auto` sends to cuDNN. CPU rows are left out."""
+    from gpurnn.bench.table import build
 
+    rows = gpu_rows(rows)
     if not rows:
-        return "No benchmark rows yet.\n"
-    table = dispatch.build(rows, gpu_tests)
+        return "No GPU benchmark rows yet.\n"
+    table = build(rows, gpu_tests)
     by_card = latest_cases(rows)
     newest_first = sorted(
         by_card, key=lambda c: max(r["date"] for rs in by_card[c].values() for r in rs),
@@ -276,7 +332,7 @@ def markdown_table(
 
 
 def _card_section(card: str, cases, table: dict) -> list[str]:
-    from gpurnn.dispatch import IMPL_BACKENDS
+    from gpurnn.bench.table import IMPL_BACKENDS
 
     all_rows = [r for _, rs in cases for r in rs]
     first = all_rows[0]
@@ -364,56 +420,62 @@ def update_readme(readme: Path, table: str) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--csv", default=str(DEFAULT_CSV), help="results (default: %(default)s)")
+    parser.add_argument("--csv", default=str(DEFAULT_CSV), help="benchmark rows")
     parser.add_argument(
-        "--out", default=str(DEFAULT_OUT), help="folder for the PNGs (default: %(default)s)"
+        "--out",
+        help=f"folder for the PNGs (default: {DEFAULT_OUT} when the CSV has GPU rows; a "
+        "CSV of CPU rows only is drawn into a plots/ folder beside it)",
     )
     parser.add_argument(
         "--readme",
         nargs="?",
         const=str(DEFAULT_README),
         default=None,
-        help="also rewrite the table between the bench markers of this "
-        "markdown file (default when given bare: %(const)s)",
+        help="also rewrite the table between the bench markers of this markdown file, from "
+        "the GPU rows (default when given bare: %(const)s)",
     )
 
 
 def run(args) -> int:
     csv_path = Path(args.csv)
-    if not csv_path.exists():
-        print(
-            f"gpurnn plot: {csv_path} does not exist (run `python -m gpurnn bench` first)",
-            file=sys.stderr,
-        )
-        return 1
+    if not csv_path.is_file():
+        raise UsageError(f"{csv_path} does not exist (run `python -m gpurnn bench` first)")
     rows = read_rows(csv_path)
     if not rows:
-        print(f"gpurnn plot: {csv_path} has no rows yet; nothing to plot")
+        print(f"{csv_path} has no rows yet; nothing to plot")
         return 0
-    for message in write_plots(rows, Path(args.out)):
+    drawn = gpu_rows(rows)
+    if args.readme and not drawn:
+        raise UsageError(
+            f"{csv_path} has no GPU rows; the README shows GPU measurements only "
+            "(plot without --readme draws CPU rows)"
+        )
+    if not drawn:
+        drawn = rows  # a CPU run's own file, drawn for a look, never into benchmarks/
+        out = Path(args.out) if args.out else csv_path.parent / "plots"
+        print(f"{csv_path} has CPU rows only: plotting them into {out}")
+    else:
+        out = Path(args.out) if args.out else DEFAULT_OUT
+        if len(drawn) < len(rows):
+            print(f"left out {len(rows) - len(drawn)} CPU rows: only GPU rows are drawn")
+    for message in write_plots(drawn, out):
         print(message)
     if args.readme:
         readme = Path(args.readme)
         try:
             tests = csv_path.with_name("gpu_tests.csv")
             gpu_tests = read_rows(tests) if tests.exists() else []
-            table = markdown_table(rows, Path(args.out), readme.resolve().parent, gpu_tests)
+            table = markdown_table(drawn, out, readme.resolve().parent, gpu_tests)
             update_readme(readme, table)
         except (OSError, ValueError) as e:
-            print(f"gpurnn plot: {e}", file=sys.stderr)
+            print(f"python -m gpurnn plot: {e}", file=sys.stderr)
             return 1
         print(f"updated the benchmark table in {readme}")
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m gpurnn plot",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return run_command("python -m gpurnn plot", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

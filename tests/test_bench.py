@@ -26,6 +26,14 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def exit_status(main, argv) -> int:
+    """main(argv)'s exit status, whether it returns it or the parser exits with it."""
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return e.code
+
+
 def _rows(path):
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
@@ -182,19 +190,26 @@ def test_plan_defaults_and_dtype_filter():
     assert "smoke suite" in notes[0]
     cases, _ = bench.plan(_args(quick=True), cuda)
     assert [(s.id, d) for s, d in cases] == bench.QUICK
-    cases, _ = bench.plan(_args(quick=True, dtypes="fp16"), cuda)
+    cases, _ = bench.plan(_args(quick=True, dtypes=["fp16"]), cuda)
     assert [(s.id, d) for s, d in cases] == [("lstm-T1024-B16-H768", "fp16")]
-    cases, _ = bench.plan(_args(dtypes="bf16,fp32"), cuda)
+    cases, _ = bench.plan(_args(dtypes=["bf16", "fp32"]), cuda)
     assert {s.suite for s, _ in cases} == set(bench.SUITES) - {"smoke"}
     assert len(cases) == 2 * sum(s.suite != "smoke" for s in bench.SHAPES)
-    with pytest.raises(ValueError, match="unknown dtypes"):
-        bench.plan(_args(dtypes="fp8"), cpu)
+    # shape ids and suites in any case
+    cases, _ = bench.plan(_args(shapes="LSTM-t8-b2-h16,Smoke"), cpu)
+    assert [s.id for s, _ in cases] == [s.id for s in bench.SHAPES if s.suite == "smoke"]
 
 
-def test_bad_arguments_exit_2(tmp_path):
-    assert bench.main(["--dtypes", "fp8", "--no-csv"]) == 2
-    assert bench.main(["--backends", "nope", "--no-csv"]) == 2
-    assert bench.main(["--shapes", "nope", "--no-csv"]) == 2
+def test_bad_arguments_exit_2(capsys):
+    for args, said in [
+        (["--dtypes", "fp8"], "unknown dtype 'fp8'; choose from bf16, fp16, fp32"),
+        (["--backends", "nope"], "unknown implementation 'nope'; choose from gpurnn-triton,"),
+        (["--shapes", "nope"], "unknown shapes ['nope']; suites are"),
+        (["--modes", "back"], "unknown mode 'back'; choose from fwd, fwdbwd"),
+    ]:
+        assert exit_status(bench.main, [*args, "--no-csv"]) == 2
+        err = capsys.readouterr().err
+        assert said in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_backend_filter_and_no_csv(tmp_path, monkeypatch, capsys):
@@ -205,6 +220,40 @@ def test_backend_filter_and_no_csv(tmp_path, monkeypatch, capsys):
     assert "[1/1] smoke/gru-T8-B2-H16 fp32 torch.nn fwd" in out  # "cudnn" is torch.nn on CPU
     assert "1 rows, 0 not ok" in out
     assert not list(tmp_path.iterdir())
+
+
+def _tree(folder):
+    return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
+
+
+def test_bench_on_cpu_leaves_the_tracked_results_alone(tmp_path, monkeypatch, capsys):
+    """Without --csv a CPU run's rows go to the scratch file, never into benchmarks/."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    tracked = bench.REPO_ROOT / "benchmarks"
+    before = _tree(tracked)
+    args = ["--shapes", "gru-T8-B2-H16", "--backends", "torch.nn", "--modes", "fwd"]
+    assert bench.main(args) == 0
+    assert _tree(tracked) == before
+    scratch = tmp_path / "gpurnn-bench" / "results.csv"
+    assert bench.scratch_csv() == scratch
+    assert [r["impl"] for r in _rows(scratch)] == ["torch.nn"]
+    out = capsys.readouterr().out
+    assert f"appended to {scratch}" in out and "stay out of benchmarks/results.csv" in out
+
+
+def test_only_a_gpu_run_of_real_shapes_goes_to_the_tracked_results(tmp_path):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    real = [(s, "bf16") for s in bench.SHAPES if s.suite != "smoke"][:2]
+    smoke = [(s, "fp32") for s in bench.SHAPES if s.suite == "smoke"][:2]
+    args = argparse.Namespace(no_csv=False, csv=None)
+    assert bench.cli.rows_file(args, cuda, real) == bench.DEFAULT_CSV
+    assert bench.cli.rows_file(args, cuda, smoke) == bench.scratch_csv()
+    assert bench.cli.rows_file(args, cpu, real) == bench.scratch_csv()
+    named = tmp_path / "mine.csv"
+    assert bench.cli.rows_file(argparse.Namespace(no_csv=False, csv=str(named)), cpu, real) == named
+    assert bench.cli.rows_file(argparse.Namespace(no_csv=True, csv=None), cuda, real) is None
 
 
 def test_append_keeps_old_rows_when_columns_change(tmp_path):
@@ -251,23 +300,76 @@ def test_plot_uses_the_latest_run_per_card():
     }
 
 
-def test_readme_table_is_regenerated_between_markers(smoke_csv, tmp_path):
+def _as_gpu_rows(rows, card="NVIDIA H100 80GB HBM3"):
+    """CPU smoke rows relabelled as a GPU run's (their numbers mean nothing either way)."""
+    return [{**r, "device": "cuda", "card": card, "run_id": r["run_id"] + "-gpu"} for r in rows]
+
+
+def _write_rows(path, rows):
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, rows[0].keys())
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def test_readme_table_is_regenerated_between_markers_from_gpu_rows(smoke_csv, tmp_path):
     readme = tmp_path / "README.md"
-    readme.write_text(f"# title\n\nbefore\n{plot.START}\nstale table\n{plot.END}\nafter\n")
+    stale = f"# title\n\nbefore\n{plot.START}\nstale table\n{plot.END}\nafter\n"
+    readme.write_text(stale)
     out = tmp_path / "benchmarks" / "plots"
+    # CPU rows only: the README shows GPU measurements only, and is left as it was
     args = ["--csv", str(smoke_csv), "--out", str(out), "--readme", str(readme)]
+    assert plot.main(args) == 2
+    assert readme.read_text() == stale and not out.exists()
+
+    cpu = _rows(smoke_csv)
+    mixed = _write_rows(tmp_path / "mixed.csv", cpu + _as_gpu_rows(cpu))
+    args = ["--csv", str(mixed), "--out", str(out), "--readme", str(readme)]
     assert plot.main(args) == 0
     text = readme.read_text()
     assert text.startswith("# title\n\nbefore\n") and text.endswith(f"{plot.END}\nafter\n")
     assert "stale table" not in text
-    row = _rows(smoke_csv)[0]
-    assert f"**{row['card']}**" in text and f"measured {row['date'][:10]}" in text
-    assert "| lstm-T8-B2-H16 | fp32 | gpurnn-torch *auto* |" in text  # CPU: auto is torch
+    assert f"measured {cpu[0]['date'][:10]}" in text
+    # one table, the GPU card's: the CPU rows are left out
+    assert text.count("**") == 2 and "**NVIDIA H100 80GB HBM3** (cuda)" in text
+    assert cpu[0]["card"] not in text
     assert "](benchmarks/plots/speedup_vs_batch.png)" in text
     assert plot.main(args) == 0 and readme.read_text() == text  # idempotent
 
     readme.write_text("# no markers\n")
     assert plot.main(args) == 1
+
+
+def test_plot_titles_name_the_rows_they_draw(smoke_csv):
+    cpu = _rows(smoke_csv)
+    gpu = _as_gpu_rows(cpu, "H100")
+    other = [{**r, "card": "H200", "date": "2026-12-01T00:00:00Z"} for r in _as_gpu_rows(cpu)]
+    card_runs = plot.latest_runs(plot.gpu_rows(cpu + gpu + other))
+    title = plot.speedup_title(plot.speedup_families(card_runs, "B"))
+    assert "H100" in title and "H200, 2026-12-01" in title and cpu[0]["card"] not in title
+    # a card without a family to draw is not named
+    card_runs["A100"] = [{**r, "card": "A100", "speedup_vs_cudnn": ""} for r in gpu]
+    assert "A100" not in plot.speedup_title(plot.speedup_families(card_runs, "B"))
+
+
+def test_memory_plot_draws_the_latest_rows_that_measured_memory(tmp_path, capsys):
+    """A later run without peak-memory rows (e.g. a timing probe) does not hide the
+    earlier run's: memory.png draws the latest rows that have them."""
+    rows = []
+    for run_id, date, mb in [
+        ("old", "2026-11-26T00:00:00Z", "100"),
+        ("new", "2026-11-27T00:00:00Z", ""),
+    ]:
+        for impl in ("cudnn", "gpurnn-triton"):
+            rows.append(_cuda_row(run_id, date, 16, impl, "fwdbwd", 10, 1) | {"peak_mem_mb": mb})
+    drawn = plot.memory_rows(rows)
+    assert {r["run_id"] for r in drawn["H100"]} == {"old"} and len(drawn["H100"]) == 2
+    assert plot.memory_title(drawn) == "peak training memory, bf16 — H100, 2026-11-26"
+    csv_path = _write_rows(tmp_path / "results.csv", rows)
+    assert plot.main(["--csv", str(csv_path), "--out", str(tmp_path / "plots")]) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert (tmp_path / "plots" / "memory.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def _cuda_row(run_id, date, shape_B, impl, mode, ms, speedup, status="ok", dtype="bf16"):

@@ -111,3 +111,96 @@ def test_help_shows_defaults(capsys):
         with pytest.raises(SystemExit):
             cli.main([command, "--help"])
         assert default in capsys.readouterr().out, command
+
+
+def _exit_status(argv) -> int:
+    try:
+        return cli.main(argv)
+    except SystemExit as e:
+        return e.code
+
+
+NO_CUDA = "no CUDA device here"
+MISTAKES = [
+    (["check", "--backends", "bogus"], "unknown backend 'bogus'; choose from triton, cupy,"),
+    (["check", "--dtypes", "fp8"], "unknown dtype 'fp8'; choose from fp64, fp32, fp16, bf16"),
+    (["check", "--device", "gpu"], "unknown device 'gpu'; choose from cpu, cuda, cuda:N"),
+    (["bench", "--backends", "triton"], "unknown implementation 'triton'; choose from gpurnn-"),
+    (["bench", "--dtypes", "fp64"], "unknown dtype 'fp64'; choose from bf16, fp16, fp32"),
+    (["bench", "--modes", "bwd"], "unknown mode 'bwd'; choose from fwd, fwdbwd"),
+    (["bench", "--shapes", "lstm-huge", "--no-csv"], "unknown shapes ['lstm-huge']"),
+    (["inspect", "--steps", "0"], "argument --steps: '0': must be at least 1"),
+    (["inspect", "--hidden", "many"], "argument --hidden: 'many' is not a whole number"),
+    (["demo", "--steps", "-3"], "argument --steps: '-3': must be at least 1"),
+    (["plot", "--csv", "no/such.csv"], "no/such.csv does not exist"),
+    (["dispatch", "--csv", "no/such.csv"], "no benchmark rows at no/such.csv"),
+    (["dispatch", "--record-gpu-tests", "tpu"], "unknown backend 'tpu'; choose from triton,"),
+    (["dispatch", "--record-gpu-tests", "triton"], "needs --pytest-log and --exit-status"),
+    (
+        ["dispatch", "--record-gpu-tests", "cupy", "--pytest-log", "no.log", "--exit-status", "0"],
+        "--pytest-log no.log: no such file",
+    ),
+    (["info", "--verbose"], "unrecognized arguments: --verbose"),
+    (["benchmark"], "invalid choice: 'benchmark'"),
+    ([], "the following arguments are required: COMMAND"),
+]
+if not cli.torch.cuda.is_available():
+    MISTAKES += [
+        ([command, "--device", "cuda"], NO_CUDA) for command in ("check", "bench", "inspect")
+    ]
+
+
+@pytest.mark.parametrize(
+    "argv, said", MISTAKES, ids=lambda v: " ".join(v) if isinstance(v, list) else ""
+)
+def test_a_mistake_is_one_line_and_exit_status_2(argv, said, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # nothing a mistake could write lands in the checkout
+    assert _exit_status(argv) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and said in lines[0], captured.err
+    assert lines[0].startswith("python -m gpurnn") and "Traceback" not in captured.out
+    assert not list(tmp_path.iterdir())
+
+
+def test_names_are_taken_in_any_case():
+    parser = cli.build_parser()
+    args = parser.parse_args(["check", "--backends", "Torch,NUMPY", "--dtypes", "FP64,fp32"])
+    assert args.backends == ["torch", "numpy"] and args.dtypes == ["fp64", "fp32"]
+    args = parser.parse_args(["check", "--device", "CPU"])
+    assert args.device == cli.torch.device("cpu")
+    args = parser.parse_args(["bench", "--backends", "CUDNN,gpurnn-Torch", "--modes", "FWD"])
+    assert args.backends == ["cudnn", "gpurnn-torch"] and args.modes == ["fwd"]
+    args = parser.parse_args(["dispatch", "--record-gpu-tests", "Triton"])
+    assert args.record_gpu_tests == "triton"
+
+
+def test_a_mistake_from_a_plain_shell_shows_no_traceback():
+    done = subprocess.run(
+        [sys.executable, "-m", "gpurnn", "check", "--backends", "Bogus"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.splitlines() == [
+        "python -m gpurnn check: error: argument --backends: unknown backend 'Bogus'; choose "
+        "from triton, cupy, torch, numpy (see python -m gpurnn check --help)"
+    ]
+
+
+def test_help_lists_every_subcommand_and_every_default(capsys):
+    parser = cli.build_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--help"])
+    top = capsys.readouterr().out
+    subparsers = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    assert set(subparsers.choices) == {
+        "info", "check", "demo", "bench", "plot", "inspect", "dispatch"
+    }  # fmt: skip
+    for name, sub in subparsers.choices.items():
+        assert f"    {name} " in top, name
+        formatter = sub._get_formatter()
+        for action in sub._actions:
+            if action.nargs == 0:
+                continue  # --help and on/off flags have no default to show
+            shown = formatter._expand_help(action)  # the option's text in --help
+            assert "default" in shown, f"{name} {action.option_strings}: {shown}"

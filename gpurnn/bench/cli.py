@@ -21,15 +21,15 @@ parameters, so rows stay comparable across runs as long as the parameters do.
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
+from gpurnn.arguments import UsageError, device, names, run_command
 from gpurnn.bench.harness import Progress, run_cases
-from gpurnn.bench.results import DEFAULT_CSV, run_metadata, summary_table
-from gpurnn.bench.runners import implementations
+from gpurnn.bench.results import DEFAULT_CSV, run_metadata, scratch_csv, summary_table
+from gpurnn.bench.runners import IMPLEMENTATION_NAMES, implementations
 from gpurnn.bench.shapes import DTYPES, MODES, QUICK, SHAPES, SUITES, Shape, select_shapes
 from gpurnn.bench.timing import BUDGETS
 
@@ -48,21 +48,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--dtypes",
+        type=names(DTYPES, "dtype"),
         help="comma-separated, of " + ",".join(DTYPES) + " (default: all on CUDA, fp32 on CPU)",
     )
     parser.add_argument(
         "--backends",
-        help="comma-separated implementations: gpurnn-<backend>, "
-        "cudnn (alias torch.nn), cell-loop, flashrnn (default: all that run here)",
+        type=names(IMPLEMENTATION_NAMES, "implementation"),
+        help="comma-separated implementations, of "
+        + ",".join(IMPLEMENTATION_NAMES)
+        + " (cudnn and torch.nn both name torch.nn's layer; default: all that run here)",
     )
     parser.add_argument(
-        "--modes", default=",".join(MODES), help="comma-separated, of fwd,fwdbwd (default: both)"
+        "--modes",
+        type=names(MODES, "mode"),
+        default=list(MODES),
+        help="comma-separated, of fwd,fwdbwd (default: both)",
     )
-    parser.add_argument("--device", help="cuda or cpu (default: cuda when present)")
+    parser.add_argument(
+        "--device", type=device, help="cpu, cuda or cuda:N (default: cuda if present, else cpu)"
+    )
     parser.add_argument(
         "--csv",
-        default=str(DEFAULT_CSV),
-        help="results file the rows are appended to (default: %(default)s)",
+        help=f"results file the rows are appended to (default: {DEFAULT_CSV} for a GPU run; "
+        f"a CPU or smoke run's rows go to {scratch_csv()}, never into the tracked results)",
     )
     parser.add_argument("--no-csv", action="store_true", help="append no rows anywhere")
     parser.add_argument(
@@ -70,17 +78,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _split(text: str | None) -> list[str] | None:
-    return [t.strip() for t in text.split(",") if t.strip()] if text else None
+def rows_file(args, device: torch.device, cases: list[tuple[Shape, str]]) -> Path | None:
+    """Where the rows go: --csv if given; the tracked history only for a GPU run of real
+    shapes; a CPU or smoke run's rows to the scratch file."""
+    if args.no_csv:
+        return None
+    if args.csv:
+        return Path(args.csv)
+    smoke = all(shape.suite == "smoke" for shape, _ in cases)
+    return scratch_csv() if device.type != "cuda" or smoke else DEFAULT_CSV
 
 
 def plan(args, device: torch.device) -> tuple[list[tuple[Shape, str]], list[str]]:
     """The (shape, dtype) cases the arguments select, and lines to print about the choice."""
     notes = []
-    dtypes = _split(args.dtypes) or (list(DTYPES) if device.type == "cuda" else ["fp32"])
-    bad = [d for d in dtypes if d not in DTYPES]
-    if bad:
-        raise ValueError(f"unknown dtypes {bad}; choose from {', '.join(DTYPES)}")
+    dtypes = args.dtypes or (list(DTYPES) if device.type == "cuda" else ["fp32"])
     if args.shapes:
         return [(s, d) for s in select_shapes(args.shapes, ()) for d in dtypes], notes
     if device.type != "cuda":
@@ -98,22 +110,19 @@ def plan(args, device: torch.device) -> tuple[list[tuple[Shape, str]], list[str]
 
 
 def run(args) -> int:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    requested = _split(args.backends)
+    device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    requested = args.backends
     # (without CUDA, gpurnn-triton runs only under the interpreter, which `python -m gpurnn
     # bench` switches on by running itself again: TRITON_INTERPRET must be set before
     # triton is first imported, and importing torch's compiler imports it)
     try:
         cases, notes = plan(args, device)
         impls, impl_notes = implementations(device, requested, args.quick)
-        modes = _split(args.modes) or list(MODES)
-        if any(m not in MODES for m in modes):
-            raise ValueError(f"modes must be of {MODES}, got {modes}")
     except ValueError as e:
-        print(f"gpurnn bench: {e}", file=sys.stderr)
-        return 2
+        raise UsageError(str(e)) from None
+    modes = args.modes
     meta = run_metadata(device)
-    csv_path = None if args.no_csv else Path(args.csv)
+    csv_path = rows_file(args, device, cases)
     budget = BUDGETS["cpu" if device.type != "cuda" else "quick" if args.quick else "full"]
     total = sum(len(modes) for shape, _ in cases for i in impls if i.applies(shape))
     print(
@@ -137,14 +146,13 @@ def run(args) -> int:
         f"\n{len(rows)} rows, {len(bad)} not ok (failed or wrong)"
         + (f"; appended to {csv_path}" if csv_path else "")
     )
+    if csv_path is not None and csv_path != DEFAULT_CSV and not args.csv:
+        print(
+            "  (a CPU or smoke run: the rows stay out of benchmarks/results.csv; "
+            f"`python -m gpurnn plot --csv {csv_path}` draws them)"
+        )
     return 1 if (args.strict and bad) else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m gpurnn bench",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return run_command("python -m gpurnn bench", __doc__, add_arguments, run, argv)

@@ -10,13 +10,21 @@ import csv
 import datetime as _dt
 import platform
 import subprocess
+import tempfile
 from pathlib import Path
 
 import torch
 
 # the checkout (or install) folder above the gpurnn package
 REPO_ROOT = Path(__file__).resolve().parents[2]
+# the tracked history: GPU rows only, so that the README's tables and plots are measured
 DEFAULT_CSV = REPO_ROOT / "benchmarks" / "results.csv"
+
+
+def scratch_csv() -> Path:
+    """Where a CPU run or a smoke run appends its rows unless told otherwise: a file in the
+    system's temporary folder, outside the checkout (/tmp/gpurnn-bench/results.csv)."""
+    return Path(tempfile.gettempdir()) / "gpurnn-bench" / "results.csv"
 
 
 FIELDS = (

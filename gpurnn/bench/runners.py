@@ -181,6 +181,14 @@ def baseline_name(device: torch.device) -> str:
 # gpurnn backends worth timing, in the order they are listed ("numpy" is the float64
 # reference: exact and far too slow; "auto" is one of the others)
 GPURNN_BACKENDS = ("triton", "cupy", "torch")
+# every name --backends takes; "cudnn" and "torch.nn" both name the baseline
+IMPLEMENTATION_NAMES = (
+    *(f"gpurnn-{b}" for b in GPURNN_BACKENDS),
+    "cudnn",
+    "torch.nn",
+    "cell-loop",
+    "flashrnn",
+)
 
 
 def _backend_unavailable(name: str) -> str | None:
@@ -215,12 +223,12 @@ def implementations(device: torch.device, requested: Sequence[str] | None, quick
         lambda shape, base, dtype: FlashRNNRunner(base, dtype),
         lambda s: s.cell == "lstm" and s.single_layer and not s.varlen,
     )
-    known = ["cudnn", "torch.nn", "cell-loop", "flashrnn"]
-    known += [f"gpurnn-{b}" for b in GPURNN_BACKENDS]
     if requested:
-        unknown = [n for n in requested if n not in known]
+        unknown = [n for n in requested if n not in IMPLEMENTATION_NAMES]
         if unknown:
-            raise ValueError(f"unknown implementations {unknown}; known: {', '.join(known)}")
+            raise ValueError(
+                f"unknown implementations {unknown}; known: {', '.join(IMPLEMENTATION_NAMES)}"
+            )
         wanted = list(
             dict.fromkeys(base.name if n in ("cudnn", "torch.nn") else n for n in requested)
         )

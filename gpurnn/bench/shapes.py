@@ -121,12 +121,15 @@ def select_shapes(spec: str | None, default_suites: Sequence[str]) -> list[Shape
     """
     if not spec:
         return [s for s in SHAPES if s.suite in default_suites]
-    tokens = [t.strip() for t in spec.split(",") if t.strip()]
-    unknown = [t for t in tokens if t not in SUITES and t not in {s.id for s in SHAPES}]
-    if unknown:
+    # names in any case: "LSTM-t1024-b16-h768" is the id lstm-T1024-B16-H768
+    known = {name.lower(): name for name in (*SUITES, *(s.id for s in SHAPES))}
+    given = [t.strip() for t in spec.split(",") if t.strip()]
+    unknown = [t for t in given if t.lower() not in known]
+    if unknown or not given:
         raise ValueError(
             f"unknown shapes {unknown}; suites are {', '.join(SUITES)}, ids e.g. {SHAPES[0].id}"
         )
+    tokens = {known[t.lower()] for t in given}
     chosen: dict[str, Shape] = {}
     for s in SHAPES:
         if (s.suite in tokens or s.id in tokens) and s.id not in chosen:
