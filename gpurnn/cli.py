@@ -184,7 +184,8 @@ def main(argv=None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    wants_triton = args.command == "check" or (
+    # (check runs every backend unless told which; bench runs triton only when named)
+    wants_triton = (args.command == "check" and "triton" in (args.backends or ["triton"])) or (
         args.command == "bench" and "gpurnn-triton" in (args.backends or ())
     )
     if wants_triton:

@@ -32,10 +32,23 @@ def seeded_generator(*key) -> torch.Generator:
     return torch.Generator().manual_seed(TEST_SEED ^ zlib.crc32(repr(key).encode()))
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--slow",
+        action="store_true",
+        help="also run the tests marked slow (left out by default, unless -m names slow)",
+    )
+
+
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
+    # `slow`: larger or rarer cases (e.g. the CUDA build for sm_80 beside sm_90's), kept
+    # out of `make test` so that it stays within a few minutes on two cores
+    run_slow = config.getoption("--slow") or "slow" in (config.getoption("-m") or "")
+    skip_slow = pytest.mark.skip(reason="slow: run with --slow (or -m slow)")
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    on_gpu = torch.cuda.is_available()
     for item in items:
-        if "gpu" in item.keywords:
+        if "slow" in item.keywords and not run_slow:
+            item.add_marker(skip_slow)
+        if "gpu" in item.keywords and not on_gpu:
             item.add_marker(skip_gpu)
