@@ -287,6 +287,18 @@ class _CellBase(nn.RNNCellBase):
         is_lstm = cell == "lstm"
         if input.dim() not in (1, 2):
             raise ValueError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
+        if hx is not None:
+            # torch.nn's errors (its C++ argument parser's TypeError), not a confusing
+            # split of a Tensor along its first dimension
+            if is_lstm and not isinstance(hx, (tuple, list)):
+                raise TypeError(
+                    f"{name}: hx must be a tuple of Tensors (h_0, c_0), not "
+                    f"{type(hx).__name__}"
+                )
+            if not is_lstm and not isinstance(hx, Tensor):
+                raise TypeError(f"{name}: hx must be a Tensor, not {type(hx).__name__}")
+            if is_lstm and len(hx) != 2:
+                raise RuntimeError(f"{name}: expects two hidden states (h_0, c_0), got {len(hx)}")
         states = () if hx is None else (tuple(hx) if is_lstm else (hx,))
         for idx, value in enumerate(states):
             if value.dim() not in (1, 2):

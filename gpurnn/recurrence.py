@@ -95,7 +95,7 @@ def _recurrence_backward_op(
     reverse: bool,
     b_hn: Tensor | None,
     w_hr: Tensor | None,
-    y: Tensor,
+    y: Tensor | None,
     workspace: Tensor,
     dy: Tensor,
     dh_T: Tensor,
@@ -104,18 +104,18 @@ def _recurrence_backward_op(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     inputs = Inputs(cell, xg, w_hh, h0, c0, lengths, reverse, b_hn, w_hr)
     grads = get_backend(backend).backward(inputs, y, workspace, dy, dh_T, dc_T)
-    return tuple(g if g is not None else _empty(y) for g in grads)
+    return tuple(g if g is not None else _empty(dy) for g in grads)
 
 
 @_recurrence_backward_op.register_fake
 def _recurrence_backward_fake(*op_args):
-    inputs, (y, *_) = _split(op_args)
-    T, B, _ = y.shape
+    inputs, (_, _, dy, *_) = _split(op_args)
+    T, B, _ = dy.shape
     return (
-        y.new_empty(T, B, inputs.w_hh.shape[0]),
+        dy.new_empty(T, B, inputs.w_hh.shape[0]),
         torch.empty_like(inputs.w_hh),
         *(
-            torch.empty_like(t) if t is not None else _empty(y)
+            torch.empty_like(t) if t is not None else _empty(dy)
             for t in (getattr(inputs, name) for name in _OPTIONAL_GRADS)
         ),
     )
@@ -142,8 +142,20 @@ def _setup_context(ctx, inputs, output):  # torch.library passes these by keywor
     # tensors go through save_for_backward (which checks they were not modified in place
     # since); everything else (cell, reverse, absent tensors) is kept as it is
     ctx.kept = [_Kept if isinstance(v, Tensor) else v for v in kept]
-    ctx.save_for_backward(*(v for v in kept if isinstance(v, Tensor)), y, workspace)
+    # y only where the backward reads it: otherwise the caller may modify it in place
+    uses_y = get_backend(backend).backward_uses_y
+    ctx.y_like = _Kept if uses_y else (y.shape, y.dtype, y.device)
+    tensors = [v for v in kept if isinstance(v, Tensor)]
+    ctx.save_for_backward(*tensors, *([y] if ctx.y_like is _Kept else []), workspace)
     ctx.mark_non_differentiable(workspace)
+
+
+def _saved_y(ctx, saved: list) -> tuple[Tensor | None, tuple]:
+    """(y or None, (shape, dtype, device) of y), taking y off the end of `saved` if kept."""
+    if ctx.y_like is _Kept:
+        y = saved.pop()
+        return y, (y.shape, y.dtype, y.device)
+    return None, ctx.y_like
 
 
 def _differentiable_backward(ctx, inputs: Inputs, dy, dh_T, dc_T):
@@ -174,15 +186,17 @@ def _differentiable_backward(ctx, inputs: Inputs, dy, dh_T, dc_T):
 
 
 def _backward(ctx, dy, dh_T, dc_T, _d_workspace):
-    *saved, y, workspace = ctx.saved_tensors
+    *saved, workspace = ctx.saved_tensors
+    y, (y_shape, y_dtype, y_device) = _saved_y(ctx, saved)
     saved = iter(saved)
     kept = [next(saved) if v is _Kept else v for v in ctx.kept]
     inputs, projection = _split(kept)
     is_lstm = inputs.cell == "lstm"
-    dy = dy if dy is not None else torch.zeros_like(y)
-    dh_T = dh_T if dh_T is not None else y.new_zeros(y.shape[1:])
+    like = dict(dtype=y_dtype, device=y_device)
+    dy = dy if dy is not None else torch.zeros(y_shape, **like)
+    dh_T = dh_T if dh_T is not None else torch.zeros(y_shape[1:], **like)
     if is_lstm and (dc_T is None or dc_T.numel() == 0):
-        dc_T = y.new_zeros(y.shape[1], inputs.w_hh.shape[0] // 4)
+        dc_T = torch.zeros(y_shape[1], inputs.w_hh.shape[0] // 4, **like)
     dc_T = dc_T if is_lstm else None
     if torch.is_grad_enabled():
         # autograd wants a graph of this backward (create_graph=True): differentiate a

@@ -14,7 +14,9 @@ Options (attributes of the backend object, defaults from the environment):
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 
 import torch
 from torch import Tensor
@@ -37,8 +39,37 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def _kernels_interpreted() -> bool:
+    """Whether the kernels were defined under TRITON_INTERPRET=1: `triton.jit` reads the
+    variable once, when it decorates a kernel, so setting it later changes nothing."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(_tl._recurrence_fwd_kernel, InterpretedFunction)
+
+
 def _c(t: Tensor | None) -> Tensor | None:
     return t.contiguous() if t is not None else None
+
+
+# Triton's interpreter is not thread-safe (while a kernel runs it swaps triton.language's
+# functions for its own, process-wide), so interpreted launches from several threads take
+# turns; compiled kernels need no lock.
+_INTERPRETER_LOCK = threading.RLock()
+
+
+def _launching():
+    return _INTERPRETER_LOCK if _kernels_interpreted() else contextlib.nullcontext()
+
+
+def _not_a_view(t: Tensor) -> Tensor:
+    """The same memory as a tensor of its own rather than a view: the kernels write y into
+    their exchange buffer (y is a view of its last T rows), and autograd refuses in-place
+    ops on a view that a custom op returns. Autograd's version counter still guards the y
+    that backward reads."""
+    if t._base is None:
+        return t
+    alias = t.new_empty(0)
+    return alias.set_(t.untyped_storage(), t.storage_offset(), t.shape, t.stride())
 
 
 class TritonBackend(Backend):
@@ -58,6 +89,19 @@ class TritonBackend(Backend):
     def unavailable_reason(self) -> str | None:
         if _tl is None:
             return _IMPORT_ERROR
+        if _interpreting() and not _kernels_interpreted():
+            return (
+                "TRITON_INTERPRET=1 was set after gpurnn's Triton kernels were imported; "
+                "Triton reads it only when a kernel is defined: set it before the first "
+                "use of the triton backend (e.g. in the environment, or before "
+                "`import gpurnn`)"
+            )
+        if _kernels_interpreted() and not _interpreting():
+            return (
+                "gpurnn's Triton kernels were imported under TRITON_INTERPRET=1, which is "
+                "no longer set; they run only interpreted in this process (restart "
+                "without it to compile them)"
+            )
         if not (torch.cuda.is_available() or _interpreting()):
             return "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU, slowly)"
         return None
@@ -103,6 +147,10 @@ class TritonBackend(Backend):
     # ------------------------------------------------------------------ forward
 
     def _forward(self, inputs: Inputs, save: bool):
+        with _launching():
+            return self._launch_forward(inputs, save)
+
+    def _launch_forward(self, inputs: Inputs, save: bool):
         return _tl.forward(
             inputs.cell, inputs.xg.contiguous(), inputs.w_hh.contiguous(), _c(inputs.h0),
             _c(inputs.c0), _c(inputs.lengths), inputs.reverse, _c(inputs.b_hn), save,
@@ -114,7 +162,8 @@ class TritonBackend(Backend):
         reason = self.unsupported_reason(inputs.cell, xg.device, xg.dtype, inputs.w_hr is not None)
         if reason is not None:
             raise RuntimeError(f"gpurnn triton backend: {reason}")
-        return self._forward(inputs, save and not self.recompute)
+        y, h_T, c_T, workspace = self._forward(inputs, save and not self.recompute)
+        return _not_a_view(y), h_T, c_T, workspace
 
     # ------------------------------------------------------------------ backward
 
@@ -132,11 +181,12 @@ class TritonBackend(Backend):
             y, _, _, workspace = self._forward(inputs, True)
         y = y.contiguous()
         workspace = workspace.contiguous()
-        dxg, dhn, dh0, dc0 = _tl.backward(
-            cell, w_hh, _c(h0), _c(c0), _c(lengths), reverse, y, workspace,
-            dy.contiguous(), dh_T.contiguous(), _c(dc_T) if cell == "lstm" else None,
-            w_hr=w_hr, precision=self.fp32_precision,
-        )  # fmt: skip
+        with _launching():
+            dxg, dhn, dh0, dc0 = _tl.backward(
+                cell, w_hh, _c(h0), _c(c0), _c(lengths), reverse, y, workspace,
+                dy.contiguous(), dh_T.contiguous(), _c(dc_T) if cell == "lstm" else None,
+                w_hr=w_hr, precision=self.fp32_precision,
+            )  # fmt: skip
 
         dw_hr = None
         if w_hr is not None:
