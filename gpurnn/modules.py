@@ -19,7 +19,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 from gpurnn import functional, native
 from gpurnn.backends import BACKENDS, choose_backend
 from gpurnn.cells import MODE_TO_CELL
-from gpurnn.recurrence import check_sequence_length
+from gpurnn.recurrence import check_sequence_length, under_func_transform
 
 __all__ = ["RNN", "LSTM", "GRU", "RNNCell", "LSTMCell", "GRUCell"]
 
@@ -60,13 +60,18 @@ def _compute_dtype(input: Tensor) -> torch.dtype:
     return input.dtype
 
 
-def _runs_natively(backend_name: str) -> bool:
-    # under torch.compile the primitive (a custom op) runs instead: Dynamo traces it
+def _native_allowed() -> bool:
+    # under torch.compile the primitive (a custom op) runs instead: Dynamo traces it; under
+    # torch.func transforms too: torch's native RNN ops have no batching rule
     return (
         not torch.compiler.is_compiling()
-        and backend_name == "torch"
+        and not under_func_transform()
         and native.native_layers_enabled()
     )
+
+
+def _runs_natively(backend_name: str) -> bool:
+    return backend_name == "torch" and _native_allowed()
 
 
 class _RNNBase(nn.RNNBase):
@@ -138,7 +143,7 @@ class _RNNBase(nn.RNNBase):
         backend = choose_backend(
             self.backend, cell, input.device, _compute_dtype(input), self.proj_size > 0,
             self.hidden_size, None if compiling else max_batch_size,
-            torch_native=not compiling and native.native_layers_enabled(),
+            torch_native=_native_allowed(),
         )  # fmt: skip
         if _runs_natively(backend):
             self._update_flat_weights()

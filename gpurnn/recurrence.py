@@ -225,6 +225,59 @@ def _backward(ctx, dy, dh_T, dc_T, _d_workspace):
 torch.library.register_autograd("gpurnn::recurrence", _backward, setup_context=_setup_context)
 
 
+# ---------------------------------------------------------------- torch.func transforms
+
+
+def under_func_transform() -> bool:
+    """True inside torch.func.vmap / grad / jacrev / ... (functorch's interpreter stack)."""
+    return torch._C._functorch.maybe_current_level() is not None
+
+
+class _TransformableRecurrence(torch.autograd.Function):
+    """The custom op with the same autograd, as an autograd.Function that torch.func can
+    transform: the autograd torch.library registers is not one (its Function has no
+    setup_context), so under vmap or grad the primitive goes through this instead. vmap
+    runs forward and backward through the ops' batching rules below."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(*op_args):
+        return _recurrence_op(*op_args)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_context(ctx, inputs, output)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return _backward(ctx, *grads)
+
+
+def _members(info, in_dims, args):
+    """The op's arguments for each member of a vmapped batch, one after another."""
+    for i in range(info.batch_size):
+        yield [a.select(d, i) if d is not None else a for a, d in zip(args, in_dims)]
+
+
+def _stacked(results) -> tuple:
+    return tuple(torch.stack(parts) for parts in zip(*results))
+
+
+@torch.library.register_vmap("gpurnn::recurrence")
+def _recurrence_vmap(info, in_dims, *op_args):
+    # members (an ensemble's weights, a vmapped batch of inputs) run one after another,
+    # each as one ordinary call of the op on its backend
+    results = [_recurrence_op(*args) for args in _members(info, in_dims, op_args)]
+    return _stacked(results), (0, 0, 0, 0)
+
+
+@torch.library.register_vmap("gpurnn::recurrence_backward")
+def _recurrence_backward_vmap(info, in_dims, *op_args):
+    results = [_recurrence_backward_op(*args) for args in _members(info, in_dims, op_args)]
+    return _stacked(results), (0,) * 6
+
+
 def check_sequence_length(T: int) -> None:
     """torch.nn refuses an empty sequence with this error, whatever it runs on; gpurnn
     raises it here, above every backend, so that none of them has to handle T = 0."""
@@ -351,7 +404,11 @@ def recurrence(
     save = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (xg, w_hh, h0, c0, b_hn, w_hr)
     )
-    y, h_T, c_T, _ = _recurrence_op(
+    op_args = (
         cell, xg, w_hh, h0, c0, lengths, reverse, b_hn, w_hr, chosen, save, proj_x, proj_w, proj_b
-    )
+    )  # fmt: skip
+    if under_func_transform() and not torch.compiler.is_compiling():
+        y, h_T, c_T, _ = _TransformableRecurrence.apply(*op_args)
+    else:
+        y, h_T, c_T, _ = _recurrence_op(*op_args)
     return y, h_T, (c_T if cell == "lstm" else None)

@@ -138,7 +138,8 @@ class TorchBackend(Backend):
         c = None
         if cell == "lstm":
             c = c0.to(acc) if c0 is not None else xg.new_zeros(B, H, dtype=acc)
-        y = xg.new_zeros(T, B, w_hh.shape[1])
+        outputs = [None] * T  # stacked at the end rather than written into y: under
+        # torch.func.vmap, a batched value cannot be written into an unbatched tensor
         shape, _ = self.workspace_spec(cell, T, B, H, xg.dtype, save)
         workspace = xg.new_zeros(shape, dtype=acc)
         mask = step_mask(T, inputs.lengths, xg.device)
@@ -153,9 +154,10 @@ class TorchBackend(Backend):
                 h = torch.where(mask[t], h_new, h)
                 c = torch.where(mask[t], c_new, c) if c is not None else None
                 out = torch.where(mask[t], h_new, 0)
-            y[t] = out
+            outputs[t] = out.to(xg.dtype)
             if save:  # a plain RNN's one field is its (unrounded) output
                 workspace[t] = saved if saved is not None else out
+        y = torch.stack(outputs) if T else xg.new_zeros(0, B, w_hh.shape[1])
         return y, h.to(xg.dtype), c.to(xg.dtype) if c is not None else None, workspace
 
     def backward(self, inputs, y, workspace, dy, dh_T, dc_T):
