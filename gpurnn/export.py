@@ -209,7 +209,8 @@ def _no_projection(w_hr) -> None:
         P, H = w_hr.shape
         raise NotImplementedError(
             f"gpurnn ONNX export: an LSTM layer with proj_size={P}, hidden_size={H}"
-            f"{_exported_name(w_hr)} cannot be written as the standard ONNX LSTM operator, which has no output projection (h_t = W_hr (o_t * tanh(c_t))). "
+            f"{_exported_name(w_hr)} cannot be written as the standard ONNX LSTM operator, "
+            "which has no output projection (h_t = W_hr (o_t * tanh(c_t))). "
             "Ways out: export the model with torch.export instead (torch.export.export(model, "
             "args, dynamic_shapes=...) runs gpurnn's op and keeps the projection), or build "
             "the LSTM with proj_size=0 followed by a torch.nn.Linear (not the same model: "

@@ -297,8 +297,7 @@ class _CellBase(nn.RNNCellBase):
             # split of a Tensor along its first dimension
             if is_lstm and not isinstance(hx, (tuple, list)):
                 raise TypeError(
-                    f"{name}: hx must be a tuple of Tensors (h_0, c_0), not "
-                    f"{type(hx).__name__}"
+                    f"{name}: hx must be a tuple of Tensors (h_0, c_0), not {type(hx).__name__}"
                 )
             if not is_lstm and not isinstance(hx, Tensor):
                 raise TypeError(f"{name}: hx must be a Tensor, not {type(hx).__name__}")

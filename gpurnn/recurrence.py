@@ -46,6 +46,17 @@ def _empty(like: Tensor) -> Tensor:
     return like.new_empty(0)
 
 
+def _not_a_view(t: Tensor) -> Tensor:
+    """The same memory as a tensor of its own, not a view. Backends return views (the
+    Triton kernels' y is the last T rows of their exchange buffer; torch.stack's result is
+    a view of a cat), and autograd refuses in-place ops on views of a custom op's outputs
+    ("a function that returns multiple views"), which torch.nn's outputs allow. Autograd's
+    version counter still guards a y that a backward reads."""
+    if t._base is None:
+        return t
+    return t.new_empty(0).set_(t.untyped_storage(), t.storage_offset(), t.shape, t.stride())
+
+
 @torch.library.custom_op("gpurnn::recurrence", mutates_args=())
 def _recurrence_op(
     cell: str,
@@ -66,7 +77,8 @@ def _recurrence_op(
     # proj_* are read by the double backward only (see _setup_context)
     inputs = Inputs(cell, xg, w_hh, h0, c0, lengths, reverse, b_hn, w_hr)
     y, h_T, c_T, workspace = get_backend(backend).forward(inputs, save)
-    return y, h_T, c_T if c_T is not None else _empty(xg), workspace
+    c_T = c_T if c_T is not None else _empty(xg)
+    return tuple(_not_a_view(t) for t in (y, h_T, c_T, workspace))
 
 
 @_recurrence_op.register_fake
@@ -401,8 +413,11 @@ def recurrence(
     )
     if lengths is not None:
         lengths = lengths.to(device=xg.device, dtype=torch.int64)
-    save = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (xg, w_hh, h0, c0, b_hn, w_hr)
+    # (a tensor batched by vmap does not say whether its own tensor requires grad: keep
+    # the workspace under transforms whenever autograd records)
+    save = torch.is_grad_enabled() and (
+        under_func_transform()
+        or any(t is not None and t.requires_grad for t in (xg, w_hh, h0, c0, b_hn, w_hr))
     )
     op_args = (
         cell, xg, w_hh, h0, c0, lengths, reverse, b_hn, w_hr, chosen, save, proj_x, proj_w, proj_b

@@ -61,17 +61,6 @@ def _launching():
     return _INTERPRETER_LOCK if _kernels_interpreted() else contextlib.nullcontext()
 
 
-def _not_a_view(t: Tensor) -> Tensor:
-    """The same memory as a tensor of its own rather than a view: the kernels write y into
-    their exchange buffer (y is a view of its last T rows), and autograd refuses in-place
-    ops on a view that a custom op returns. Autograd's version counter still guards the y
-    that backward reads."""
-    if t._base is None:
-        return t
-    alias = t.new_empty(0)
-    return alias.set_(t.untyped_storage(), t.storage_offset(), t.shape, t.stride())
-
-
 class TritonBackend(Backend):
     name = "triton"
 
@@ -162,8 +151,7 @@ class TritonBackend(Backend):
         reason = self.unsupported_reason(inputs.cell, xg.device, xg.dtype, inputs.w_hr is not None)
         if reason is not None:
             raise RuntimeError(f"gpurnn triton backend: {reason}")
-        y, h_T, c_T, workspace = self._forward(inputs, save and not self.recompute)
-        return _not_a_view(y), h_T, c_T, workspace
+        return self._forward(inputs, save and not self.recompute)
 
     # ------------------------------------------------------------------ backward
 

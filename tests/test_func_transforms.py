@@ -1,0 +1,96 @@
+"""torch.func over gpurnn layers, on every CPU backend: vmap over a functional call with
+stacked parameters (model ensembles) and vmap(grad(...)) (per-sample gradients), both equal
+to the loop over members or samples; and the custom op's batching rule itself.
+
+torch.nn's layers cannot do this (aten's RNN ops have no batching rule); gpurnn's modules
+run the primitive under transforms, and the primitive's batching rule runs the members one
+after another, each on its backend.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch.func import functional_call, grad, stack_module_state, vmap
+
+import gpurnn
+from tests.conftest import seeded_generator
+from tests.helpers import assert_close, make_torch_module, module_kwargs
+from tests.test_torch_nn_habits import BACKENDS, F64, GPURNN, backend_name, each_backend
+
+backend = pytest.fixture(params=BACKENDS)(each_backend)
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_vmap_ensemble_equals_the_loop_over_members(backend, cell):
+    """torch.func.vmap over a functional call with stacked parameters (an ensemble),
+    forward and the gradient of every member's parameters, equal to each member alone."""
+    torch.manual_seed(seeded_generator("ensemble", backend, cell).initial_seed() % 2**31)
+    small = backend == "triton"  # the interpreter is slow
+    kw = module_kwargs(cell, input_size=3, hidden_size=4, bidirectional=not small)
+    members = [GPURNN[cell](**kw, dtype=F64, backend=backend_name(backend))
+               for _ in range(2 if small else 3)]  # fmt: skip
+    params, buffers = stack_module_state(members)
+    base = copy.deepcopy(members[0]).to("meta")
+    x = torch.randn(5, 2, 3, dtype=F64)
+
+    def call(p, b, x):
+        out, hidden = functional_call(base, (p, b), (x,))
+        return out, hidden[0] if cell == "lstm" else hidden
+
+    out, h_n = vmap(call, in_dims=(0, 0, None))(params, buffers, x)
+    (out.pow(2).sum() + h_n.sum()).backward()
+    for i, member in enumerate(members):
+        out_i, hidden_i = member(x)
+        h_i = hidden_i[0] if cell == "lstm" else hidden_i
+        assert_close(out[i], out_i, F64, f"member {i} output")
+        assert_close(h_n[i], h_i, F64, f"member {i} h_n")
+        (out_i.pow(2).sum() + h_i.sum()).backward()
+        for name, p in member.named_parameters():
+            assert_close(params[name].grad[i], p.grad, F64, f"member {i} grad {name}")
+
+
+@pytest.mark.parametrize("cell", ["rnn_tanh", "lstm"])
+def test_per_sample_gradients_equal_the_loop(backend, cell):
+    """vmap(grad(loss)) over the samples of a batch: each sample's parameter gradients, as
+    torch.func's per-sample-gradient recipe computes them, equal one backward per sample."""
+    g = seeded_generator("per-sample", backend, cell)
+    ref = make_torch_module(cell, input_size=3, hidden_size=4)
+    model = GPURNN[cell](**module_kwargs(cell, input_size=3, hidden_size=4), dtype=F64,
+                         backend=backend_name(backend))  # fmt: skip
+    model.load_state_dict(ref.state_dict())
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    xs = torch.randn(4, 5, 3, generator=g, dtype=F64)  # 4 samples of T = 5
+
+    def loss(p, x):
+        return functional_call(model, p, (x[:, None],))[0].pow(2).sum()
+
+    per_sample = vmap(grad(loss), in_dims=(None, 0))(params, xs)
+    for i in range(xs.shape[0]):
+        ref.zero_grad()
+        ref(xs[i][:, None])[0].pow(2).sum().backward()
+        for name, p in ref.named_parameters():
+            assert_close(per_sample[name][i], p.grad, F64, f"sample {i} grad {name}")
+
+
+def test_vmap_of_the_primitive_over_lengths_and_states():
+    """The batching rule with every argument vmapped at once (xg, w_hh, h0, c0), lengths
+    shared, against one call per member."""
+    g = seeded_generator("vmap primitive")
+    E, T, B, H = 3, 4, 2, 3
+    xg = torch.randn(E, T, B, 4 * H, generator=g, dtype=F64)
+    w = torch.randn(E, 4 * H, H, generator=g, dtype=F64) * 0.5
+    h0 = torch.randn(E, B, H, generator=g, dtype=F64)
+    c0 = torch.randn(E, B, H, generator=g, dtype=F64)
+    lengths = torch.tensor([4, 2])
+    for name in ("torch", "numpy"):
+
+        def run(xg, w, h0, c0, name=name):
+            return gpurnn.recurrence("lstm", xg, w, h0, c0, lengths=lengths, backend=name)
+
+        batched = vmap(run)(xg, w, h0, c0)
+        for i in range(E):
+            for a, b in zip(batched, run(xg[i], w[i], h0[i], c0[i])):
+                assert torch.equal(a[i], b)
