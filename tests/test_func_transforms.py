@@ -18,7 +18,14 @@ from torch.func import functional_call, grad, stack_module_state, vmap
 import gpurnn
 from tests.conftest import seeded_generator
 from tests.helpers import assert_close, make_torch_module, module_kwargs
-from tests.test_torch_nn_habits import BACKENDS, F64, GPURNN, backend_name, each_backend
+from tests.test_torch_nn_habits import (
+    BACKENDS,
+    F64,
+    GPURNN,
+    backend_name,
+    draw_layout,
+    each_backend,
+)
 
 backend = pytest.fixture(params=BACKENDS)(each_backend)
 
@@ -94,3 +101,40 @@ def test_vmap_of_the_primitive_over_lengths_and_states():
         for i in range(E):
             for a, b in zip(batched, run(xg[i], w[i], h0[i], c0[i])):
                 assert torch.equal(a[i], b)
+
+
+def test_random_layouts_vmapped_match_torch_nn(backend):
+    """The random layouts of test_torch_nn_habits (B = 0 included), each as an ensemble of
+    two torch.nn modules loaded into one vmapped functional call: every member's output,
+    states and parameter gradients equal its torch.nn module's."""
+    g = seeded_generator("vmapped layouts", backend)
+    for _ in range(2 if backend == "triton" else 6):
+        layout = draw_layout(g, backend)
+        cell, proj_size = layout["cell"], 0
+        if cell == "lstm_proj":
+            cell, proj_size = "lstm", 2
+        kw = dict(
+            input_size=layout["F"], hidden_size=layout["H"], num_layers=layout["num_layers"],
+            bias=layout["bias"], bidirectional=layout["bidirectional"],
+            batch_first=layout["batch_first"], proj_size=proj_size,
+        )  # fmt: skip
+        refs = [make_torch_module(cell, **kw) for _ in range(2)]
+        ours = GPURNN[cell](**module_kwargs(cell, **kw), dtype=F64, backend=backend_name(backend))
+        params, _ = stack_module_state(refs)
+        shape = (layout["B"], layout["T"]) if layout["batch_first"] else (layout["T"], layout["B"])
+        x = torch.randn(*shape, layout["F"], generator=g, dtype=F64)
+
+        def call(p, x, ours=ours, cell=cell):
+            out, hidden = functional_call(ours, p, (x,))
+            return out, hidden[0] if cell == "lstm" else hidden
+
+        out, h_n = vmap(call, in_dims=(0, None))(params, x)
+        (out.pow(2).sum() + h_n.sum()).backward()
+        for i, ref in enumerate(refs):
+            out_i, hidden_i = ref(x)
+            h_i = hidden_i[0] if cell == "lstm" else hidden_i
+            assert_close(out[i], out_i, F64, f"member {i} output {layout}")
+            assert_close(h_n[i], h_i, F64, f"member {i} h_n {layout}")
+            (out_i.pow(2).sum() + h_i.sum()).backward()
+            for name, p in ref.named_parameters():
+                assert_close(params[name].grad[i], p.grad, F64, f"member {i} {name} {layout}")

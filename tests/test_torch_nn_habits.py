@@ -202,6 +202,24 @@ def test_empty_batch_compiled():
         assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
 
 
+def test_inplace_on_output_then_backward(backend):
+    """y.mul_(2) then backward, on a layer whose output is the recurrence's own y: torch.nn
+    accepts it in float64 on CPU, and so does every backend whose backward does not read
+    y; triton's does, and raises autograd's version-counter error as cuDNN's does."""
+    ref, ours = make_pair("lstm", backend, input_size=3, hidden_size=4)
+    x = torch.randn(5, 2, 3, generator=seeded_generator("in-place", backend), dtype=F64)
+    for model in (ref, ours):
+        out, _ = model(x)
+        out.mul_(2)
+        if model is ours and backend in KEEPS_Y:
+            with pytest.raises(RuntimeError, match=VERSION_ERROR):
+                out.pow(2).sum().backward()
+            return
+        out.pow(2).sum().backward()
+    for (name, p), q in zip(ours.named_parameters(), ref.parameters()):
+        assert_close(p.grad, q.grad, F64, f"grad {name}")
+
+
 @pytest.mark.parametrize("op", ["mul_", "add_"])
 def test_inplace_on_output_without_backward(backend, op):
     """An in-place op on the output is always allowed when no backward follows (on triton
