@@ -162,3 +162,27 @@ def test_ensemble_of_8_lstms_on_gpu():
         torch.testing.assert_close(out[i], out_i, rtol=1e-3, atol=1e-3)
         for name, p in member.named_parameters():
             torch.testing.assert_close(params[name].grad[i], p.grad, rtol=1e-2, atol=1e-2)
+
+
+def test_ensemble_bench_row_runs(tmp_path):
+    """The benchmark's ensemble rows (vmapped gpurnn layers against a loop over torch.nn
+    layers) run and are right, at the smoke suite's size."""
+    import csv
+
+    from gpurnn import bench
+
+    path = tmp_path / "results.csv"
+    shape = "lstm-E2-T8-B2-H16"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny shapes: a second thread only adds synchronisation
+    try:
+        bench.main(["--shapes", shape, "--backends", "torch.nn,gpurnn-torch", "--quick",
+                    "--csv", str(path)])  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["impl"], r["mode"]) for r in rows} == {
+        (impl, mode) for impl in ("torch.nn", "gpurnn-torch") for mode in ("fwd", "fwdbwd")
+    }
+    assert all(r["shape"] == shape and r["status"] == "ok" for r in rows), rows
