@@ -26,7 +26,10 @@ FIELDS = (
     # the case
     "suite shape cell T B H input_size layers bidirectional varlen dtype impl mode "
     # the result
-    "status ms us_per_step tflops speedup_vs_cudnn peak_mem_mb max_err grad_err repeats"
+    "status ms us_per_step tflops speedup_vs_cudnn peak_mem_mb max_err grad_err repeats "
+    # kernel-alone rows (suite "kernel", gpurnn.bench.step_timing): LSTM proj_size, and the
+    # polls per step that found their data not yet there (where the run counted them)
+    "proj_size failed_polls"
 ).split()
 
 
