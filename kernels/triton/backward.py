@@ -230,7 +230,7 @@ def _recurrence_bwd_kernel(
         dh = dh_c + dy
         v2 = valid[:, None]
 
-        # gate backward for the own units (fields f0.. as laid out in the module docstring)
+        # gate backward for the own units (fields f0.. as WS_FIELDS lays them out, launch.py)
         if CELL == LSTM:
             d0, d1, d2, d3, dc = _lstm_cell_backward(dh, dc_c, f0, f1, f2, f3, f4, pv)
             dc_c = tl.where(v2, dc * f1, dc_c)
