@@ -401,7 +401,7 @@ def test_triton_interpret_set_after_import_is_a_clear_error(monkeypatch):
     names the variable and what to do, instead of Triton's "0 active drivers"."""
     from gpurnn.backends import triton as triton_backend
 
-    if triton_backend._tl is None:
+    if triton_backend._launch is None:
         pytest.skip("triton not installed")
     # in this process the kernels were defined as the environment says
     monkeypatch.setattr(triton_backend, "_kernels_interpreted", lambda: False)
@@ -417,7 +417,7 @@ def test_triton_interpret_set_after_import_is_a_clear_error(monkeypatch):
 def test_kernels_know_how_they_were_defined():
     from gpurnn.backends import triton as triton_backend
 
-    if triton_backend._tl is None:
+    if triton_backend._launch is None:
         pytest.skip("triton not installed")
     interpreting = triton_backend._interpreting()
     assert triton_backend._kernels_interpreted() == interpreting

@@ -1,4 +1,4 @@
-"""The `triton` backend: persistent Triton kernels (kernels/triton/recurrence.py).
+"""The `triton` backend: persistent Triton kernels (kernels/triton/, run by its launch.py).
 
 The recurrent part of forward and backward runs in the kernels; the weight gradients
 (dW_hh, db_hn) are single GEMMs over all steps afterwards (docs/design.md, 2.2).
@@ -25,11 +25,11 @@ from gpurnn.backends.base import Backend, Grads, Inputs
 from gpurnn.backends.common import kernel_weight_grads, projection_grad
 
 try:  # triton is optional (e.g. macOS); the kernels module imports it at the top
-    from gpurnn.kernels.triton import recurrence as _tl
+    from gpurnn.kernels.triton import launch as _launch
 
     _IMPORT_ERROR = None
 except ImportError as e:  # pragma: no cover - depends on the machine
-    _tl = None
+    _launch = None
     _IMPORT_ERROR = f"cannot import triton: {e}"
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -44,7 +44,7 @@ def _kernels_interpreted() -> bool:
     variable once, when it decorates a kernel, so setting it later changes nothing."""
     from triton.runtime.interpreter import InterpretedFunction
 
-    return isinstance(_tl._recurrence_fwd_kernel, InterpretedFunction)
+    return isinstance(_launch._recurrence_fwd_kernel, InterpretedFunction)
 
 
 def _c(t: Tensor | None) -> Tensor | None:
@@ -76,7 +76,7 @@ class TritonBackend(Backend):
     # ------------------------------------------------------------------ capability
 
     def unavailable_reason(self) -> str | None:
-        if _tl is None:
+        if _launch is None:
             return _IMPORT_ERROR
         if _interpreting() and not _kernels_interpreted():
             return (
@@ -131,7 +131,7 @@ class TritonBackend(Backend):
     def workspace_spec(self, cell, T, B, H, dtype, save):
         if not save or self.recompute:
             return (0,), dtype
-        return _tl.workspace_shape(cell, T, B, H), dtype
+        return _launch.workspace_shape(cell, T, B, H), dtype
 
     # ------------------------------------------------------------------ forward
 
@@ -140,7 +140,7 @@ class TritonBackend(Backend):
             return self._launch_forward(inputs, save)
 
     def _launch_forward(self, inputs: Inputs, save: bool):
-        return _tl.forward(
+        return _launch.forward(
             inputs.cell, inputs.xg.contiguous(), inputs.w_hh.contiguous(), _c(inputs.h0),
             _c(inputs.c0), _c(inputs.lengths), inputs.reverse, _c(inputs.b_hn), save,
             w_hr=_c(inputs.w_hr), precision=self.fp32_precision,
@@ -170,7 +170,7 @@ class TritonBackend(Backend):
         y = y.contiguous()
         workspace = workspace.contiguous()
         with _launching():
-            dxg, dhn, dh0, dc0 = _tl.backward(
+            dxg, dhn, dh0, dc0 = _launch.backward(
                 cell, w_hh, _c(h0), _c(c0), _c(lengths), reverse, y, workspace,
                 dy.contiguous(), dh_T.contiguous(), _c(dc_T) if cell == "lstm" else None,
                 w_hr=w_hr, precision=self.fp32_precision,
