@@ -19,6 +19,16 @@ the backward, `_backward` reruns the forward as plain differentiable torch ops (
 backend's loop) and differentiates that instead, on every backend alike. That needs xg,
 which the fused backends do not keep; layers pass `projection=(x, w_ih, bias)` (tensors
 autograd keeps for the input projection anyway) so that xg can be rebuilt instead.
+
+torch.func (vmap, grad): the autograd torch.library registers cannot be transformed, so
+under a transform the primitive runs through `_TransformableRecurrence`, an
+autograd.Function with the same setup and backward, whose vmap rule is generated from
+the ops' batching rules (`register_vmap`: the members run one after another). torch.func's
+grad always asks for a graph of the backward, so there the backward is the differentiable
+rerun above.
+
+Outputs are never views (`_not_a_view`) and y is kept for backward only by backends that
+read it (`Backend.backward_uses_y`): in-place ops on a layer's output work as in torch.nn.
 """
 
 from __future__ import annotations
