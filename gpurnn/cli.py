@@ -102,6 +102,14 @@ def cmd_check(args) -> int:
     def progress(group, seconds, done, total):
         print(format_progress(group, seconds, done, total), flush=True)
 
+    on = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if on.type == "cuda" and (args.backends is None or "triton" in args.backends):
+        # cold, the triton cases would compile one after another: compile them all first, in
+        # a process per core (a minute of compiling becomes seconds)
+        from gpurnn.bench import warmup
+
+        names = ",".join(args.dtypes) if args.dtypes else "bf16,fp16,fp32"
+        warmup.main(["--check", names, "--limit", "40"])
     results = run_check(args.device, dtypes, args.backends, progress)
     print()
     print(format_table(results))
@@ -118,7 +126,12 @@ def build_parser() -> Parser:
     from gpurnn.bench import table
 
     backends = [b for b in BACKENDS if b != "auto"]  # check runs each by name
-    parser = Parser(prog="python -m gpurnn", description=__doc__)
+    parser = Parser(
+        prog="python -m gpurnn",
+        description="gpurnn's command line; `python -m gpurnn COMMAND --help` shows a "
+        "command's options and their defaults. Names (backends, dtypes, devices) are taken "
+        "in any case; a mistake is answered in one line, with exit status 2.",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser(
         "info", help="versions, device, which backends work here (and how triton runs on a CPU)"

@@ -42,8 +42,9 @@ MODE_TITLES = {"fwd": "forward (inference)", "fwdbwd": "forward + backward (trai
 
 
 def read_rows(path: Path) -> list[dict]:
+    """The whole-layer rows: a kernel timed alone (suite "kernel") is the step model's."""
     with Path(path).open(newline="") as f:
-        return list(csv.DictReader(f))
+        return [r for r in csv.DictReader(f) if r.get("suite") != "kernel"]
 
 
 def gpu_rows(rows: Iterable[dict]) -> list[dict]:

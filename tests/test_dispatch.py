@@ -353,6 +353,31 @@ def test_a_crash_after_tests_passed_and_failures_are_failed():
     assert gpu_tests.run_status(139, ran, set(), "")[0] == "failed"  # died inside a test
 
 
+PARTLY_COLLECTED_LOG = """\
+tests/test_triton_gpu.py::test_tf32_default[lstm] PASSED                  [ 50%]
+==================================== ERRORS ====================================
+______________ ERROR collecting tests/test_triton_proj_gpu.py _______________
+E   ImportError: cannot import name 'launch'
+=========================== short test summary info ============================
+PASSED tests/test_triton_gpu.py::test_tf32_default[lstm]
+ERROR tests/test_triton_proj_gpu.py
+"""
+
+
+def test_a_file_lost_to_a_collection_error_leaves_the_run_incomplete():
+    """pytest going on past a collection error in one file: what ran passed, one file said
+    nothing; incomplete (not passed, not failed), naming the file and the error."""
+    passed, failed = gpu_tests.pytest_outcomes(PARTLY_COLLECTED_LOG)
+    assert failed == set() and len(passed) == 1
+    for exit_status in (0, 1):
+        status, why = gpu_tests.run_status(exit_status, passed, failed, PARTLY_COLLECTED_LOG)
+        assert status == "incomplete"
+        assert why == (
+            "collection errors: tests/test_triton_proj_gpu.py: ImportError: cannot import name "
+            "'launch'"
+        )
+
+
 def test_record_gpu_tests_appends_a_row(tmp_path, capsys):
     log, out = tmp_path / "triton.log", tmp_path / "gpu_tests.csv"
     log.write_text(PYTEST_LOG)

@@ -1,4 +1,4 @@
-"""The `triton` backend: persistent Triton kernels (kernels/triton/recurrence.py).
+"""The `triton` backend: persistent Triton kernels (kernels/triton/, run by its launch.py).
 
 The recurrent part of forward and backward runs in the kernels; the weight gradients
 (dW_hh, db_hn) are single GEMMs over all steps afterwards (docs/design.md, 2.2).
@@ -14,7 +14,9 @@ Options (attributes of the backend object, defaults from the environment):
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 
 import torch
 from torch import Tensor
@@ -23,11 +25,11 @@ from gpurnn.backends.base import Backend, Grads, Inputs
 from gpurnn.backends.common import kernel_weight_grads, projection_grad
 
 try:  # triton is optional (e.g. macOS); the kernels module imports it at the top
-    from gpurnn.kernels.triton import recurrence as _tl
+    from gpurnn.kernels.triton import launch as _launch
 
     _IMPORT_ERROR = None
 except ImportError as e:  # pragma: no cover - depends on the machine
-    _tl = None
+    _launch = None
     _IMPORT_ERROR = f"cannot import triton: {e}"
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -37,8 +39,26 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def _kernels_interpreted() -> bool:
+    """Whether the kernels were defined under TRITON_INTERPRET=1: `triton.jit` reads the
+    variable once, when it decorates a kernel, so setting it later changes nothing."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(_launch._recurrence_fwd_kernel, InterpretedFunction)
+
+
 def _c(t: Tensor | None) -> Tensor | None:
     return t.contiguous() if t is not None else None
+
+
+# Triton's interpreter is not thread-safe (while a kernel runs it swaps triton.language's
+# functions for its own, process-wide), so interpreted launches from several threads take
+# turns; compiled kernels need no lock.
+_INTERPRETER_LOCK = threading.RLock()
+
+
+def _launching():
+    return _INTERPRETER_LOCK if _kernels_interpreted() else contextlib.nullcontext()
 
 
 class TritonBackend(Backend):
@@ -56,8 +76,21 @@ class TritonBackend(Backend):
     # ------------------------------------------------------------------ capability
 
     def unavailable_reason(self) -> str | None:
-        if _tl is None:
+        if _launch is None:
             return _IMPORT_ERROR
+        if _interpreting() and not _kernels_interpreted():
+            return (
+                "TRITON_INTERPRET=1 was set after gpurnn's Triton kernels were imported; "
+                "Triton reads it only when a kernel is defined: set it before the first "
+                "use of the triton backend (e.g. in the environment, or before "
+                "`import gpurnn`)"
+            )
+        if _kernels_interpreted() and not _interpreting():
+            return (
+                "gpurnn's Triton kernels were imported under TRITON_INTERPRET=1, which is "
+                "no longer set; they run only interpreted in this process (restart "
+                "without it to compile them)"
+            )
         if not (torch.cuda.is_available() or _interpreting()):
             return "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU, slowly)"
         return None
@@ -98,12 +131,16 @@ class TritonBackend(Backend):
     def workspace_spec(self, cell, T, B, H, dtype, save):
         if not save or self.recompute:
             return (0,), dtype
-        return _tl.workspace_shape(cell, T, B, H), dtype
+        return _launch.workspace_shape(cell, T, B, H), dtype
 
     # ------------------------------------------------------------------ forward
 
     def _forward(self, inputs: Inputs, save: bool):
-        return _tl.forward(
+        with _launching():
+            return self._launch_forward(inputs, save)
+
+    def _launch_forward(self, inputs: Inputs, save: bool):
+        return _launch.forward(
             inputs.cell, inputs.xg.contiguous(), inputs.w_hh.contiguous(), _c(inputs.h0),
             _c(inputs.c0), _c(inputs.lengths), inputs.reverse, _c(inputs.b_hn), save,
             w_hr=_c(inputs.w_hr), precision=self.fp32_precision,
@@ -132,11 +169,12 @@ class TritonBackend(Backend):
             y, _, _, workspace = self._forward(inputs, True)
         y = y.contiguous()
         workspace = workspace.contiguous()
-        dxg, dhn, dh0, dc0 = _tl.backward(
-            cell, w_hh, _c(h0), _c(c0), _c(lengths), reverse, y, workspace,
-            dy.contiguous(), dh_T.contiguous(), _c(dc_T) if cell == "lstm" else None,
-            w_hr=w_hr, precision=self.fp32_precision,
-        )  # fmt: skip
+        with _launching():
+            dxg, dhn, dh0, dc0 = _launch.backward(
+                cell, w_hh, _c(h0), _c(c0), _c(lengths), reverse, y, workspace,
+                dy.contiguous(), dh_T.contiguous(), _c(dc_T) if cell == "lstm" else None,
+                w_hr=w_hr, precision=self.fp32_precision,
+            )  # fmt: skip
 
         dw_hr = None
         if w_hr is not None:

@@ -42,7 +42,7 @@ _PYTEST_LINE = re.compile(
     r"^(?:(?P<id>\S+::\S+) (?P<outcome>PASSED|FAILED|ERROR)\b"
     r"|(?P<outcome2>PASSED|FAILED|ERROR) (?P<id2>\S+::\S+))"
 )
-_COLLECTION_ERROR = re.compile(r"^_+ ERROR collecting (?P<path>\S+) _+$")
+_COLLECTION_ERROR = re.compile(r"ERROR collecting (?P<path>\S+)")
 
 
 def pytest_outcomes(log_text: str) -> tuple[set[str], set[str]]:
@@ -60,11 +60,12 @@ def pytest_outcomes(log_text: str) -> tuple[set[str], set[str]]:
 
 def collection_errors(log_text: str) -> list[str]:
     """'path: first error line' for each test file pytest could not collect (import it)."""
-    errors, lines = [], log_text.splitlines()
+    errors, lines, seen = [], log_text.splitlines(), set()
     for k, line in enumerate(lines):
-        m = _COLLECTION_ERROR.match(line.strip())
-        if not m:
+        m = _COLLECTION_ERROR.search(line)
+        if not m or m["path"] in seen:
             continue
+        seen.add(m["path"])
         message = next((x[1:].strip() for x in lines[k + 1 :] if x.startswith("E ")), "")
         errors.append(f"{m['path']}: {message}" if message else m["path"])
     return errors
