@@ -40,10 +40,23 @@ told (`inner_repeats`) since the SASS does not say it: its body is counted that 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
 import tempfile
+from pathlib import Path
+
+from gpurnn.bench.results import REPO_ROOT
+
+# the counts of each compiled variant, by label (a commit, or "main"): written by
+# gpurnn.bench.sm90 --record, read by the step cost model (gpurnn.bench.step_model)
+COUNTS_JSON = REPO_ROOT / "benchmarks" / "sass_counts.json"
+
+
+def load_counts(path: Path = COUNTS_JSON) -> dict[str, dict[str, dict]]:
+    """{label (a commit, or "main"): {variant id: counts}}."""
+    return json.loads(Path(path).read_text()) if Path(path).is_file() else {}
 
 
 def tool(name: str) -> str | None:

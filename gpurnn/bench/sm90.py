@@ -230,10 +230,8 @@ def table(results: dict[int, dict]) -> str:
 def record(results: dict[int, dict], label: str, path=None) -> None:
     """The counts under `label` in benchmarks/sass_counts.json (by variant id), for the step
     cost model: "main" for the kernels as they are, a commit for the kernels a GPU measured."""
-    from gpurnn.bench import step_model
-
-    path = path or step_model.COUNTS_JSON
-    counts = step_model.load_counts(path)
+    path = path or sass.COUNTS_JSON
+    counts = sass.load_counts(path)
     counts[label] = {_id(VARIANTS[i]): r for i, r in sorted(results.items())}
     with open(path, "w") as f:
         f.write(json.dumps(counts, indent=1, sort_keys=True) + "\n")

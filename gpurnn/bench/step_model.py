@@ -55,8 +55,8 @@ from pathlib import Path
 import numpy as np
 
 from gpurnn.bench.results import REPO_ROOT
+from gpurnn.bench.sass import COUNTS_JSON, load_counts  # the counts live with their counter
 
-COUNTS_JSON = REPO_ROOT / "benchmarks" / "sass_counts.json"
 MODEL_JSON = REPO_ROOT / "benchmarks" / "step_model.json"
 RESULTS_CSV = REPO_ROOT / "benchmarks" / "results.csv"
 KERNEL_SUITE = "kernel"  # results.csv rows of a kernel timed alone (µs per step)
@@ -100,11 +100,6 @@ def features(c: dict) -> dict[str, float]:
 def variant_id(cell: str, dtype: str, H: int, B: int, backward: bool, P: int = 0) -> str:
     proj = f"-P{P}" if P else ""
     return f"{cell}-{dtype}-H{H}{proj}-B{B}-{'bwd' if backward else 'fwd'}"
-
-
-def load_counts(path: Path = COUNTS_JSON) -> dict[str, dict[str, dict]]:
-    """{label (a commit, or "main"): {variant id: counts}}."""
-    return json.loads(Path(path).read_text()) if Path(path).is_file() else {}
 
 
 def measured_rows(path: Path = RESULTS_CSV) -> list[dict]:
