@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from gpurnn.cells import GATES, check_cell
+from gpurnn.cells import GATES, INDRNN_CELLS, LAYER_NORM_EPS, check_cell, regularized_gate_count
 
 
 def _sigmoid(x):
@@ -363,7 +363,7 @@ def rnn_backward(
 #   recurrent_scale (B, H_out): multiplies h_{t-1} where it enters W_hh (0 or 1/(1 − p)).
 #   weight_scale (G*H, H_out), or (H,) for IndRNN: multiplies W_hh entrywise (DropConnect).
 #   ln_hh = (weight, bias) (G*H,): LayerNorm of each row's h W_hhᵀ over all G*H entries;
-#   ln_c = (weight, bias) (H,): LSTM only, LayerNorm of c̃_t before tanh. eps = LN_EPS.
+#   ln_c = (weight, bias) (H,): LSTM only, LayerNorm of c̃_t before tanh. eps = cells.LAYER_NORM_EPS.
 #
 # (LayerNorm of x W_ihᵀ is no part of the recurrence: it is a function of the input alone,
 # applied to the projection for all steps at once, before the biases join it in xg.)
@@ -371,13 +371,10 @@ def rnn_backward(
 # IndRNN ("indrnn_tanh", "indrnn_relu"): w_hh is the vector u (H,), the recurrent term
 # u ⊙ h_{t-1} instead of W_hh h_{t-1}: h_t = act(xg + u ⊙ h_{t-1}).
 
-LN_EPS = 1e-5
-INDRNN_CELLS = ("indrnn_tanh", "indrnn_relu")
-
 
 def _layer_norm(a, weight, bias):
     mu = a.mean()
-    rstd = 1.0 / np.sqrt(((a - mu) ** 2).mean() + LN_EPS)
+    rstd = 1.0 / np.sqrt(((a - mu) ** 2).mean() + LAYER_NORM_EPS)
     a_hat = (a - mu) * rstd
     return weight * a_hat + bias, (a_hat, rstd, weight)
 
@@ -497,7 +494,7 @@ def _reg_step_backward(cell, cache, dh_new, dc_new, w, w_hr, rscale, grads):
 def _prepare_regularized(cell, xg, w_hh, h0, c0, lengths, b_hn, w_hr, reg):
     xg, w_hh, b_hn, w_hr = _f64(xg), _f64(w_hh), _f64(b_hn), _f64(w_hr)
     T, B, GH = xg.shape
-    G = 1 if cell in INDRNN_CELLS else GATES[check_cell(cell)]
+    G = regularized_gate_count(cell)
     H = GH // G
     H_out = H if cell in INDRNN_CELLS else w_hh.shape[1]
     h0 = np.zeros((B, H_out)) if h0 is None else _f64(h0)
