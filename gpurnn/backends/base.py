@@ -110,7 +110,10 @@ class Backend(ABC):
     ) -> str | None:
         """As `unsupported_reason`, for a regularized recurrence; `kinds` names what is on
         ("zoneout", "recurrent_dropout", "dropconnect", "layer_norm", "indrnn")."""
-        return f"no regularized recurrences here ({', '.join(kinds)})"
+        return (
+            f"the {self.name} backend does not run regularized recurrences yet "
+            f"({', '.join(kinds)}); the torch and numpy backends do"
+        )
 
     def regularized_forward(
         self, inputs: Inputs, reg: Regularization, save: bool
