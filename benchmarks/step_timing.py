@@ -1,6 +1,6 @@
 """Each Triton recurrence kernel timed alone, in µs per time step, beside cuDNN.
 
-For tuning the kernels: `forward` and `backward` of gpurnn.kernels.triton.recurrence called
+For tuning the kernels: `forward` and `backward` of gpurnn.kernels.triton.launch called
 directly (no input projection, no weight-gradient GEMMs, no autograd), and in the same
 process torch.nn's LSTM/GRU/RNN (cuDNN) at the same shape, forward (no_grad) and
 forward + backward, for the ratio. cuDNN's numbers are whole layers (its input GEMM
@@ -165,14 +165,16 @@ def describe(r: dict) -> str:
 
 def time_case(case: Case, T: int, reps: int, device) -> dict:
     import torch
-    from gpurnn.kernels.triton import recurrence as tl_rec
+    from gpurnn.kernels.triton import launch
+    from gpurnn.kernels.triton.plan import _polls, make_plan
 
     from gpurnn.bench import DTYPES
+    from gpurnn.cells import GATES
 
     dtype = DTYPES[case.dtype]
     cell, B, H, P = case.cell, case.B, case.H, case.P
     H_out = P or H  # width of h, y and W_hh's rows
-    G = tl_rec.GATES[cell]
+    G = GATES[cell]
     g = torch.Generator(device=device).manual_seed(0)
 
     def rand(*shape, scale=1.0):
@@ -186,14 +188,14 @@ def time_case(case: Case, T: int, reps: int, device) -> dict:
     b_hn = rand(H) if cell == "gru" else None
 
     def fwd(save):
-        return tl_rec.forward(cell, xg, w_hh, h0, c0, None, False, b_hn, save, w_hr=w_hr)
+        return launch.forward(cell, xg, w_hh, h0, c0, None, False, b_hn, save, w_hr=w_hr)
 
     y, _, _, ws = fwd(True)
     dy, dh_T = rand(T, B, H_out), rand(B, H_out)
     dc_T = rand(B, H) if cell == "lstm" else None
 
     def bwd():
-        return tl_rec.backward(cell, w_hh, h0, c0, None, False, y, ws, dy, dh_T, dc_T,
+        return launch.backward(cell, w_hh, h0, c0, None, False, y, ws, dy, dh_T, dc_T,
                                w_hr=w_hr)  # fmt: skip
 
     timer = _Timer(device, reps)
@@ -201,21 +203,21 @@ def time_case(case: Case, T: int, reps: int, device) -> dict:
     out["triton_fwd_first_s"], fwd_ms = timer.first_and_median(lambda: fwd(False))
     _, fwd_save_ms = timer.first_and_median(lambda: fwd(True))
     out["triton_bwd_first_s"], bwd_ms = timer.first_and_median(bwd)
-    plan_fwd = tl_rec.make_plan(H, B, G, dtype, device, proj_size=P or None)
-    if case.barrier_too and tl_rec._polls(plan_fwd):
+    plan_fwd = make_plan(H, B, G, dtype, device, proj_size=P or None)
+    if case.barrier_too and _polls(plan_fwd):
         # the same forward waiting at a grid barrier instead of polling its exchange rows
         barrier = dataclasses.replace(plan_fwd, poll=False)
         _, fwd_barrier_ms = timer.first_and_median(
-            lambda: tl_rec.forward(
+            lambda: launch.forward(
                 cell, xg, w_hh, h0, c0, None, False, b_hn, False, plan=barrier
             )  # fmt: skip
         )
         out["triton_fwd_barrier_us"] = fwd_barrier_ms * 1e3 / T
-    plan_bwd = tl_rec.make_plan(H, B, G, dtype, device, backward=True, proj_size=P or None)
-    if case.barrier_too and tl_rec._polls(plan_bwd):
+    plan_bwd = make_plan(H, B, G, dtype, device, backward=True, proj_size=P or None)
+    if case.barrier_too and _polls(plan_bwd):
         barrier_b = dataclasses.replace(plan_bwd, poll=False)
         _, bwd_barrier_ms = timer.first_and_median(
-            lambda: tl_rec.backward(
+            lambda: launch.backward(
                 cell, w_hh, h0, c0, None, False, y, ws, dy, dh_T, dc_T, plan=barrier_b
             )  # fmt: skip
         )
@@ -238,8 +240,8 @@ def time_case(case: Case, T: int, reps: int, device) -> dict:
     _, base_fwd_ms = timer.first_and_median(layer_fwd)
     _, base_fwdbwd_ms = timer.first_and_median(layer_fwdbwd)
 
-    plan_f = _plan(tl_rec, H, B, G, dtype, device, False, P)
-    plan_b = _plan(tl_rec, H, B, G, dtype, device, True, P)
+    plan_f = _plan(H, B, G, dtype, device, False, P)
+    plan_b = _plan(H, B, G, dtype, device, True, P)
     us = 1e3 / T
     out.update(
         triton_fwd_us=fwd_ms * us,
@@ -256,10 +258,12 @@ def time_case(case: Case, T: int, reps: int, device) -> dict:
     return out
 
 
-def _plan(tl_rec, H, B, G, dtype, device, backward, P=0) -> dict:
+def _plan(H, B, G, dtype, device, backward, P=0) -> dict:
     """The layout the kernels pick for this case, for the record (what make_plan says)."""
+    from gpurnn.kernels.triton.plan import make_plan
+
     kw = dict(proj_size=P) if P else {}
-    return dataclasses.asdict(tl_rec.make_plan(H, B, G, dtype, device, backward=backward, **kw))
+    return dataclasses.asdict(make_plan(H, B, G, dtype, device, backward=backward, **kw))
 
 
 class _Timer:

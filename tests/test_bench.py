@@ -49,6 +49,7 @@ def test_rows_are_complete_and_sane(smoke_csv):
     assert {r["impl"] for r in rows} == {"torch.nn", "gpurnn-torch", "cell-loop"}
     assert len({r["run_id"] for r in rows}) == 1
     cpu_blank = {"driver", "cudnn", "cuda", "peak_mem_mb"}  # CUDA-only facts
+    cpu_blank |= {"proj_size", "failed_polls"}  # kernel-alone rows' columns
     for r in rows:
         assert r["status"] == "ok", r
         assert r["device"] == "cpu" and r["suite"] == "smoke"
@@ -328,6 +329,7 @@ def _repo(path):
 
 
 def test_commit_is_the_packages_own_checkout_or_unknown(tmp_path, monkeypatch):
+    monkeypatch.delenv("GPURNN_COMMIT", raising=False)
     # the package's parent is the top of a repository: that repository's commit
     own = tmp_path / "project"
     head = _repo(own)
@@ -350,6 +352,11 @@ def test_commit_is_the_packages_own_checkout_or_unknown(tmp_path, monkeypatch):
     assert meta["commit"] == "unknown" and meta["run_id"].endswith("-unknown")
     monkeypatch.setattr(bench.results, "REPO_ROOT", own)
     assert bench.run_metadata(torch.device("cpu"))["commit"] == head + "+dirty"
+    # a copied tree without .git (the GPU machines get one) is told its commit
+    monkeypatch.setenv("GPURNN_COMMIT", "abc1234")
+    assert bench.project_commit(plain) == "abc1234"
+    monkeypatch.setattr(bench.results, "REPO_ROOT", plain)
+    assert bench.run_metadata(torch.device("cpu"))["commit"] == "abc1234"
 
 
 def test_device_check_dry_run(tmp_path):

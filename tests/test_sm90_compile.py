@@ -25,8 +25,15 @@ import pytest
 triton = pytest.importorskip("triton")
 import torch  # noqa: E402
 import triton.language as tl  # noqa: E402
-from gpurnn.kernels.triton import recurrence as R  # noqa: E402
+from gpurnn.kernels.triton import launch  # noqa: E402
+from gpurnn.kernels.triton.backward import _recurrence_bwd_kernel  # noqa: E402
+from gpurnn.kernels.triton.cell_math import CELL_CODE  # noqa: E402
+from gpurnn.kernels.triton.exchange import _SENTINEL  # noqa: E402
+from gpurnn.kernels.triton.forward import _recurrence_fwd_kernel  # noqa: E402
+from gpurnn.kernels.triton.plan import Plan, _next_pow2, _polls, make_plan  # noqa: E402
+from gpurnn.kernels.triton.projected import _lstmp_bwd_kernel, _lstmp_fwd_kernel  # noqa: E402
 
+from gpurnn.cells import GATES  # noqa: E402
 from tests import sass  # noqa: E402
 
 SMEM_LIMIT = 227 * 1024  # per-block opt-in maximum on sm_90
@@ -40,7 +47,7 @@ pytestmark = pytest.mark.skipif(
 
 # (cell, dtype, H, B, backward)
 VARIANTS = [
-    *[(cell, "bf16", 768, 16, bwd) for cell in R.CELL_CODE for bwd in (False, True)],
+    *[(cell, "bf16", 768, 16, bwd) for cell in CELL_CODE for bwd in (False, True)],
     ("lstm", "bf16", 768, 1, False),
     ("lstm", "fp16", 768, 16, False),
     ("lstm", "fp16", 768, 16, True),
@@ -76,10 +83,10 @@ def _id(v):
     return f"{cell}-{dt}-H{H}{proj}-B{B}-{'bwd' if bwd else 'fwd'}"
 
 
-def plan_for(v) -> R.Plan:
+def plan_for(v) -> Plan:
     cell, dt, H, B, bwd, P = _fields(v)
-    return R.make_plan(H, B, R.GATES[cell], TORCH_DT[dt], torch.device("cuda"), backward=bwd,
-                       sm_count=H100_SMS, proj_size=P or None)  # fmt: skip
+    return make_plan(H, B, GATES[cell], TORCH_DT[dt], torch.device("cuda"), backward=bwd,
+                     sm_count=H100_SMS, proj_size=P or None)  # fmt: skip
 
 
 def _signature(fn, dt: str) -> dict[str, str]:
@@ -98,9 +105,9 @@ def compile_variant(v) -> dict:
     """Compile one variant for sm_90 as make_plan lays it out; resources and step-loop counts."""
     cell, dt, H, B, bwd, P = _fields(v)
     plan = plan_for(v)
-    G = R.GATES[cell]
+    G = GATES[cell]
     kw = dict(
-        CELL=R.CELL_CODE[cell], G=G, NW=len(R.WS_FIELDS[cell]), H=H, KC=plan.KC,
+        CELL=CELL_CODE[cell], G=G, NW=len(launch.WS_FIELDS[cell]), H=H, KC=plan.KC,
         NKC=triton.cdiv(H, plan.KC), BH=plan.BH, BLOCK_B=plan.BLOCK_B, RESIDENT=plan.resident,
         ON_CHIP=plan.on_chip, HAS_LEN=True, REVERSE=False, PREC="ieee", ACC=tl.float32,
         USE_BARRIER=plan.persistent and plan.nprog > 1 and not plan.on_chip,
@@ -110,18 +117,18 @@ def compile_variant(v) -> dict:
         kw.update(P=P, BP=plan.BP, NKP=triton.cdiv(P, plan.KC), PHASES=3, GP=4,
                   USE_BARRIER=plan.persistent and plan.nprog > 1)  # fmt: skip
         if bwd:
-            fn = R._lstmp_bwd_kernel
+            fn = _lstmp_bwd_kernel
             kw.update(CHUNKS_PER_TRIP=plan.chunks_per_trip)
         else:
-            fn = R._lstmp_fwd_kernel
+            fn = _lstmp_fwd_kernel
             kw.update(SAVE=True, CHUNKS_PER_TRIP=plan.chunks_per_trip)
     elif bwd:
-        fn = R._recurrence_bwd_kernel
-        kw.update(CHUNKS_PER_TRIP=plan.chunks_per_trip, GP=R._next_pow2(G))
+        fn = _recurrence_bwd_kernel
+        kw.update(CHUNKS_PER_TRIP=plan.chunks_per_trip, GP=_next_pow2(G))
     else:
-        fn = R._recurrence_fwd_kernel
-        kw.update(GP=R._next_pow2(G), SAVE=True)
-    kw.update(POLL=R._polls(plan), ASM=True, SENTINEL=R._SENTINEL[TORCH_DT[dt]])
+        fn = _recurrence_fwd_kernel
+        kw.update(GP=_next_pow2(G), SAVE=True)
+    kw.update(POLL=_polls(plan), ASM=True, SENTINEL=_SENTINEL[TORCH_DT[dt]])
     kw["USE_BARRIER"] = kw["USE_BARRIER"] and not kw["POLL"]
     sig = _signature(fn, dt)
     # torch allocations are 16-byte aligned; the JIT tells the compiler so, and so do we
@@ -239,8 +246,8 @@ def test_step_loop_shape(resources, index):
         assert r["trips"] <= 2, f"the forward's h loads of a step wait on each other: {r}"
         # polled exchange (no grid barrier): + the NaN check's block reduction, + the rare
         # path's element-wise check
-        assert r["bar"] <= (14 if R._polls(plan) else 8), r
-        assert r["spin_loops"] == (0 if R._polls(plan) else 1), "a grid barrier is left"
+        assert r["bar"] <= (14 if _polls(plan) else 8), r
+        assert r["spin_loops"] == (0 if _polls(plan) else 1), "a grid barrier is left"
     if plan.resident and plan.BLOCK_B == 16 and r["mma"]:
         # one accumulator per K chunk: no MMA waits on more than a chunk's worth of others
         # (folded into one accumulator, the first kernels chained all H/16 of them: 48)
@@ -250,7 +257,7 @@ def test_step_loop_shape(resources, index):
         # chunk of each gate, 48 at LSTM H=768), and no warp repeats another's MMAs: G*H/16
         # k-steps of one 8-column tile, spread over the gates' warps
         assert r["trips"] <= triton.cdiv(H, plan.KC), r
-        if R.GATES[cell] == 4:
+        if GATES[cell] == 4:
             assert r["mma"] <= H // 16, r
 
 
