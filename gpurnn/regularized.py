@@ -262,7 +262,8 @@ def choose_backend(
 ) -> str:
     """The backend that runs a regularized recurrence: the one requested (as
     gpurnn.backends.choose_backend reads it) or a clear error naming what it lacks; for
-    "auto" the first of triton, cupy, torch that runs it (the GPU kernels on CUDA only)."""
+    "auto" the first of triton, cupy, torch that runs it and has passed its GPU tests (the
+    GPU kernels on CUDA only)."""
     name = requested_backend(explicit)
 
     def reason_against(candidate):
@@ -281,7 +282,9 @@ def choose_backend(
     for candidate in _AUTO_ORDER:
         if candidate in _GPU_KERNELS and device.type != "cuda":
             continue
-        if reason_against(candidate) is None:
+        if reason_against(candidate) is None and (
+            get_backend(candidate).regularized_auto_reason(cell) is None
+        ):
             return candidate
     raise RuntimeError(f"no gpurnn backend can run cell={cell} {on} dtype={dtype} device={device}")
 

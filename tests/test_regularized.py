@@ -476,3 +476,62 @@ def test_bad_arguments():
         gpurnn.IndRNN(3, 4)(torch.randn(2, 1, 5))
     with pytest.raises(RuntimeError, match="Expected hidden size"):
         gpurnn.IndRNN(3, 4)(torch.randn(2, 1, 3), torch.randn(2, 1, 4))
+
+
+# ------------------------------------------------------------------ IndRNN on Triton
+
+TRITON_REASON = gpurnn.available_backends()["triton"]
+needs_triton = pytest.mark.skipif(TRITON_REASON is not None, reason=f"triton: {TRITON_REASON}")
+
+
+@needs_triton
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
+def test_indrnn_triton_matches_reference(nonlinearity, training):
+    """The fused IndRNN kernels (interpreted on CPU) against the reference: 2 layers,
+    bidirectional, packed, hx, zoneout + recurrent dropout + DropConnect, every gradient."""
+    kw = dict(zoneout=0.3, recurrent_dropout=0.3, dropconnect=0.3, nonlinearity=nonlinearity)
+    module = gpurnn.IndRNN(3, 5, num_layers=2, bidirectional=True, dropout=0.2, dtype=F64, **kw)
+    _randomize(module, seeded_generator("indrnn-triton", nonlinearity))
+    module.train(training)
+    x, hx, lengths = _inputs("indrnn", 4, 3, 3, 5, 2, 2, ("x-indrnn", nonlinearity))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    module, x, hx = module.to(device), x.to(device), tuple(h.to(device) for h in hx)
+    expected = _run(module, "numpy", 17, x, hx, lengths, False)
+    _compare(_run(module, "triton", 17, x, hx, lengths, False), expected, F64)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_indrnn_triton_dtypes(dtype):
+    module = gpurnn.IndRNN(4, 16, batch_first=True, dtype=F64, zoneout=0.2, dropconnect=0.2)
+    _randomize(module, seeded_generator("indrnn-dtype"))
+    x, hx, lengths = _inputs("indrnn", 6, 3, 4, 16, 1, 1, ("x-indrnn-dt",), batch_first=True)
+    expected = _run(module, "numpy", 4, x, hx, lengths, True)
+    module = module.to(dtype)
+    got = _run(module, "triton", 4, x.to(dtype), tuple(h.to(dtype) for h in hx), lengths, True)
+    for name in expected:
+        assert got[name].dtype == dtype
+        assert_close(got[name], expected[name], dtype, name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_indrnn_triton_gpu_real_size(dtype):
+    """H=768, B=16, T=1024 on a GPU: the kernels against the torch loop in float64."""
+    module = gpurnn.IndRNN(768, 768, device="cuda", zoneout=0.1, recurrent_dropout=0.25)
+    x = torch.randn(1024, 16, 768, device="cuda")
+    results = {}
+    for backend, dt in (("torch", F64), ("triton", dtype)):
+        m = module.to(dt)
+        m.zero_grad(set_to_none=True)
+        xs = x.to(dt).requires_grad_()
+        torch.manual_seed(0)
+        with gpurnn.use_backend(backend):
+            out, h = m(xs)
+        (out.float().sin().sum() + h.float().sum()).backward()
+        results[backend] = [out, h, xs.grad, m.weight_hh_l0.grad, m.weight_ih_l0.grad]
+    tol = {torch.float32: 1e-4, torch.bfloat16: 6e-2}[dtype]
+    for got, want in zip(results["triton"], results["torch"]):
+        scale = want.abs().max().item() or 1.0
+        assert (got.double() - want).abs().max().item() / scale < tol

@@ -115,6 +115,10 @@ class Backend(ABC):
             f"({', '.join(kinds)}); the torch and numpy backends do"
         )
 
+    def regularized_auto_reason(self, cell: str) -> str | None:
+        """As `auto_reason`, for a regularized recurrence it runs."""
+        return None
+
     def regularized_forward(
         self, inputs: Inputs, reg: Regularization, save: bool
     ) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
