@@ -3,9 +3,10 @@ dropout and DropConnect fused into the step, forward and backward.
 
 Every unit recurs on itself alone, so there is nothing to exchange: each program owns BLOCK
 (batch row, unit) pairs and runs them through all T steps in registers, reading xg and
-writing y once each, memory-bound by construction. Per-sequence lengths and the reverse
-direction as the primitive's (a sequence's own last element starts the reverse direction),
-so each element computes its own time index. The masks arrive packed (gpurnn.masks: bit j%8
+writing y once each. No step's loads depend on h, so each is issued a step ahead: the only
+serial chain is the arithmetic h_{t-1} -> h_t, and the loads stream behind it.
+Per-sequence lengths and the reverse direction as the primitive's (a sequence's own last
+element starts the reverse direction), so each element computes its own time index. The masks arrive packed (gpurnn.masks: bit j%8
 of byte j//8 of a row) and are unpacked in the kernel; the rates and scales arrive as a
 3-element tensor in the math's dtype (a scalar argument would be fp32, too coarse for the
 float64 checks). h is carried rounded to the output dtype, as y stores it, so the backward,
@@ -67,6 +68,40 @@ def _activate(a, RELU: tl.constexpr):
 
 
 @triton.jit
+def _fwd_loads(xg, zmask, s, inside, L, b, j, B, H, NB, REVERSE: tl.constexpr,
+               ZONEOUT_MASK: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
+    """What forward step s reads: xg, its zoneout bit, its time index, its validity."""
+    valid = inside & (s < L)
+    t = tl.where(valid, (L - 1 - s) if REVERSE else s, 0)
+    x = tl.load(xg + (t * B + b) * H + j, mask=valid, other=0).to(ACC)
+    z = x
+    if ZONEOUT_MASK:
+        z = _bit(zmask, t * B + b, j, NB, valid).to(ACC)
+    return x, z, t, valid
+
+
+@triton.jit
+def _bwd_loads(xg, y, dy, zmask, s, inside, L, b, j, h_init, B, H, NB, REVERSE: tl.constexpr,
+               ZONEOUT_MASK: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
+    """What backward step s (the forward's steps in reverse) reads: xg, h_{t-1} (h_0 at a
+    sequence's first step), dy, the zoneout bit, the time index, the validity."""
+    valid = inside & (s < L)
+    k = L - 1 - s  # the forward's step index of this step, within its sequence
+    t = tl.where(valid, s if REVERSE else k, 0)
+    first = k == 0
+    t_prev = tl.where(first | ~valid, 0, (t + 1) if REVERSE else (t - 1))
+    h_prev = tl.load(y + (t_prev * B + b) * H + j, mask=valid & ~first, other=0).to(ACC)
+    h_prev = tl.where(first, h_init, h_prev)
+    at = (t * B + b) * H + j
+    x = tl.load(xg + at, mask=valid, other=0).to(ACC)
+    g = tl.load(dy + at, mask=valid, other=0).to(ACC)
+    z = x
+    if ZONEOUT_MASK:
+        z = _bit(zmask, t * B + b, j, NB, valid).to(ACC)
+    return x, h_prev, g, z, t, valid
+
+
+@triton.jit
 def _indrnn_fwd_kernel(
     xg, u, h0, lengths, zmask, rmask, umask, scalars, y, h_T,
     T, B, H, NB,
@@ -80,22 +115,25 @@ def _indrnn_fwd_kernel(
         HAS_H0, HAS_LENGTHS, HAS_RMASK, HAS_UMASK, ACC, B * H,
     )  # fmt: skip
     p = tl.load(scalars).to(ACC)
+    # each step's loads depend on no h: issued a step ahead, so that only the arithmetic
+    # h_{t-1} -> h_t is serial and the memory latency overlaps the step before
+    x, z, t, valid = _fwd_loads(xg, zmask, 0, inside, L, b, j, B, H, NB, REVERSE, ZONEOUT_MASK, ACC)
     for s in range(0, T):
-        valid = inside & (s < L)
-        t = tl.where(valid, (L - 1 - s) if REVERSE else s, 0)
-        at = (t * B + b) * H + j
-        a = tl.load(xg + at, mask=valid, other=0).to(ACC) + u_j * (h * r_scale)
+        x_next, z_next, t_next, valid_next = _fwd_loads(
+            xg, zmask, s + 1, inside, L, b, j, B, H, NB, REVERSE, ZONEOUT_MASK, ACC
+        )
+        a = x + u_j * (h * r_scale)
         h_tilde = _activate(a, RELU).to(ACC)
         if ZONEOUT_MASK:
-            z = _bit(zmask, t * B + b, j, NB, valid).to(ACC)
             h_new = z * h + (1.0 - z) * h_tilde
         elif ZONEOUT_MIX:
             h_new = p * h + (1.0 - p) * h_tilde
         else:
             h_new = h_tilde
         h_new = h_new.to(y.dtype.element_ty)
-        tl.store(y + at, h_new, mask=valid)
+        tl.store(y + (t * B + b) * H + j, h_new, mask=valid)
         h = tl.where(valid, h_new.to(ACC), h)
+        x, z, t, valid = x_next, z_next, t_next, valid_next
     tl.store(h_T + n, h.to(h_T.dtype.element_ty), mask=inside)
 
 
@@ -115,20 +153,19 @@ def _indrnn_bwd_kernel(
     p = tl.load(scalars).to(ACC)
     dh = tl.load(dh_T + n, mask=inside, other=0).to(ACC)
     du = tl.zeros((BLOCK,), ACC)
+    # as in the forward, every load of a step is issued a step ahead: only dh is serial
+    x, h_prev, g, z, t, valid = _bwd_loads(
+        xg, y, dy, zmask, 0, inside, L, b, j, h_init, B, H, NB, REVERSE, ZONEOUT_MASK, ACC
+    )
     for s in range(0, T):
-        valid = inside & (s < L)
-        k = L - 1 - s  # the forward's step index of this step, within its sequence
-        t = tl.where(valid, s if REVERSE else k, 0)
-        first = k == 0
-        t_prev = tl.where(first | ~valid, 0, (t + 1) if REVERSE else (t - 1))
-        h_prev = tl.load(y + (t_prev * B + b) * H + j, mask=valid & ~first, other=0).to(ACC)
-        h_prev = tl.where(first, h_init, h_prev)
-        at = (t * B + b) * H + j
-        a = tl.load(xg + at, mask=valid, other=0).to(ACC) + u_j * (h_prev * r_scale)
+        x_n, h_prev_n, g_n, z_n, t_n, valid_n = _bwd_loads(
+            xg, y, dy, zmask, s + 1, inside, L, b, j, h_init, B, H, NB, REVERSE, ZONEOUT_MASK,
+            ACC,
+        )  # fmt: skip
+        a = x + u_j * (h_prev * r_scale)
         h_tilde = _activate(a, RELU).to(ACC)
-        d_total = dh + tl.load(dy + at, mask=valid, other=0).to(ACC)
+        d_total = dh + g
         if ZONEOUT_MASK:
-            z = _bit(zmask, t * B + b, j, NB, valid).to(ACC)
             d_tilde = (1.0 - z) * d_total
             d_keep = z * d_total
         elif ZONEOUT_MIX:
@@ -141,9 +178,10 @@ def _indrnn_bwd_kernel(
             da = tl.where(a > 0.0, d_tilde, 0.0)
         else:
             da = d_tilde * (1.0 - h_tilde * h_tilde)
-        tl.store(dxg + at, da.to(dxg.dtype.element_ty), mask=valid)
+        tl.store(dxg + (t * B + b) * H + j, da.to(dxg.dtype.element_ty), mask=valid)
         du += tl.where(valid, da * (h_prev * r_scale), 0.0)
         dh = tl.where(valid, d_keep + u_j * da * r_scale, dh)
+        x, h_prev, g, z, t, valid = x_n, h_prev_n, g_n, z_n, t_n, valid_n
     tl.store(dh0 + n, dh.to(dh0.dtype.element_ty), mask=inside)
     tl.store(du_rows + n, du, mask=inside)
 
