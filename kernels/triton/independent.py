@@ -5,12 +5,14 @@ Every unit recurs on itself alone, so there is nothing to exchange: each program
 (batch row, unit) pairs and runs them through all T steps in registers, reading xg and
 writing y once each. No step's loads depend on h, so each is issued a step ahead: the only
 serial chain is the arithmetic h_{t-1} -> h_t, and the loads stream behind it.
+
 Per-sequence lengths and the reverse direction as the primitive's (a sequence's own last
-element starts the reverse direction), so each element computes its own time index. The masks arrive packed (gpurnn.masks: bit j%8
-of byte j//8 of a row) and are unpacked in the kernel; the rates and scales arrive as a
-3-element tensor in the math's dtype (a scalar argument would be fp32, too coarse for the
-float64 checks). h is carried rounded to the output dtype, as y stores it, so the backward,
-which recomputes each step from y (no workspace), sees exactly the forward's inputs.
+element starts the reverse direction), so each element computes its own time index. The
+masks arrive packed (gpurnn.masks: bit j%8 of byte j//8 of a row) and are unpacked in the
+kernel; the rates and scales arrive as a 3-element tensor in the math's dtype (a scalar
+argument would be fp32, too coarse for the float64 checks). h is carried rounded to the
+output dtype, as y stores it, so the backward, which recomputes each step from y (no
+workspace), sees exactly the forward's inputs.
 
 Kernel -> launcher: `_indrnn_fwd_kernel` / `forward`, `_indrnn_bwd_kernel` / `backward`;
 the float64 ground truth is gpurnn.reference.regularized_forward/backward. Device code
