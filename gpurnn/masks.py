@@ -31,14 +31,14 @@ def pack(bits: Tensor) -> Tensor:
     pad = packed_width(n) * 8 - n
     if pad:
         bits = torch.cat([bits, bits.new_zeros(*bits.shape[:-1], pad)], dim=-1)
-    grouped = bits.reshape(*bits.shape[:-1], -1, 8).to(torch.uint8)
+    grouped = bits.reshape(*bits.shape[:-1], packed_width(n), 8).to(torch.uint8)
     return (grouped << _shifts(bits.device)).sum(-1, dtype=torch.uint8)
 
 
 def unpack(packed: Tensor, n: int, dtype: torch.dtype = torch.bool) -> Tensor:
     """uint8 (..., ⌈n/8⌉) -> (..., n) in `dtype` (0/1)."""
     bits = (packed[..., None] >> _shifts(packed.device)) & 1
-    return bits.reshape(*packed.shape[:-1], -1)[..., :n].to(dtype)
+    return bits.reshape(*packed.shape[:-1], packed.shape[-1] * 8)[..., :n].to(dtype)
 
 
 def draw(shape: tuple[int, ...], p: float, device) -> Tensor:

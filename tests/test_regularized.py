@@ -535,3 +535,14 @@ def test_indrnn_triton_gpu_real_size(dtype):
     for got, want in zip(results["triton"], results["torch"]):
         scale = want.abs().max().item() or 1.0
         assert (got.double() - want).abs().max().item() / scale < tol
+
+
+@pytest.mark.parametrize("backend", ["torch", "numpy"])
+def test_empty_batch(backend):
+    """B = 0 (torch.nn allows it): empty outputs, zero gradients, masks of no rows."""
+    module = gpurnn.LSTM(3, 4, num_layers=2, **KEYWORDS["all"], backend=backend)
+    x = torch.randn(5, 0, 3, requires_grad=True)
+    out, (h, c) = module(x)
+    assert out.shape == (5, 0, 4) and h.shape == c.shape == (2, 0, 4)
+    out.sum().backward()
+    assert torch.equal(module.weight_hh_l0.grad, torch.zeros(16, 4))
