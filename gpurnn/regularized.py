@@ -453,6 +453,11 @@ def rnn(
     """gpurnn.functional.rnn with the regularizers. weights[k] = (w_ih, w_hh, b_ih, b_hh,
     w_hr); ln_weights[k] = (ih_w, ih_b, hh_w, hh_b, c_w, c_b) (c_* None unless LSTM), or
     None without LayerNorm. Returns (output, h_n, c_n or None)."""
+    if torch.compiler.is_exporting():
+        raise NotImplementedError(
+            "exporting regularized layers (zoneout, recurrent_dropout, dropconnect, "
+            "layer_norm, IndRNN) is not supported yet"
+        )
     D = 2 if bidirectional else 1
     T, B = x.shape[:2]
     layer_in = x

@@ -18,6 +18,7 @@ import torch
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import gpurnn
+import gpurnn.inspect
 from gpurnn import masks, regularized
 from gpurnn.backends import Regularization
 from tests.conftest import seeded_generator
@@ -474,6 +475,8 @@ def test_bad_arguments():
         regularized.regularized_recurrence("indrnn_tanh", torch.randn(2, 1, 3), torch.randn(3, 3))
     with pytest.raises(RuntimeError, match="input_size"):
         gpurnn.IndRNN(3, 4)(torch.randn(2, 1, 5))
+    with pytest.raises(ValueError, match="regularized layers"):
+        gpurnn.inspect.record(gpurnn.LSTM(3, 4, layer_norm=True), torch.randn(2, 1, 3))
     with pytest.raises(RuntimeError, match="Expected hidden size"):
         gpurnn.IndRNN(3, 4)(torch.randn(2, 1, 3), torch.randn(2, 1, 4))
 
