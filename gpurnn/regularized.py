@@ -425,7 +425,11 @@ def _input_projection(cell, x, w_ih, b_ih, b_hh, ln_ih):
     xg = F.layer_norm(xw, (xw.shape[-1],), ln_ih[0].to(xw.dtype), ln_ih[1].to(xw.dtype),
                       LAYER_NORM_EPS)  # fmt: skip
     bias, b_hn = folded_biases(cell, w_ih, b_ih, b_hh)
-    return (xg + bias.to(xg.dtype) if bias is not None else xg), b_hn
+    if bias is not None:
+        xg = xg + bias.to(xg.dtype)
+    # autocast runs layer_norm in fp32 (on CUDA): the recurrence follows the GEMM's dtype,
+    # as without LayerNorm
+    return xg.to(xw.dtype), b_hn
 
 
 def _to(t, dtype):
