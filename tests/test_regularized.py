@@ -243,14 +243,14 @@ def test_gradcheck_numpy(cell):
 
     values = [args[n] for n in names] + [getattr(reg, n) for n in ln_names]
     assert torch.autograd.gradcheck(f, values, fast_mode=True)
-    if cell in ("lstm", "gru", "indrnn_tanh"):  # second order: one of each kind of cell
+    if cell in ("lstm", "indrnn_tanh"):  # second order: the gated cell with most, and IndRNN
         assert torch.autograd.gradgradcheck(f, values[:2], fast_mode=True)
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru"])
-def test_second_order_torch_backend(cell):
-    """create_graph=True through a module on the torch backend: double backward equals
-    the reference's (the numpy backend's, itself gradgradchecked above)."""
+@pytest.mark.parametrize("cell", ["lstm"])
+def test_second_order_through_modules(cell):
+    """create_graph=True through a stacked module: the torch backend's double backward
+    equals the numpy backend's (whose op-level double backward is gradgradchecked above)."""
     results = {}
     for backend in ("numpy", "torch"):
         module = _make(cell, KEYWORDS["all"], input_size=2, hidden_size=2, num_layers=2)
@@ -392,7 +392,7 @@ def test_layer_norm_parameters_and_init():
 def test_dtypes_against_reference(dtype):
     module = gpurnn.LSTM(3, 8, bidirectional=True, dtype=F64, **KEYWORDS["all"])
     _randomize(module, seeded_generator("dtype"))
-    x, hx, lengths = _inputs("lstm", 4, 3, 3, 8, 1, 2, ("x-dtype",))
+    x, hx, lengths = _inputs("lstm", 3, 3, 3, 8, 1, 2, ("x-dtype",))
     expected = _run(module, "numpy", 21, x, hx, lengths, False)
     low = _make(
         "lstm",
