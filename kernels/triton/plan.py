@@ -303,7 +303,7 @@ def _make_proj_plan(H, P, B, dtype, device, *, backward, BH, BP, BLOCK_B, KC, re
 def stream_kc(G: int, BH: int, backward: bool, dtype: torch.dtype = torch.bfloat16) -> int:
     """K chunk when weights are streamed: each thread holds a (KC, N) weight chunk and its
     pointers, KC*N/128 of each; wider N needs shorter chunks to stay spill-free on sm_90
-    (values found with tests/test_sm90_compile.py)."""
+    (values found with gpurnn.bench.sm90)."""
     if backward:
         return 64 if (BH <= 8 or _element_size(dtype) <= 2) else 16
     return max(16, min(64, 4096 // (_next_pow2(G) * BH)))
