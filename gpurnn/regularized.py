@@ -299,8 +299,9 @@ def _check_regularization(cell, xg, w_hh, h0, c0, lengths, b_hn, w_hr, reg):
                 raise ValueError(f"{name} is not an input of {cell}")
         if reg.ln_hh_weight is not None:
             raise ValueError(f"layer_norm is not defined for {cell}")
-        # the rest as for a plain RNN of the same sizes
-        _check_args("rnn_tanh", xg, w_hh.new_empty(H, H), h0, None, lengths, None, None)
+        # the rest as for a plain RNN of the same sizes (an (H, H) view of u stands in for
+        # its W_hh: same dtype and device, no copy)
+        _check_args("rnn_tanh", xg, w_hh[:, None].expand(H, H), h0, None, lengths, None, None)
     else:
         _check_args(cell, xg, w_hh, h0, c0, lengths, b_hn, w_hr)
     T, B, GH = xg.shape
