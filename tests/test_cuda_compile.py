@@ -15,15 +15,15 @@ import subprocess
 
 import pytest
 
-from gpurnn.backends.cupy import (
+from gpurnn.backends.cupy.compile import (
     CELL_TYPES,
     DEBUG_BOUNDS_OPTION,
     KERNEL_FILE,
     KERNEL_PACKAGE,
     NVRTC_OPTIONS,
-    kernel_names,
     kernel_source,
 )
+from gpurnn.backends.cupy.plan import kernel_names
 
 
 def _nvcc() -> str | None:

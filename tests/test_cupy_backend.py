@@ -27,13 +27,14 @@ import gpurnn
 from gpurnn import reference
 from gpurnn.backends import cupy as cupy_backend
 from gpurnn.backends.base import Inputs
-from gpurnn.backends.cupy import (
+from gpurnn.backends.cupy import compile as cupy_compile
+from gpurnn.backends.cupy import launch as cupy_launch
+from gpurnn.backends.cupy import plan as cupy_plan
+from gpurnn.backends.cupy.pack import block_rows, lstmp_block_rows, pack_fragments
+from gpurnn.backends.cupy.plan import (
     CLUSTER_SIZE,
     MMA_K,
     PROJ_OUT_ROWS,
-    block_rows,
-    lstmp_block_rows,
-    pack_fragments,
     plan_launch,
     plan_lstmp_launch,
     units_per_block,
@@ -142,7 +143,7 @@ def test_plan_invariants(cell, dtype, direction, variant):
             # fp32 planes, rows padded for conflict-free fragment loads, and two mbarriers
             assert plan.ldx >= plan.KT * MMA_K[dtype] and plan.ldx % 32 in (4, 8)
             assert plan.shared_bytes % 16 == 0
-        assert plan.kernel_name(cell, dtype) in cupy_backend.kernel_names(clusters=True)
+        assert plan.kernel_name(cell, dtype) in cupy_plan.kernel_names(clusters=True)
 
 
 @pytest.mark.parametrize("cell", CELLS)
@@ -156,7 +157,7 @@ def test_cluster_tiles_built_are_the_tiles_used(cell, dtype, direction):
         plan = plan_launch(direction, cell, dtype, H, 1, **H100, variant="cluster")
         if plan is not None:
             used.add(plan.m_tiles)
-    assert used == set(cupy_backend.cluster_m_tiles(direction, cell, dtype))
+    assert used == set(cupy_plan.cluster_m_tiles(direction, cell, dtype))
 
 
 def test_plan_covers_the_benchmark_shapes():
@@ -252,7 +253,7 @@ def test_block_rows_feed_the_kernel_epilogue(cell, direction):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("direction", ["forward", "backward"])
 def test_lstmp_plan_invariants(dtype, direction):
-    names = set(cupy_backend.kernel_names(clusters=False))
+    names = set(cupy_plan.kernel_names(clusters=False))
     for (H, P), B, device in itertools.product(
         [(2, 1), (40, 17), (96, 40), (256, 128), (1024, 256), (1024, 512), (2048, 512)],
         [1, 8, 9, 64],
@@ -657,7 +658,7 @@ def test_gpu_matches_torch_nn(gpu_report, dtype, cell):
 def _kernel_param_types(variant: str, direction: str) -> list[str]:
     """'ptr' / 'int' for each parameter of the kernel, read off the CUDA source (variant
     "lstmp": the grid kernels of the LSTM with projection)."""
-    src = cupy_backend.kernel_source()
+    src = cupy_compile.kernel_source()
 
     def macro(name):
         body = re.search(rf"#define {name}(.*?)\n(#define|\n)", src, re.S).group(1)
@@ -680,7 +681,7 @@ def test_launch_arguments_have_exact_c_types(monkeypatch, variant, cell):
     check every argument against the kernel's parameter list (pointers as uint64, ints as
     int32: CuPy passes numpy scalars with their own size)."""
     launches = []
-    monkeypatch.setattr(cupy_backend, "_launch", lambda *a: launches.append(a))
+    monkeypatch.setattr(cupy_backend, "launch_kernel", lambda *a: launches.append(a))
     backend = cupy_backend.CupyBackend()
     device = H100 if variant == "cluster" else A100
 
@@ -710,7 +711,7 @@ def test_lstmp_launch_arguments_have_exact_c_types(monkeypatch):
     """As above for the LSTM with projection; the glue's dW_hr and dW_hh have their weights'
     shapes."""
     launches = []
-    monkeypatch.setattr(cupy_backend, "_launch", lambda *a: launches.append(a))
+    monkeypatch.setattr(cupy_backend, "launch_kernel", lambda *a: launches.append(a))
     backend = cupy_backend.CupyBackend()
 
     def plan(direction, cell_, dtype, H, B, dev, proj=0):
@@ -738,7 +739,7 @@ def test_lstmp_launch_arguments_have_exact_c_types(monkeypatch):
 
 
 def test_empty_sequence_launches_nothing(monkeypatch):
-    monkeypatch.setattr(cupy_backend, "_launch", lambda *a: pytest.fail("launched"))
+    monkeypatch.setattr(cupy_backend, "launch_kernel", lambda *a: pytest.fail("launched"))
     backend = cupy_backend.CupyBackend()
     h0 = torch.randn(2, 4)
     inputs = Inputs("lstm", torch.randn(0, 2, 16), torch.randn(16, 4), h0, torch.randn(2, 4))
@@ -765,7 +766,7 @@ def test_torch_stream_reaches_cupy_through_from_external(protocol):
         pytest.skip("CuPy < 14 has no Stream.from_external")
     with warnings.catch_warnings():
         warnings.simplefilter("error", DeprecationWarning)  # ExternalStream is deprecated
-        stream = cupy_backend._cupy_stream(cupy, _TorchLikeStream(0x1234, protocol), 0)
+        stream = cupy_launch.cupy_stream(cupy, _TorchLikeStream(0x1234, protocol), 0)
     assert isinstance(stream, cupy.cuda.Stream) and stream.ptr == 0x1234
 
 
@@ -776,4 +777,4 @@ def test_debug_bounds_switch(monkeypatch, value, checked):
         monkeypatch.delenv("GPURNN_DEBUG_BOUNDS", raising=False)
     else:
         monkeypatch.setenv("GPURNN_DEBUG_BOUNDS", value)
-    assert cupy_backend.debug_bounds() is checked
+    assert cupy_compile.debug_bounds() is checked

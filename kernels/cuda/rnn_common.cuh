@@ -85,7 +85,7 @@ __device__ __forceinline__ float tanhf_(float x) {
 
 // ------------------------------------------------------------------------ mma tiles
 //
-// A fragments are packed on the host (gpurnn/backends/cupy.py: `pack_fragments`) in the
+// A fragments are packed on the host (gpurnn/backends/cupy/pack.py: `pack_fragments`) in the
 // order the tensor cores read them: for m-tile mt and k-tile kt, lane l's 4 registers are
 // one uint4 at [(mt * KT + kt) * kUint4A * 32 + lane] -> one conflict-free 16-byte
 // shared-memory load per lane per mma. X (the exchanged state, 8 batch rows x K, row

@@ -379,7 +379,7 @@ __device__ __forceinline__ void backward_body(const BackwardArgs& a, Exchange& e
 // Kernel parameters are flat (pointers and 32-bit ints: what CuPy passes with exact C types)
 // and gathered into ForwardArgs / BackwardArgs here. Dynamic shared memory: [packed W_hh
 // fragments | red | (cluster) exchange planes], each part a multiple of 16 bytes; sizes in
-// gpurnn/backends/cupy.py (`shared_bytes`).
+// gpurnn/backends/cupy/plan.py (`shared_bytes`).
 
 #define GPURNN_FORWARD_PARAMS                                                                \
   const void *xg, const uint4 *w_frag, const float *b_hn, const long long *lengths, void *y,  \
