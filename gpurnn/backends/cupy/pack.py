@@ -94,3 +94,25 @@ def lstmp_block_rows(direction: str, w_hh: Tensor, w_hr: Tensor, plan: Plan):
         units = _gather_rows(w_hr.t(), plan.blocks, plan.units, H)
         outs = _gather_rows(w_hh.t(), out_blocks, PROJ_OUT_ROWS, P)
     return units, outs
+
+
+def ksplit_block_rows(direction: str, cell: str, w_hh: Tensor, clusters: int, units: int,
+                      cluster_size: int, k_slice: int, m_tiles: int) -> Tensor:  # fmt: skip
+    """The A slices of the K-split kernels (rnn_ksplit.cuh), (clusters * C, 16*m_tiles,
+    k_slice): CTA q*C + r holds its cluster's rows (forward: row g*units + u is W_hh row
+    g*H + q*units + u; backward: row u is W_hh column q*units + u) over reduction columns
+    [r * k_slice, (r + 1) * k_slice). Rows of units >= H, rows past the cluster's and
+    columns past K are 0."""
+    G, H = GATES[cell], w_hh.shape[1]
+    if direction == "forward":
+        rows = _gather_rows(w_hh, clusters, units, H, G, H)  # (clusters, G*units, H)
+    else:
+        rows = _gather_rows(w_hh.t(), clusters, units, H)  # (clusters, units, G*H)
+    C, K = cluster_size, rows.shape[-1]
+    full = rows.new_zeros(clusters, 16 * m_tiles, C * k_slice)
+    full[:, : rows.shape[1], :K] = rows
+    return (
+        full.view(clusters, 16 * m_tiles, C, k_slice)
+        .transpose(1, 2)
+        .reshape(clusters * C, 16 * m_tiles, k_slice)
+    )
