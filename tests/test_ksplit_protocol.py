@@ -404,7 +404,9 @@ def run(L: Launch, program, A, io):
             running.pop()
 
 
-def model(ix, geo: Geometry, xg, w_hh, h0, c0, lengths, reverse, b_hn, dy, dh_T, dc_T, rng):
+def model(ix, geo: Geometry, xg, w_hh, h0, c0, lengths, reverse, b_hn, dy, dh_T, dc_T, rng,
+          bwd_geo: Geometry | None = None):  # fmt: skip
+    """Forward then backward launch of `geo`'s layout (the backward's `bwd_geo` if given)."""
     T, B, H, G = xg.shape[0], geo.B, geo.H, GATES[geo.cell]
     F = FIELDS[geo.cell]
     h0_ = h0 if h0 is not None else np.zeros((B, H))
@@ -412,7 +414,7 @@ def model(ix, geo: Geometry, xg, w_hh, h0, c0, lengths, reverse, b_hn, dy, dh_T,
     lens = lengths if lengths is not None else np.full(B, T)
     nan = np.nan
     fwd = Geometry(**{**geo.__dict__, "direction": "forward"})
-    bwd = Geometry(**{**geo.__dict__, "direction": "backward"})
+    bwd = bwd_geo or Geometry(**{**geo.__dict__, "direction": "backward"})
     w = torch.from_numpy(w_hh)
     A_f = ksplit_block_rows("forward", geo.cell, w, fwd.clusters, fwd.U, fwd.C, fwd.Kc, fwd.m_tiles)
     A_b = ksplit_block_rows(
@@ -438,64 +440,87 @@ GEOMETRIES = [
     ("gru", 4, 1, 8, 1, 8, 15, 9),
     ("gru", 2, 1, 2, 1, 16, 40, 5),
     ("rnn_tanh", 8, 1, 8, 1, 8, 21, 10),
-    ("rnn_relu", 4, 2, 8, 2, 8, 33, 17),
+    ("rnn_relu", 4, 2, 8, 2, 8, 20, 17),
 ]
 
 
 @pytest.mark.parametrize("cell, C, MW, KW, n_tiles, kmma, H, B", GEOMETRIES)
 def test_model_matches_reference(ix, cell, C, MW, KW, n_tiles, kmma, H, B):
-    T = 4
-    G = GATES[cell]
+    T = 3
     geo = Geometry("forward", cell, C, MW, KW, n_tiles, kmma, H, B)
     for d in ("forward", "backward"):
         g = Geometry(**{**geo.__dict__, "direction": d})
         assert g.U >= g.C, "the planner keeps U >= C (every rank owns a unit)"
     gen = seeded_generator("ksplit model", cell, C, MW, KW, H, B)
     rng = random.Random(gen.initial_seed())
-
-    def rand(*shape, scale=1.0):
-        return scale * torch.randn(*shape, generator=gen, dtype=torch.float64).numpy()
-
     combos = list(itertools.product([False, True], repeat=3))
     if geo.clusters * C >= 8:  # the larger launches: each direction and lengths once
         combos = [
             (rev, lens, rev != lens) for rev, lens in itertools.product([False, True], repeat=2)
         ]
     for reverse, with_lengths, with_h0 in combos:
-        xg, w_hh = rand(T, B, G * H), rand(G * H, H, scale=H**-0.5)
-        h0 = rand(B, H) if with_h0 else None
-        c0 = rand(B, H) if with_h0 and cell == "lstm" else None
-        b_hn = rand(H) if cell == "gru" else None
-        lengths = None
-        if with_lengths:
-            lengths = torch.randint(0, T + 1, (B,), generator=gen).numpy()
-            lengths[0], lengths[-1] = T, 0
-        dy, dh_T = rand(T, B, H), rand(B, H)
-        dc_T = rand(B, H) if cell == "lstm" else None
-        y, h_T, c_T, dxg, dhn, dh0, dc0 = model(ix, geo, xg, w_hh, h0, c0, lengths, reverse,
-                                                b_hn, dy, dh_T, dc_T, rng)  # fmt: skip
-        h_init = torch.from_numpy(h0 if h0 is not None else np.zeros((B, H)))
-        dw_hh, db_hn = kernel_weight_grads(
-            cell, torch.from_numpy(dxg), None if dhn is None else torch.from_numpy(dhn),
-            torch.from_numpy(y), h_init, None if lengths is None else torch.from_numpy(lengths),
-            reverse, None if b_hn is None else torch.from_numpy(b_hn))  # fmt: skip
-        args = (cell, xg, w_hh, h0, c0, lengths, reverse, b_hn, None)
-        what = f"{cell} reverse={reverse} lengths={with_lengths} h0={with_h0}"
-        ry, rh, rc = reference.recurrence_forward(*args)
-        rg = reference.recurrence_backward(*args, dy, dh_T, dc_T)
-        got = {"y": y, "h_T": h_T, "xg": dxg, "w_hh": dw_hh.numpy()}
-        want = {"y": ry, "h_T": rh, "xg": rg["xg"], "w_hh": rg["w_hh"]}
+        check_case(ix, geo, None, gen, rng, T, reverse, with_lengths, with_h0)
+
+
+def check_case(ix, geo, bwd_geo, gen, rng, T, reverse, with_lengths, with_h0):
+    """One random case through the model and the backend's glue, against the reference."""
+    cell, H, B, G = geo.cell, geo.H, geo.B, GATES[geo.cell]
+
+    def rand(*shape, scale=1.0):
+        return scale * torch.randn(*shape, generator=gen, dtype=torch.float64).numpy()
+
+    xg, w_hh = rand(T, B, G * H), rand(G * H, H, scale=H**-0.5)
+    h0 = rand(B, H) if with_h0 else None
+    c0 = rand(B, H) if with_h0 and cell == "lstm" else None
+    b_hn = rand(H) if cell == "gru" else None
+    lengths = None
+    if with_lengths:
+        lengths = torch.randint(0, T + 1, (B,), generator=gen).numpy()
+        lengths[0], lengths[-1] = T, 0
+    dy, dh_T = rand(T, B, H), rand(B, H)
+    dc_T = rand(B, H) if cell == "lstm" else None
+    y, h_T, c_T, dxg, dhn, dh0, dc0 = model(ix, geo, xg, w_hh, h0, c0, lengths, reverse, b_hn,
+                                            dy, dh_T, dc_T, rng, bwd_geo)  # fmt: skip
+    h_init = torch.from_numpy(h0 if h0 is not None else np.zeros((B, H)))
+    dw_hh, db_hn = kernel_weight_grads(
+        cell, torch.from_numpy(dxg), None if dhn is None else torch.from_numpy(dhn),
+        torch.from_numpy(y), h_init, None if lengths is None else torch.from_numpy(lengths),
+        reverse, None if b_hn is None else torch.from_numpy(b_hn))  # fmt: skip
+    args = (cell, xg, w_hh, h0, c0, lengths, reverse, b_hn, None)
+    what = f"{cell} reverse={reverse} lengths={with_lengths} h0={with_h0}"
+    ry, rh, rc = reference.recurrence_forward(*args)
+    rg = reference.recurrence_backward(*args, dy, dh_T, dc_T)
+    got = {"y": y, "h_T": h_T, "xg": dxg, "w_hh": dw_hh.numpy()}
+    want = {"y": ry, "h_T": rh, "xg": rg["xg"], "w_hh": rg["w_hh"]}
+    if cell == "lstm":
+        got["c_T"], want["c_T"] = c_T, rc
+    if with_h0:
+        got["h0"], want["h0"] = dh0, rg["h0"]
         if cell == "lstm":
-            got["c_T"], want["c_T"] = c_T, rc
-        if with_h0:
-            got["h0"], want["h0"] = dh0, rg["h0"]
-            if cell == "lstm":
-                got["c0"], want["c0"] = dc0, rg["c0"]
-        if cell == "gru":
-            got["b_hn"], want["b_hn"] = db_hn.numpy(), rg["b_hn"]
-        for name, value in got.items():
-            np.testing.assert_allclose(value, want[name], rtol=1e-10, atol=1e-10,
-                                       err_msg=f"{name} {what}")  # fmt: skip
+            got["c0"], want["c0"] = dc0, rg["c0"]
+    if cell == "gru":
+        got["b_hn"], want["b_hn"] = db_hn.numpy(), rg["b_hn"]
+    for name, value in got.items():
+        np.testing.assert_allclose(value, want[name], rtol=1e-10, atol=1e-10,
+                                   err_msg=f"{name} {what}")  # fmt: skip
+
+
+@pytest.mark.parametrize("cell, H, B", [("lstm", 40, 9), ("gru", 33, 3)])
+def test_model_runs_the_planners_layouts(ix, cell, H, B):
+    """The layouts the planner picks (here on an H100, bf16), forward and backward."""
+    from gpurnn.backends.cupy.plan_ksplit import plan_ksplit_launch
+
+    geos = []
+    for direction in ("forward", "backward"):
+        plan = plan_ksplit_launch(direction, cell, torch.bfloat16, H, B, sm_count=132,
+                                  smem_limit=227 * 1024, has_clusters=True).plan  # fmt: skip
+        geo = Geometry(direction, cell, plan.cluster_size, plan.m_per_warp, plan.k_warps,
+                       plan.n_tiles, 16, H, B)  # fmt: skip
+        assert (geo.U, geo.clusters * geo.C, geo.KTc) == (plan.units, plan.blocks, plan.KT)
+        geos.append(geo)
+    gen = seeded_generator("ksplit planner model", cell, H, B)
+    rng = random.Random(gen.initial_seed())
+    check_case(ix, geos[0], geos[1], gen, rng, 3, True, True, True)
 
 
 def test_model_catches_a_rank_without_units(ix):

@@ -3,18 +3,23 @@ at run time by NVRTC through CuPy and launched on torch's current stream.
 
 Kernels (kernels/cuda/rnn_persistent.cu): one skeleton, the cell a template parameter
 (rnn_cells.cuh), W_hh held in shared memory in tensor-core fragment order, batch in the
-mma's n=8 dimension. Two variants: `grid` (one block per unit slice, h exchanged through L2,
+mma's n=8 dimension. Three variants: `grid` (one block per unit slice, h exchanged through L2,
 a grid barrier per step: cooperative launch) and `cluster` (sm_90, rnn_cluster.cuh: all of
 W_hh in one 8-block cluster, h exchanged through distributed shared memory with
 asynchronous stores completing on mbarriers, no barrier between steps; one cluster per 8
-batch rows). LSTM with projection (proj_size) has its own grid kernels (rnn_lstmp.cuh: two
-phases and two grid barriers a step) and no cluster variant.
+batch rows), and `ksplit` (sm_90, rnn_ksplit.cuh: clusters of C CTAs split the units, the
+CTAs of a cluster split K and reduce their partial sums over distributed shared memory, h
+exchanged between clusters through L2, each CTA loading only its K slice). LSTM with
+projection (proj_size) has its own grid kernels (rnn_lstmp.cuh: two phases and two grid
+barriers a step) and neither cluster variant.
 
 The package, one room per concern:
   compile   the self-contained kernel source, NVRTC options, compiled kernels cached per
             device and instantiation (cupy.RawModule; CuPy caches binaries on disk too)
   plan      `plan_launch` / `plan_lstmp_launch`: which variant, tile sizes and grid for
             (cell, dtype, H, B) on a device; pure Python, testable without a GPU
+  plan_ksplit  the K-split variant's cluster size and tiles, from shared memory, the
+            resident grid and a per-step cost model, with readable reasons
   pack      `pack_fragments`: W_hh rows/columns for each block, padded and permuted into the
             order the mma instructions read them (torch ops, on the weights' device)
   launch    `launch_kernel` on torch's current stream, with exact C argument types
@@ -25,9 +30,11 @@ The package, one room per concern:
 CuPy is optional: this module imports it only inside functions, and `unavailable_reason`
 says why the backend cannot run (not installed, no GPU, no NVRTC).
 
-Environment: GPURNN_CUPY_VARIANT = auto (default) | grid | cluster forces a variant where it
-can run (for measuring what each buys). `auto` is the grid variant: the cluster variant's
-barrier-free step has not yet run on a GPU, so it is used only when asked for.
+Environment: GPURNN_CUPY_VARIANT = auto (default) | grid | cluster | ksplit forces a variant
+where it can run (for measuring what each buys). `auto` is the grid variant, or the K-split
+one where `plan_ksplit_launch` has a plan and the variant's GPU tests passed on this card
+(KSPLIT_RECORD in gpurnn/dispatch.json); the cluster variant's barrier-free step has not yet
+run on a GPU, so it is used only when asked for.
 GPURNN_DEBUG_BOUNDS=1 compiles the kernels with every buffer index checked
 (kernels/cuda/rnn_index.cuh: a trap at the first bad access) and synchronizes after each
 launch, so a failure is reported at the kernel that caused it.
@@ -50,18 +57,31 @@ from gpurnn.backends.base import Backend, Grads
 from gpurnn.backends.common import kernel_weight_grads, loop_workspace_shape, projection_grad
 from gpurnn.backends.cupy.compile import ELEM_TYPES
 from gpurnn.backends.cupy.launch import i32, launch_kernel, ptr
-from gpurnn.backends.cupy.pack import block_rows, lstmp_block_rows, pack_fragments
+from gpurnn.backends.cupy.pack import (
+    block_rows,
+    ksplit_block_rows,
+    lstmp_block_rows,
+    pack_fragments,
+)
 from gpurnn.backends.cupy.plan import (
     LSTMP_CLUSTER_REASON,
+    MMA_K,
     Plan,
     plan_launch,
     plan_lstmp_launch,
 )
+from gpurnn.backends.cupy.plan_ksplit import plan_ksplit_launch
 from gpurnn.cells import GATES
 
 log = logging.getLogger("gpurnn")
 
 INSTALL_HINT = "pip install gpurnn[cupy13] (CUDA 13) or gpurnn[cupy12] (CUDA 12)"
+VARIANTS = ("auto", "grid", "cluster", "ksplit")
+# the name the K-split variant's GPU test runs are recorded under (benchmarks/gpu_tests.csv,
+# `python -m gpurnn dispatch --record-gpu-tests cupy-ksplit`): `auto` uses the variant on a
+# card only once its latest conclusive record there passed
+KSPLIT_RECORD = "cupy-ksplit"
+SYNC_ERROR = 1 << 30  # kSyncError (rnn_ksplit.cuh): the counter of a launch whose wait gave up
 
 
 class CupyBackend(Backend):
@@ -70,9 +90,9 @@ class CupyBackend(Backend):
 
     def __init__(self) -> None:
         self.variant = os.environ.get("GPURNN_CUPY_VARIANT", "auto")
-        if self.variant not in ("auto", "grid", "cluster"):
+        if self.variant not in VARIANTS:
             raise ValueError(
-                f"GPURNN_CUPY_VARIANT must be auto, grid or cluster, got {self.variant!r}"
+                f"GPURNN_CUPY_VARIANT must be one of {', '.join(VARIANTS)}, got {self.variant!r}"
             )
         self._packed: dict = {}
 
@@ -94,7 +114,7 @@ class CupyBackend(Backend):
         return None
 
     def unsupported_reason(self, cell, device, dtype, projected, hidden_size=None) -> str | None:
-        if projected and self.variant == "cluster":
+        if projected and self.variant in ("cluster", "ksplit"):
             return LSTMP_CLUSTER_REASON
         if dtype not in ELEM_TYPES:
             return f"dtype {dtype} not supported (float16, bfloat16, float32)"
@@ -130,13 +150,24 @@ class CupyBackend(Backend):
             return plan_lstmp_launch(direction, dtype, H, proj, B,
                                      sm_count=props.multi_processor_count,
                                      smem_limit=props.shared_memory_per_block_optin)  # fmt: skip
-        return plan_launch(
-            direction, cell, dtype, H, B,
-            sm_count=props.multi_processor_count,
-            smem_limit=props.shared_memory_per_block_optin,
-            has_clusters=props.major >= 9,
-            variant=self.variant,
-        )  # fmt: skip
+        device_kw = dict(sm_count=props.multi_processor_count,
+                         smem_limit=props.shared_memory_per_block_optin,
+                         has_clusters=props.major >= 9)  # fmt: skip
+        if self.variant == "ksplit" or (self.variant == "auto" and self._ksplit_cleared(device)):
+            choice = plan_ksplit_launch(direction, cell, dtype, H, B, **device_kw)
+            log.debug("gpurnn cupy: %s", choice.describe())
+            if choice.plan is not None or self.variant == "ksplit":
+                return choice.plan
+        variant = "grid" if self.variant == "ksplit" else self.variant
+        return plan_launch(direction, cell, dtype, H, B, **device_kw, variant=variant)
+
+    @staticmethod
+    def _ksplit_cleared(device) -> bool:
+        """Whether the K-split variant's GPU tests passed on this card (`auto` uses it only
+        then: until they have run on a GPU, nothing but its CPU evidence vouches for it)."""
+        from gpurnn import dispatch
+
+        return dispatch.gpu_tests_passed(KSPLIT_RECORD, dispatch.card_name(device))
 
     def _plan_or_raise(self, direction, cell, dtype, H, B, device, proj=0) -> Plan:
         plan = self.plan(direction, cell, dtype, H, B, device, proj=proj)
@@ -165,7 +196,13 @@ class CupyBackend(Backend):
             ref, version, packed = entry
             if ref() is w_hh and version == w_hh._version:
                 return packed
-        packed = pack_fragments(block_rows(direction, cell, w_hh, plan), plan.m_tiles)
+        if plan.variant == "ksplit":
+            C = plan.cluster_size
+            rows = ksplit_block_rows(direction, cell, w_hh, plan.blocks // C, plan.units, C,
+                                     plan.KT * MMA_K[w_hh.dtype], plan.m_tiles)  # fmt: skip
+        else:
+            rows = block_rows(direction, cell, w_hh, plan)
+        packed = pack_fragments(rows, plan.m_tiles)
         self._remember(key, w_hh, packed)
         return packed
 
@@ -221,7 +258,9 @@ class CupyBackend(Backend):
                 ptr(workspace if workspace.numel() else None), ptr(h_state), ptr(c_state),
                 i32(T), i32(B), i32(H), i32(plan.KT), i32(int(inputs.reverse)), *exchange_args,
             )  # fmt: skip
+            self._check_counter_range(plan, T)
             launch_kernel(dev, plan, cell, dtype, args)
+            self._check_waits(plan, exchange)
             del exchange
         c_T = c_state.to(dtype) if c_state is not None else None
         return y, h_state.to(dtype), c_T, workspace
@@ -229,13 +268,43 @@ class CupyBackend(Backend):
     @staticmethod
     def _exchange(plan: Plan, dtype, dev) -> tuple[list[Tensor], list]:
         """(tensors to keep alive, kernel arguments). Grid variant: a zeroed (2, rows, ldx)
-        exchange buffer (its padding must read as 0) and a zeroed barrier counter; cluster
-        variant: only the shared-memory row stride."""
+        exchange buffer (its padding must read as 0) and a zeroed barrier counter; K-split:
+        the same and the layout (units per cluster, warps per m-tile); cluster variant: the
+        shared-memory row stride and a zeroed flag its waits set when they give up. The
+        flag (the counter for K-split) comes last in the list of tensors."""
         if plan.variant == "cluster":
-            return [], [i32(plan.ldx)]
+            error = torch.zeros(1, dtype=torch.int32, device=dev)
+            return [error], [i32(plan.ldx), ptr(error)]
         xbuf = torch.zeros(2, plan.batch_rows, plan.ldx, dtype=dtype, device=dev)
         counter = torch.zeros(1, dtype=torch.int32, device=dev)
-        return [xbuf, counter], [ptr(xbuf), i32(plan.ldx), i32(plan.batch_rows), ptr(counter)]
+        args = [ptr(xbuf), i32(plan.ldx), i32(plan.batch_rows), ptr(counter)]
+        if plan.variant == "ksplit":
+            args += [i32(plan.units), i32(plan.k_warps)]
+        return [xbuf, counter], args
+
+    @staticmethod
+    def _check_waits(plan: Plan, exchange: list[Tensor]) -> None:
+        """Raise if a bounded wait of the launch gave up (cluster and K-split variants: a
+        CTA was not running, so the results are garbage). Reads the flag back, which waits
+        for the launch; not while a CUDA graph is being captured."""
+        flag_tensor = exchange[-1]
+        if plan.variant == "grid" or (
+            flag_tensor.is_cuda and torch.cuda.is_current_stream_capturing()
+        ):
+            return
+        flag = int(flag_tensor.item())
+        if (plan.variant == "cluster" and flag) or flag >= SYNC_ERROR:
+            raise RuntimeError(
+                f"gpurnn cupy: a wait of the {plan.variant} kernel gave up (its {plan.blocks} "
+                f"CTAs in clusters of {plan.cluster_size or 8} did not all run concurrently: is "
+                "another kernel holding SMs?). Results are invalid; GPURNN_CUPY_VARIANT=grid "
+                "avoids clusters."
+            )
+
+    @staticmethod
+    def _check_counter_range(plan: Plan, T: int) -> None:
+        if plan.variant == "ksplit" and (T + 2) * plan.blocks >= SYNC_ERROR:
+            raise RuntimeError(f"gpurnn cupy: T={T} is too long for one K-split launch")
 
     # ------------------------------------------------------------------ backward
 
@@ -269,7 +338,9 @@ class CupyBackend(Backend):
                 ptr(c_init), ptr(dxg), ptr(dhn), ptr(dh_state), ptr(dc_state),
                 i32(T), i32(B), i32(H), i32(plan.KT), i32(int(inputs.reverse)), *exchange_args,
             )  # fmt: skip
+            self._check_counter_range(plan, T)
             launch_kernel(dev, plan, cell, dtype, args)
+            self._check_waits(plan, exchange)
             del exchange
         else:
             dxg.zero_()
@@ -289,7 +360,7 @@ class CupyBackend(Backend):
     # ------------------------------------------------------------------ LSTM with projection
 
     def _check_lstmp_variant(self) -> None:
-        if self.variant == "cluster":
+        if self.variant in ("cluster", "ksplit"):
             raise RuntimeError(f"gpurnn cupy: {LSTMP_CLUSTER_REASON}")
 
     @staticmethod

@@ -38,7 +38,7 @@ class Plan:
     """How one kernel launch is laid out (see rnn_persistent.cu for the terms)."""
 
     direction: str  # "forward" | "backward"
-    variant: str  # "grid" | "cluster"
+    variant: str  # "grid" | "cluster" | "ksplit"
     m_tiles: int
     n_tiles: int
     units: int  # hidden units per block
@@ -54,8 +54,17 @@ class Plan:
     proj: int = 0
     out_KT: int = 0
     out_ldx: int = 0
+    # K-split variant (rnn_ksplit.cuh, plan_ksplit.py): CTAs per cluster (which split K; units
+    # is then per cluster and KT per CTA), m-tiles per warp, warps sharing an m-tile
+    cluster_size: int = 0
+    m_per_warp: int = 0
+    k_warps: int = 0
 
     def kernel_name(self, cell: str, dtype: torch.dtype) -> str:
+        if self.variant == "ksplit":
+            args = [CELL_TYPES[cell], ELEM_TYPES[dtype], str(self.cluster_size),
+                    str(self.m_per_warp), str(self.n_tiles)]  # fmt: skip
+            return f"gpurnn::rnn_{self.direction}_ksplit<{', '.join(args)}>"
         if self.proj:
             args = f"{ELEM_TYPES[dtype]}, {self.m_tiles}, {self.n_tiles}"
             return f"gpurnn::rnn_lstmp_{self.direction}_grid<{args}>"
@@ -144,7 +153,7 @@ def plan_launch(direction, cell, dtype, H, B, *, sm_count, smem_limit, has_clust
 
 
 LSTMP_CLUSTER_REASON = ("LSTM proj_size runs in the grid variant of the cupy kernels only, not "
-                        "GPURNN_CUPY_VARIANT=cluster (auto or grid runs it)")  # fmt: skip
+                        "GPURNN_CUPY_VARIANT=cluster or ksplit (auto or grid runs it)")  # fmt: skip
 PROJ_OUT_ROWS = 16  # projected outputs per block (kOutRows in rnn_lstmp.cuh): one m-tile
 
 
@@ -173,9 +182,15 @@ def plan_lstmp_launch(direction, dtype, H, P, B, *, sm_count, smem_limit,
     return None
 
 
+# the K-split variant's instantiations (plan_ksplit.py chooses among them)
+KSPLIT_CLUSTER_SIZES = (4, 8)
+KSPLIT_M_PER_WARP = (1, 2)
+
+
 def kernel_names(clusters: bool) -> list[str]:
-    """Every instantiation `plan_launch` and `plan_lstmp_launch` can pick (with `clusters`:
-    the sm_90 cluster ones too): what the compile tests build."""
+    """Every instantiation `plan_launch`, `plan_lstmp_launch` and `plan_ksplit_launch` can pick
+    (with `clusters`: the sm_90 cluster and K-split ones too): what the compile tests
+    build."""
     names = []
     for dtype in ELEM_TYPES:
         for direction, tiles in (("forward", FORWARD_M_TILES), ("backward", BACKWARD_M_TILES)):
@@ -192,5 +207,10 @@ def kernel_names(clusters: bool) -> list[str]:
                 if clusters:
                     for m in cluster_m_tiles(direction, cell, dtype):
                         plan = Plan(direction, "cluster", m, 1, 0, 0, 0, 0, 0, 0, 0)
+                        names.append(plan.kernel_name(cell, dtype))
+                    for c, mw, n in itertools.product(KSPLIT_CLUSTER_SIZES, KSPLIT_M_PER_WARP,
+                                                      N_TILES):  # fmt: skip
+                        plan = Plan(direction, "ksplit", 0, n, 0, 0, 0, 0, 0, 0, 0,
+                                    cluster_size=c, m_per_warp=mw)  # fmt: skip
                         names.append(plan.kernel_name(cell, dtype))
     return names
