@@ -36,8 +36,9 @@ MODE_TITLES = {"fwd": "forward (inference)", "fwdbwd": "forward + backward (trai
 
 
 def read_rows(path: Path) -> list[dict]:
+    """The whole-layer rows: a kernel timed alone (suite "kernel") is the step model's."""
     with Path(path).open(newline="") as f:
-        return list(csv.DictReader(f))
+        return [r for r in csv.DictReader(f) if r.get("suite") != "kernel"]
 
 
 def latest_runs(rows: list[dict]) -> dict[str, list[dict]]:

@@ -19,11 +19,13 @@ import torch
 
 pytest.importorskip("triton")
 
-from gpurnn.kernels.triton import recurrence as _tl  # noqa: E402
+from gpurnn.kernels.triton import launch  # noqa: E402
+from gpurnn.kernels.triton.plan import make_plan  # noqa: E402
 
 from gpurnn import reference as ref  # noqa: E402
 from gpurnn.backends.base import Inputs  # noqa: E402
 from gpurnn.backends.triton import TritonBackend  # noqa: E402
+from gpurnn.cells import GATES  # noqa: E402
 from tests.conftest import seeded_generator  # noqa: E402
 from tests.helpers import relu_clear_of_zero  # noqa: E402
 
@@ -59,7 +61,7 @@ CELL_DTYPES = [(cell, dtype) for dtype in DTYPES for cell in CELLS]
 
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
-    monkeypatch.setattr(_tl, "POISON", True)
+    monkeypatch.setattr(launch, "POISON", True)
 
 
 def _gen(*key) -> torch.Generator:
@@ -68,7 +70,7 @@ def _gen(*key) -> torch.Generator:
 
 def make_case(cell, T, B, H, dtype, lengths=None, key=(), reverse=False):
     g = _gen(cell, T, B, H, str(dtype), key)
-    G = _tl.GATES[cell]
+    G = GATES[cell]
     s = 0.5 if cell == "rnn_relu" else 1.0
 
     def rnd(*shape, scale=1.0):
@@ -113,8 +115,8 @@ def run_vs_reference(cell, case, gin, reverse, tol, be=None, plan=None):
         gr = be.backward(inputs, y, ws, gin["dy"], gin["dh_T"], gin["dc_T"])
         got = dict(xg=gr.xg, w_hh=gr.w_hh, h0=gr.h0, c0=gr.c0, b_hn=gr.b_hn)
     else:
-        y, h_T, c_T, ws = _tl.forward(cell, *args, True, plan=plan, precision=be.fp32_precision)
-        dxg, _, dh0, dc0 = _tl.backward(
+        y, h_T, c_T, ws = launch.forward(cell, *args, True, plan=plan, precision=be.fp32_precision)
+        dxg, _, dh0, dc0 = launch.backward(
             cell, c["w_hh"], c["h0"], c["c0"], c["lengths"], reverse, y, ws, gin["dy"],
             gin["dh_T"], gin["dc_T"], plan=plan, precision=be.fp32_precision,
         )  # fmt: skip
@@ -184,7 +186,7 @@ def test_streamed_weights_large_H(cell):
     """H=2048: W_hh does not fit on chip; streamed from L2 each step (BH=16, persistent)."""
     T, B, H = 12, 8, 2048
     case, gin = make_case(cell, T, B, H, torch.bfloat16)
-    plan = _tl.make_plan(H, B, _tl.GATES[cell], torch.bfloat16, torch.device("cuda"))
+    plan = make_plan(H, B, GATES[cell], torch.bfloat16, torch.device("cuda"))
     assert not plan.resident
     run_vs_reference(cell, case, gin, False, TOL[torch.bfloat16])
 
@@ -193,8 +195,8 @@ def test_streamed_weights_large_H(cell):
 def test_per_step_launch_fallback(cell):
     T, B, H = 16, 16, 512
     case, gin = make_case(cell, T, B, H, torch.float32)
-    plan = _tl.make_plan(H, B, _tl.GATES[cell], torch.float32, torch.device("cuda"),
-                         persistent=False)  # fmt: skip
+    plan = make_plan(H, B, GATES[cell], torch.float32, torch.device("cuda"),
+                     persistent=False)  # fmt: skip
     run_vs_reference(cell, case, gin, True, TOL[torch.float32], be=_exact_fp32(), plan=plan)
 
 
@@ -204,10 +206,10 @@ def test_barrier_timeout_raises():
     case, _ = make_case("lstm", 64, 16, 768, torch.bfloat16)
     c = case
     with pytest.raises(RuntimeError, match="barrier timed out"):
-        _tl.forward("lstm", c["xg"], c["w_hh"], c["h0"], c["c0"], None, False, None, False,
-                    spin_max=0)  # fmt: skip
+        launch.forward("lstm", c["xg"], c["w_hh"], c["h0"], c["c0"], None, False, None, False,
+                       spin_max=0)  # fmt: skip
     # and the next normal call is fine
-    _tl.forward("lstm", c["xg"], c["w_hh"], c["h0"], c["c0"], None, False, None, False)
+    launch.forward("lstm", c["xg"], c["w_hh"], c["h0"], c["c0"], None, False, None, False)
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,7 @@
 On a CPU-only machine conftest.py sets TRITON_INTERPRET=1, so these run the same kernels
 (one program, or many programs launched one step at a time) on CPU tensors. On a CUDA
 machine this file skips; tests/test_triton_gpu.py runs the kernels there (and bf16).
-Every output is allocated NaN-filled (recurrence.POISON), so an element a kernel forgets
+Every output is allocated NaN-filled (launch.POISON), so an element a kernel forgets
 to write fails the comparison. Inputs are fresh random draws, seeded per test.
 """
 
@@ -18,11 +18,18 @@ import torch
 
 pytest.importorskip("triton")
 
-from gpurnn.kernels.triton import recurrence as _tl  # noqa: E402
+from gpurnn.kernels.triton import launch  # noqa: E402
+from gpurnn.kernels.triton.backward import _recurrence_bwd_kernel  # noqa: E402
+from gpurnn.kernels.triton.cell_math import CELL_CODE  # noqa: E402
+from gpurnn.kernels.triton.exchange import _BITS, _SENTINEL  # noqa: E402
+from gpurnn.kernels.triton.forward import _recurrence_fwd_kernel  # noqa: E402
+from gpurnn.kernels.triton.plan import Plan, _polls, make_plan  # noqa: E402
+from gpurnn.kernels.triton.projected import _lstmp_bwd_kernel, _lstmp_fwd_kernel  # noqa: E402
 
 from gpurnn import reference as ref  # noqa: E402
 from gpurnn.backends.base import Inputs  # noqa: E402
 from gpurnn.backends.triton import TritonBackend  # noqa: E402
+from gpurnn.cells import GATES  # noqa: E402
 from tests.conftest import seeded_generator  # noqa: E402
 from tests.helpers import relu_clear_of_zero  # noqa: E402
 
@@ -43,7 +50,7 @@ TOL = {
 
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
-    monkeypatch.setattr(_tl, "POISON", True)
+    monkeypatch.setattr(launch, "POISON", True)
 
 
 def _gen(*key) -> torch.Generator:
@@ -53,7 +60,7 @@ def _gen(*key) -> torch.Generator:
 def make_case(cell, T, B, H, dtype, *, h0=True, lengths=None, b_hn=True, reverse=False, key=()):
     """Random inputs of the primitive (CPU float64 master copies cast to dtype)."""
     g = _gen(cell, T, B, H, str(dtype), h0, key)
-    G = _tl.GATES[cell]
+    G = GATES[cell]
     scale = 0.5 if cell == "rnn_relu" else 1.0
 
     def rnd(*shape, s=1.0):
@@ -102,8 +109,8 @@ def run_and_compare(cell, case, gin, reverse, dtype, backend=None, plan_fwd=None
         grads = be.backward(inputs, y, ws, gin["dy"], gin["dh_T"], gin["dc_T"])
         got = dict(xg=grads.xg, w_hh=grads.w_hh, h0=grads.h0, c0=grads.c0, b_hn=grads.b_hn)
     else:
-        y, h_T, c_T, ws = _tl.forward(cell, *args, True, plan=plan_fwd, precision="ieee")
-        dxg, dhn, dh0, dc0 = _tl.backward(
+        y, h_T, c_T, ws = launch.forward(cell, *args, True, plan=plan_fwd, precision="ieee")
+        dxg, dhn, dh0, dc0 = launch.backward(
             cell, c["w_hh"], c["h0"], c["c0"], c["lengths"], reverse, y, ws,
             gin["dy"], gin["dh_T"], gin["dc_T"], plan=plan_bwd, precision="ieee",
         )  # fmt: skip
@@ -185,8 +192,8 @@ def test_many_programs_per_step_launches(cell, poll):
     T, B, H = 4, 5, 20
     L = torch.tensor([4, 2, 0, 3, 1])
     case, gin = make_case(cell, T, B, H, torch.float64, lengths=L, key="many")
-    plan = _tl.Plan(BH=8, BLOCK_B=4, n_h=3, n_b=2, resident=True, persistent=False, KC=16,
-                    poll=poll)  # fmt: skip
+    plan = Plan(BH=8, BLOCK_B=4, n_h=3, n_b=2, resident=True, persistent=False, KC=16,
+                poll=poll)  # fmt: skip
     run_and_compare(cell, case, gin, True, torch.float64, plan_fwd=plan, plan_bwd=plan)
 
 
@@ -201,9 +208,9 @@ def test_k_chunks(cell, resident, chunks_per_trip):
     if chunks_per_trip > 1 and not resident:
         pytest.skip("streamed weights load one chunk at a time")
     case, gin = make_case(cell, T, B, H, torch.float64, key=("kc", resident, chunks_per_trip))
-    plan = _tl.make_plan(H, B, _tl.GATES[cell], torch.float64, torch.device(DEVICE), KC=16,
-                         resident=resident, on_chip=False,
-                         chunks_per_trip=chunks_per_trip)  # fmt: skip
+    plan = make_plan(H, B, GATES[cell], torch.float64, torch.device(DEVICE), KC=16,
+                     resident=resident, on_chip=False,
+                     chunks_per_trip=chunks_per_trip)  # fmt: skip
     assert plan.nprog == 1 and plan.persistent and not plan.on_chip
     if ON_GPU:
         pytest.skip("fp64 plans are interpreter-only")
@@ -219,8 +226,8 @@ def test_one_program_reverse_lengths(cell, on_chip):
     T, B, H = 6, 4, 12
     L = torch.tensor([6, 0, 3, 1])
     case, gin = make_case(cell, T, B, H, torch.float64, lengths=L, key=("one", on_chip))
-    plan = _tl.make_plan(H, B, _tl.GATES[cell], torch.float64, torch.device(DEVICE),
-                         on_chip=on_chip)  # fmt: skip
+    plan = make_plan(H, B, GATES[cell], torch.float64, torch.device(DEVICE),
+                     on_chip=on_chip)  # fmt: skip
     assert plan.nprog == 1 and plan.on_chip == on_chip
     run_and_compare(cell, case, gin, True, torch.float64, plan_fwd=plan, plan_bwd=plan)
 
@@ -232,13 +239,13 @@ def test_h0_holding_the_sentinel_is_a_nan(dtype):
     T, B, H = 3, 2, 12
     case, gin = make_case("gru", T, B, H, dtype, key=("sentinel", str(dtype)))
     h0 = case["h0"].clone()
-    h0.view(_tl._BITS[dtype])[1, 5] = _tl._SENTINEL[dtype]
+    h0.view(_BITS[dtype])[1, 5] = _SENTINEL[dtype]
     assert torch.isnan(h0[1, 5]) and not torch.isnan(h0[0]).any()
-    plan = _tl.make_plan(H, B, 3, dtype, torch.device(DEVICE), on_chip=False)
-    assert _tl._polls(plan)
-    y, h_T, _, _ = _tl.forward("gru", case["xg"], case["w_hh"], h0, None, None, False,
-                               case["b_hn"], False, plan=plan, precision="ieee",
-                               spin_max=50)  # fmt: skip
+    plan = make_plan(H, B, 3, dtype, torch.device(DEVICE), on_chip=False)
+    assert _polls(plan)
+    y, h_T, _, _ = launch.forward("gru", case["xg"], case["w_hh"], h0, None, None, False,
+                                  case["b_hn"], False, plan=plan, precision="ieee",
+                                  spin_max=50)  # fmt: skip
     assert torch.isnan(y[:, 1]).all() and torch.isnan(h_T[1]).all()
     ry, _, _ = ref.recurrence_forward(
         "gru", _np(case["xg"])[:, :1], _np(case["w_hh"]), _np(h0)[:1], None, None, False,
@@ -258,11 +265,11 @@ def test_polled_exchange_with_genuine_nans(cell):
     case["xg"][2, 1, 3] = float("nan")
     gin["dy"][1, 1, 7] = float("nan")
     # one persistent program: a spin that runs out raises (per-step launches cannot wait)
-    plan = _tl.make_plan(H, B, _tl.GATES[cell], torch.float64, torch.device(DEVICE), KC=16,
-                         on_chip=False)  # fmt: skip
-    assert plan.persistent and _tl._polls(plan)
+    plan = make_plan(H, B, GATES[cell], torch.float64, torch.device(DEVICE), KC=16,
+                     on_chip=False)  # fmt: skip
+    assert plan.persistent and _polls(plan)
     c = case
-    y, h_T, c_T, ws = _tl.forward(
+    y, h_T, c_T, ws = launch.forward(
         cell,
         c["xg"],
         c["w_hh"],
@@ -276,9 +283,9 @@ def test_polled_exchange_with_genuine_nans(cell):
         precision="ieee",
         spin_max=20,
     )
-    dxg, _, dh0, _ = _tl.backward(cell, c["w_hh"], c["h0"], c["c0"], None, False, y, ws,
-                                  gin["dy"], gin["dh_T"], gin["dc_T"], plan=plan,
-                                  precision="ieee", spin_max=20)  # fmt: skip
+    dxg, _, dh0, _ = launch.backward(cell, c["w_hh"], c["h0"], c["c0"], None, False, y, ws,
+                                     gin["dy"], gin["dh_T"], gin["dc_T"], plan=plan,
+                                     precision="ieee", spin_max=20)  # fmt: skip
     n = {k: _np(v) for k, v in c.items()}
     ry, rh, _ = ref.recurrence_forward(cell, n["xg"], n["w_hh"], n["h0"], n["c0"], None, False,
                                        n["b_hn"])  # fmt: skip
@@ -299,20 +306,20 @@ def test_polled_exchange_that_never_arrives_raises():
     garbage."""
     T, B, H = 2, 2, 12
     case, _ = make_case("rnn_tanh", T, B, H, torch.float32, key="never")
-    plan = _tl.make_plan(H, B, 1, torch.float32, torch.device(DEVICE), on_chip=False)
-    assert plan.persistent and _tl._polls(plan)
-    hx = torch.empty(T + 1, B, H).view(torch.int32).fill_(_tl._SENTINEL[torch.float32])
+    plan = make_plan(H, B, 1, torch.float32, torch.device(DEVICE), on_chip=False)
+    assert plan.persistent and _polls(plan)
+    hx = torch.empty(T + 1, B, H).view(torch.int32).fill_(_SENTINEL[torch.float32])
     hx = hx.view(torch.float32)
     hs = torch.zeros(B, H)
     xg = case["xg"]
     args = (xg, case["w_hh"], xg, xg, hx, hx[1:], hs, hs, xg)
-    kw = dict(CELL=_tl.CELL_CODE["rnn_tanh"], G=1, GP=1, NW=1, H=H, HAS_LEN=False,
-              REVERSE=False, SAVE=False, PREC="ieee", ACC=_tl._acc_dtype(torch.float32),
-              POLL=False, ASM=False, SENTINEL=_tl._SENTINEL[torch.float32])  # fmt: skip
+    kw = dict(CELL=CELL_CODE["rnn_tanh"], G=1, GP=1, NW=1, H=H, HAS_LEN=False,
+              REVERSE=False, SAVE=False, PREC="ieee", ACC=launch._acc_dtype(torch.float32),
+              POLL=False, ASM=False, SENTINEL=_SENTINEL[torch.float32])  # fmt: skip
     axes = (1, None, None, None, 1, 1, 0, 0, None)
     with pytest.raises(RuntimeError, match="timed out"):
-        _tl._launch_steps(_tl._recurrence_fwd_kernel, plan, T, B, T, args, kw, 3,
-                          torch.device(DEVICE), axes)  # fmt: skip
+        launch._launch_steps(_recurrence_fwd_kernel, plan, T, B, T, args, kw, 3,
+                             torch.device(DEVICE), axes)  # fmt: skip
 
 
 @pytest.mark.parametrize("poll", (True, False), ids=("poll", "plain"))
@@ -326,8 +333,8 @@ def test_batch_tiles_in_turns(cell, reverse, poll):
     L = torch.tensor([5, 1, 0, 3, 4])
     case, gin = make_case(cell, T, B, H, torch.float64, lengths=L, reverse=reverse,
                           key=("turns", cell, reverse, poll))  # fmt: skip
-    plan = _tl.make_plan(H, B, _tl.GATES[cell], torch.float64, torch.device(DEVICE), BLOCK_B=2,
-                         on_chip=False, b_chunk=1, poll=poll)  # fmt: skip
+    plan = make_plan(H, B, GATES[cell], torch.float64, torch.device(DEVICE), BLOCK_B=2,
+                     on_chip=False, b_chunk=1, poll=poll)  # fmt: skip
     assert plan.persistent and plan.n_b == 3 and plan.nprog == 1
     run_and_compare(cell, case, gin, reverse, torch.float64, plan_fwd=plan, plan_bwd=plan)
 
@@ -336,8 +343,8 @@ def test_batch_tiles_in_turns_projected():
     T, B, H, P = 4, 5, 12, 6
     L = torch.tensor([4, 2, 0, 3, 1])
     case, gin = make_proj_case(T, B, H, P, torch.float64, lengths=L, key="turns")
-    plan = _tl.Plan(BH=16, BLOCK_B=2, n_h=1, n_b=3, resident=True, persistent=True, KC=16,
-                    BP=8, b_chunk=1, poll=True)  # fmt: skip
+    plan = Plan(BH=16, BLOCK_B=2, n_h=1, n_b=3, resident=True, persistent=True, KC=16,
+                BP=8, b_chunk=1, poll=True)  # fmt: skip
     run_and_compare_proj(case, gin, True, torch.float64, plan_fwd=plan, plan_bwd=plan)
 
 
@@ -345,14 +352,14 @@ def test_plans_take_batch_tiles_in_turns():
     """On a GPU: all batch tiles in one launch when their programs fit, else as many tiles
     per launch as fit, else (not even one tile's programs fit) one launch per step."""
     cuda = torch.device("cuda")
-    small = _tl.make_plan(768, 16, 4, torch.bfloat16, cuda, sm_count=132)
+    small = make_plan(768, 16, 4, torch.bfloat16, cuda, sm_count=132)
     assert small.persistent and small.b_chunk == 0 and small.nprog == 96
-    big = _tl.make_plan(768, 1024, 4, torch.bfloat16, cuda, sm_count=132)
+    big = make_plan(768, 1024, 4, torch.bfloat16, cuda, sm_count=132)
     assert big.persistent and big.n_h == 12 and big.n_b == 16 and big.b_chunk == 11
     assert big.nprog == 132
-    proj = _tl.make_plan(1024, 2048, 4, torch.bfloat16, cuda, sm_count=132, proj_size=256)
+    proj = make_plan(1024, 2048, 4, torch.bfloat16, cuda, sm_count=132, proj_size=256)
     assert proj.persistent and proj.nprog <= 132 < proj.n_h * proj.n_b
-    huge = _tl.make_plan(16384, 16, 4, torch.bfloat16, cuda, sm_count=132)
+    huge = make_plan(16384, 16, 4, torch.bfloat16, cuda, sm_count=132)
     assert not huge.persistent
 
 
@@ -407,7 +414,7 @@ def test_unpack_workspace_lstm():
     y, h_T, c_T, ws = be.forward(Inputs("lstm", case["xg"], case["w_hh"], case["h0"],
                                         case["c0"], case["lengths"]), True)  # fmt: skip
     assert ws.shape == be.workspace_spec("lstm", T, B, H, torch.float64, True)[0]
-    f = _tl.unpack_workspace("lstm", ws, H)
+    f = launch.unpack_workspace("lstm", ws, H)
     assert set(f) == {"i", "f", "g", "o", "c"}
     # step 0 from first principles
     pre = case["xg"][0] + case["h0"] @ case["w_hh"].T
@@ -441,8 +448,8 @@ def test_no_recompile_for_new_T_or_B():
     """T, B and the step range are not specialised (do_not_specialize), so a new sequence
     length or batch size reuses the compiled kernel; B only picks a size bucket (BLOCK_B)."""
     names = ["T", "B", "nrows", "s_begin", "s_end", "spin_max"]
-    kernels = (_tl._recurrence_fwd_kernel, _tl._recurrence_bwd_kernel, _tl._lstmp_fwd_kernel,
-               _tl._lstmp_bwd_kernel)  # fmt: skip
+    kernels = (_recurrence_fwd_kernel, _recurrence_bwd_kernel, _lstmp_fwd_kernel,
+               _lstmp_bwd_kernel)  # fmt: skip
     for k in kernels:
         if hasattr(k, "do_not_specialize"):  # compiled mode
             dns = {k.arg_names[i] if isinstance(i, int) else i for i in k.do_not_specialize}
@@ -452,7 +459,7 @@ def test_no_recompile_for_new_T_or_B():
             listed = ", ".join(f'"{n}"' for n in names)
             assert f"@triton.jit(do_not_specialize=[{listed}])" in src
     if not ON_GPU:
-        plan = _tl.make_plan(20, 3, 4, torch.float32, torch.device("cpu"))
+        plan = make_plan(20, 3, 4, torch.float32, torch.device("cpu"))
         assert plan.BLOCK_B == 4 and plan.nprog == 1
 
 
@@ -492,15 +499,15 @@ def run_and_compare_proj(case, gin, reverse, dtype, backend=None, plan_fwd=None,
         g = be.backward(inputs, y, ws, gin["dy"], gin["dh_T"], gin["dc_T"])
         got = dict(xg=g.xg, w_hh=g.w_hh, h0=g.h0, c0=g.c0, w_hr=g.w_hr)
     else:
-        y, h_T, c_T, ws = _tl.forward("lstm", *args, True, w_hr=c["w_hr"], plan=plan_fwd,
-                                      precision="ieee")  # fmt: skip
-        dxg, dhp, dh0, dc0 = _tl.backward(
+        y, h_T, c_T, ws = launch.forward("lstm", *args, True, w_hr=c["w_hr"], plan=plan_fwd,
+                                         precision="ieee")  # fmt: skip
+        dxg, dhp, dh0, dc0 = launch.backward(
             "lstm", c["w_hh"], c["h0"], c["c0"], c["lengths"], reverse, y, ws,
             gin["dy"], gin["dh_T"], gin["dc_T"], w_hr=c["w_hr"], plan=plan_bwd,
             precision="ieee",
         )  # fmt: skip
         assert dhp.shape == y.shape
-        f = _tl.unpack_workspace("lstm", ws, c["w_hr"].shape[1])
+        f = launch.unpack_workspace("lstm", ws, c["w_hr"].shape[1])
         m = f["o"] * torch.tanh(f["c"])
         dw_hr = torch.einsum("tbp,tbh->ph", dhp.double(), m.double())
         got = dict(xg=dxg, h0=dh0, c0=dc0, w_hr=dw_hr)
@@ -561,8 +568,8 @@ def test_proj_many_programs_per_phase_launches(poll, reverse, resident, BP):
     T, B, H, P = 4, 5, 20, 10
     L = torch.tensor([4, 2, 0, 3, 1])
     case, gin = make_proj_case(T, B, H, P, torch.float64, lengths=L, key=("many", resident, BP))
-    plan = _tl.Plan(BH=8, BLOCK_B=4, n_h=3, n_b=2, resident=resident, persistent=False, KC=16,
-                    BP=BP, poll=poll)  # fmt: skip
+    plan = Plan(BH=8, BLOCK_B=4, n_h=3, n_b=2, resident=resident, persistent=False, KC=16,
+                BP=BP, poll=poll)  # fmt: skip
     run_and_compare_proj(case, gin, reverse, torch.float64, plan_fwd=plan, plan_bwd=plan)
 
 
@@ -574,8 +581,8 @@ def test_proj_k_chunks(chunks_per_trip):
     per round trip."""
     T, B, H, P = 4, 2, 40, 20
     case, gin = make_proj_case(T, B, H, P, torch.float64, h0=False, key=("kc", chunks_per_trip))
-    plan = _tl.make_plan(H, B, 4, torch.float64, torch.device(DEVICE), KC=16, proj_size=P,
-                         chunks_per_trip=chunks_per_trip)  # fmt: skip
+    plan = make_plan(H, B, 4, torch.float64, torch.device(DEVICE), KC=16, proj_size=P,
+                     chunks_per_trip=chunks_per_trip)  # fmt: skip
     assert plan.nprog == 1 and plan.persistent and plan.BP == 32
     run_and_compare_proj(case, gin, False, torch.float64, plan_fwd=plan, plan_bwd=plan)
 
@@ -588,15 +595,15 @@ def test_proj_polled_exchange_with_genuine_nans():
     case, gin = make_proj_case(T, B, H, P, torch.float64, key="nan")
     case["xg"][2, 1, 3] = float("nan")
     gin["dy"][1, 1, 4] = float("nan")
-    plan = _tl.make_plan(H, B, 4, torch.float64, torch.device(DEVICE), KC=16, proj_size=P)
-    assert plan.persistent and _tl._polls(plan)
+    plan = make_plan(H, B, 4, torch.float64, torch.device(DEVICE), KC=16, proj_size=P)
+    assert plan.persistent and _polls(plan)
     c = case
-    y, h_T, c_T, ws = _tl.forward("lstm", c["xg"], c["w_hh"], c["h0"], c["c0"], None, False,
-                                  None, True, w_hr=c["w_hr"], plan=plan, precision="ieee",
-                                  spin_max=20)  # fmt: skip
-    dxg, _, dh0, _ = _tl.backward("lstm", c["w_hh"], c["h0"], c["c0"], None, False, y, ws,
-                                  gin["dy"], gin["dh_T"], gin["dc_T"], w_hr=c["w_hr"],
-                                  plan=plan, precision="ieee", spin_max=20)  # fmt: skip
+    y, h_T, c_T, ws = launch.forward("lstm", c["xg"], c["w_hh"], c["h0"], c["c0"], None, False,
+                                     None, True, w_hr=c["w_hr"], plan=plan, precision="ieee",
+                                     spin_max=20)  # fmt: skip
+    dxg, _, dh0, _ = launch.backward("lstm", c["w_hh"], c["h0"], c["c0"], None, False, y, ws,
+                                     gin["dy"], gin["dh_T"], gin["dc_T"], w_hr=c["w_hr"],
+                                     plan=plan, precision="ieee", spin_max=20)  # fmt: skip
     n = {k: _np(v) for k, v in c.items()}
     fwd_args = (n["xg"], n["w_hh"], n["h0"], n["c0"], None, False, None)
     ry, rh, _ = ref.recurrence_forward("lstm", *fwd_args, n["w_hr"])

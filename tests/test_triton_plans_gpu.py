@@ -13,8 +13,9 @@ import torch
 
 pytest.importorskip("triton")
 
-from gpurnn.kernels.triton import recurrence as _tl  # noqa: E402
+from gpurnn.kernels.triton.plan import _polls, make_plan  # noqa: E402
 
+from gpurnn.cells import GATES  # noqa: E402
 from tests.conftest import seeded_generator  # noqa: E402
 from tests.test_triton_gpu import TOL, make_case, run_vs_reference  # noqa: E402
 
@@ -34,7 +35,7 @@ def test_on_chip(cell, H, B):
     """W_hh whole in one program: h and dgates never leave it."""
     T = 32
     for backward in (False, True):
-        assert _tl.make_plan(H, B, _tl.GATES[cell], torch.bfloat16, DEV, backward=backward).on_chip
+        assert make_plan(H, B, GATES[cell], torch.bfloat16, DEV, backward=backward).on_chip
     case, gin = make_case(cell, T, B, H, torch.bfloat16, lengths=_lengths(B, T, (cell, H)),
                           reverse=True)  # fmt: skip
     run_vs_reference(cell, case, gin, True, TOL[torch.bfloat16])
@@ -44,7 +45,7 @@ def test_on_chip(cell, H, B):
 def test_batch_tile_64(cell):
     """B=64: one 64-row batch tile (wgmma), 96 programs, persistent."""
     T, B, H = 24, 64, 768
-    plan = _tl.make_plan(H, B, _tl.GATES[cell], torch.bfloat16, DEV)
+    plan = make_plan(H, B, GATES[cell], torch.bfloat16, DEV)
     assert plan.BLOCK_B == 64 and plan.persistent and not plan.on_chip
     case, gin = make_case(cell, T, B, H, torch.bfloat16, lengths=_lengths(B, T, (cell, "b64")))
     run_vs_reference(cell, case, gin, False, TOL[torch.bfloat16])
@@ -55,8 +56,8 @@ def test_exchange_kinds(poll, cell="lstm"):
     """H=768 B=16 over 96 programs: forward and backward poll what they exchange (h, dgates;
     the default), or wait at the grid barrier (what the streamed plans use)."""
     T, B, H = 40, 16, 768
-    plan = _tl.make_plan(H, B, _tl.GATES[cell], torch.bfloat16, DEV, poll=poll)
-    assert plan.persistent and plan.nprog > 1 and _tl._polls(plan) == poll
+    plan = make_plan(H, B, GATES[cell], torch.bfloat16, DEV, poll=poll)
+    assert plan.persistent and plan.nprog > 1 and _polls(plan) == poll
     case, gin = make_case(cell, T, B, H, torch.bfloat16, lengths=_lengths(B, T, (cell, poll)),
                           reverse=poll)  # fmt: skip
     run_vs_reference(cell, case, gin, poll, TOL[torch.bfloat16], plan=plan)
@@ -67,7 +68,7 @@ def test_batch_tiles_in_turns(cell):
     """Persistent launches over 2 of the 4 batch tiles each (what a plan does when the grid
     would not fit the GPU at once), polled exchange, with lengths."""
     T, B, H = 24, 200, 256
-    plan = _tl.make_plan(H, B, _tl.GATES[cell], torch.bfloat16, DEV, b_chunk=2)
+    plan = make_plan(H, B, GATES[cell], torch.bfloat16, DEV, b_chunk=2)
     assert plan.persistent and plan.n_b == 4 and plan.tiles_per_launch == 2
     case, gin = make_case(cell, T, B, H, torch.bfloat16, lengths=_lengths(B, T, (cell, "turns")),
                           reverse=True)  # fmt: skip
@@ -78,7 +79,7 @@ def test_one_program_exchange_through_memory():
     """One program over every unit, exchanging h through the (T+1)-row buffer (polled: a
     warp reads the others' h of the step until it has arrived)."""
     T, B, H = 32, 16, 128
-    plan = _tl.make_plan(H, B, 4, torch.float16, DEV, BH=128, on_chip=False)
+    plan = make_plan(H, B, 4, torch.float16, DEV, BH=128, on_chip=False)
     assert plan.nprog == 1 and not plan.on_chip
     case, gin = make_case("lstm", T, B, H, torch.float16, lengths=_lengths(B, T, ("one",)))
     run_vs_reference("lstm", case, gin, True, TOL[torch.float16], plan=plan)
@@ -88,7 +89,7 @@ def test_one_program_exchange_through_memory():
 def test_streamed_batch_tile_64():
     """B=256, H=1024: 4 batch tiles x 32 units per program, weights streamed."""
     T, B, H = 12, 256, 1024
-    plan = _tl.make_plan(H, B, 4, torch.bfloat16, DEV)
+    plan = make_plan(H, B, 4, torch.bfloat16, DEV)
     assert not plan.resident and plan.BLOCK_B == 64
     case, gin = make_case("lstm", T, B, H, torch.bfloat16)
     run_vs_reference("lstm", case, gin, False, TOL[torch.bfloat16])

@@ -12,7 +12,8 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 pytest.importorskip("triton")
 
-from gpurnn.kernels.triton import recurrence as _tl  # noqa: E402
+from gpurnn.kernels.triton import launch  # noqa: E402
+from gpurnn.kernels.triton.plan import _polls, make_plan  # noqa: E402
 
 import gpurnn  # noqa: E402
 from gpurnn import reference as ref  # noqa: E402
@@ -55,12 +56,12 @@ def run_proj_vs_reference(case, gin, reverse, tol, plan=None):
         g = be.backward(inputs, y, ws, gin["dy"], gin["dh_T"], gin["dc_T"])
         got = dict(xg=g.xg, w_hh=g.w_hh, h0=g.h0, c0=g.c0, w_hr=g.w_hr)
     else:
-        y, h_T, c_T, ws = _tl.forward("lstm", *args, True, w_hr=c["w_hr"], plan=plan)
-        dxg, dhp, dh0, dc0 = _tl.backward(
+        y, h_T, c_T, ws = launch.forward("lstm", *args, True, w_hr=c["w_hr"], plan=plan)
+        dxg, dhp, dh0, dc0 = launch.backward(
             "lstm", c["w_hh"], c["h0"], c["c0"], c["lengths"], reverse, y, ws, gin["dy"],
             gin["dh_T"], gin["dc_T"], w_hr=c["w_hr"], plan=plan,
         )  # fmt: skip
-        f = _tl.unpack_workspace("lstm", ws, c["w_hr"].shape[1])
+        f = launch.unpack_workspace("lstm", ws, c["w_hr"].shape[1])
         m = f["o"].float() * torch.tanh(f["c"].float())
         got = dict(xg=dxg, h0=dh0, c0=dc0,
                    w_hr=torch.einsum("tbp,tbh->ph", dhp.float(), m))  # fmt: skip
@@ -84,7 +85,7 @@ def test_proj_h1024_p256(reverse):
     exchange)."""
     T, B, H, P = 32, 16, 1024, 256
     for backward in (False, True):
-        plan = _tl.make_plan(H, B, 4, torch.bfloat16, DEV, backward=backward, proj_size=P)
+        plan = make_plan(H, B, 4, torch.bfloat16, DEV, backward=backward, proj_size=P)
         assert plan.persistent and plan.nprog > 1 and plan.n_h * plan.BP >= P, plan
     L = None
     if reverse:
@@ -98,8 +99,8 @@ def test_proj_grid_barrier():
     """H=1024, P=256, B=16 with the two grid barriers a step instead of polling (what the
     64-row tiles use)."""
     T, B, H, P = 24, 16, 1024, 256
-    plan = _tl.make_plan(H, B, 4, torch.bfloat16, DEV, proj_size=P, poll=False)
-    assert plan.persistent and not _tl._polls(plan)
+    plan = make_plan(H, B, 4, torch.bfloat16, DEV, proj_size=P, poll=False)
+    assert plan.persistent and not _polls(plan)
     case, gin = make_proj_case(T, B, H, P, torch.bfloat16, lengths=None, key="barrier")
     run_proj_vs_reference(case, gin, False, TOL[torch.bfloat16], plan=plan)
 
@@ -108,8 +109,8 @@ def test_proj_per_phase_launches():
     """Not persistent: each phase of each step its own launch (the fallback when the
     programs do not all fit on the device at once), streamed weights, fp16."""
     T, B, H, P = 12, 5, 256, 64
-    plan = _tl.make_plan(H, B, 4, torch.float16, DEV, proj_size=P, persistent=False,
-                         resident=False)  # fmt: skip
+    plan = make_plan(H, B, 4, torch.float16, DEV, proj_size=P, persistent=False,
+                     resident=False)  # fmt: skip
     assert not plan.persistent and not plan.resident
     case, gin = make_proj_case(T, B, H, P, torch.float16, lengths=[12, 3, 0, 7, 12], key="pp")
     run_proj_vs_reference(case, gin, False, TOL[torch.float16], plan=plan)

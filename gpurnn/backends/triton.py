@@ -1,4 +1,4 @@
-"""The `triton` backend: persistent Triton kernels (kernels/triton/recurrence.py).
+"""The `triton` backend: persistent Triton kernels (kernels/triton/, run by its launch.py).
 
 The recurrent part of forward and backward runs in the kernels; the weight gradients
 (dW_hh, db_hn) are single GEMMs over all steps afterwards (docs/design.md, 2.2).
@@ -23,11 +23,11 @@ from gpurnn.backends.base import Backend, Grads, Inputs
 from gpurnn.backends.common import kernel_weight_grads, projection_grad
 
 try:  # triton is optional (e.g. macOS); the kernels module imports it at the top
-    from gpurnn.kernels.triton import recurrence as _tl
+    from gpurnn.kernels.triton import launch as _launch
 
     _IMPORT_ERROR = None
 except ImportError as e:  # pragma: no cover - depends on the machine
-    _tl = None
+    _launch = None
     _IMPORT_ERROR = f"cannot import triton: {e}"
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -56,7 +56,7 @@ class TritonBackend(Backend):
     # ------------------------------------------------------------------ capability
 
     def unavailable_reason(self) -> str | None:
-        if _tl is None:
+        if _launch is None:
             return _IMPORT_ERROR
         if not (torch.cuda.is_available() or _interpreting()):
             return "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU, slowly)"
@@ -98,12 +98,12 @@ class TritonBackend(Backend):
     def workspace_spec(self, cell, T, B, H, dtype, save):
         if not save or self.recompute:
             return (0,), dtype
-        return _tl.workspace_shape(cell, T, B, H), dtype
+        return _launch.workspace_shape(cell, T, B, H), dtype
 
     # ------------------------------------------------------------------ forward
 
     def _forward(self, inputs: Inputs, save: bool):
-        return _tl.forward(
+        return _launch.forward(
             inputs.cell, inputs.xg.contiguous(), inputs.w_hh.contiguous(), _c(inputs.h0),
             _c(inputs.c0), _c(inputs.lengths), inputs.reverse, _c(inputs.b_hn), save,
             w_hr=_c(inputs.w_hr), precision=self.fp32_precision,
@@ -132,7 +132,7 @@ class TritonBackend(Backend):
             y, _, _, workspace = self._forward(inputs, True)
         y = y.contiguous()
         workspace = workspace.contiguous()
-        dxg, dhn, dh0, dc0 = _tl.backward(
+        dxg, dhn, dh0, dc0 = _launch.backward(
             cell, w_hh, _c(h0), _c(c0), _c(lengths), reverse, y, workspace,
             dy.contiguous(), dh_T.contiguous(), _c(dc_T) if cell == "lstm" else None,
             w_hr=w_hr, precision=self.fp32_precision,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import datetime as _dt
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -25,7 +26,10 @@ FIELDS = (
     # the case
     "suite shape cell T B H input_size layers bidirectional varlen dtype impl mode "
     # the result
-    "status ms us_per_step tflops speedup_vs_cudnn peak_mem_mb max_err grad_err repeats"
+    "status ms us_per_step tflops speedup_vs_cudnn peak_mem_mb max_err grad_err repeats "
+    # kernel-alone rows (suite "kernel", gpurnn.bench.step_timing): LSTM proj_size, and the
+    # polls per step that found their data not yet there (where the run counted them)
+    "proj_size failed_polls"
 ).split()
 
 
@@ -40,11 +44,16 @@ def _git(*args, cwd: Path = REPO_ROOT) -> str | None:
 
 
 def project_commit(root: Path | None = None) -> str:
-    """The commit of the checkout that holds the imported gpurnn package (`root`, the
-    folder above the package), "+dirty" if its tracked files have changes; "unknown"
-    unless `root` is the top of a git repository. An installed copy or an unpacked
+    """The commit the numbers come from. `GPURNN_COMMIT` when set: a run on a copy of the
+    working tree without `.git` (the GPU machines receive one) sets it from the checkout it
+    was copied from. Else the commit of the checkout that holds the imported gpurnn package
+    (`root`, the folder above the package), "+dirty" if its tracked files have changes;
+    "unknown" unless `root` is the top of a git repository. An installed copy or an unpacked
     source folder inside some other repository (a home directory under git, a CI
     workspace) must not be credited with that repository's commit."""
+    given = os.environ.get("GPURNN_COMMIT", "").strip()
+    if given:
+        return given
     root = Path(root or REPO_ROOT).resolve()
     top = _git("rev-parse", "--show-toplevel", cwd=root)
     if top is None or Path(top).resolve() != root:

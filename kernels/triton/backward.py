@@ -1,0 +1,299 @@
+"""The plain backward kernel (LSTM, GRU, RNN-tanh, RNN-relu) and the loads only it uses.
+Device code only (@triton.jit); imports the shared rooms (cell_math, exchange, tiles), never
+another kernel family. Launched by launch.backward.
+
+Backward runs T+1 steps in reverse processing order: dh_t = dy_t + dgates_{t+1} @ W_hh
+(the own units' columns, a G*H x BH column block of W_hh), the gate backward for the own units
+from the workspace, dgates written to dxg[t] (GRU: dn_pre*r to dhn[t] as well, the n block of
+d(W_hh h)). dgates are exchanged through dxg (and dhn), about one memory round trip per gate;
+the carries dh/dc stay in registers. The extra step only folds the first step's dgates into
+dh0. dW_hh / db_hn are GEMMs in the backend.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .cell_math import GRU, LSTM, RNN_TANH, _lstm_cell_backward
+from .exchange import (
+    _barrier_arrive,
+    _barrier_wait,
+    _is_pending,
+    _product_arrived,
+    _spin_budget,
+    _store_exchange,
+)
+from .tiles import (
+    _dgates_dots,
+    _load_dgates_all,
+    _load_fields,
+    _load_whh_cols,
+    _row_tile,
+    _runtime_zeros,
+    _time,
+)
+
+
+@triton.jit
+def _load_w(whh_ptr, offs_k, offs_j, mk, mj, g: tl.constexpr, H: tl.constexpr, BWD: tl.constexpr):
+    """(K, BH) tile of gate g: forward W_g^T[k, j] = W_hh[gH+j, k]; backward W_hh[gH+k, j]."""
+    m = mk[:, None] & mj[None, :]
+    if BWD:
+        p = whh_ptr + (g * H + offs_k[:, None]) * H + offs_j[None, :]
+    else:
+        p = whh_ptr + (g * H + offs_j[None, :]) * H + offs_k[:, None]
+    return tl.load(p, mask=m, other=0.0)
+
+
+@triton.jit
+def _load_dgates(dxg_ptr, dhn_ptr, tn, B64, xrow, hrow, offs_k, nvalid, g: tl.constexpr,
+                 CELL: tl.constexpr, G: tl.constexpr, H: tl.constexpr):  # fmt: skip
+    """Columns offs_k of gate g of d(W_hh h) at step tn, every batch row of the tile: dxg's
+    block g, except GRU's n block, which is dhn (= dn_pre * r)."""
+    m = nvalid[:, None] & (offs_k < H)[None, :]
+    if CELL == GRU and g == 2:
+        p = dhn_ptr + tn.to(tl.int64) * B64 * H + hrow[:, None] + offs_k[None, :]
+    else:
+        p = dxg_ptr + tn.to(tl.int64) * B64 * (G * H) + xrow[:, None] + g * H + offs_k[None, :]
+    return tl.load(p, mask=m, other=0.0, cache_modifier=".cg")
+
+
+@triton.jit
+def _bwd_own_loads(
+    s, T, B64, L, mb, mj, offs_j, hrow, wrow, y_ptr, h0_ptr, c0_ptr, ws_ptr, dy_ptr,
+    CELL: tl.constexpr, NW: tl.constexpr, H: tl.constexpr, REVERSE: tl.constexpr,
+    ACC: tl.constexpr,
+):  # fmt: skip
+    """Everything of backward step s that only this program's units need (and that no other
+    program writes during the launch): dy, the saved fields, and c_{t-1} / h_{t-1} (c0 / h0
+    at a sequence's first step; the launcher passes zeros for a missing one)."""
+    # backward step s handles forward step T-1-s
+    t = _time(T - 1 - s, T, REVERSE)
+    if REVERSE:
+        tp = t + 1
+    else:
+        tp = t - 1
+    valid = mb & (t < L) & (s < T)
+    pvalid = valid & (tp >= 0) & (tp < L)
+    first = valid & ~pvalid
+    mv = valid[:, None] & mj[None, :]
+    toff = t.to(tl.int64) * B64
+    poff = tp.to(tl.int64) * B64
+    own = hrow[:, None] + offs_j[None, :]
+    dy = tl.load(dy_ptr + toff * H + own, mask=mv, other=0.0).to(ACC)
+    f0, f1, f2, f3, f4 = _load_fields(ws_ptr, toff * (NW * H) + wrow, offs_j, mv, H, NW, ACC)
+    mp = pvalid[:, None] & mj[None, :]
+    mf = first[:, None] & mj[None, :]
+    if CELL == LSTM:
+        pv = tl.load(ws_ptr + poff * (NW * H) + wrow[:, None] + 4 * H + offs_j[None, :], mask=mp,
+                     other=0.0).to(ACC)  # fmt: skip
+        pv += tl.load(c0_ptr + own, mask=mf, other=0.0).to(ACC)
+    elif CELL == GRU:
+        pv = tl.load(y_ptr + poff * H + own, mask=mp, other=0.0).to(ACC)
+        pv += tl.load(h0_ptr + own, mask=mf, other=0.0).to(ACC)
+    else:
+        pv = dy
+    return dy, f0, f1, f2, f3, f4, pv
+
+
+@triton.jit(do_not_specialize=["T", "B", "nrows", "s_begin", "s_end", "spin_max"])
+def _recurrence_bwd_kernel(
+    whh_ptr, h0_ptr, c0_ptr, len_ptr, y_ptr, ws_ptr, dy_ptr,
+    dxg_ptr, dhn_ptr, dhs_ptr, dcs_ptr, sync_ptr,
+    T, B, nrows, s_begin, s_end, spin_max,
+    CELL: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, NW: tl.constexpr, H: tl.constexpr,
+    KC: tl.constexpr, NKC: tl.constexpr, BH: tl.constexpr, BLOCK_B: tl.constexpr,
+    CHUNKS_PER_TRIP: tl.constexpr, ON_CHIP: tl.constexpr, RESIDENT: tl.constexpr,
+    HAS_LEN: tl.constexpr, REVERSE: tl.constexpr, USE_BARRIER: tl.constexpr,
+    POLL: tl.constexpr, ASM: tl.constexpr, SENTINEL: tl.constexpr,
+    PREC: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    """Steps s in [0, T]: step s < T handles forward step T-1-s; step T only adds the last
+    dgates' recurrent contribution (to dh0). dgates (= dxg, except GRU's n block, kept apart in
+    dhn as dn_pre * r) are exchanged through their output buffers, or, ON_CHIP (one program
+    owns every unit), kept in registers from one step to the next. POLL (resident weights):
+    dxg and dhn start as the sentinel and are polled, as the forward's exchange rows."""
+    pid_h = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    nprog = tl.num_programs(0) * tl.num_programs(1)
+    offs_j = pid_h * BH + tl.arange(0, BH)
+    mj = offs_j < H
+    offs_b, mb, L = _row_tile(pid_b, nrows, T, len_ptr, BLOCK_B, HAS_LEN)
+    m_own = mb[:, None] & mj[None, :]
+    B64 = B.to(tl.int64)
+    hrow = offs_b.to(tl.int64) * H
+    xrow = offs_b.to(tl.int64) * (G * H)
+    wrow = offs_b.to(tl.int64) * (NW * H)
+    GH: tl.constexpr = G * H
+    own = hrow[:, None] + offs_j[None, :]
+    xd = dxg_ptr.dtype.element_ty
+    budget = spin_max
+
+    # carries: dh_T / dc_T (put in the state buffers by the launcher) or what the previous
+    # launch left there
+    dh_c = tl.load(dhs_ptr + own, mask=m_own, other=0.0).to(ACC)
+    dc_c = dh_c
+    if CELL == LSTM:
+        dc_c = tl.load(dcs_ptr + own, mask=m_own, other=0.0).to(ACC)
+
+    # W_hh[:, own units], gate-major: ON_CHIP G (BH, BH) tiles; RESIDENT G*NKC (KC, BH) tiles
+    if ON_CHIP:
+        offs_k = tl.arange(0, BH)
+        w0 = _load_w(whh_ptr, offs_k, offs_j, offs_k < H, mj, 0, H, True)
+        w1 = w0
+        w2 = w0
+        w3 = w0
+        if G > 1:
+            w1 = _load_w(whh_ptr, offs_k, offs_j, offs_k < H, mj, 1, H, True)
+            w2 = _load_w(whh_ptr, offs_k, offs_j, offs_k < H, mj, 2, H, True)
+        if G > 3:
+            w3 = _load_w(whh_ptr, offs_k, offs_j, offs_k < H, mj, 3, H, True)
+        # the previous step's dgates of every unit (d(W_hh h) blocks), storage-rounded
+        e0 = tl.zeros([BLOCK_B, BH], dtype=xd)
+        e1 = e0
+        e2 = e0
+        e3 = e0
+    elif RESIDENT:
+        # NKC (GP, KC, BH) chunks, gates stacked as the batch dimension of a 3-D dot: each
+        # warp then multiplies one gate, instead of every warp repeating the whole
+        # (BLOCK_B, BH) tile (which is a single mma tile)
+        w_res = ()
+        for i in tl.static_range(NKC):
+            offs_k = i * KC + tl.arange(0, KC)
+            w_res = w_res + (_load_whh_cols(whh_ptr, offs_k, offs_j, mj, G, GP, H, H),)
+
+    dy, f0, f1, f2, f3, f4, pv = _bwd_own_loads(
+        s_begin, T, B64, L, mb, mj, offs_j, hrow, wrow, y_ptr, h0_ptr, c0_ptr, ws_ptr, dy_ptr,
+        CELL, NW, H, REVERSE, ACC,
+    )  # fmt: skip
+
+    for s in range(s_begin, s_end):
+        t = _time(T - 1 - s, T, REVERSE)
+        valid = mb & (t < L) & (s < T)
+        # the forward step after this one (processed by the previous backward step)
+        if REVERSE:
+            tn = t - 1
+        else:
+            tn = t + 1
+        nvalid = mb & (s > 0) & (tn < L)
+
+        # dh_t += dgates_{next} @ W_hh[:, own units] (rows past a sequence's end hold 0).
+        # One accumulator per gate: independent HMMA chains instead of one G*H deep.
+        rec = tl.zeros([BLOCK_B, BH], dtype=ACC)
+        if ON_CHIP:
+            z = _runtime_zeros(rec, s)
+            rec += tl.dot(e0, w0, z, input_precision=PREC, out_dtype=ACC)
+            if G > 1:
+                rec += tl.dot(e1, w1, z, input_precision=PREC, out_dtype=ACC)
+                rec += tl.dot(e2, w2, z, input_precision=PREC, out_dtype=ACC)
+            if G > 3:
+                rec += tl.dot(e3, w3, z, input_precision=PREC, out_dtype=ACC)
+        elif RESIDENT and POLL:
+            # as the forward's poll: a NaN-free product proves that every dgates element it
+            # read had arrived. A NaN product compares elements (read again: the trips do
+            # not keep their tiles); once nothing is pending, one more product is final,
+            # NaNs and all (they are genuine).
+            arrived = 0
+            complete = 0
+            spins = 0
+            while (arrived == 0) & (spins <= budget):
+                rec = _dgates_dots(dxg_ptr, dhn_ptr, tn, B64, xrow, hrow, nvalid, w_res, whh_ptr,
+                                   offs_j, mj, s, CELL, G, GP, H, H, KC, NKC, BLOCK_B, BH,
+                                   CHUNKS_PER_TRIP, True, True, POLL, PREC, ACC)  # fmt: skip
+                arrived = _product_arrived(rec, complete)
+                if arrived == 0:
+                    # (a runtime loop: compact code for a rare path, registers left alone)
+                    pending = 0
+                    for c in range(0, NKC):
+                        offs_k = c * KC + tl.arange(0, KC)
+                        gk = _load_dgates_all(dxg_ptr, dhn_ptr, tn, B64, xrow, hrow, offs_k,
+                                              nvalid, CELL, G, GP, H, POLL)  # fmt: skip
+                        pending = pending | tl.max(_is_pending(gk, SENTINEL).to(tl.int32))
+                    complete = 1 - pending
+                spins += 1
+            budget = _spin_budget(arrived, budget, sync_ptr)
+        elif RESIDENT:
+            rec = _dgates_dots(dxg_ptr, dhn_ptr, tn, B64, xrow, hrow, nvalid, w_res, whh_ptr,
+                               offs_j, mj, s, CELL, G, GP, H, H, KC, NKC, BLOCK_B, BH,
+                               CHUNKS_PER_TRIP, True, True, False, PREC, ACC)  # fmt: skip
+        else:
+            for k0 in range(0, H, KC):
+                offs_k = k0 + tl.arange(0, KC)
+                mk = offs_k < H
+                for g in tl.static_range(G):
+                    gk = _load_dgates(dxg_ptr, dhn_ptr, tn, B64, xrow, hrow, offs_k, nvalid, g,
+                                      CELL, G, H)  # fmt: skip
+                    wk = _load_w(whh_ptr, offs_k, offs_j, mk, mj, g, H, True)
+                    rec += tl.dot(gk, wk, input_precision=PREC, out_dtype=ACC)
+        dh_c += rec
+        dh = dh_c + dy
+        v2 = valid[:, None]
+
+        # gate backward for the own units (fields f0.. as WS_FIELDS lays them out, launch.py)
+        if CELL == LSTM:
+            d0, d1, d2, d3, dc = _lstm_cell_backward(dh, dc_c, f0, f1, f2, f3, f4, pv)
+            dc_c = tl.where(v2, dc * f1, dc_c)
+            direct = tl.zeros([BLOCK_B, BH], dtype=ACC)
+        elif CELL == GRU:
+            rg = f0
+            zg = f1
+            ng = f2
+            d2 = dh * (1.0 - zg) * (1.0 - ng * ng)
+            d1 = dh * (pv - ng) * zg * (1.0 - zg)
+            d0 = d2 * f3 * rg * (1.0 - rg)
+            dhn = d2 * rg
+            direct = dh * zg
+        elif CELL == RNN_TANH:
+            d0 = dh * (1.0 - f0 * f0)
+            direct = tl.zeros([BLOCK_B, BH], dtype=ACC)
+        else:
+            d0 = tl.where(f0 > 0.0, dh, 0.0)
+            direct = tl.zeros([BLOCK_B, BH], dtype=ACC)
+        dh_c = tl.where(v2, direct, dh_c)
+
+        # dxg[t] (zeros past a sequence's end); the final step s == T writes nothing
+        toff = t.to(tl.int64) * B64
+        ms = m_own & (s < T)
+        gp = dxg_ptr + toff * GH + xrow[:, None] + offs_j[None, :]
+        relaxed: tl.constexpr = ASM and POLL
+        q0 = tl.where(v2, d0, 0.0).to(xd)
+        _store_exchange(gp, q0, ms, relaxed)
+        if G > 1:
+            q1 = tl.where(v2, d1, 0.0).to(xd)
+            q2 = tl.where(v2, d2, 0.0).to(xd)
+            _store_exchange(gp + H, q1, ms, relaxed)
+            _store_exchange(gp + 2 * H, q2, ms, relaxed)
+        if G > 3:
+            q3 = tl.where(v2, d3, 0.0).to(xd)
+            _store_exchange(gp + 3 * H, q3, ms, relaxed)
+        if CELL == GRU:
+            qn = tl.where(v2, dhn, 0.0).to(xd)
+            _store_exchange(dhn_ptr + toff * H + own, qn, ms, relaxed)
+        if ON_CHIP:
+            e0 = tl.where(m_own, q0, 0.0)
+            if G > 1:
+                e1 = tl.where(m_own, q1, 0.0)
+                if CELL == GRU:
+                    e2 = tl.where(m_own, qn, 0.0)
+                else:
+                    e2 = tl.where(m_own, q2, 0.0)
+            if G > 3:
+                e3 = tl.where(m_own, q3, 0.0)
+        if USE_BARRIER:
+            if s + 1 < s_end:
+                _barrier_arrive(sync_ptr)
+        elif not ON_CHIP and not POLL:
+            tl.debug_barrier()  # see the forward: one program's warps exchange through memory
+
+        dy, f0, f1, f2, f3, f4, pv = _bwd_own_loads(
+            s + 1, T, B64, L, mb, mj, offs_j, hrow, wrow, y_ptr, h0_ptr, c0_ptr, ws_ptr, dy_ptr,
+            CELL, NW, H, REVERSE, ACC,
+        )  # fmt: skip
+        if USE_BARRIER:
+            if s + 1 < s_end:
+                _barrier_wait(sync_ptr, (s - s_begin + 1) * nprog, spin_max)
+
+    tl.store(dhs_ptr + own, dh_c, mask=m_own)
+    if CELL == LSTM:
+        tl.store(dcs_ptr + own, dc_c, mask=m_own)

@@ -1,0 +1,73 @@
+"""Per-unit cell math of the kernels: the compile-time cell switch (LSTM, GRU, RNN_TANH,
+RNN_RELU; CELL_CODE maps a cell's name to it), the activations, the LSTM cell forward and
+backward on (BLOCK_B, BH) tiles, and the split of a gate-major tile into its gates.
+Device code only (@triton.jit); imports nothing else of the package. The float64 ground
+truth of the same math is gpurnn.reference.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# compile-time cell switch
+LSTM: tl.constexpr = tl.constexpr(0)
+GRU: tl.constexpr = tl.constexpr(1)
+RNN_TANH: tl.constexpr = tl.constexpr(2)
+RNN_RELU: tl.constexpr = tl.constexpr(3)
+CELL_CODE = {"lstm": 0, "gru": 1, "rnn_tanh": 2, "rnn_relu": 3}
+
+
+@triton.jit
+def _sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def _tanh(x):
+    # libdevice tanh fails in the interpreter; this form works on both, saturates cleanly.
+    return 2.0 * _sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def _lstm_cell(x0, x1, x2, x3, a0, a1, a2, a3, c_prev):
+    """One LSTM step of the own units from the pre-activations x + W_hh h (PyTorch's gate
+    order i, f, g, o): the gates, c_t and o * tanh(c_t) (h_t, or m_t before a projection)."""
+    ig = _sigmoid(x0 + a0)
+    fg = _sigmoid(x1 + a1)
+    gg = _tanh(x2 + a2)
+    og = _sigmoid(x3 + a3)
+    c_new = fg * c_prev + ig * gg
+    return ig, fg, gg, og, c_new, og * _tanh(c_new)
+
+
+@triton.jit
+def _lstm_cell_backward(dh, dc_next, ig, fg, gg, og, c, c_prev):
+    """The LSTM step backwards: from the saved gates and cell states and the gradients of
+    o * tanh(c_t) (dh) and of c_t from the step after (dc_next), the gradients of the four
+    pre-activations and dc_t (dc_{t-1} = dc_t * f)."""
+    tc = _tanh(c)
+    dc = dc_next + dh * og * (1.0 - tc * tc)
+    d0 = dc * gg * ig * (1.0 - ig)
+    d1 = dc * c_prev * fg * (1.0 - fg)
+    d2 = dc * ig * (1.0 - gg * gg)
+    d3 = dh * tc * og * (1.0 - og)
+    return d0, d1, d2, d3, dc
+
+
+@triton.jit
+def _split_gates(a, BLOCK_B: tl.constexpr, BH: tl.constexpr, GP: tl.constexpr):
+    """(BLOCK_B, GP*BH) gate-major tile -> GP (BLOCK_B, BH) tiles (unused ones alias)."""
+    if GP == 1:
+        return a, a, a, a
+    else:
+        a = tl.permute(tl.reshape(a, (BLOCK_B, GP, BH)), (0, 2, 1))  # (BLOCK_B, BH, GP)
+        if GP == 2:
+            g0, g1 = tl.split(a)
+            return g0, g1, g0, g0
+        else:
+            # gate g = 2*hi + lo; split takes the last (lo) axis first
+            lo0, lo1 = tl.split(tl.reshape(a, (BLOCK_B, BH, 2, 2)))
+            g0, g2 = tl.split(lo0)
+            g1, g3 = tl.split(lo1)
+            return g0, g1, g2, g3

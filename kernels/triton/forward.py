@@ -1,0 +1,266 @@
+"""The plain forward kernel (LSTM, GRU, RNN-tanh, RNN-relu) and the loads and dots only it uses.
+Device code only (@triton.jit); imports the shared rooms (cell_math, exchange, tiles), never
+another kernel family. Launched by launch.forward.
+
+Program (p, q) owns hidden units [p*BH, p*BH+BH) for batch rows [q*BLOCK_B, q*BLOCK_B+BLOCK_B):
+all G gate rows of W_hh for those units, as one (H, GP*BH) tile with the gates side by side
+along N. h_{t-1} is exchanged through a (T+1)-row buffer whose first row (in processing order)
+is h0 and whose other rows are y. A step issues all its exchange loads before the first dot
+(one memory round trip) and keeps one accumulator per K chunk (`_chunk_dots`), so the HMMA
+chains are short. c stays in registers (it depends on the program's own units only).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .cell_math import GRU, LSTM, RNN_TANH, _lstm_cell, _sigmoid, _split_gates, _tanh
+from .exchange import (
+    _all_arrived,
+    _barrier_arrive,
+    _barrier_wait,
+    _load_exchanged,
+    _spin_budget,
+    _store_exchange,
+)
+from .tiles import _row_tile, _runtime_zeros, _time
+
+
+@triton.jit
+def _chunk_dots(hp, w_res, z, N: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):
+    """sum_i hp[i] @ w_res[i]: one accumulator per K chunk (N independent MMA chains, not
+    one H/16 deep), all started before any is summed."""
+    parts = ()
+    for i in tl.static_range(N):
+        parts = parts + (tl.dot(hp[i], w_res[i], z, input_precision=PREC, out_dtype=ACC),)
+    acc = parts[0]
+    for i in tl.static_range(1, N):
+        acc = acc + parts[i]
+    return acc
+
+
+@triton.jit
+def _load_h(hx_ptr, row_off, hrow, offs_k, mb, H: tl.constexpr, EVEN_K: tl.constexpr,
+            POLL: tl.constexpr = False):  # fmt: skip
+    """h_{t-1} columns offs_k of every batch row of the tile, in the storage dtype, from the
+    exchange buffer row at row_off (h0 sits in its first row: no special first step)."""
+    if EVEN_K:
+        m = mb[:, None]
+    else:
+        m = mb[:, None] & (offs_k < H)[None, :]
+    return _load_exchanged(hx_ptr + row_off + hrow[:, None] + offs_k[None, :], m, POLL)
+
+
+@triton.jit
+def _load_xg(xg_ptr, s, s_begin, s_end, T, B64, xrow, col_n, mb, mn, L, G: tl.constexpr,
+             H: tl.constexpr, REVERSE: tl.constexpr):  # fmt: skip
+    """xg of step s (fused gate columns col_n), in the storage dtype; 0 past the step range
+    or a sequence's end."""
+    t = _time(s, T, REVERSE)
+    xv = mb & (t < L) & (s < s_end) & (s >= s_begin)
+    return tl.load(xg_ptr + t.to(tl.int64) * B64 * (G * H) + xrow[:, None] + col_n[None, :],
+                   mask=xv[:, None] & mn[None, :], other=0.0)  # fmt: skip
+
+
+@triton.jit(do_not_specialize=["T", "B", "nrows", "s_begin", "s_end", "spin_max"])
+def _recurrence_fwd_kernel(
+    xg_ptr, whh_ptr, bhn_ptr, len_ptr,
+    hx_ptr, y_ptr, hs_ptr, cs_ptr, ws_ptr, sync_ptr,
+    T, B, nrows, s_begin, s_end, spin_max,
+    CELL: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, NW: tl.constexpr, H: tl.constexpr,
+    KC: tl.constexpr, NKC: tl.constexpr, BH: tl.constexpr, BLOCK_B: tl.constexpr,
+    ON_CHIP: tl.constexpr, RESIDENT: tl.constexpr, HAS_LEN: tl.constexpr,
+    REVERSE: tl.constexpr, SAVE: tl.constexpr, USE_BARRIER: tl.constexpr, POLL: tl.constexpr,
+    ASM: tl.constexpr, SENTINEL: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    pid_h = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    nprog = tl.num_programs(0) * tl.num_programs(1)
+    offs_j = pid_h * BH + tl.arange(0, BH)
+    mj = offs_j < H
+    offs_b, mb, L = _row_tile(pid_b, nrows, T, len_ptr, BLOCK_B, HAS_LEN)
+    m_own = mb[:, None] & mj[None, :]
+    B64 = B.to(tl.int64)
+    hrow = offs_b.to(tl.int64) * H
+    xrow = offs_b.to(tl.int64) * (G * H)
+    wrow = offs_b.to(tl.int64) * (NW * H)
+    own = hrow[:, None] + offs_j[None, :]
+    hd = hx_ptr.dtype.element_ty
+    # Reverse with lengths: a row's steps past its end come first and must carry h0 through
+    # to its last valid step, so the exchange holds the running state and y (zeros there)
+    # is written apart. Everywhere else the exchange rows are y itself.
+    SEPARATE_Y: tl.constexpr = HAS_LEN and REVERSE
+    EVEN_K: tl.constexpr = H % KC == 0
+    # POLL (resident weights): no grid barrier. The exchange rows start as SENTINEL (a
+    # signalling-NaN bit pattern that no arithmetic produces) and each is written once, so a
+    # program reads its step's h_{t-1} until no element is the sentinel any more: the data
+    # is its own barrier (no fence, no counter; one round trip from store to load).
+    budget = spin_max
+
+    # running state of the own units: h0/c0 (or zeros) put in the state buffers by the
+    # launcher, or what the previous launch left there (per-step fallback)
+    hs = tl.load(hs_ptr + own, mask=m_own, other=0.0).to(ACC)
+    cs = hs
+    if CELL == LSTM:
+        cs = tl.load(cs_ptr + own, mask=m_own, other=0.0).to(ACC)
+    if CELL == GRU:
+        bhn = tl.load(bhn_ptr + offs_j, mask=mj, other=0.0).to(ACC)
+
+    # Gates fused along N: column n of the (K, GP*BH) weight tile is unit n % BH of gate
+    # n // BH (GP = G padded to a power of two), so the 4 warps split one dot by gate instead
+    # of each repeating a narrow one.
+    NG: tl.constexpr = GP * BH
+    offs_n = tl.arange(0, NG)
+    gate_n = offs_n // BH
+    unit_n = pid_h * BH + offs_n % BH
+    mn = (gate_n < G) & (unit_n < H)
+    col_n = gate_n * H + unit_n  # column of xg, row of W_hh
+    # Weights loaded once, before the time loop (they live in shared memory from then on).
+    # ON_CHIP: this program owns every unit (BH >= H), so K = BH and h never leaves it.
+    # RESIDENT: K in NKC chunks of KC. Otherwise streamed from L2 in KC chunks every step.
+    if ON_CHIP:
+        offs_k = tl.arange(0, BH)
+        w_res = (
+            tl.load(whh_ptr + col_n[None, :] * H + offs_k[:, None],
+                    mask=(offs_k < H)[:, None] & mn[None, :], other=0.0),
+        )  # fmt: skip
+    elif RESIDENT:
+        w_res = ()
+        for i in tl.static_range(NKC):
+            offs_k = i * KC + tl.arange(0, KC)
+            w_res = w_res + (
+                tl.load(
+                    whh_ptr + col_n[None, :] * H + offs_k[:, None],
+                    mask=(offs_k < H)[:, None] & mn[None, :], other=0.0,
+                ),
+            )  # fmt: skip
+
+    # xg of the step is loaded a step ahead: after the exchange stores (the wait for the
+    # others' h hides its latency), or on chip, with no wait to hide it, at the top of the
+    # step before (the step's own work does)
+    x = _load_xg(xg_ptr, s_begin, s_begin, s_end, T, B64, xrow, col_n, mb, mn, L, G, H,
+                 REVERSE).to(ACC)  # fmt: skip
+
+    for s in range(s_begin, s_end):
+        if ON_CHIP:
+            x_next = _load_xg(xg_ptr, s + 1, s_begin, s_end, T, B64, xrow, col_n, mb, mn, L, G,
+                              H, REVERSE)  # fmt: skip
+        t = _time(s, T, REVERSE)
+        valid = mb & (t < L)
+
+        # recurrent matvec: (BLOCK_B, H) h_{t-1} times the (H, GP*BH) fused gate tile
+        acc = tl.zeros([BLOCK_B, NG], dtype=ACC)
+        if ON_CHIP:
+            acc = tl.dot(hs.to(hd), w_res[0], acc, input_precision=PREC, out_dtype=ACC)
+        else:
+            # exchange row of h_{t-1}: t (forward; row 0 is h0) or t + 1 (reverse; row T)
+            prev = (t + REVERSE).to(tl.int64) * B64 * H
+            if RESIDENT and POLL:
+                # Read h_{t-1} and multiply until nothing read was pending. A pending element
+                # (the sentinel is a NaN) makes its batch row of the product NaN, so a
+                # NaN-free product proves that the step's h all arrived without comparing
+                # each element on the way in; only a NaN product (data on its way, or a
+                # genuine NaN in h or W_hh) compares elements.
+                arrived = 0
+                spins = 0
+                while (arrived == 0) & (spins <= budget):
+                    hp = ()
+                    for i in tl.static_range(NKC):
+                        offs_k = i * KC + tl.arange(0, KC)
+                        hp = hp + (_load_h(hx_ptr, prev, hrow, offs_k, mb, H, EVEN_K, POLL),)
+                    acc = _chunk_dots(hp, w_res, _runtime_zeros(acc, s), NKC,
+                                      PREC, ACC)  # fmt: skip
+                    arrived = 1 - tl.max((acc != acc).to(tl.int32))
+                    if arrived == 0:
+                        arrived = _all_arrived(hp, NKC, SENTINEL)
+                    spins += 1
+                budget = _spin_budget(arrived, budget, sync_ptr)
+            elif RESIDENT:
+                # every load of the step first, then the dots: one memory round trip
+                hp = ()
+                for i in tl.static_range(NKC):
+                    offs_k = i * KC + tl.arange(0, KC)
+                    hp = hp + (_load_h(hx_ptr, prev, hrow, offs_k, mb, H, EVEN_K),)
+                acc = _chunk_dots(hp, w_res, _runtime_zeros(acc, s), NKC, PREC,
+                                  ACC)  # fmt: skip
+            else:
+                for k0 in range(0, H, KC):
+                    offs_k = k0 + tl.arange(0, KC)
+                    mk = offs_k < H
+                    hp = _load_h(hx_ptr, prev, hrow, offs_k, mb, H, False)
+                    wk = tl.load(
+                        whh_ptr + col_n[None, :] * H + offs_k[:, None],
+                        mask=mk[:, None] & mn[None, :], other=0.0,
+                    )  # fmt: skip
+                    acc = tl.dot(hp, wk, acc, input_precision=PREC, out_dtype=ACC)
+        a0, a1, a2, a3 = _split_gates(acc, BLOCK_B, BH, GP)
+        x0, x1, x2, x3 = _split_gates(x, BLOCK_B, BH, GP)
+
+        # gates (fp32, fp64 for fp64 inputs)
+        if CELL == LSTM:
+            ig, fg, gg, og, c_new, h_new = _lstm_cell(x0, x1, x2, x3, a0, a1, a2, a3, cs)
+        elif CELL == GRU:
+            hn = a2 + bhn[None, :]
+            rg = _sigmoid(x0 + a0)
+            zg = _sigmoid(x1 + a1)
+            ng = _tanh(x2 + rg * hn)
+            h_new = (1.0 - zg) * ng + zg * hs
+        elif CELL == RNN_TANH:
+            h_new = _tanh(x0 + a0)
+        else:
+            h_new = tl.maximum(x0 + a0, 0.0)
+
+        # h_t into its exchange row: t + 1 (forward) or t (reverse). Past a sequence's end
+        # y is 0 and the state is kept. The own state is kept as the others see it (rounded).
+        v2 = valid[:, None]
+        out = (t + 1 - REVERSE).to(tl.int64) * B64 * H
+        toff = t.to(tl.int64) * B64
+        if SEPARATE_Y:
+            hs = tl.where(v2, h_new.to(hd).to(ACC), hs)
+            _store_exchange(hx_ptr + out + own, hs.to(hd), m_own, ASM and POLL)
+        else:
+            yv = tl.where(v2, h_new, 0.0).to(hd)
+            _store_exchange(hx_ptr + out + own, yv, m_own, ASM and POLL)
+            hs = tl.where(v2, yv.to(ACC), hs)
+        if CELL == LSTM:
+            cs = tl.where(v2, c_new, cs)
+        if USE_BARRIER:
+            if s + 1 < s_end:
+                _barrier_arrive(sync_ptr)
+        elif not ON_CHIP and not POLL:
+            # one program (or one step per launch): the other warps read this step's h from
+            # the exchange buffer next step; the block barrier orders those loads after it
+            tl.debug_barrier()
+
+        # work that needs nobody else's data, overlapping the barrier
+        if SEPARATE_Y:
+            tl.store(y_ptr + toff * H + own, tl.where(v2, h_new, 0.0).to(hd), mask=m_own)
+        if SAVE:
+            wp = ws_ptr + toff * (NW * H) + wrow[:, None] + offs_j[None, :]
+            wd = ws_ptr.dtype.element_ty
+            if CELL == LSTM:
+                tl.store(wp, tl.where(v2, ig, 0.0).to(wd), mask=m_own)
+                tl.store(wp + H, tl.where(v2, fg, 0.0).to(wd), mask=m_own)
+                tl.store(wp + 2 * H, tl.where(v2, gg, 0.0).to(wd), mask=m_own)
+                tl.store(wp + 3 * H, tl.where(v2, og, 0.0).to(wd), mask=m_own)
+                tl.store(wp + 4 * H, tl.where(v2, c_new, 0.0).to(wd), mask=m_own)
+            elif CELL == GRU:
+                tl.store(wp, tl.where(v2, rg, 0.0).to(wd), mask=m_own)
+                tl.store(wp + H, tl.where(v2, zg, 0.0).to(wd), mask=m_own)
+                tl.store(wp + 2 * H, tl.where(v2, ng, 0.0).to(wd), mask=m_own)
+                tl.store(wp + 3 * H, tl.where(v2, hn, 0.0).to(wd), mask=m_own)
+            else:
+                tl.store(wp, tl.where(v2, h_new, 0.0).to(wd), mask=m_own)
+        if ON_CHIP:
+            x = x_next.to(ACC)
+        else:
+            x = _load_xg(xg_ptr, s + 1, s_begin, s_end, T, B64, xrow, col_n, mb, mn, L, G, H,
+                         REVERSE).to(ACC)  # fmt: skip
+        if USE_BARRIER:
+            if s + 1 < s_end:
+                _barrier_wait(sync_ptr, (s - s_begin + 1) * nprog, spin_max)
+
+    tl.store(hs_ptr + own, hs, mask=m_own)
+    if CELL == LSTM:
+        tl.store(cs_ptr + own, cs, mask=m_own)

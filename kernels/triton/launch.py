@@ -1,0 +1,416 @@
+"""The launchers: `forward` and `backward` of the primitive (plain and projected kernels), which
+allocate the outputs and exchange buffers, fill what a polling plan reads with the sentinel,
+fit the plan (`_fit`) and run the launches; and the workspace's shape and fields. Host code;
+imports the planner (plan), the kernels (forward, backward, projected) and the sentinel table
+(exchange). Inputs must be contiguous (the backend makes them so).
+
+- Batch tiles never exchange anything, so when a grid would not fit the GPU at once the
+  launcher runs persistent launches over a few batch tiles each (`b_chunk`): a launch's
+  pointers start at its first batch row, B stays the row stride and `nrows` says how many
+  rows the launch covers.
+- Kernels take a step range [s_begin, s_end): the persistent launch covers all steps; the
+  per-step fallback launches one step at a time, carrying state between launches in the
+  fp32 state buffers (`hs`, `cs`, `dhs`, `dcs`), which the launcher fills with h0/c0
+  (dh_T/dc_T) first and which end as the final-state outputs.
+
+Workspace (what backward reads): (T, B, NW*H) in the input dtype, field k of unit j at
+column k*H + j, the fields as gpurnn.cells lists them (WS_FIELDS; `unpack_workspace` names
+them): lstm NW=5 i, f, g, o, c; gru NW=4 r, z, n, hn; rnn NW=1 h (the activation, before
+rounding to the output dtype). Entries of (t, b) past a sequence's end are 0.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from gpurnn import cells
+from gpurnn.cells import GATES
+
+from .backward import _recurrence_bwd_kernel
+from .cell_math import CELL_CODE
+from .exchange import _BITS, _SENTINEL, _SYNC_ERROR
+from .forward import _recurrence_fwd_kernel
+from .interpreter import interpreting
+from .plan import Plan, _fit, _next_pow2, _plan_kw, _polls, _uses_barrier, make_plan
+from .projected import _lstmp_bwd_kernel, _lstmp_fwd_kernel
+
+# the workspace fields per cell, all of them (the plain RNN's h too): gpurnn.cells' table
+WS_FIELDS = {cell: cells.saved_fields(cell) for cell in cells.CELLS}
+
+# Tests set this: every output is allocated NaN-filled, so an element a kernel forgets to
+# write fails the comparison. GPURNN_DEBUG_POISON=1 does the same.
+POISON = os.environ.get("GPURNN_DEBUG_POISON") == "1"
+
+# Bounded barrier spin (iterations of one relaxed L2 load, ~0.5-1 us each): ~4 s by default.
+SPIN_MAX = int(os.environ.get("GPURNN_TRITON_SPIN_MAX", str(1 << 22)))
+
+
+def _acc_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _prec(dtype: torch.dtype, precision: str) -> str:
+    # input_precision only means something for fp32 inputs (tf32 by default, "ieee" exact)
+    return precision if dtype == torch.float32 else "ieee"
+
+
+def _alloc(shape, dtype, device):
+    if POISON:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def workspace_shape(cell: str, T: int, B: int, H: int) -> tuple[int, int, int]:
+    return (T, B, len(WS_FIELDS[cell]) * H)
+
+
+def unpack_workspace(cell: str, workspace: torch.Tensor, H: int) -> dict[str, torch.Tensor]:
+    """Every step's gate activations and cell states from a saved workspace (T, B, NW*H),
+    as (T, B, H) views, named as in WS_FIELDS: lstm i, f, g, o, c (c after the step);
+    gru r, z, n, hn (= W_hn h + b_hn); rnn h. Entries past a sequence's end are 0."""
+    return cells.unpack_workspace(cell, workspace, H)
+
+
+def _batch_chunks(plan: Plan, B: int, args, batch_axes):
+    """(rows, args) per persistent launch: the launch's first batch row is where its
+    pointers start (a view from row b0 on, along each argument's batch axis, None for
+    arguments without one); the kernels keep B for strides and mask rows >= `rows`."""
+    if len(batch_axes) != len(args):
+        raise ValueError("one batch axis (or None) per kernel argument")
+    step = plan.tiles_per_launch * plan.BLOCK_B
+    for b0 in range(0, B, step):
+        if b0 == 0:
+            yield min(B, step), args
+        else:
+            yield min(B - b0, step), tuple(
+                a if ax is None else a.narrow(ax, b0, a.shape[ax] - b0)
+                for a, ax in zip(args, batch_axes)
+            )  # fmt: skip
+
+
+def _launch_persistent(kernel, plan: Plan, T, B, n_steps, args, kw, spin_max, device,
+                       batch_axes, use_barrier, check, barriers_per_step):  # fmt: skip
+    """The persistent launches of a plan: its batch tiles in turns, as many per launch as can
+    be resident at once, each launch with its own barrier counter and error flag."""
+    if barriers_per_step * n_steps * plan.nprog >= _SYNC_ERROR:
+        raise ValueError("sequence too long for one persistent launch")
+    chunks = list(_batch_chunks(plan, B, args, batch_axes))
+    sync = torch.zeros(2 * len(chunks), dtype=torch.int32, device=device)
+    for c, (rows, chunk_args) in enumerate(chunks):
+        grid = (plan.n_h, triton.cdiv(rows, plan.BLOCK_B))
+        kernel[grid](*chunk_args, sync[2 * c :], T, B, rows, 0, n_steps, spin_max,
+                     USE_BARRIER=use_barrier, num_warps=plan.num_warps, num_stages=1,
+                     **kw)  # fmt: skip
+    if check:
+        _check_barrier(sync, plan, device)
+
+
+def _launch_steps(kernel, plan: Plan, T: int, B: int, n_steps: int, args, kw, spin_max: int,
+                  device, batch_axes):  # fmt: skip
+    """Run steps [0, n_steps): persistent launches (the batch tiles in turns if not all fit
+    at once), each with its exchange per step (polled, a grid barrier, or nothing with one
+    program), or one launch per step. Raises if a wait timed out. `plan` is the fitted one
+    (`_fit`: the launchers fit it first, since it decides how they fill the buffers)."""
+    kw = _plan_kw(plan, kw)
+    if plan.persistent:
+        use_barrier = _uses_barrier(plan, kw)
+        _launch_persistent(kernel, plan, T, B, n_steps, args, kw, spin_max, device, batch_axes,
+                           use_barrier, use_barrier or kw.get("POLL"),
+                           barriers_per_step=1)  # fmt: skip
+    else:
+        if plan.on_chip:
+            raise ValueError("an on-chip plan keeps state in registers: it must be persistent")
+        sync = torch.zeros(2, dtype=torch.int32, device=device)
+        grid = (plan.n_h, plan.n_b)
+        for s in range(n_steps):
+            kernel[grid](*args, sync, T, B, B, s, s + 1, spin_max,
+                         USE_BARRIER=False, num_warps=plan.num_warps, num_stages=1,
+                         **kw)  # fmt: skip
+
+
+def _check_barrier(sync: torch.Tensor, plan: Plan, device) -> None:
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return
+    if int(sync.max().item()) >= _SYNC_ERROR:
+        raise RuntimeError(
+            f"gpurnn triton: grid barrier timed out ({plan.nprog} programs did not all "
+            "run concurrently: is another kernel holding SMs, or MPS/green contexts "
+            "limiting them?). Results are invalid. Set make_plan(persistent=False) "
+            "or raise GPURNN_TRITON_SPIN_MAX."
+        )
+
+
+def _launch_phases(kernel, plan: Plan, T: int, B: int, n_steps: int, args, kw, spin_max: int,
+                   device, batch_axes):  # fmt: skip
+    """`_launch_steps` for the projected LSTM kernels (two phases, so two grid barriers, per
+    step): persistent launches, or two launches per step (one per phase)."""
+    if plan.on_chip:
+        raise ValueError("the projected LSTM kernels have no on-chip plan")
+    kw = _plan_kw(plan, kw)
+    if plan.persistent:
+        use_barrier = plan.nprog > 1
+        use_barrier = use_barrier and not kw.get("POLL")
+        _launch_persistent(kernel, plan, T, B, n_steps, args, kw, spin_max, device, batch_axes,
+                           use_barrier, use_barrier or kw.get("POLL"),
+                           barriers_per_step=2)  # fmt: skip
+    else:
+        sync = torch.zeros(2, dtype=torch.int32, device=device)
+        grid = (plan.n_h, plan.n_b)
+        for s in range(n_steps):
+            for phase in (1, 2):
+                kernel[grid](*args, sync, T, B, B, s, s + 1, spin_max, USE_BARRIER=False,
+                             num_warps=plan.num_warps, num_stages=1,
+                             **{**kw, "PHASES": phase})  # fmt: skip
+
+
+def forward(
+    cell: str,
+    xg: torch.Tensor,
+    w_hh: torch.Tensor,
+    h0: torch.Tensor | None,
+    c0: torch.Tensor | None,
+    lengths: torch.Tensor | None,
+    reverse: bool,
+    b_hn: torch.Tensor | None,
+    save: bool,
+    *,
+    w_hr: torch.Tensor | None = None,
+    plan: Plan | None = None,
+    precision: str = "tf32",
+    spin_max: int | None = None,
+):
+    """Returns y (T, B, H), h_T (B, H), c_T (B, H) or None, workspace ((0,) unless save),
+    all in xg.dtype. Inputs must be contiguous (the backend makes them so).
+
+    h_{t-1} is exchanged through a (T+1)-row buffer whose first row in processing order
+    (0, or T in reverse) holds h0: the step loop has no special first step. y is a view of
+    the other T rows, except in reverse with lengths (see SEPARATE_Y in the kernel).
+
+    LSTM with projection (w_hr (P, H), w_hh (4H, P), h0 (B, P)): y and h_T are P wide, the
+    workspace is the unprojected LSTM's (m = o * tanh(c) follows from it)."""
+    if w_hr is not None:
+        return _forward_proj(xg, w_hh, w_hr, h0, c0, lengths, reverse, save, plan, precision,
+                             spin_max)  # fmt: skip
+    T, B, GH = xg.shape
+    H = w_hh.shape[1]
+    G = GATES[cell]
+    assert GH == G * H and w_hh.shape[0] == G * H, (xg.shape, w_hh.shape)
+    dev, dt = xg.device, xg.dtype
+    plan = plan or make_plan(H, B, G, dt, dev)
+    NW = len(WS_FIELDS[cell])
+    acc_t = torch.float64 if dt == torch.float64 else torch.float32
+    # running state (also the final state), starting from h0 / c0
+    hs = h0.to(acc_t).clone() if h0 is not None else torch.zeros(B, H, dtype=acc_t, device=dev)
+    cs = hs
+    if cell == "lstm":
+        cs = c0.to(acc_t).clone() if c0 is not None else torch.zeros_like(hs)
+    ws = _alloc(workspace_shape(cell, T, B, H), dt, dev) if save else xg.new_empty((0,))
+    if T == 0:
+        return xg.new_empty((0, B, H)), hs.to(dt), (cs.to(dt) if cell == "lstm" else None), ws
+    hx = _alloc((T + 1, B, H), dt, dev)
+    first = T if reverse else 0
+    if lengths is not None and reverse:
+        y = _alloc((T, B, H), dt, dev)
+    else:
+        y = hx[:T] if reverse else hx[1:]
+    dummy = xg
+    if cell == "gru":
+        bhn = b_hn if b_hn is not None else torch.zeros(H, dtype=dt, device=dev)
+    else:
+        bhn = dummy
+    args = (
+        xg, w_hh, bhn, lengths if lengths is not None else dummy,
+        hx, y, hs, cs, ws if save else dummy,
+    )  # fmt: skip
+    kw = dict(
+        CELL=CELL_CODE[cell], G=G, GP=_next_pow2(G), NW=NW, H=H,
+        HAS_LEN=lengths is not None, REVERSE=bool(reverse), SAVE=bool(save),
+        PREC=_prec(dt, precision), ACC=_acc_dtype(dt), POLL=False, ASM=not interpreting(),
+        SENTINEL=_SENTINEL[dt],
+    )  # fmt: skip
+    plan = _fit(_recurrence_fwd_kernel, plan, args, kw, dev)
+    _fill_polled(plan, dt, hx)  # every row but h0's
+    _put_h0(plan, dt, hx[first], h0)
+    has_len = lengths is not None
+    axes = (1, None, None, 0 if has_len else None, 1, 1, 0, 0, 1 if save else None)
+    _launch_steps(_recurrence_fwd_kernel, plan, T, B, T, args, kw,
+                  SPIN_MAX if spin_max is None else spin_max, dev, axes)  # fmt: skip
+    return y, hs.to(dt), (cs.to(dt) if cell == "lstm" else None), ws
+
+
+def _fill_polled(plan: Plan, dtype: torch.dtype, *buffers) -> None:
+    """Exchange buffers a polling plan reads start as the sentinel (None entries skipped)."""
+    if _polls(plan):
+        for b in buffers:
+            if b is not None:
+                b.view(_BITS[dtype]).fill_(_SENTINEL[dtype])
+
+
+def _put_h0(plan: Plan, dtype: torch.dtype, row: torch.Tensor, h0) -> None:
+    """h0 (or zeros) into the exchange row that holds it. Polled, the caller's bits must not
+    look pending: a sentinel among them becomes a plain NaN."""
+    if h0 is None:
+        row.zero_()
+        return
+    row.copy_(h0)
+    if _polls(plan):
+        row.masked_fill_(row.view(_BITS[dtype]) == _SENTINEL[dtype], float("nan"))
+
+
+def _forward_proj(xg, w_hh, w_hr, h0, c0, lengths, reverse, save, plan, precision, spin_max):
+    T, B, GH = xg.shape
+    P, H = w_hr.shape
+    assert GH == 4 * H and tuple(w_hh.shape) == (4 * H, P), (xg.shape, w_hh.shape, w_hr.shape)
+    dev, dt = xg.device, xg.dtype
+    plan = plan or make_plan(H, B, 4, dt, dev, proj_size=P)
+    cpt = plan.chunks_per_trip
+    if cpt & (cpt - 1):
+        raise ValueError(f"chunks_per_trip must be a power of two here (the batch of a 3-D "
+                         f"dot), got {cpt}")  # fmt: skip
+    acc_t = torch.float64 if dt == torch.float64 else torch.float32
+    hs = h0.to(acc_t).clone() if h0 is not None else torch.zeros(B, P, dtype=acc_t, device=dev)
+    cs = c0.to(acc_t).clone() if c0 is not None else torch.zeros(B, H, dtype=acc_t, device=dev)
+    ws = _alloc(workspace_shape("lstm", T, B, H), dt, dev) if save else xg.new_empty((0,))
+    if T == 0:
+        return xg.new_empty((0, B, P)), hs.to(dt), cs.to(dt), ws
+    hx = _alloc((T + 1, B, P), dt, dev)
+    first = T if reverse else 0
+    if lengths is not None and reverse:
+        y = _alloc((T, B, P), dt, dev)
+    else:
+        y = hx[:T] if reverse else hx[1:]
+    # m exchange: one row per step when polled (each written once), else per step parity
+    mx = _alloc((T if _polls(plan) else 2, B, H), dt, dev)
+    dummy = xg
+    args = (
+        xg, w_hh, w_hr, lengths if lengths is not None else dummy,
+        hx, y, mx, hs, cs, ws if save else dummy,
+    )  # fmt: skip
+    kw = dict(
+        G=4, GP=4, NW=len(WS_FIELDS["lstm"]), H=H, P=P, CHUNKS_PER_TRIP=plan.chunks_per_trip,
+        HAS_LEN=lengths is not None, REVERSE=bool(reverse), SAVE=bool(save), PHASES=3,
+        PREC=_prec(dt, precision), ACC=_acc_dtype(dt), POLL=False, ASM=not interpreting(),
+        SENTINEL=_SENTINEL[dt],
+    )  # fmt: skip
+    fitted = _fit(_lstmp_fwd_kernel, plan, args, kw, dev)
+    if _polls(fitted) != _polls(plan):  # weights streamed after all: m by step parity
+        mx = _alloc((T if _polls(fitted) else 2, B, H), dt, dev)
+        args = args[:6] + (mx,) + args[7:]
+    plan = fitted
+    _fill_polled(plan, dt, hx, mx)
+    _put_h0(plan, dt, hx[first], h0)
+    axes = (1, None, None, 0 if lengths is not None else None, 1, 1, 1, 0, 0,
+            1 if save else None)  # fmt: skip
+    _launch_phases(_lstmp_fwd_kernel, plan, T, B, T, args, kw,
+                   SPIN_MAX if spin_max is None else spin_max, dev, axes)  # fmt: skip
+    return y, hs.to(dt), cs.to(dt), ws
+
+
+def _backward_proj(w_hh, w_hr, c0, lengths, reverse, y, workspace, dy, dh_T, dc_T, plan,
+                   precision, spin_max):  # fmt: skip
+    T, B, P = y.shape
+    H = w_hr.shape[1]
+    dev, dt = y.device, y.dtype
+    plan = plan or make_plan(H, B, 4, dt, dev, backward=True, proj_size=P)
+    acc_t = torch.float64 if dt == torch.float64 else torch.float32
+    dxg = _alloc((T, B, 4 * H), dt, dev)
+    dhp = _alloc((T, B, P), dt, dev)
+    dhs = dh_T.to(acc_t).clone()
+    dcs = dc_T.to(acc_t).clone() if dc_T is not None else torch.zeros(B, H, dtype=acc_t,
+                                                                       device=dev)  # fmt: skip
+    if T == 0:
+        return dxg, dhp, dhs, dcs
+    c0_ = c0 if c0 is not None else torch.zeros(B, H, dtype=dt, device=dev)
+    args = (
+        w_hh, w_hr, c0_, lengths if lengths is not None else y, workspace, dy,
+        dxg, dhp, dhs, dcs,
+    )  # fmt: skip
+    kw = dict(
+        G=4, GP=4, NW=len(WS_FIELDS["lstm"]), H=H, P=P, CHUNKS_PER_TRIP=plan.chunks_per_trip,
+        HAS_LEN=lengths is not None, REVERSE=bool(reverse), PHASES=3,
+        PREC=_prec(dt, precision), ACC=_acc_dtype(dt), POLL=False, ASM=not interpreting(),
+        SENTINEL=_SENTINEL[dt],
+    )  # fmt: skip
+    plan = _fit(_lstmp_bwd_kernel, plan, args, kw, dev)
+    _fill_polled(plan, dt, dxg, dhp)
+    axes = (None, None, 0, 0 if lengths is not None else None, 1, 1, 1, 1, 0, 0)
+    _launch_phases(_lstmp_bwd_kernel, plan, T, B, T + 1, args, kw,
+                   SPIN_MAX if spin_max is None else spin_max, dev, axes)  # fmt: skip
+    return dxg, dhp, dhs, dcs
+
+
+def backward(
+    cell: str,
+    w_hh: torch.Tensor,
+    h0: torch.Tensor | None,
+    c0: torch.Tensor | None,
+    lengths: torch.Tensor | None,
+    reverse: bool,
+    y: torch.Tensor,
+    workspace: torch.Tensor,
+    dy: torch.Tensor,
+    dh_T: torch.Tensor,
+    dc_T: torch.Tensor | None,
+    *,
+    w_hr: torch.Tensor | None = None,
+    plan: Plan | None = None,
+    precision: str = "tf32",
+    spin_max: int | None = None,
+):
+    """Recurrent part of backward-through-time. Returns
+      dxg (T, B, G*H)  gradient of the pre-activations = of xg (0 past a sequence's end),
+      dhn (T, B, H) or None  GRU only: dn_pre * r, the n block of d(W_hh h) (for dW_hh, db_hn),
+      dh0 (B, H), dc0 (B, H) or None   (fp32 / fp64).
+    d(W_hh h)[t] is dxg[t] with (GRU) its n block replaced by dhn[t]; weight gradients are
+    GEMMs of it against h_{t-1} (done by the caller).
+
+    LSTM with projection (w_hr given; y, dy, dh_T P wide): the second output is instead dhp
+    (T, B, P), the gradient of each step's projected output h_t (0 past a sequence's end):
+    dW_hr = sum over t of dhp[t]^T m_t, m_t = o_t * tanh(c_t) from the workspace; dh0 is
+    (B, P)."""
+    if w_hr is not None:
+        return _backward_proj(w_hh, w_hr, c0, lengths, reverse, y, workspace, dy, dh_T, dc_T,
+                              plan, precision, spin_max)  # fmt: skip
+    T, B, H = y.shape
+    G = GATES[cell]
+    dev, dt = y.device, y.dtype
+    plan = plan or make_plan(H, B, G, dt, dev, backward=True)
+    NW = len(WS_FIELDS[cell])
+    acc_t = torch.float64 if dt == torch.float64 else torch.float32
+    dxg = _alloc((T, B, G * H), dt, dev)
+    dhn = _alloc((T, B, H), dt, dev) if cell == "gru" else None
+    # carries, starting from dh_T / dc_T (also dh0 / dc0 at the end)
+    dhs = dh_T.to(acc_t).clone()
+    dcs = dhs
+    if cell == "lstm":
+        dcs = dc_T.to(acc_t).clone() if dc_T is not None else torch.zeros_like(dhs)
+    if T == 0:
+        return dxg, dhn, dhs, (dcs if cell == "lstm" else None)
+    zeros = None
+    if h0 is None or (cell == "lstm" and c0 is None):
+        zeros = torch.zeros(B, H, dtype=dt, device=dev)
+    args = (
+        w_hh, h0 if h0 is not None else zeros,
+        (c0 if c0 is not None else zeros) if cell == "lstm" else y,
+        lengths if lengths is not None else y, y, workspace, dy,
+        dxg, dhn if dhn is not None else y, dhs, dcs,
+    )  # fmt: skip
+    kw = dict(
+        CELL=CELL_CODE[cell], G=G, GP=_next_pow2(G), NW=NW, H=H,
+        CHUNKS_PER_TRIP=plan.chunks_per_trip,
+        HAS_LEN=lengths is not None, REVERSE=bool(reverse), PREC=_prec(dt, precision),
+        ACC=_acc_dtype(dt), POLL=False, ASM=not interpreting(), SENTINEL=_SENTINEL[dt],
+    )  # fmt: skip
+    plan = _fit(_recurrence_bwd_kernel, plan, args, kw, dev)
+    # every dgates element is written once, by the step that owns it: polled
+    _fill_polled(plan, dt, dxg, dhn)
+    # T + 1 steps: the last one only folds the first step's dgates into dh0
+    axes = (None, 0, 0 if cell == "lstm" else None, 0 if lengths is not None else None, 1, 1,
+            1, 1, 1 if dhn is not None else None, 0, 0)  # fmt: skip
+    _launch_steps(_recurrence_bwd_kernel, plan, T, B, T + 1, args, kw,
+                  SPIN_MAX if spin_max is None else spin_max, dev, axes)  # fmt: skip
+    return dxg, dhn, dhs, (dcs if cell == "lstm" else None)

@@ -1,0 +1,489 @@
+"""The LSTM-with-projection kernels, forward and backward (proj_size P: W_hh (4H, P),
+W_hr (P, H), h = W_hr (o * tanh c) P wide), and the loads and dots only they use.
+Device code only (@triton.jit); imports the shared rooms (cell_math, exchange, tiles), never
+another kernel family. Launched by launch.forward / launch.backward when w_hr is given.
+
+Two phases per step (gates on the own BH units, m exchanged; projection on the own BP outputs,
+h exchanged; backward: dh on the own BP outputs, exchanged; dm and the gate backward on the
+own units), each ended by a grid barrier (or, polled, none); the per-step fallback launches
+each phase apart. The workspace is the plain LSTM's (m = o * tanh c follows from it).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .cell_math import LSTM, _lstm_cell, _lstm_cell_backward, _split_gates
+from .exchange import (
+    _barrier_arrive,
+    _barrier_wait,
+    _is_pending,
+    _load_exchanged,
+    _product_arrived,
+    _spin_budget,
+    _store_exchange,
+)
+from .tiles import _dgates_dots, _load_fields, _load_whh_cols, _row_tile, _runtime_zeros, _time
+
+
+@triton.jit
+def _load_whr_t3(whr_ptr, c0, offs_p, mp, H: tl.constexpr, KC: tl.constexpr,
+                 CPT: tl.constexpr):  # fmt: skip
+    """(CPT, KC, BP): K chunks c0 .. c0+CPT-1 of W_hr^T (H, P), own output columns (rows
+    past H 0)."""
+    k3 = ((c0 + tl.arange(0, CPT)) * KC)[:, None, None] + tl.arange(0, KC)[None, :, None]
+    return tl.load(whr_ptr + offs_p[None, None, :] * H + k3, mask=(k3 < H) & mp[None, None, :],
+                   other=0.0)  # fmt: skip
+
+
+@triton.jit
+def _load_rows(ptr, row_off, rows, offs_k, mrow, K: tl.constexpr, POLL: tl.constexpr):
+    """(BLOCK_B, KC): columns offs_k (< K) of an exchanged (T, B, K) buffer's rows at row_off:
+    polled (volatile) or `.cg`, as `_load_h`."""
+    m = mrow[:, None] & (offs_k < K)[None, :]
+    return _load_exchanged(ptr + row_off + rows[:, None] + offs_k[None, :], m, POLL)
+
+
+@triton.jit
+def _rows_pending(ptr, row_off, rows, mrow, K: tl.constexpr, KC: tl.constexpr,
+                  SENTINEL: tl.constexpr):  # fmt: skip
+    """1 if any element of those rows (all K columns) still holds the sentinel. A runtime loop
+    over K chunks: compact code for the polls' rare path (a product came out NaN)."""
+    pending = 0
+    for k0 in range(0, K, KC):
+        offs_k = k0 + tl.arange(0, KC)
+        x = _load_rows(ptr, row_off, rows, offs_k, mrow, K, True)
+        pending = pending | tl.max(_is_pending(x, SENTINEL).to(tl.int32))
+    return pending
+
+
+@triton.jit
+def _lstmp_gate_dots(hx_ptr, prev, prow, mb, w_g, whh_ptr, col_n, mn, s, BLOCK_B: tl.constexpr,
+                     NG: tl.constexpr, P: tl.constexpr, KC: tl.constexpr, NKP: tl.constexpr,
+                     CHUNKS_PER_TRIP: tl.constexpr, RESIDENT: tl.constexpr,
+                     POLL: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
+    """The gates phase's product h_{t-1} (P wide) @ the own W_hh rows, (BLOCK_B, GP*BH):
+    CHUNKS_PER_TRIP K chunks' loads issued together, then their dots (each loaded chunk is
+    staged in shared memory for its dot: the trip bounds how much at once)."""
+    acc = tl.zeros([BLOCK_B, NG], dtype=ACC)
+    for c0 in tl.static_range(0, NKP, CHUNKS_PER_TRIP):
+        hp = ()
+        for ci in tl.static_range(CHUNKS_PER_TRIP):
+            if c0 + ci < NKP:
+                offs_k = (c0 + ci) * KC + tl.arange(0, KC)
+                hp = hp + (_load_rows(hx_ptr, prev, prow, offs_k, mb, P, POLL),)
+        for ci in tl.static_range(CHUNKS_PER_TRIP):
+            if c0 + ci < NKP:
+                if RESIDENT:
+                    wk = w_g[c0 + ci]
+                else:
+                    offs_k = (c0 + ci) * KC + tl.arange(0, KC)
+                    wk = tl.load(whh_ptr + col_n[None, :] * P + offs_k[:, None],
+                                 mask=(offs_k < P)[:, None] & mn[None, :], other=0.0)  # fmt: skip
+                acc += tl.dot(hp[ci], wk, _runtime_zeros(acc, s), input_precision=PREC,
+                              out_dtype=ACC)  # fmt: skip
+    return acc
+
+
+@triton.jit
+def _lstmp_proj_dots(mx_ptr, mrow, hrow, mb_p, w_r, whr_ptr, offs_p, mp, BLOCK_B: tl.constexpr,
+                     BP: tl.constexpr, H: tl.constexpr, KC: tl.constexpr, NKC: tl.constexpr,
+                     CHUNKS_PER_TRIP: tl.constexpr, RESIDENT: tl.constexpr,
+                     POLL: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
+    """The projection phase's product m_t (H wide) @ the own W_hr rows, (BLOCK_B, BP). The K
+    chunks of a trip are the batch dimension of a 3-D dot: the output is a single mma tile,
+    so a 2-D dot would have every warp repeat all of K; this way each warp takes its own
+    chunks, then the chunks' partial sums add up."""
+    hproj = tl.zeros([BLOCK_B, BP], dtype=ACC)
+    for c0 in tl.static_range(0, NKC, CHUNKS_PER_TRIP):
+        k3 = ((c0 + tl.arange(0, CHUNKS_PER_TRIP)) * KC)[:, None, None] + tl.arange(
+            0, KC)[None, None, :]  # fmt: skip
+        mk = _load_exchanged(mx_ptr + mrow + hrow[None, :, None] + k3,
+                             mb_p[None, :, None] & (k3 < H), POLL)  # fmt: skip
+        if RESIDENT:
+            w3 = w_r[c0 // CHUNKS_PER_TRIP]
+        else:
+            w3 = _load_whr_t3(whr_ptr, c0, offs_p, mp, H, KC, CHUNKS_PER_TRIP)
+        hproj += tl.sum(tl.dot(mk, w3, input_precision=PREC, out_dtype=ACC), axis=0)
+    return hproj
+
+
+@triton.jit(do_not_specialize=["T", "B", "nrows", "s_begin", "s_end", "spin_max"])
+def _lstmp_fwd_kernel(
+    xg_ptr, whh_ptr, whr_ptr, len_ptr,
+    hx_ptr, y_ptr, mx_ptr, hs_ptr, cs_ptr, ws_ptr, sync_ptr,
+    T, B, nrows, s_begin, s_end, spin_max,
+    G: tl.constexpr, GP: tl.constexpr, NW: tl.constexpr, H: tl.constexpr, P: tl.constexpr,
+    KC: tl.constexpr, NKC: tl.constexpr, NKP: tl.constexpr, BH: tl.constexpr,
+    BP: tl.constexpr, BLOCK_B: tl.constexpr, CHUNKS_PER_TRIP: tl.constexpr,
+    ON_CHIP: tl.constexpr, RESIDENT: tl.constexpr, HAS_LEN: tl.constexpr, REVERSE: tl.constexpr,
+    SAVE: tl.constexpr,
+    USE_BARRIER: tl.constexpr, PHASES: tl.constexpr, POLL: tl.constexpr, ASM: tl.constexpr,
+    SENTINEL: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    """LSTM with projection (W_hh (4H, P), W_hr (P, H)), two phases per step:
+    1. gates: program p owns units [p*BH, p*BH+BH): the gate dot of h_{t-1} (B, P) from the
+       exchange buffer hx (P wide, K = P) with its W_hh rows, c, and m = o * tanh(c), which
+       it stores to the m exchange buffer mx (two rows, alternating with the step's parity);
+    2. projection: program p owns outputs [p*BP, p*BP+BP) (programs past P idle): the dot of
+       m_t (B, H) from mx (K = H) with its W_hr rows, stored to hx (y is a view of it).
+    A grid barrier follows each phase, or (POLL, resident weights) none: mx then has a row
+    per step, and hx and mx start as the sentinel and are polled, as in the unprojected
+    kernels. PHASES selects the phases (1, 2, or 3 = both): the per-step fallback launches
+    each phase on its own, which is also how the interpreter runs several programs."""
+    pid_h = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    nprog = tl.num_programs(0) * tl.num_programs(1)
+    offs_j = pid_h * BH + tl.arange(0, BH)
+    mj = offs_j < H
+    offs_p = pid_h * BP + tl.arange(0, BP)
+    mp = offs_p < P
+    offs_b, mb, L = _row_tile(pid_b, nrows, T, len_ptr, BLOCK_B, HAS_LEN)
+    m_own = mb[:, None] & mj[None, :]
+    m_ownp = mb[:, None] & mp[None, :]
+    B64 = B.to(tl.int64)
+    hrow = offs_b.to(tl.int64) * H
+    prow = offs_b.to(tl.int64) * P
+    xrow = offs_b.to(tl.int64) * (G * H)
+    wrow = offs_b.to(tl.int64) * (NW * H)
+    own = hrow[:, None] + offs_j[None, :]
+    ownp = prow[:, None] + offs_p[None, :]
+    hd = hx_ptr.dtype.element_ty
+    SEPARATE_Y: tl.constexpr = HAS_LEN and REVERSE  # as in the unprojected kernel
+    budget = spin_max
+
+    # running state: the projected h of the own outputs, c of the own units
+    hs = tl.load(hs_ptr + ownp, mask=m_ownp, other=0.0).to(ACC)
+    cs = tl.load(cs_ptr + own, mask=m_own, other=0.0).to(ACC)
+
+    # gates fused along N as in the unprojected kernel: column n is unit n % BH of gate n // BH
+    NG: tl.constexpr = GP * BH
+    offs_n = tl.arange(0, NG)
+    gate_n = offs_n // BH
+    unit_n = pid_h * BH + offs_n % BH
+    mn = (gate_n < G) & (unit_n < H)
+    col_n = gate_n * H + unit_n  # column of xg, row of W_hh
+    if RESIDENT:
+        # W_hh^T (P, GP*BH) in NKP chunks of KC rows; W_hr^T (H, BP) in NKC chunks
+        w_g = ()
+        for i in tl.static_range(NKP):
+            offs_k = i * KC + tl.arange(0, KC)
+            w_g = w_g + (
+                tl.load(whh_ptr + col_n[None, :] * P + offs_k[:, None],
+                        mask=(offs_k < P)[:, None] & mn[None, :], other=0.0),
+            )  # fmt: skip
+        w_r = ()
+        for c0 in tl.static_range(0, NKC, CHUNKS_PER_TRIP):
+            w_r = w_r + (_load_whr_t3(whr_ptr, c0, offs_p, mp, H, KC, CHUNKS_PER_TRIP),)
+    else:
+        w_g = ()  # streamed: the products load them
+        w_r = ()
+
+    if PHASES % 2 == 1:
+        t = _time(s_begin, T, REVERSE)
+        xv = mb & (t < L) & (s_begin < s_end)
+        x = tl.load(
+            xg_ptr + t.to(tl.int64) * B64 * (G * H) + xrow[:, None] + col_n[None, :],
+            mask=xv[:, None] & mn[None, :], other=0.0,
+        ).to(ACC)  # fmt: skip
+
+    for s in range(s_begin, s_end):
+        t = _time(s, T, REVERSE)
+        valid = mb & (t < L)
+        v2 = valid[:, None]
+        toff = t.to(tl.int64) * B64
+        # the m exchange row of this step: polled, one row per step (written once); else two
+        # rows, so a phase-1 store of step s+1 never meets a phase-2 load of step s (there is
+        # a barrier between them anyway)
+        if POLL:
+            mrow = toff * H
+        else:
+            mrow = (s % 2) * B64 * H
+        k_bar = 2 * (s - s_begin)
+        if PHASES % 2 == 1:
+            # exchange row of h_{t-1}: t (forward; row 0 is h0) or t + 1 (reverse; row T)
+            prev = (t + REVERSE).to(tl.int64) * B64 * P
+            if POLL:
+                acc = tl.zeros([BLOCK_B, NG], dtype=ACC)
+                arrived = 0
+                complete = 0
+                spins = 0
+                while (arrived == 0) & (spins <= budget):
+                    acc = _lstmp_gate_dots(hx_ptr, prev, prow, mb, w_g, whh_ptr, col_n, mn, s,
+                                           BLOCK_B, NG, P, KC, NKP, CHUNKS_PER_TRIP, RESIDENT,
+                                           POLL, PREC, ACC)  # fmt: skip
+                    arrived = _product_arrived(acc, complete)
+                    if arrived == 0:
+                        complete = 1 - _rows_pending(hx_ptr, prev, prow, mb, P, KC, SENTINEL)
+                    spins += 1
+                budget = _spin_budget(arrived, budget, sync_ptr)
+            else:
+                acc = _lstmp_gate_dots(hx_ptr, prev, prow, mb, w_g, whh_ptr, col_n, mn, s,
+                                       BLOCK_B, NG, P, KC, NKP, CHUNKS_PER_TRIP, RESIDENT,
+                                       POLL, PREC, ACC)  # fmt: skip
+            a0, a1, a2, a3 = _split_gates(acc, BLOCK_B, BH, GP)
+            x0, x1, x2, x3 = _split_gates(x, BLOCK_B, BH, GP)
+            ig, fg, gg, og, c_new, m_new = _lstm_cell(x0, x1, x2, x3, a0, a1, a2, a3, cs)
+            cs = tl.where(v2, c_new, cs)
+            _store_exchange(mx_ptr + mrow + own, tl.where(v2, m_new, 0.0).to(hd), m_own,
+                            ASM and POLL)  # fmt: skip
+            if USE_BARRIER:
+                _barrier_arrive(sync_ptr)
+            elif not POLL:
+                tl.debug_barrier()
+            if SAVE:
+                wp = ws_ptr + toff * (NW * H) + wrow[:, None] + offs_j[None, :]
+                wd = ws_ptr.dtype.element_ty
+                tl.store(wp, tl.where(v2, ig, 0.0).to(wd), mask=m_own)
+                tl.store(wp + H, tl.where(v2, fg, 0.0).to(wd), mask=m_own)
+                tl.store(wp + 2 * H, tl.where(v2, gg, 0.0).to(wd), mask=m_own)
+                tl.store(wp + 3 * H, tl.where(v2, og, 0.0).to(wd), mask=m_own)
+                tl.store(wp + 4 * H, tl.where(v2, c_new, 0.0).to(wd), mask=m_own)
+            if USE_BARRIER:
+                _barrier_wait(sync_ptr, (k_bar + 1) * nprog, spin_max)
+        if PHASES >= 2:
+            # a program past P loads nothing (it only keeps step with the barriers)
+            mb_p = mb & (pid_h * BP < P)
+            if POLL:
+                hproj = tl.zeros([BLOCK_B, BP], dtype=ACC)
+                arrived = 0
+                complete = 0
+                spins = 0
+                while (arrived == 0) & (spins <= budget):
+                    hproj = _lstmp_proj_dots(mx_ptr, mrow, hrow, mb_p, w_r, whr_ptr, offs_p, mp,
+                                             BLOCK_B, BP, H, KC, NKC, CHUNKS_PER_TRIP,
+                                             RESIDENT, POLL, PREC, ACC)  # fmt: skip
+                    arrived = _product_arrived(hproj, complete)
+                    if arrived == 0:
+                        complete = 1 - _rows_pending(mx_ptr, mrow, hrow, mb_p, H, KC, SENTINEL)
+                    spins += 1
+                budget = _spin_budget(arrived, budget, sync_ptr)
+            else:
+                hproj = _lstmp_proj_dots(mx_ptr, mrow, hrow, mb_p, w_r, whr_ptr, offs_p, mp,
+                                         BLOCK_B, BP, H, KC, NKC, CHUNKS_PER_TRIP, RESIDENT,
+                                         POLL, PREC, ACC)  # fmt: skip
+            # h_t into its exchange row: t + 1 (forward) or t (reverse)
+            out = (t + 1 - REVERSE).to(tl.int64) * B64 * P
+            if SEPARATE_Y:
+                hs = tl.where(v2, hproj.to(hd).to(ACC), hs)
+                _store_exchange(hx_ptr + out + ownp, hs.to(hd), m_ownp, ASM and POLL)
+            else:
+                yv = tl.where(v2, hproj, 0.0).to(hd)
+                _store_exchange(hx_ptr + out + ownp, yv, m_ownp, ASM and POLL)
+                hs = tl.where(v2, yv.to(ACC), hs)
+            if USE_BARRIER:
+                if s + 1 < s_end:
+                    _barrier_arrive(sync_ptr)
+            elif not POLL:
+                tl.debug_barrier()
+            # work that needs nobody else's data, overlapping the barrier
+            if SEPARATE_Y:
+                tl.store(y_ptr + toff * P + ownp, tl.where(v2, hproj, 0.0).to(hd), mask=m_ownp)
+        if PHASES % 2 == 1:
+            tn = _time(s + 1, T, REVERSE)
+            xv = mb & (tn < L) & (s + 1 < s_end)
+            x = tl.load(
+                xg_ptr + tn.to(tl.int64) * B64 * (G * H) + xrow[:, None] + col_n[None, :],
+                mask=xv[:, None] & mn[None, :], other=0.0,
+            ).to(ACC)  # fmt: skip
+        if PHASES >= 2:
+            if USE_BARRIER:
+                if s + 1 < s_end:
+                    _barrier_wait(sync_ptr, (k_bar + 2) * nprog, spin_max)
+
+    tl.store(hs_ptr + ownp, hs, mask=m_ownp)
+    tl.store(cs_ptr + own, cs, mask=m_own)
+
+
+@triton.jit
+def _lstmp_dm_dots(dhp_ptr, toff, prow, valid, w_r, whr_ptr, offs_j, mj, s, H: tl.constexpr,
+                   P: tl.constexpr, KC: tl.constexpr, NKP: tl.constexpr, BLOCK_B: tl.constexpr,
+                   BH: tl.constexpr, RESIDENT: tl.constexpr, POLL: tl.constexpr,
+                   PREC: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
+    """The backward's second product, dm = dh_t (P wide) @ W_hr[:, own units], (BLOCK_B, BH):
+    every chunk's load first, then the dots."""
+    dp = ()
+    for i in tl.static_range(NKP):
+        offs_k = i * KC + tl.arange(0, KC)
+        dp = dp + (_load_rows(dhp_ptr, toff * P, prow, offs_k, valid, P, POLL),)
+    dm = tl.zeros([BLOCK_B, BH], dtype=ACC)
+    for i in tl.static_range(NKP):
+        if RESIDENT:
+            wk = w_r[i]
+        else:
+            offs_k = i * KC + tl.arange(0, KC)
+            wk = tl.load(whr_ptr + offs_k[:, None] * H + offs_j[None, :],
+                         mask=(offs_k < P)[:, None] & mj[None, :], other=0.0)  # fmt: skip
+        dm += tl.dot(dp[i], wk, _runtime_zeros(dm, s), input_precision=PREC, out_dtype=ACC)
+    return dm
+
+
+@triton.jit(do_not_specialize=["T", "B", "nrows", "s_begin", "s_end", "spin_max"])
+def _lstmp_bwd_kernel(
+    whh_ptr, whr_ptr, c0_ptr, len_ptr, ws_ptr, dy_ptr,
+    dxg_ptr, dhp_ptr, dhs_ptr, dcs_ptr, sync_ptr,
+    T, B, nrows, s_begin, s_end, spin_max,
+    G: tl.constexpr, GP: tl.constexpr, NW: tl.constexpr, H: tl.constexpr, P: tl.constexpr,
+    KC: tl.constexpr, NKC: tl.constexpr, NKP: tl.constexpr, BH: tl.constexpr,
+    BP: tl.constexpr, BLOCK_B: tl.constexpr, CHUNKS_PER_TRIP: tl.constexpr,
+    ON_CHIP: tl.constexpr, RESIDENT: tl.constexpr, HAS_LEN: tl.constexpr, REVERSE: tl.constexpr,
+    USE_BARRIER: tl.constexpr,
+    PHASES: tl.constexpr, POLL: tl.constexpr, ASM: tl.constexpr, SENTINEL: tl.constexpr,
+    PREC: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    """Backward of `_lstmp_fwd_kernel`, steps s in [0, T] (step s < T handles forward step
+    T-1-s; step T only folds the first step's dgates into dh0), two phases per step:
+    1. program p owns outputs [p*BP, p*BP+BP): dh_t = carry + dgates_{next} @ W_hh[:, own]
+       (K = 4H, dgates from dxg) + dy_t, stored to dhp[t] (the exchange buffer, and dW_hr's
+       input);
+    2. program p owns units [p*BH, p*BH+BH): dm = dh_t (B, P) @ W_hr[:, own] (K = P), the
+       LSTM gate backward with dm for dh, dgates to dxg[t].
+    A grid barrier follows each phase, or (POLL) none: dxg and dhp start as the sentinel and
+    are polled (PHASES as in the forward)."""
+    pid_h = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    nprog = tl.num_programs(0) * tl.num_programs(1)
+    offs_j = pid_h * BH + tl.arange(0, BH)
+    mj = offs_j < H
+    offs_p = pid_h * BP + tl.arange(0, BP)
+    mp = offs_p < P
+    offs_b, mb, L = _row_tile(pid_b, nrows, T, len_ptr, BLOCK_B, HAS_LEN)
+    m_own = mb[:, None] & mj[None, :]
+    m_ownp = mb[:, None] & mp[None, :]
+    B64 = B.to(tl.int64)
+    hrow = offs_b.to(tl.int64) * H
+    prow = offs_b.to(tl.int64) * P
+    xrow = offs_b.to(tl.int64) * (G * H)
+    wrow = offs_b.to(tl.int64) * (NW * H)
+    own = hrow[:, None] + offs_j[None, :]
+    ownp = prow[:, None] + offs_p[None, :]
+    xd = dxg_ptr.dtype.element_ty
+    budget = spin_max
+
+    # carries: dh of the own outputs (P wide), dc of the own units
+    dh_c = tl.load(dhs_ptr + ownp, mask=m_ownp, other=0.0).to(ACC)
+    dc_c = tl.load(dcs_ptr + own, mask=m_own, other=0.0).to(ACC)
+    if RESIDENT:
+        # W_hh[:, own outputs] as NKC (GP, KC, BP) chunks (gates as the batch dimension of a
+        # 3-D dot, as in the unprojected backward); W_hr[:, own units] as NKP (KC, BH) chunks
+        w_g = ()
+        for i in tl.static_range(NKC):
+            offs_k = i * KC + tl.arange(0, KC)
+            w_g = w_g + (_load_whh_cols(whh_ptr, offs_k, offs_p, mp, G, GP, H, P),)
+        w_r = ()
+        for i in tl.static_range(NKP):
+            offs_k = i * KC + tl.arange(0, KC)
+            w_r = w_r + (
+                tl.load(whr_ptr + offs_k[:, None] * H + offs_j[None, :],
+                        mask=(offs_k < P)[:, None] & mj[None, :], other=0.0),
+            )  # fmt: skip
+    else:
+        w_g = ()  # streamed: the products load them
+        w_r = ()
+
+    for s in range(s_begin, s_end):
+        t = _time(T - 1 - s, T, REVERSE)
+        valid = mb & (t < L) & (s < T)
+        v2 = valid[:, None]
+        toff = t.to(tl.int64) * B64
+        k_bar = 2 * (s - s_begin)
+        if PHASES % 2 == 1:
+            # the forward step after this one (processed by the previous backward step)
+            if REVERSE:
+                tn = t - 1
+            else:
+                tn = t + 1
+            # (a program past P loads nothing: it only keeps step with the barriers)
+            nvalid = mb & (s > 0) & (tn < L) & (pid_h * BP < P)
+            if POLL:
+                rec = tl.zeros([BLOCK_B, BP], dtype=ACC)
+                arrived = 0
+                complete = 0
+                spins = 0
+                while (arrived == 0) & (spins <= budget):
+                    rec = _dgates_dots(dxg_ptr, dxg_ptr, tn, B64, xrow, hrow, nvalid, w_g,
+                                       whh_ptr, offs_p, mp, s, LSTM, G, GP, H, P, KC, NKC,
+                                       BLOCK_B, BP, CHUNKS_PER_TRIP, RESIDENT, BLOCK_B < 64,
+                                       POLL, PREC, ACC)  # fmt: skip
+                    arrived = _product_arrived(rec, complete)
+                    if arrived == 0:
+                        row_off = tn.to(tl.int64) * B64 * (G * H)
+                        complete = 1 - _rows_pending(dxg_ptr, row_off, xrow, nvalid, G * H, KC,
+                                                     SENTINEL)  # fmt: skip
+                    spins += 1
+                budget = _spin_budget(arrived, budget, sync_ptr)
+            else:
+                rec = _dgates_dots(dxg_ptr, dxg_ptr, tn, B64, xrow, hrow, nvalid, w_g, whh_ptr,
+                                   offs_p, mp, s, LSTM, G, GP, H, P, KC, NKC, BLOCK_B, BP,
+                                   CHUNKS_PER_TRIP, RESIDENT, BLOCK_B < 64, POLL, PREC,
+                                   ACC)  # fmt: skip
+            dh_c += rec
+            dy = tl.load(dy_ptr + toff * P + ownp, mask=v2 & mp[None, :], other=0.0).to(ACC)
+            dh = dh_c + dy
+            # rows past a sequence's end: dhp 0, the carry rides on to the sequence's end
+            _store_exchange(dhp_ptr + toff * P + ownp, tl.where(v2, dh, 0.0).to(xd),
+                            m_ownp & (s < T), ASM and POLL)  # fmt: skip
+            dh_c = tl.where(v2, 0.0, dh_c)
+            if USE_BARRIER:
+                if s < T:
+                    _barrier_arrive(sync_ptr)
+            elif not POLL:
+                tl.debug_barrier()
+        if PHASES >= 2:
+            # the own units' saved fields and c_{t-1}, overlapping the barrier
+            mv = v2 & mj[None, :]
+            f0, f1, f2, f3, f4 = _load_fields(ws_ptr, toff * (NW * H) + wrow, offs_j, mv, H, NW,
+                                              ACC)  # fmt: skip
+            # c_{t-1}: the saved c of the previous step, c0 at a sequence's first step
+            if REVERSE:
+                tp = t + 1
+            else:
+                tp = t - 1
+            pvalid = valid & (tp >= 0) & (tp < L)
+            first = valid & ~pvalid
+            pv = tl.load(ws_ptr + tp.to(tl.int64) * B64 * (NW * H) + wrow[:, None] + 4 * H
+                         + offs_j[None, :], mask=pvalid[:, None] & mj[None, :],
+                         other=0.0).to(ACC)  # fmt: skip
+            pv += tl.load(c0_ptr + own, mask=first[:, None] & mj[None, :], other=0.0).to(ACC)
+        if PHASES % 2 == 1:
+            if USE_BARRIER:
+                if s < T:
+                    _barrier_wait(sync_ptr, (k_bar + 1) * nprog, spin_max)
+        if PHASES >= 2:
+            if POLL:
+                dm = tl.zeros([BLOCK_B, BH], dtype=ACC)
+                arrived = 0
+                complete = 0
+                spins = 0
+                while (arrived == 0) & (spins <= budget):
+                    dm = _lstmp_dm_dots(dhp_ptr, toff, prow, valid, w_r, whr_ptr, offs_j, mj, s,
+                                        H, P, KC, NKP, BLOCK_B, BH, RESIDENT, POLL, PREC,
+                                        ACC)  # fmt: skip
+                    arrived = _product_arrived(dm, complete)
+                    if arrived == 0:
+                        complete = 1 - _rows_pending(dhp_ptr, toff * P, prow, valid, P, KC,
+                                                     SENTINEL)  # fmt: skip
+                    spins += 1
+                budget = _spin_budget(arrived, budget, sync_ptr)
+            else:
+                dm = _lstmp_dm_dots(dhp_ptr, toff, prow, valid, w_r, whr_ptr, offs_j, mj, s, H, P,
+                                    KC, NKP, BLOCK_B, BH, RESIDENT, POLL, PREC, ACC)  # fmt: skip
+            d0, d1, d2, d3, dc = _lstm_cell_backward(dm, dc_c, f0, f1, f2, f3, f4, pv)
+            dc_c = tl.where(v2, dc * f1, dc_c)
+            ms = m_own & (s < T)
+            gp = dxg_ptr + toff * (G * H) + xrow[:, None] + offs_j[None, :]
+            relaxed: tl.constexpr = ASM and POLL
+            _store_exchange(gp, tl.where(v2, d0, 0.0).to(xd), ms, relaxed)
+            _store_exchange(gp + H, tl.where(v2, d1, 0.0).to(xd), ms, relaxed)
+            _store_exchange(gp + 2 * H, tl.where(v2, d2, 0.0).to(xd), ms, relaxed)
+            _store_exchange(gp + 3 * H, tl.where(v2, d3, 0.0).to(xd), ms, relaxed)
+            if USE_BARRIER:
+                if s + 1 < s_end:
+                    _barrier_arrive(sync_ptr)
+                    _barrier_wait(sync_ptr, (k_bar + 2) * nprog, spin_max)
+            elif not POLL:
+                tl.debug_barrier()
+
+    tl.store(dhs_ptr + ownp, dh_c, mask=m_ownp)
+    tl.store(dcs_ptr + own, dc_c, mask=m_own)
