@@ -525,10 +525,12 @@ def test_gpu_ksplit_module_matches_torch_nn(monkeypatch, gpu_report, dtype, cell
 @pytest.mark.gpu
 @pytest.mark.slow
 @pytest.mark.parametrize("direction", ["forward", "backward"])
-def test_gpu_ksplit_every_layout_matches_reference(monkeypatch, gpu_report, direction):
+def test_gpu_ksplit_every_layout_matches_reference(request, monkeypatch, gpu_report, direction):
     """Every instantiation's layout (cluster size, m-tiles a warp, n-tiles) and every
     warps-per-m-tile count, forced on one small LSTM bf16 shape, against the float64
-    reference (one NVRTC compile each: slow)."""
+    reference (one NVRTC compile each: slow, so only with -m 'gpu and slow')."""
+    if "slow" not in (request.config.getoption("markexpr") or ""):
+        pytest.skip("every K-split layout: run with -m 'gpu and slow'")
     from gpurnn.backends.cupy.plan import KSPLIT_CLUSTER_SIZES, KSPLIT_M_PER_WARP
     from gpurnn.backends.cupy.plan_ksplit import K_WARPS
 
