@@ -152,3 +152,36 @@ def test_debug_bounds_switch(monkeypatch, value, checked):
     else:
         monkeypatch.setenv("GPURNN_DEBUG_BOUNDS", value)
     assert cupy_compile.debug_bounds() is checked
+
+
+def test_variant_choice_on_an_h100(monkeypatch):
+    """Which variant `plan` picks, on a stand-in H100's properties: `auto` is the grid
+    kernels until the K-split variant's GPU tests passed on the card, then K-split where it
+    has a plan (falling back to the grid kernels where not); `ksplit` forced says why it
+    has no plan."""
+    from types import SimpleNamespace
+
+    props = SimpleNamespace(multi_processor_count=132, shared_memory_per_block_optin=227 * 1024,
+                            major=9)  # fmt: skip
+    monkeypatch.setattr(cupy_backend.torch.cuda, "get_device_properties", lambda device: props)
+    dev = torch.device("cuda", 0)
+    cleared = {"yes": False}
+    monkeypatch.setattr(cupy_backend.CupyBackend, "_ksplit_cleared",
+                        staticmethod(lambda device: cleared["yes"]))  # fmt: skip
+    auto = cupy_backend.CupyBackend()
+    assert auto.plan("forward", "lstm", torch.bfloat16, 768, 16, dev).variant == "grid"
+    cleared["yes"] = True
+    assert auto.plan("forward", "lstm", torch.bfloat16, 768, 16, dev).variant == "ksplit"
+    assert auto.plan("backward", "gru", torch.float16, 768, 64, dev).variant == "ksplit"
+    # too large for a resident K-split grid: the grid kernels, where they fit
+    big = auto.plan("forward", "rnn_tanh", torch.bfloat16, 4096, 16, dev)
+    assert big is None or big.variant == "grid"
+    assert auto.plan("forward", "lstm", torch.bfloat16, 768, 16, dev, proj=128).proj == 128
+    monkeypatch.setenv("GPURNN_CUPY_VARIANT", "ksplit")
+    forced = cupy_backend.CupyBackend()
+    assert forced.plan("forward", "lstm", torch.bfloat16, 4096, 16, dev) is None
+    with pytest.raises(RuntimeError, match="no K-split plan(.|\n)*grid kernels run it"):
+        forced._plan_or_raise("forward", "lstm", torch.bfloat16, 4096, 16, dev)
+    monkeypatch.setenv("GPURNN_CUPY_VARIANT", "bogus")
+    with pytest.raises(ValueError, match="ksplit"):
+        cupy_backend.CupyBackend()

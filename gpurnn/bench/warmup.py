@@ -151,10 +151,17 @@ def main(argv=None) -> int:
     parser.add_argument("--bench", help="bench shapes: 'quick' or shape:dtype,...")
     parser.add_argument("--bench-backends", default="gpurnn-triton",
                         help="(default: %(default)s)")  # fmt: skip
-    parser.add_argument("--check", metavar="DTYPES",
-                        help="`gpurnn check`'s triton cases in these dtypes, e.g. bf16,fp16,fp32")
-    parser.add_argument("--pytest", action="append", default=[],
-                        help="pytest arguments whose tests to warm up (repeatable)")
+    parser.add_argument(
+        "--check",
+        metavar="DTYPES",
+        help="`gpurnn check`'s triton cases in these dtypes, e.g. bf16,fp16,fp32",
+    )
+    parser.add_argument(
+        "--pytest",
+        action="append",
+        default=[],
+        help="pytest arguments whose tests to warm up (repeatable)",
+    )
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                         help="processes (default: the cores, %(default)s)")  # fmt: skip
     parser.add_argument("--limit", type=float, default=60, help="seconds (default: %(default)s)")
@@ -198,8 +205,10 @@ def main(argv=None) -> int:
             if "error" in r:
                 errors.append(r["error"])
     took = time.perf_counter() - start
-    print(f"warm-up: {built} kernels built for {n_commands} commands by {jobs} processes "
-          f"in {took:.1f} s" + (f"; {len(errors)} workers failed: {errors[0]}" if errors else ""))
+    print(
+        f"warm-up: {built} kernels built for {n_commands} commands by {jobs} processes "
+        f"in {took:.1f} s" + (f"; {len(errors)} workers failed: {errors[0]}" if errors else "")
+    )
     return 0
 
 

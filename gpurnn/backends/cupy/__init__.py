@@ -171,6 +171,16 @@ class CupyBackend(Backend):
 
     def _plan_or_raise(self, direction, cell, dtype, H, B, device, proj=0) -> Plan:
         plan = self.plan(direction, cell, dtype, H, B, device, proj=proj)
+        if plan is None and self.variant == "ksplit" and not proj:
+            props = torch.cuda.get_device_properties(device)
+            choice = plan_ksplit_launch(direction, cell, dtype, H, B,
+                                        sm_count=props.multi_processor_count,
+                                        smem_limit=props.shared_memory_per_block_optin,
+                                        has_clusters=props.major >= 9)  # fmt: skip
+            raise RuntimeError(
+                f"gpurnn cupy: no K-split plan (GPURNN_CUPY_VARIANT=ksplit):\n"
+                f"{choice.describe()}\nuse GPURNN_CUPY_VARIANT=auto or grid"
+            )
         if plan is None:
             shape = f"hidden_size={H}" + (f" proj_size={proj}" if proj else "")
             raise RuntimeError(
