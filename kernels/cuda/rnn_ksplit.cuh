@@ -258,6 +258,7 @@ __device__ __forceinline__ void ksplit_forward_body(const ForwardArgs& a, const 
   const int cluster = static_cast<int>(blockIdx.x) / C;
   const int ctas = static_cast<int>(gridDim.x);
   const int span = ksplit_unit_span(p), owned = ksplit_rank_units(p, rank);
+  const int k0 = rank * KT * MmaTile<Elem>::kK;  // this CTA's K slice starts here
   const S* xg = static_cast<const S*>(a.xg);
   S* y = static_cast<S*>(a.y);
   S* xbuf = static_cast<S*>(k.xbuf);
@@ -273,7 +274,8 @@ __device__ __forceinline__ void ksplit_forward_body(const ForwardArgs& a, const 
   const int n_items = owned * kCols;
   for (int i = threadIdx.x; i < owned * B; i += kThreads) {  // publish h0
     const int j = cluster * p.U + ksplit_unit(p, rank, i % owned), b = i / owned;
-    if (j < H) xbuf[exchange_at(0, b, j, k.rows, k.ldx)] = Elem::from_float(a.h_state[at(b, j, B, H)]);
+    if (j < H)
+      xbuf[exchange_at(0, b, j, k.rows, k.ldx)] = Elem::from_float(a.h_state[at(b, j, B, H)]);
   }
   barrier.arrive();
 
@@ -288,7 +290,7 @@ __device__ __forceinline__ void ksplit_forward_body(const ForwardArgs& a, const 
       KSliceReader<Elem> x[N_TILES];
 #pragma unroll
       for (int nt = 0; nt < N_TILES; ++nt)
-        x[nt] = KSliceReader<Elem>{xbuf, read_plane(s), r0 + 8 * nt, k.rows, k.ldx, rank * KT * MmaTile<Elem>::kK};
+        x[nt] = KSliceReader<Elem>{xbuf, read_plane(s), r0 + 8 * nt, k.rows, k.ldx, k0};
       float acc[N_TILES][MW][4];
       ksplit_warp_gemm<Elem, MW, N_TILES>(mem.frag, KT, p.KW, x, active, acc);
       red.template send<N_TILES>(acc, fill);
@@ -347,6 +349,7 @@ __device__ __forceinline__ void ksplit_backward_body(const BackwardArgs& a, cons
   const int cluster = static_cast<int>(blockIdx.x) / C;
   const int ctas = static_cast<int>(gridDim.x);
   const int owned = ksplit_rank_units(p, rank);
+  const int k0 = rank * KT * MmaTile<Elem>::kK;  // this CTA's K slice starts here
   const S* y = static_cast<const S*>(a.y);
   const S* dy = static_cast<const S*>(a.dy);
   S* dxg = static_cast<S*>(a.dxg);
@@ -373,7 +376,7 @@ __device__ __forceinline__ void ksplit_backward_body(const BackwardArgs& a, cons
       KSliceReader<Elem> x[N_TILES];
 #pragma unroll
       for (int nt = 0; nt < N_TILES; ++nt)
-        x[nt] = KSliceReader<Elem>{xbuf, read_plane(s), r0 + 8 * nt, k.rows, k.ldx, rank * KT * MmaTile<Elem>::kK};
+        x[nt] = KSliceReader<Elem>{xbuf, read_plane(s), r0 + 8 * nt, k.rows, k.ldx, k0};
       float acc[N_TILES][MW][4];
       ksplit_warp_gemm<Elem, MW, N_TILES>(mem.frag, KT, p.KW, x, active, acc);
       red.template send<N_TILES>(acc, fill);
@@ -416,7 +419,8 @@ __device__ __forceinline__ void ksplit_backward_body(const BackwardArgs& a, cons
 #pragma unroll
         for (int g = 0; g < G; ++g) {
           dxg[at(row.cur, g * H + j, TB, G * H)] = Elem::from_float(da[g]);
-          xbuf[exchange_at(write_plane(s), b, g * H + j, k.rows, k.ldx)] = Elem::from_float(dhid[g]);
+          xbuf[exchange_at(write_plane(s), b, g * H + j, k.rows, k.ldx)] =
+              Elem::from_float(dhid[g]);
         }
         if (G == 3 && dhn) dhn[at(row.cur, j, TB, H)] = Elem::from_float(dhid[G - 1]);
       }
