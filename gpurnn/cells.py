@@ -18,9 +18,10 @@ Workspace: (T, B, F*H) for F fields, field k of unit j at column k*H + j:
     lstm  i, f, g, o (activations), c (cell state after the step)
     gru   r, z, n (activations), hn = W_hn h + b_hn
     rnn   h (the activation, before rounding to the output dtype)
-The plain RNN's one field is its output, which y already holds: the torch loop and the
-CUDA kernels read it from y and keep no workspace (`saved_fields(cell, from_output=True)`);
-the Triton kernels keep it unrounded. The loop keeps its fields in the gate math's dtype
+The plain RNN's one field is its output, which y already holds: the CUDA kernels read it
+from y and keep no workspace (`saved_fields(cell, from_output=True)`); the Triton kernels
+keep it unrounded, and so does the torch loop, whose backward never reads y (the caller
+may modify y in place). The loop keeps its fields in the gate math's dtype
 (fp32 for 16-bit inputs), the CUDA kernels in fp32, the Triton kernels in the input dtype
 (half the memory traffic for 16-bit inputs). The numpy backend keeps none: its backward
 reruns the reference.

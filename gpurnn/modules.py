@@ -19,7 +19,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 from gpurnn import functional, native
 from gpurnn.backends import BACKENDS, choose_backend
 from gpurnn.cells import MODE_TO_CELL
-from gpurnn.recurrence import check_sequence_length
+from gpurnn.recurrence import check_sequence_length, under_func_transform
 
 __all__ = ["RNN", "LSTM", "GRU", "RNNCell", "LSTMCell", "GRUCell"]
 
@@ -60,13 +60,18 @@ def _compute_dtype(input: Tensor) -> torch.dtype:
     return input.dtype
 
 
-def _runs_natively(backend_name: str) -> bool:
-    # under torch.compile the primitive (a custom op) runs instead: Dynamo traces it
+def _native_allowed() -> bool:
+    # under torch.compile the primitive (a custom op) runs instead: Dynamo traces it; under
+    # torch.func transforms too: torch's native RNN ops have no batching rule
     return (
         not torch.compiler.is_compiling()
-        and backend_name == "torch"
+        and not under_func_transform()
         and native.native_layers_enabled()
     )
+
+
+def _runs_natively(backend_name: str) -> bool:
+    return backend_name == "torch" and _native_allowed()
 
 
 class _RNNBase(nn.RNNBase):
@@ -138,7 +143,7 @@ class _RNNBase(nn.RNNBase):
         backend = choose_backend(
             self.backend, cell, input.device, _compute_dtype(input), self.proj_size > 0,
             self.hidden_size, None if compiling else max_batch_size,
-            torch_native=not compiling and native.native_layers_enabled(),
+            torch_native=_native_allowed(),
         )  # fmt: skip
         if _runs_natively(backend):
             self._update_flat_weights()
@@ -287,6 +292,17 @@ class _CellBase(nn.RNNCellBase):
         is_lstm = cell == "lstm"
         if input.dim() not in (1, 2):
             raise ValueError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
+        if hx is not None:
+            # torch.nn's errors (its C++ argument parser's TypeError), not a confusing
+            # split of a Tensor along its first dimension
+            if is_lstm and not isinstance(hx, (tuple, list)):
+                raise TypeError(
+                    f"{name}: hx must be a tuple of Tensors (h_0, c_0), not {type(hx).__name__}"
+                )
+            if not is_lstm and not isinstance(hx, Tensor):
+                raise TypeError(f"{name}: hx must be a Tensor, not {type(hx).__name__}")
+            if is_lstm and len(hx) != 2:
+                raise RuntimeError(f"{name}: expects two hidden states (h_0, c_0), got {len(hx)}")
         states = () if hx is None else (tuple(hx) if is_lstm else (hx,))
         for idx, value in enumerate(states):
             if value.dim() not in (1, 2):

@@ -48,6 +48,11 @@ class Backend(ABC):
     # False when `backward` works from the workspace and outputs alone, so the custom op
     # need not keep the (T, B, G*H) input projection alive until backward; xg is then None.
     backward_uses_xg: bool = True
+    # False when `backward` never reads y (it then receives None): the custom op keeps no
+    # reference to the y it returns, so the caller may modify y in place before backward,
+    # as torch.nn's CPU layers allow. Where it is True, doing so raises autograd's
+    # version-counter error in backward, as torch.nn's cuDNN (and oneDNN) layers do.
+    backward_uses_y: bool = True
 
     def unavailable_reason(self) -> str | None:
         """None when the backend can run on this machine, else why it cannot."""
@@ -91,4 +96,5 @@ class Backend(ABC):
         dh_T: Tensor,
         dc_T: Tensor | None,
     ) -> Grads:
-        """Gradients of the inputs, given those of (y, h_T, c_T); dc_T is None unless LSTM."""
+        """Gradients of the inputs, given those of (y, h_T, c_T); dc_T is None unless LSTM,
+        y None unless `backward_uses_y`."""

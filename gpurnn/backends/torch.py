@@ -8,7 +8,12 @@ backend="torch" skip it and call PyTorch's native layer functions: gpurnn.native
 
 The loop keeps what its backward needs in one workspace tensor, in the gate math's dtype
 (fp32 for 16-bit inputs), laid out as gpurnn.cells says: lstm i, f, g, o, c; gru r, z, n,
-hn; none for plain RNNs, whose output y already holds every h_t.
+hn; rnn h. Its backward never reads y: the states are rebuilt from the workspace (LSTM
+h = o * tanh(c), GRU's h by its own update), so the caller may modify y in place, as
+torch.nn's CPU layers allow.
+
+Masks select (torch.where), never multiply: a NaN or Inf in xg past a sequence's end
+reaches no output and no gradient (NaN * 0 is NaN).
 """
 
 from __future__ import annotations
@@ -16,13 +21,8 @@ from __future__ import annotations
 import torch
 
 from gpurnn.backends.base import Backend, Grads
-from gpurnn.backends.common import (
-    compute_dtype,
-    loop_workspace_shape,
-    previous_states,
-    step_mask,
-)
-from gpurnn.cells import GATES
+from gpurnn.backends.common import compute_dtype, previous_states, step_mask
+from gpurnn.cells import GATES, saved_fields
 
 
 def _step(cell, x, h, c, w_hh, b_hn, w_hr):
@@ -92,12 +92,39 @@ def weight_grads(cell, d_hidden, h_prev, b_hn, w_hr, dh_out, m):
     return dw_hh, db_hn, dw_hr
 
 
+def _states(cell, workspace, h_init, lengths, reverse, mask, w_hr):
+    """Every step's output state h_t (T, B, H_out), 0 past a sequence's end, rebuilt from
+    the workspace by the forward's own arithmetic: what y holds, without reading y."""
+    H = workspace.shape[-1] // len(saved_fields(cell))
+    if cell in ("rnn_tanh", "rnn_relu"):
+        return workspace  # its one field is h, kept masked
+    if cell == "lstm":
+        h = workspace[..., 3 * H : 4 * H] * torch.tanh(workspace[..., 4 * H :])
+        if w_hr is not None:
+            h = h @ w_hr.t()
+        return h if mask is None else torch.where(mask, h, 0)
+    T = workspace.shape[0]
+    z, n = workspace[..., H : 2 * H], workspace[..., 2 * H : 3 * H]
+    out = torch.empty_like(n)
+    h = h_init
+    for t in range(T - 1, -1, -1) if reverse else range(T):
+        h_new = (1 - z[t]) * n[t] + z[t] * h
+        if mask is None:
+            h = out[t] = h_new
+        else:
+            h = torch.where(mask[t], h_new, h)
+            out[t] = torch.where(mask[t], h_new, 0)
+    return out
+
+
 class TorchBackend(Backend):
     name = "torch"
     backward_uses_xg = False
+    backward_uses_y = False
 
     def workspace_spec(self, cell, T, B, H, dtype, save):
-        return loop_workspace_shape(cell, T, B, H, save), compute_dtype(dtype)
+        shape = (T, B, len(saved_fields(cell)) * H) if save else (0,)
+        return shape, compute_dtype(dtype)
 
     def forward(self, inputs, save):
         cell, xg, w_hh, h0, c0 = inputs.cell, inputs.xg, inputs.w_hh, inputs.h0, inputs.c0
@@ -111,39 +138,45 @@ class TorchBackend(Backend):
         c = None
         if cell == "lstm":
             c = c0.to(acc) if c0 is not None else xg.new_zeros(B, H, dtype=acc)
-        y = xg.new_zeros(T, B, w_hh.shape[1])
+        outputs = [None] * T  # stacked at the end rather than written into y: under
+        # torch.func.vmap, a batched value cannot be written into an unbatched tensor
         shape, _ = self.workspace_spec(cell, T, B, H, xg.dtype, save)
         workspace = xg.new_zeros(shape, dtype=acc)
         mask = step_mask(T, inputs.lengths, xg.device)
         for t in range(T - 1, -1, -1) if inputs.reverse else range(T):
-            h_new, c_new, saved = _step(cell, xg[t].to(acc), h, c, w_hh_, b_hn_, w_hr_)
+            x = xg[t].to(acc)
+            if mask is not None:  # padding never enters the arithmetic (nor its gradient)
+                x = torch.where(mask[t], x, 0)
+            h_new, c_new, saved = _step(cell, x, h, c, w_hh_, b_hn_, w_hr_)
             if mask is None:
-                h, c = h_new, c_new
-                y[t] = h_new
+                h, c, out = h_new, c_new, h_new
             else:
                 h = torch.where(mask[t], h_new, h)
                 c = torch.where(mask[t], c_new, c) if c is not None else None
-                y[t] = torch.where(mask[t], h_new, 0)
-            if workspace.numel():
-                workspace[t] = saved
+                out = torch.where(mask[t], h_new, 0)
+            outputs[t] = out.to(xg.dtype)
+            if save:  # a plain RNN's one field is its (unrounded) output
+                workspace[t] = saved if saved is not None else out
+        y = torch.stack(outputs) if T else xg.new_zeros(0, B, w_hh.shape[1])
         return y, h.to(xg.dtype), c.to(xg.dtype) if c is not None else None, workspace
 
     def backward(self, inputs, y, workspace, dy, dh_T, dc_T):
+        # y is not read (it may be None): see the module docstring
         cell, w_hh, h0, c0, lengths = inputs.cell, inputs.w_hh, inputs.h0, inputs.c0, inputs.lengths
         reverse, b_hn, w_hr = inputs.reverse, inputs.b_hn, inputs.w_hr
-        T, B, H_out = y.shape
+        T, B, H_out = dy.shape
         H = w_hh.shape[0] // GATES[cell]
         acc = workspace.dtype
         w_hh_ = w_hh.to(acc)
         w_hr_ = w_hr.to(acc) if w_hr is not None else None
-        y_ = y.to(acc)
-        h_init = h0.to(acc) if h0 is not None else y_.new_zeros(B, H_out)
+        mask = step_mask(T, lengths, dy.device)
+        h_init = h0.to(acc) if h0 is not None else dy.new_zeros(B, H_out, dtype=acc)
+        y_ = _states(cell, workspace, h_init, lengths, reverse, mask, w_hr_)
         h_prev = previous_states(y_, h_init, lengths, reverse)
         c_prev = None
         if cell == "lstm":
             c_init = c0.to(acc) if c0 is not None else y_.new_zeros(B, H)
             c_prev = previous_states(workspace[..., 4 * H :], c_init, lengths, reverse)
-        mask = step_mask(T, lengths, y.device)
         d_xg = y_.new_zeros(T, B, w_hh.shape[0])
         d_hidden = y_.new_zeros(T, B, w_hh.shape[0])
         dh_out = y_.new_zeros(T, B, H_out) if w_hr is not None else None
@@ -154,7 +187,7 @@ class TorchBackend(Backend):
             dh_t = dh + dy_[t]
             dx, dhid, dh_p, dc_p, _ = _step_backward(
                 cell,
-                workspace[t] if workspace.numel() else None,
+                workspace[t],
                 h_prev[t],
                 c_prev[t] if c_prev is not None else None,
                 y_[t],
@@ -164,10 +197,10 @@ class TorchBackend(Backend):
                 w_hr_,
             )
             if mask is not None:
-                dx, dhid = dx * mask[t], dhid * mask[t]
+                dx, dhid = torch.where(mask[t], dx, 0), torch.where(mask[t], dhid, 0)
                 dh_p = torch.where(mask[t], dh_p, dh)
                 dc_p = torch.where(mask[t], dc_p, dc) if dc is not None else None
-                dh_t = dh_t * mask[t]
+                dh_t = torch.where(mask[t], dh_t, 0)
             d_xg[t], d_hidden[t] = dx, dhid
             if dh_out is not None:
                 dh_out[t] = dh_t
@@ -178,7 +211,7 @@ class TorchBackend(Backend):
             m = o * torch.tanh(c_all)
         dw_hh, db_hn, dw_hr = weight_grads(cell, d_hidden, h_prev, b_hn, w_hr, dh_out, m)
         return Grads(
-            xg=d_xg.to(y.dtype),
+            xg=d_xg.to(dy.dtype),
             w_hh=dw_hh.to(w_hh.dtype),
             h0=dh.to(h0.dtype) if h0 is not None else None,
             c0=dc.to(c0.dtype) if c0 is not None else None,

@@ -14,7 +14,9 @@ Options (attributes of the backend object, defaults from the environment):
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 
 import torch
 from torch import Tensor
@@ -37,8 +39,26 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def _kernels_interpreted() -> bool:
+    """Whether the kernels were defined under TRITON_INTERPRET=1: `triton.jit` reads the
+    variable once, when it decorates a kernel, so setting it later changes nothing."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(_launch._recurrence_fwd_kernel, InterpretedFunction)
+
+
 def _c(t: Tensor | None) -> Tensor | None:
     return t.contiguous() if t is not None else None
+
+
+# Triton's interpreter is not thread-safe (while a kernel runs it swaps triton.language's
+# functions for its own, process-wide), so interpreted launches from several threads take
+# turns; compiled kernels need no lock.
+_INTERPRETER_LOCK = threading.RLock()
+
+
+def _launching():
+    return _INTERPRETER_LOCK if _kernels_interpreted() else contextlib.nullcontext()
 
 
 class TritonBackend(Backend):
@@ -58,6 +78,19 @@ class TritonBackend(Backend):
     def unavailable_reason(self) -> str | None:
         if _launch is None:
             return _IMPORT_ERROR
+        if _interpreting() and not _kernels_interpreted():
+            return (
+                "TRITON_INTERPRET=1 was set after gpurnn's Triton kernels were imported; "
+                "Triton reads it only when a kernel is defined: set it before the first "
+                "use of the triton backend (e.g. in the environment, or before "
+                "`import gpurnn`)"
+            )
+        if _kernels_interpreted() and not _interpreting():
+            return (
+                "gpurnn's Triton kernels were imported under TRITON_INTERPRET=1, which is "
+                "no longer set; they run only interpreted in this process (restart "
+                "without it to compile them)"
+            )
         if not (torch.cuda.is_available() or _interpreting()):
             return "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU, slowly)"
         return None
@@ -103,6 +136,10 @@ class TritonBackend(Backend):
     # ------------------------------------------------------------------ forward
 
     def _forward(self, inputs: Inputs, save: bool):
+        with _launching():
+            return self._launch_forward(inputs, save)
+
+    def _launch_forward(self, inputs: Inputs, save: bool):
         return _launch.forward(
             inputs.cell, inputs.xg.contiguous(), inputs.w_hh.contiguous(), _c(inputs.h0),
             _c(inputs.c0), _c(inputs.lengths), inputs.reverse, _c(inputs.b_hn), save,
@@ -132,11 +169,12 @@ class TritonBackend(Backend):
             y, _, _, workspace = self._forward(inputs, True)
         y = y.contiguous()
         workspace = workspace.contiguous()
-        dxg, dhn, dh0, dc0 = _launch.backward(
-            cell, w_hh, _c(h0), _c(c0), _c(lengths), reverse, y, workspace,
-            dy.contiguous(), dh_T.contiguous(), _c(dc_T) if cell == "lstm" else None,
-            w_hr=w_hr, precision=self.fp32_precision,
-        )  # fmt: skip
+        with _launching():
+            dxg, dhn, dh0, dc0 = _launch.backward(
+                cell, w_hh, _c(h0), _c(c0), _c(lengths), reverse, y, workspace,
+                dy.contiguous(), dh_T.contiguous(), _c(dc_T) if cell == "lstm" else None,
+                w_hr=w_hr, precision=self.fp32_precision,
+            )  # fmt: skip
 
         dw_hr = None
         if w_hr is not None:

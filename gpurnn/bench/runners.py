@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import abc
+import copy
 import dataclasses
 from collections.abc import Callable, Sequence
 
@@ -124,16 +125,76 @@ _TORCH_LAYERS = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn_tanh": nn.RNN}
 _TORCH_CELLS = {"lstm": nn.LSTMCell, "gru": nn.GRUCell, "rnn_tanh": nn.RNNCell}
 
 
+class Ensemble(nn.Module):
+    """Independent layers on the same input, run one after another (how an ensemble is
+    written without torch.func); outputs and states stacked along a new first dim."""
+
+    def __init__(self, members: Sequence[nn.Module]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x):
+        outs, states = zip(*(member(x) for member in self.members))
+        if isinstance(states[0], tuple):
+            return torch.stack(outs), tuple(torch.stack(s) for s in zip(*states))
+        return torch.stack(outs), torch.stack(states)
+
+
+class EnsembleRunner(Runner):
+    """A gpurnn layer called through torch.func.vmap over its members' stacked parameters,
+    the ensemble as one call."""
+
+    def __init__(self, base: Ensemble, layer: nn.Module):
+        from torch.func import functional_call, stack_module_state, vmap
+
+        for member in base.members:  # the members' own weights, in the gpurnn layer's shape
+            assert member.state_dict().keys() == layer.state_dict().keys()
+        copies = []
+        for member in base.members:
+            twin = copy.deepcopy(layer)
+            twin.load_state_dict(member.state_dict())
+            copies.append(twin)
+        self.params, self.buffers = stack_module_state(copies)
+        skeleton = copy.deepcopy(layer).to("meta")
+
+        def call(params, buffers, x):
+            return functional_call(skeleton, (params, buffers), (x,))
+
+        self.vmapped = vmap(call, in_dims=(0, 0, None))
+        self.E = len(copies)
+
+    def run(self, x):
+        out, hx = self.vmapped(self.params, self.buffers, x)
+        h_n, c_n = hx if isinstance(hx, tuple) else (hx, None)
+        return out, h_n, c_n
+
+    def named_grads(self):
+        return {
+            f"members.{i}.{name}": (p.grad[i] if p.grad is not None else None)
+            for name, p in self.params.items()
+            for i in range(self.E)
+        }
+
+    def zero_grad(self):
+        for p in self.params.values():
+            p.grad = None
+
+
 def make_base(shape: Shape, dtype, device) -> nn.Module:
-    """The torch.nn layer whose weights every implementation copies (seeded per shape)."""
+    """The torch.nn layer whose weights every implementation copies (seeded per shape);
+    for an ensemble, an Ensemble of that many."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_seed("weights", shape.id))
-        module = _TORCH_LAYERS[shape.cell](
-            shape.input_size,
-            shape.H,
-            num_layers=shape.layers,
-            bidirectional=shape.bidirectional,
-        )
+        layers = [
+            _TORCH_LAYERS[shape.cell](
+                shape.input_size,
+                shape.H,
+                num_layers=shape.layers,
+                bidirectional=shape.bidirectional,
+            )
+            for _ in range(shape.ensemble)
+        ]
+    module = Ensemble(layers) if shape.ensemble > 1 else layers[0]
     return module.to(device, dtype)
 
 
@@ -160,6 +221,8 @@ def _gpurnn_impl(backend: str) -> Impl:
             device=param.device,
             dtype=param.dtype,
         )
+        if shape.ensemble > 1:
+            return EnsembleRunner(base, module)
         module.load_state_dict(base.state_dict())
         return ModuleRunner(module)
 
