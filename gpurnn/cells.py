@@ -82,3 +82,22 @@ def unpack_workspace(cell: str, workspace, H: int, from_output: bool = False) ->
     T, B, _ = workspace.shape
     w = workspace.view(T, B, len(names), H)
     return {name: w[:, :, k] for k, name in enumerate(names)}
+
+
+# Cells only the regularized recurrence runs (gpurnn.regularized): they are no part of the
+# table above, which every fused kernel implements.
+#
+#     indrnn_tanh / indrnn_relu   h' = act(xg + u ⊙ h)   (u = w_hh, a vector of H)
+#
+# Li et al. 2018: each unit recurs on itself alone, so nothing is exchanged between units.
+INDRNN_CELLS = ("indrnn_tanh", "indrnn_relu")
+
+# LayerNorm's epsilon in the regularized cells (torch.nn.LayerNorm's default)
+LAYER_NORM_EPS = 1e-5
+
+
+def regularized_gate_count(cell: str) -> int:
+    """Gate blocks of H rows in xg, for every cell the regularized recurrence runs."""
+    if cell in INDRNN_CELLS:
+        return 1
+    return GATES[check_cell(cell)]

@@ -97,3 +97,9 @@ def failed_gpu_tests(card: str | None) -> frozenset[str]:
     if card in failed:
         return frozenset(failed[card])
     return frozenset(b for backends in failed.values() for b in backends)
+
+
+def gpu_tests_passed(name: str, card: str | None) -> bool:
+    """Whether the GPU tests recorded under `name` (a backend, or a variant of one such as
+    "cupy-ksplit") passed on this card at their latest conclusive run there."""
+    return name in load_table().get("passed_gpu_tests", {}).get(card, ())

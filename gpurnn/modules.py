@@ -8,6 +8,12 @@ those classes, and tracing gpurnn layers under torch.compile is part of the poin
 
 Each module takes one extra keyword, `backend=` ("auto", "triton", "cupy", "torch",
 "numpy"); see gpurnn.backends for how it combines with `use_backend` and GPURNN_BACKEND.
+
+And four regularizers, all off by default (off, a module is exactly torch.nn's, state_dict
+included): `zoneout=p`, `recurrent_dropout=p`, `dropconnect=p`, `layer_norm=True`; see
+gpurnn.regularized, and gpurnn.reference for the formulas. LayerNorm adds the parameters
+layer_norm_{ih,hh}_{weight,bias}_l{k}[_reverse] (G·H each) and, for LSTM,
+layer_norm_c_{weight,bias}_l{k}[_reverse] (H); cells name them without the suffix.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from gpurnn import functional, native
+from gpurnn import functional, native, regularized
 from gpurnn.backends import BACKENDS, choose_backend
 from gpurnn.cells import MODE_TO_CELL
 from gpurnn.recurrence import check_sequence_length, under_func_transform
@@ -74,15 +80,79 @@ def _runs_natively(backend_name: str) -> bool:
     return backend_name == "torch" and _native_allowed()
 
 
-class _RNNBase(nn.RNNBase):
+class _Regularizable:
+    """The regularizer keywords shared by layers and cells (gpurnn.regularized)."""
+
+    def _init_regularizers(self, cell, suffixes, zoneout, recurrent_dropout, dropconnect,
+                           layer_norm, factory):  # fmt: skip
+        regularized.check_rates(zoneout, recurrent_dropout, dropconnect)
+        self.zoneout = float(zoneout)
+        self.recurrent_dropout = float(recurrent_dropout)
+        self.dropconnect = float(dropconnect)
+        self.layer_norm = bool(layer_norm)
+        if self.layer_norm:
+            regularized.add_layer_norm(self, cell, suffixes, self.hidden_size, factory)
+
+    def _regularizers_repr(self) -> str:
+        s = "".join(
+            f", {name}={getattr(self, name)}"
+            for name in ("zoneout", "recurrent_dropout", "dropconnect")
+            if getattr(self, name, 0.0) > 0
+        )
+        return s + (", layer_norm=True" if getattr(self, "layer_norm", False) else "")
+
+    def _regularized_now(self) -> bool:
+        """Whether this call needs the regularized recurrence: eval-mode dropouts are the
+        identity, so a layer with only those runs the plain kernels in eval."""
+        return (
+            getattr(self, "layer_norm", False)
+            or getattr(self, "zoneout", 0.0) > 0
+            or (self.training and (getattr(self, "recurrent_dropout", 0.0) > 0
+                                   or getattr(self, "dropconnect", 0.0) > 0))
+        )  # fmt: skip
+
+    def _rates(self) -> dict:
+        return dict(
+            zoneout=getattr(self, "zoneout", 0.0),
+            recurrent_dropout=getattr(self, "recurrent_dropout", 0.0),
+            dropconnect=getattr(self, "dropconnect", 0.0),
+            training=self.training,
+        )
+
+
+class _RNNBase(_Regularizable, nn.RNNBase):
     """The forward shared by RNN, LSTM and GRU (torch.nn writes it out three times)."""
 
-    def __init__(self, mode: str, *args, backend: str | None = None, **kwargs):
+    def __init__(
+        self,
+        mode: str,
+        *args,
+        backend: str | None = None,
+        zoneout: float = 0.0,
+        recurrent_dropout: float = 0.0,
+        dropconnect: float = 0.0,
+        layer_norm: bool = False,
+        **kwargs,
+    ):
         super().__init__(mode, *args, **kwargs)
         self.backend = _check_backend_name(backend)
+        factory = {k: kwargs[k] for k in ("device", "dtype") if k in kwargs}
+        self._init_regularizers(
+            MODE_TO_CELL[mode], self._suffixes(), zoneout, recurrent_dropout, dropconnect,
+            layer_norm, factory,
+        )  # fmt: skip
+
+    def _suffixes(self) -> list[str]:
+        D = 2 if self.bidirectional else 1
+        layers = range(self.num_layers)
+        return [f"_l{k}" + ("_reverse" if d else "") for k in layers for d in range(D)]
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        regularized.reset_layer_norm(self)
 
     def extra_repr(self) -> str:
-        s = super().extra_repr()
+        s = super().extra_repr() + self._regularizers_repr()
         return s + (f", backend={self.backend!r}" if self.backend is not None else "")
 
     def forward(self, input, hx=None):
@@ -140,12 +210,17 @@ class _RNNBase(nn.RNNBase):
             c0 = c0.index_select(1, sorted_indices) if c0 is not None else None
 
         compiling = torch.compiler.is_compiling()
-        backend = choose_backend(
-            self.backend, cell, input.device, _compute_dtype(input), self.proj_size > 0,
-            self.hidden_size, None if compiling else max_batch_size,
-            torch_native=_native_allowed(),
-        )  # fmt: skip
-        if _runs_natively(backend):
+        if self._regularized_now():
+            backend = None
+        else:
+            backend = choose_backend(
+                self.backend, cell, input.device, _compute_dtype(input), self.proj_size > 0,
+                self.hidden_size, None if compiling else max_batch_size,
+                torch_native=_native_allowed(),
+            )  # fmt: skip
+        if backend is None:
+            output, h_n, c_n = self._forward_primitive(cell, input, batch_sizes, h0, c0, None)
+        elif _runs_natively(backend):
             self._update_flat_weights()
             output, h_n, c_n = native.native_rnn(
                 cell,
@@ -208,19 +283,29 @@ class _RNNBase(nn.RNNBase):
             x, lengths = pad_packed_sequence(PackedSequence(input, batch_sizes))
         else:
             x = input.transpose(0, 1) if self.batch_first else input
-        out, h_n, c_n = functional.rnn(
-            cell,
-            x,
-            h0,
-            c0,
-            functional.layer_weights(self),
-            num_layers=self.num_layers,
-            bidirectional=self.bidirectional,
-            dropout=self.dropout,
-            training=self.training,
-            lengths=lengths,
-            backend=backend_name,
-        )
+        if backend_name is None:  # regularized: each layer chooses its backend
+            ln = None
+            if self.layer_norm:
+                ln = regularized.layer_norm_weights(self, cell, self._suffixes())
+            out, h_n, c_n = regularized.rnn(
+                cell, x, h0, c0, functional.layer_weights(self), ln,
+                num_layers=self.num_layers, bidirectional=self.bidirectional,
+                dropout=self.dropout, lengths=lengths, backend=self.backend, **self._rates(),
+            )  # fmt: skip
+        else:
+            out, h_n, c_n = functional.rnn(
+                cell,
+                x,
+                h0,
+                c0,
+                functional.layer_weights(self),
+                num_layers=self.num_layers,
+                bidirectional=self.bidirectional,
+                dropout=self.dropout,
+                training=self.training,
+                lengths=lengths,
+                backend=backend_name,
+            )
         if batch_sizes is not None:
             out = pack_padded_sequence(out, lengths).data
         elif self.batch_first:
@@ -273,17 +358,30 @@ class GRU(_RNNBase):
 # ----------------------------------------------------------------------------------------
 
 
-class _CellBase(nn.RNNCellBase):
+class _CellBase(_Regularizable, nn.RNNCellBase):
+    """A cell's regularizers act on its one step: a call is a sequence of length one, so
+    recurrent_dropout and dropconnect draw their masks at every call (a layer keeps them
+    for the whole sequence)."""
+
     _cell: str
 
     def __init__(
-        self, input_size, hidden_size, bias, num_chunks, device=None, dtype=None, backend=None
-    ):
+        self, input_size, hidden_size, bias, num_chunks, device=None, dtype=None, backend=None,
+        zoneout=0.0, recurrent_dropout=0.0, dropconnect=0.0, layer_norm=False, cell=None,
+    ):  # fmt: skip
         super().__init__(input_size, hidden_size, bias, num_chunks, device=device, dtype=dtype)
         self.backend = _check_backend_name(backend)
+        factory = {"device": device, "dtype": dtype}
+        self._init_regularizers(
+            cell, [""], zoneout, recurrent_dropout, dropconnect, layer_norm, factory
+        )
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        regularized.reset_layer_norm(self)
 
     def extra_repr(self) -> str:
-        s = super().extra_repr()
+        s = super().extra_repr() + self._regularizers_repr()
         return s + (f", backend={self.backend!r}" if self.backend is not None else "")
 
     def forward(self, input: Tensor, hx=None):
@@ -340,11 +438,21 @@ class _CellBase(nn.RNNCellBase):
             )
         _check_parameters_device(self, input)
 
+        h, c = states[0], (states[1] if is_lstm else None)
+        if self._regularized_now():
+            ln = regularized.layer_norm_weights(self, cell, [""])[0] if self.layer_norm else None
+            weights = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+            h_new, c_new = regularized.cell_step(
+                cell, input, h, c, weights, ln, backend=self.backend, **self._rates()
+            )
+            if not is_batched:
+                h_new = h_new.squeeze(0)
+                c_new = c_new.squeeze(0) if c_new is not None else None
+            return (h_new, c_new) if is_lstm else h_new
         backend = choose_backend(
             self.backend, cell, input.device, _compute_dtype(input), False, self.hidden_size,
             None if torch.compiler.is_compiling() else input.size(0),
         )  # fmt: skip
-        h, c = states[0], (states[1] if is_lstm else None)
         if _runs_natively(backend):
             out = native.native_cell(
                 cell,
@@ -387,12 +495,14 @@ class RNNCell(_CellBase):
         dtype=None,
         *,
         backend=None,
+        **regularizers,
     ):
-        super().__init__(
-            input_size, hidden_size, bias, num_chunks=1, device=device, dtype=dtype, backend=backend
-        )
         if nonlinearity not in ("tanh", "relu"):
             raise ValueError(f"Unknown nonlinearity: {nonlinearity}")
+        super().__init__(
+            input_size, hidden_size, bias, num_chunks=1, device=device, dtype=dtype,
+            backend=backend, cell="rnn_" + nonlinearity, **regularizers,
+        )  # fmt: skip
         self.nonlinearity = nonlinearity
 
     @property
@@ -414,10 +524,12 @@ class LSTMCell(_CellBase):
         dtype=None,
         *,
         backend=None,
+        **regularizers,
     ):
         super().__init__(
-            input_size, hidden_size, bias, num_chunks=4, device=device, dtype=dtype, backend=backend
-        )
+            input_size, hidden_size, bias, num_chunks=4, device=device, dtype=dtype,
+            backend=backend, cell="lstm", **regularizers,
+        )  # fmt: skip
 
 
 class GRUCell(_CellBase):
@@ -434,7 +546,9 @@ class GRUCell(_CellBase):
         dtype=None,
         *,
         backend=None,
+        **regularizers,
     ):
         super().__init__(
-            input_size, hidden_size, bias, num_chunks=3, device=device, dtype=dtype, backend=backend
-        )
+            input_size, hidden_size, bias, num_chunks=3, device=device, dtype=dtype,
+            backend=backend, cell="gru", **regularizers,
+        )  # fmt: skip

@@ -173,6 +173,8 @@ def test_names_are_taken_in_any_case():
     assert args.backends == ["cudnn", "gpurnn-torch"] and args.modes == ["fwd"]
     args = parser.parse_args(["dispatch", "--record-gpu-tests", "Triton"])
     assert args.record_gpu_tests == "triton"
+    args = parser.parse_args(["dispatch", "--record-gpu-tests", "cupy-KSplit"])
+    assert args.record_gpu_tests == "cupy-ksplit"  # a variant recorded apart
 
 
 def test_a_mistake_from_a_plain_shell_shows_no_traceback():

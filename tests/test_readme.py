@@ -54,7 +54,8 @@ def test_every_block_is_run_or_says_why_not():
     assert len(every) >= 10, "the README's blocks were not found"
     # unmarked blocks of other languages would go unchecked
     assert {b["language"] for b in every} <= set(LANGUAGES), {b["language"] for b in every}
-    assert {b["section"] for b in RUN} >= {"Quick start", "Backends", "The primitive", "Deploying"}
+    sections = {"Quick start", "Backends", "The primitive", "Deploying", "Regularized layers"}
+    assert {b["section"] for b in RUN} >= sections
     # the GPU-only block says so to its reader too, not only to this test
     gpu = [b for b in every if b["why"] and "GPU" in b["why"]]
     assert gpu and all("bench" in b["code"] for b in gpu)
@@ -75,6 +76,11 @@ def test_python_block_runs_as_pasted(block, tmp_path, monkeypatch):
         assert isinstance(namespace["model"].rnn, gpurnn.GRU)
         assert namespace["scores"].shape == (8, 50, 10)
         assert torch.isfinite(namespace["scores"]).all()
+    if block["section"] == "Regularized layers" and "model" in namespace:
+        model = namespace["model"]
+        assert namespace["scores"].shape == (4, 20, 5)
+        assert model.rnn.layer_norm_c_weight_l1_reverse.grad is not None
+        assert not model.training
 
 
 @pytest.mark.parametrize("block", [b for b in RUN if b["language"] != "python"], ids=_id)

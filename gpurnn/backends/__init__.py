@@ -21,12 +21,14 @@ import os
 # not `import torch`: that would bind the name of our own submodule gpurnn.backends.torch
 import torch as _torch
 
-from gpurnn.backends.base import Backend, Grads, Inputs
+from gpurnn.backends.base import Backend, Grads, Inputs, LayerNormGrads, Regularization
 
 __all__ = [
     "Backend",
     "Grads",
     "Inputs",
+    "Regularization",
+    "LayerNormGrads",
     "BACKENDS",
     "available_backends",
     "get_backend",

@@ -21,15 +21,16 @@ import threading
 import torch
 from torch import Tensor
 
-from gpurnn.backends.base import Backend, Grads, Inputs
+from gpurnn.backends.base import Backend, Grads, Inputs, LayerNormGrads
 from gpurnn.backends.common import kernel_weight_grads, projection_grad
 
 try:  # triton is optional (e.g. macOS); the kernels module imports it at the top
+    from gpurnn.kernels.triton import independent as _independent
     from gpurnn.kernels.triton import launch as _launch
 
     _IMPORT_ERROR = None
 except ImportError as e:  # pragma: no cover - depends on the machine
-    _launch = None
+    _launch = _independent = None
     _IMPORT_ERROR = f"cannot import triton: {e}"
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -191,3 +192,37 @@ class TritonBackend(Backend):
             b_hn=db_hn,
             w_hr=dw_hr.to(w_hr.dtype) if dw_hr is not None else None,
         )
+
+    # ------------------------------------------------------------ regularized recurrences
+    # IndRNN (kernels/triton/independent.py: masks and zoneout fused into the step); the
+    # regularized LSTM/GRU/RNN are not in the kernels yet: refused by name, auto takes torch
+
+    def regularized_unsupported_reason(self, cell, device, dtype, projected, kinds):
+        from gpurnn.cells import INDRNN_CELLS
+
+        if cell not in INDRNN_CELLS:
+            return super().regularized_unsupported_reason(cell, device, dtype, projected, kinds)
+        return self.unsupported_reason("rnn_tanh", device, dtype, False)
+
+    def regularized_auto_reason(self, cell):
+        if torch.cuda.is_available():
+            # checked under the interpreter against the reference, not yet run on a GPU
+            return "the IndRNN kernel has not yet passed its GPU tests"
+        return None
+
+    def regularized_forward(self, inputs, reg, save):
+        y, h_T = _independent.forward(
+            inputs.cell, inputs.xg.contiguous(), inputs.w_hh.contiguous(), _c(inputs.h0),
+            _c(inputs.lengths), inputs.reverse, reg,
+        )  # fmt: skip
+        return y, h_T, None, inputs.xg.new_empty(0)
+
+    def regularized_backward(self, inputs, reg, y, workspace, dy, dh_T, dc_T):
+        h0 = inputs.h0
+        dxg, du, dh0 = _independent.backward(
+            inputs.cell, inputs.xg.contiguous(), inputs.w_hh.contiguous(), _c(h0),
+            _c(inputs.lengths), inputs.reverse, reg, y.contiguous(), dy.contiguous(),
+            dh_T.contiguous(),
+        )  # fmt: skip
+        grads = Grads(dxg, du, dh0 if h0 is not None else None, None, None, None)
+        return grads, LayerNormGrads()

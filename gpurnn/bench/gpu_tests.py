@@ -160,9 +160,8 @@ def record_gpu_tests(
     return record
 
 
-def failed_by_card(records: Iterable[dict]) -> dict[str, set[str]]:
-    """card -> backends whose latest conclusive record on that card failed (every card
-    with a conclusive record is a key, with an empty set if nothing failed)."""
+def _latest_conclusive(records: Iterable[dict]) -> dict[tuple[str, str], str]:
+    """(card, backend) -> status of its latest conclusive GPU test record."""
     latest: dict[tuple[str, str], tuple[str, str]] = {}
     for r in records:
         if r.get("status") not in CONCLUSIVE:
@@ -170,9 +169,24 @@ def failed_by_card(records: Iterable[dict]) -> dict[str, set[str]]:
         k = (r["card"], r["backend"])
         if r["date"] >= latest.get(k, ("", ""))[0]:
             latest[k] = (r["date"], r["status"])
+    return {k: status for k, (_, status) in latest.items()}
+
+
+def failed_by_card(records: Iterable[dict]) -> dict[str, set[str]]:
+    """card -> backends whose latest conclusive record on that card failed (every card
+    with a conclusive record is a key, with an empty set if nothing failed)."""
     failed: dict[str, set[str]] = {}
-    for (card, backend), (_, status) in latest.items():
+    for (card, backend), status in _latest_conclusive(records).items():
         failed.setdefault(card, set())
         if status == "failed":
             failed[card].add(backend)
     return failed
+
+
+def passed_by_card(records: Iterable[dict]) -> dict[str, set[str]]:
+    """card -> backends (or variants) whose latest conclusive record there passed."""
+    passed: dict[str, set[str]] = {}
+    for (card, backend), status in _latest_conclusive(records).items():
+        if status == "passed":
+            passed.setdefault(card, set()).add(backend)
+    return passed

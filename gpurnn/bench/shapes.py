@@ -18,6 +18,11 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 from gpurnn.cells import GATES
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# a shape's `regularizers` names one of these sets of gpurnn layer keywords
+REGULARIZERS = {
+    "ln": {"layer_norm": True},
+    "zo-rd": {"zoneout": 0.1, "recurrent_dropout": 0.25},
+}
 MODES = ("fwd", "fwdbwd")
 
 
@@ -33,6 +38,7 @@ class Shape:
     bidirectional: bool = False
     varlen: str = ""  # "": dense; "packed" / "padded": lengths uniform in [T/4, T]
     ensemble: int = 1  # > 1: that many independent layers on the same input (torch.func.vmap)
+    regularizers: str = ""  # "" or a key of REGULARIZERS
 
     @property
     def id(self) -> str:
@@ -49,7 +55,14 @@ class Shape:
             parts.append(f"I{self.input_size}")
         if self.varlen:
             parts.append(self.varlen)
+        if self.regularizers:
+            parts.append(self.regularizers)
         return "-".join(parts)
+
+    @property
+    def layer_keywords(self) -> dict:
+        """The regularizer keywords of the gpurnn layer (none for plain shapes)."""
+        return dict(REGULARIZERS[self.regularizers]) if self.regularizers else {}
 
     @property
     def single_layer(self) -> bool:
@@ -98,6 +111,9 @@ SHAPES: list[Shape] = [
     Shape("varlen", "lstm", 1024, 64, 768, 768, varlen="padded"),
     # a model ensemble: 8 LSTMs vmapped over stacked parameters vs a loop over cuDNN layers
     Shape("ensemble", "lstm", 1024, 16, 256, 256, ensemble=8),
+    # regularized LSTMs beside the plain flashrnn/lstm-T1024-B16-H768 and the cell loop that
+    # people write for them (no cuDNN kernel has them)
+    *(Shape("regularized", "lstm", 1024, 16, 768, 768, regularizers=r) for r in REGULARIZERS),
     # tiny shapes for CPU-only machines and the harness's own tests
     Shape("smoke", "lstm", 8, 2, 16, 16),
     Shape("smoke", "lstm", 8, 4, 16, 16),
@@ -108,6 +124,7 @@ SHAPES: list[Shape] = [
     Shape("smoke", "lstm", 8, 3, 16, 16, varlen="packed"),
     Shape("smoke", "lstm", 8, 3, 16, 16, varlen="padded"),
     Shape("smoke", "lstm", 8, 2, 16, 16, ensemble=2),
+    *(Shape("smoke", "lstm", 8, 2, 16, 16, regularizers=r) for r in REGULARIZERS),
 ]
 SUITES = tuple(dict.fromkeys(s.suite for s in SHAPES))
 

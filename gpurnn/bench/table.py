@@ -32,7 +32,12 @@ from pathlib import Path
 
 from gpurnn import dispatch
 from gpurnn.arguments import UsageError, names, run_command
-from gpurnn.bench.gpu_tests import failed_by_card, read_records, record_gpu_tests
+from gpurnn.bench.gpu_tests import (
+    failed_by_card,
+    passed_by_card,
+    read_records,
+    record_gpu_tests,
+)
 from gpurnn.bench.results import DEFAULT_CSV, REPO_ROOT
 from gpurnn.dispatch import CANDIDATES, key
 
@@ -113,7 +118,9 @@ def _table(cases: dict[tuple, tuple], excluded: set[str]) -> dict[str, list[str]
 
 def build(rows: Iterable[dict], test_records: Iterable[dict] = ()) -> dict:
     """The table from benchmark CSV rows (bench.FIELDS) and GPU test records
-    (TEST_FIELDS): "choices" over every card, "by_card", and "failed_gpu_tests"."""
+    (gpu_tests.FIELDS): "choices" over every card, "by_card", "failed_gpu_tests" and
+    "passed_gpu_tests"."""
+    test_records = list(test_records)
     failed = failed_by_card(test_records)
     cases = _cases(rows)
     cards = sorted({case[0] for case in cases})
@@ -126,6 +133,9 @@ def build(rows: Iterable[dict], test_records: Iterable[dict] = ()) -> dict:
         "choices": _table(cases, anywhere),
         "by_card": by_card,
         "failed_gpu_tests": {card: sorted(b) for card, b in sorted(failed.items())},
+        "passed_gpu_tests": {
+            card: sorted(b) for card, b in sorted(passed_by_card(test_records).items())
+        },
     }
 
 
@@ -147,9 +157,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--record-gpu-tests",
         metavar="BACKEND",
-        type=lambda text: names(CANDIDATES, "backend")(text)[0],
+        type=_tested_name,
         help="instead: append this backend's GPU test outcome (from --pytest-log and "
-        f"--exit-status) to the --gpu-tests file; one of {', '.join(CANDIDATES)}",
+        f"--exit-status) to the --gpu-tests file; one of {', '.join(CANDIDATES)}, or a "
+        "variant of one recorded apart (e.g. cupy-ksplit)",
     )
     parser.add_argument("--pytest-log", help="pytest -v -rA output of the GPU tests")
     parser.add_argument("--exit-status", type=int, help="pytest's (or timeout's) exit status")
@@ -159,6 +170,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="with --record-gpu-tests: how the run ended, in the caller's words (e.g. "
         "'skipped: the total limit was spent'), recorded beside what the log shows",
     )
+
+
+def _tested_name(text: str) -> str:
+    """A backend (any case), or a variant of one that its GPU tests record apart: the
+    backend's name, a dash, the variant's (cupy-ksplit)."""
+    backend, dash, variant = text.strip().lower().partition("-")
+    backend = names(CANDIDATES, "backend")(backend)[0]
+    if dash and not variant.replace("-", "").isalnum():
+        raise argparse.ArgumentTypeError(f"{text!r}: a variant is backend-name, e.g. cupy-ksplit")
+    return backend + dash + variant
 
 
 def _read_csv(path: Path) -> list[dict]:
