@@ -96,7 +96,7 @@ def _signature(fn, dt: str) -> dict[str, str]:
             sig[name] = ("*i64" if name == "len_ptr" else "*i32" if name == "sync_ptr"
                          else "*fp32" if name in ("hs_ptr", "cs_ptr", "dhs_ptr", "dcs_ptr")
                          else "*" + dt)  # fmt: skip
-        elif name in ("T", "B", "nrows", "s_begin", "s_end", "spin_max"):
+        elif name in ("T", "B", "nrows", "s_begin", "s_end", "wait_bound"):
             sig[name] = "i32"
     return sig
 
@@ -124,7 +124,8 @@ def compile_variant(v) -> dict:
             kw.update(SAVE=True, CHUNKS_PER_TRIP=plan.chunks_per_trip)
     elif bwd:
         fn = _recurrence_bwd_kernel
-        kw.update(CHUNKS_PER_TRIP=plan.chunks_per_trip, GP=_next_pow2(G))
+        kw.update(CHUNKS_PER_TRIP=plan.chunks_per_trip, GP=_next_pow2(G),
+                  KSPLIT=plan.k_split if _polls(plan) else 1)  # fmt: skip
     else:
         fn = _recurrence_fwd_kernel
         kw.update(GP=_next_pow2(G), SAVE=True)
@@ -151,6 +152,8 @@ def compile_variant(v) -> dict:
         desc += f" BP{plan.BP}"
     if bwd:
         desc += f" cpt{plan.chunks_per_trip}"
+        if kw.get("KSPLIT", 1) > 1:
+            desc += f" ks{kw['KSPLIT']}"
     if kw.get("POLL"):
         desc += " poll"
     return dict(plan=desc, regs=regs, stack=stack, local=local, smem=k.metadata.shared + shared,
