@@ -1,29 +1,42 @@
 #!/usr/bin/env bash
-# One prepared run on a GPU machine, at most TOTAL_LIMIT seconds (default 290: under five
-# minutes on a cold H100), most important first, each stage under its own time limit:
-#   1. the triton GPU tests, fast default set (-m "gpu and not slow"): the
-#      headline shapes, LSTM projections, then each kind of plan               TRITON_TESTS_LIMIT
-#   2. python -m gpurnn check (every backend vs the float64 reference)      CHECK_LIMIT
-#   3. python -m gpurnn bench --quick, cuDNN rows included                  BENCH_LIMIT
-#   4. benchmarks/step_timing.py: each kernel alone, µs per step vs cuDNN   STEP_LIMIT
-#   5. the cupy GPU tests                                                   CUPY_TESTS_LIMIT
-#   6. the plots                                                            PLOT_LIMIT
+# One prepared run on a GPU machine, most important first, at most TOTAL_LIMIT seconds (270:
+# one call on a cold H100/H200 with room to spare). Every stage runs under its own limit, and
+# the limits add up to at most the total (the script refuses to start otherwise):
+#   header         nvidia-smi                                                    HEADER_LIMIT
+#   smoke          the headline kernels (LSTM bf16 H=768 B=16, forward and backward, polled
+#                  and grid barrier) against the float64 reference, waits cut short, so a
+#                  protocol bug shows in seconds (their compiles warmed in parallel first) SMOKE_LIMIT
+#   l2 ping-pong   one hand-off between two programs through L2 (the model's round trip) PINGPONG_LIMIT
+#   warm-up        every Triton kernel the stages below launch, compiled in one process
+#                  per core without launching (gpurnn.bench.warmup)                      WARMUP_LIMIT
+#   step timing    each kernel alone, µs per step and failed polls per step, beside cuDNN,
+#                  headline cases first (gpurnn.bench.step_timing)                       STEP_LIMIT
+#   bench          python -m gpurnn bench --quick against cuDNN                          BENCH_LIMIT
+#   triton tests   the rest of the triton GPU tests (-m "gpu and not slow")              TRITON_TESTS_LIMIT
+#   record triton  what that stage says, per card, into gpu_tests.csv                   RECORD_LIMIT
+#   cupy tests     the cupy GPU tests                                                    CUPY_TESTS_LIMIT
+#   record cupy                                                                          RECORD_LIMIT
+#   plot           the plots of this run's bench rows                                    PLOT_LIMIT
 # A stage also stops where the total runs out; every stage runs even when an earlier one
-# failed, and each prints a line per case as it finishes (pytest -v per test), so a stage
-# stopped at its limit still says what passed. The exit status says whether all passed.
+# failed, and each prints a line per case as it finishes, so a stage cut at its limit still
+# says what passed. The exit status says whether all passed.
 #
-# Everything lands in $OUT (default ./out), seven files:
+# The GPU machine receives the working tree without .git: pass the commit it came from,
+#   GPURNN_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/device_check.sh
+# (rows say "unknown" otherwise, and the script says so at the start).
+#
+# Everything lands in $OUT (default ./out), eight files at most:
 #   device_check.log   this whole run's output
-#   gpu_tests.csv      per backend: passed / failed / incomplete / skipped on this card
-#   results.csv        bench rows (append to benchmarks/results.csv)
-#   step_timing.jsonl  one object per kernel-timing case
+#   gpu_tests.csv      per backend: passed / failed / incomplete (with why) / skipped here
+#   results.csv        bench rows and kernel rows (suite "kernel"): append to benchmarks/
+#   step_timing.jsonl  one object per kernel-timing case (plans, first-call times)
+#   l2_pingpong.jsonl  the hand-off latency
 #   speedup_vs_batch.png  speedup_vs_hidden.png  memory.png
-# then, in the checkout: append results.csv and gpu_tests.csv (without their headers) to
-# the files of the same names in benchmarks/ and run `python -m gpurnn dispatch --write`.
+# benchmarks/README.md says what to do with them in the checkout.
 #
 # DRY_RUN=1: the same stages with tiny cases, for a machine without a GPU (the test suite
 # runs it with a stand-in nvidia-smi on PATH). GPU tests run in one process at a time:
-# persistent kernels from two processes would compete for the SMs.
+# persistent kernels from two processes would compete for the SMs (the warm-up launches none).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,26 +44,45 @@ PY=${PYTHON:-python3}
 OUT=${OUT:-./out}
 DRY_RUN=${DRY_RUN:-0}
 # the dry run checks the script, not the GPU's times: on a CPU (maybe a busy one) every
-# interpreter start alone takes seconds, so its default limits are ten times longer
+# interpreter start alone takes seconds, so its default limits are longer
 slack=1
-[ "$DRY_RUN" = 1 ] && slack=10
-TOTAL_LIMIT=${TOTAL_LIMIT:-$((290 * slack))}
-TRITON_TESTS_LIMIT=${TRITON_TESTS_LIMIT:-$((150 * slack))}
-CHECK_LIMIT=${CHECK_LIMIT:-$((30 * slack))}
-BENCH_LIMIT=${BENCH_LIMIT:-$((60 * slack))}
-STEP_LIMIT=${STEP_LIMIT:-$((45 * slack))}
-CUPY_TESTS_LIMIT=${CUPY_TESTS_LIMIT:-$((20 * slack))}
-PLOT_LIMIT=${PLOT_LIMIT:-$((15 * slack))}
-# cupy is left out of the timed rows while its backward is wrong: a crash there (illegal
-# address) kills the CUDA context and every later row with it. Add gpurnn-cupy once fixed.
+[ "$DRY_RUN" = 1 ] && slack=4
+TOTAL_LIMIT=${TOTAL_LIMIT:-$((270 * slack))}
+HEADER_LIMIT=${HEADER_LIMIT:-$((5 * slack))}
+SMOKE_LIMIT=${SMOKE_LIMIT:-$((30 * slack))}
+PINGPONG_LIMIT=${PINGPONG_LIMIT:-$((5 * slack))}
+WARMUP_LIMIT=${WARMUP_LIMIT:-$((55 * slack))}
+STEP_LIMIT=${STEP_LIMIT:-$((55 * slack))}
+BENCH_LIMIT=${BENCH_LIMIT:-$((45 * slack))}
+TRITON_TESTS_LIMIT=${TRITON_TESTS_LIMIT:-$((40 * slack))}
+RECORD_LIMIT=${RECORD_LIMIT:-$((5 * slack))}
+CUPY_TESTS_LIMIT=${CUPY_TESTS_LIMIT:-$((15 * slack))}
+PLOT_LIMIT=${PLOT_LIMIT:-$((10 * slack))}
+# a stage is sent TERM this long before its limit and KILLed at it, so it never overruns
+GRACE=2
+
+# the smoke tests and the rest of the triton GPU tests
+SMOKE_TESTS=${SMOKE_TESTS:-"tests/test_triton_plans_gpu.py::test_exchange_kinds"}
+TRITON_TESTS=${TRITON_TESTS:-"tests/test_triton_gpu.py tests/test_triton_proj_gpu.py tests/test_triton_plans_gpu.py tests/test_l2_pingpong.py"}
+CUPY_TESTS=${CUPY_TESTS:-"tests/test_cupy_backend.py"}
+# cupy is left out of the timed rows until its GPU tests pass on a card: a crash there
+# (illegal address) kills the CUDA context and every later row with it
 BENCH_ARGS=${BENCH_ARGS:---quick --backends cudnn,gpurnn-triton}
-CHECK_ARGS=${CHECK_ARGS:-}
 STEP_ARGS=${STEP_ARGS:-}
+WARMUP_ARGS=${WARMUP_ARGS:---step all --bench quick}
+PINGPONG_ARGS=${PINGPONG_ARGS:-}
+# waits cut short in the smoke stage: a lost exchange fails a test in well under a second
+SMOKE_ENV=${SMOKE_ENV:-"GPURNN_TRITON_WAIT_S=0.25"}
 if [ "$DRY_RUN" = 1 ]; then
   BENCH_ARGS="--shapes lstm-T8-B2-H16 --dtypes fp32 --backends torch.nn,gpurnn-torch"
-  CHECK_ARGS="--backends torch --dtypes fp32"
-  STEP_ARGS="--dry-run --reps 1"
+  STEP_ARGS="--dry-run --reps 1 --cases lstm-fp32-H16-B2"
+  WARMUP_ARGS="--dry-run --step lstm-fp32-H16-B2"
 fi
+
+budget=(header "$HEADER_LIMIT" smoke "$SMOKE_LIMIT" "l2 ping-pong" "$PINGPONG_LIMIT"
+  warm-up "$WARMUP_LIMIT" "step timing" "$STEP_LIMIT" bench "$BENCH_LIMIT"
+  "triton tests" "$TRITON_TESTS_LIMIT" "record triton" "$RECORD_LIMIT"
+  "cupy tests" "$CUPY_TESTS_LIMIT" "record cupy" "$RECORD_LIMIT" plot "$PLOT_LIMIT")
 
 mkdir -p "$OUT"
 LOG="$OUT/device_check.log"
@@ -74,7 +106,7 @@ stage() {  # stage NAME LIMIT COMMAND...: run under min(LIMIT, what is left), lo
   local left=$((TOTAL_LIMIT - SECONDS))
   stage_log="$TMP/${name// /_}.log"
   : >"$stage_log"
-  if [ "$left" -lt 5 ]; then
+  if [ "$left" -le "$GRACE" ]; then
     echo "== $name: skipped, the ${TOTAL_LIMIT}s total is spent"
     failed+=("$name(skipped)")
     status=124
@@ -83,7 +115,7 @@ stage() {  # stage NAME LIMIT COMMAND...: run under min(LIMIT, what is left), lo
   [ "$limit" -gt "$left" ] && limit=$left
   local start=$SECONDS
   echo "== $name (limit ${limit}s, at ${start}s)"
-  timeout --kill-after=5 "$limit" "$@" 2>&1 | tee "$stage_log"
+  timeout --kill-after="$GRACE" "$((limit - GRACE))" "$@" 2>&1 | tee "$stage_log"
   status=${PIPESTATUS[0]}
   local took=$((SECONDS - start))
   if [ "$status" -eq 124 ] || [ "$status" -eq 137 ]; then
@@ -94,36 +126,70 @@ stage() {  # stage NAME LIMIT COMMAND...: run under min(LIMIT, what is left), lo
   [ "$status" -eq 0 ] || failed+=("$name($status)")
 }
 
-record_gpu_tests() {  # record_gpu_tests BACKEND: what the last pytest stage said, per card
-  timeout 30 "$PY" -m gpurnn dispatch --record-gpu-tests "$1" --pytest-log "$stage_log" \
-    --exit-status "$status" --gpu-tests "$OUT/gpu_tests.csv" ||
-    echo "== recording the $1 GPU test outcome failed"
+record_gpu_tests() {  # record_gpu_tests BACKEND [LOG EXIT]: what the last pytest stage (and
+  # an earlier one, such as the smoke tests) said, per card; a failure in either counts
+  local log=$stage_log exit=$status
+  if [ $# -ge 3 ]; then
+    log="$TMP/$1_tests_all.log"
+    cat "$2" "$stage_log" >"$log"
+    if [ "$3" -eq 1 ]; then
+      exit=1  # a smoke test failed
+    elif [ "$exit" -eq 0 ]; then
+      exit=$3  # the smoke stage did not finish (or all passed: 0)
+    fi
+  fi
+  stage "record $1" "$RECORD_LIMIT" "$PY" -m gpurnn dispatch --record-gpu-tests "$1" \
+    --pytest-log "$log" --exit-status "$exit" --gpu-tests "$OUT/gpu_tests.csv"
+}
+
+check_budget() {  # the stage limits must fit the total
+  local sum=0 line="" i
+  for ((i = 0; i < ${#budget[@]}; i += 2)); do
+    sum=$((sum + budget[i + 1]))
+    line+="${budget[i]} ${budget[i + 1]} + "
+  done
+  echo "== budget: ${line% + } = ${sum}s of ${TOTAL_LIMIT}s"
+  if [ "$sum" -gt "$TOTAL_LIMIT" ]; then
+    echo "device check: the stage limits add up to ${sum}s, more than TOTAL_LIMIT=${TOTAL_LIMIT}s"
+    return 2
+  fi
 }
 
 main() {
-  echo "device check $(date -u +%Y-%m-%dT%H:%M:%SZ), total limit ${TOTAL_LIMIT}s, dry run: $DRY_RUN"
-  nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,memory.used \
-    --format=csv || echo "nvidia-smi failed"
-  # versions and backends (left out of the dry run: one interpreter start fewer)
-  [ "$DRY_RUN" = 1 ] || timeout 30 "$PY" -m gpurnn info || echo "gpurnn info failed"
-
-  local pytest=("$PY" -m pytest -v -rA -p no:cacheprovider)
-  stage "triton gpu tests" "$TRITON_TESTS_LIMIT" \
-    "${pytest[@]}" -m "gpu and not slow" tests/test_triton_gpu.py tests/test_triton_proj_gpu.py \
-    tests/test_triton_plans_gpu.py
-  record_gpu_tests triton
-  # shellcheck disable=SC2086 # the *_ARGS are word lists
-  stage "check" "$CHECK_LIMIT" "$PY" -m gpurnn check $CHECK_ARGS
+  echo "device check $(date -u +%Y-%m-%dT%H:%M:%SZ), dry run: $DRY_RUN," \
+    "commit ${GPURNN_COMMIT:-unknown (set GPURNN_COMMIT: this tree may have no .git)}"
+  check_budget || return 2
+  local pytest=("$PY" -m pytest -v -rA -p no:cacheprovider --continue-on-collection-errors)
+  # shellcheck disable=SC2086 # the *_ARGS and *_TESTS are word lists
+  stage header "$HEADER_LIMIT" nvidia-smi \
+    --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,memory.used --format=csv
+  # shellcheck disable=SC2086
+  stage smoke "$SMOKE_LIMIT" env $SMOKE_ENV bash -c '
+    "$0" -m gpurnn.bench.warmup --pytest "$1 -m gpu" --limit "$2" $3 &&
+      "$0" -m pytest -v -rA -p no:cacheprovider -m gpu $1' \
+    "$PY" "$SMOKE_TESTS" "$((SMOKE_LIMIT / 2))" "$([ "$DRY_RUN" = 1 ] && echo --dry-run)"
+  local smoke_log=$stage_log smoke_status=$status
+  # shellcheck disable=SC2086
+  stage "l2 ping-pong" "$PINGPONG_LIMIT" "$PY" -m gpurnn.bench.l2_pingpong \
+    --out "$OUT/l2_pingpong.jsonl" $PINGPONG_ARGS
+  # shellcheck disable=SC2086
+  stage warm-up "$WARMUP_LIMIT" "$PY" -m gpurnn.bench.warmup $WARMUP_ARGS \
+    --pytest "$TRITON_TESTS -m 'gpu and not slow' --deselect $SMOKE_TESTS" \
+    --pytest "$CUPY_TESTS -m gpu" --limit "$((WARMUP_LIMIT - GRACE - 3))"
   # rows are appended case by case, so a run cut short still leaves what it measured
   # shellcheck disable=SC2086
-  stage "bench" "$BENCH_LIMIT" "$PY" -m gpurnn bench $BENCH_ARGS --csv "$OUT/results.csv"
+  stage "step timing" "$STEP_LIMIT" "$PY" -m gpurnn.bench.step_timing \
+    --out "$OUT/step_timing.jsonl" --csv "$OUT/results.csv" $STEP_ARGS
   # shellcheck disable=SC2086
-  stage "step timing" "$STEP_LIMIT" \
-    "$PY" benchmarks/step_timing.py --out "$OUT/step_timing.jsonl" $STEP_ARGS
-  stage "cupy gpu tests" "$CUPY_TESTS_LIMIT" \
-    "${pytest[@]}" -m gpu --maxfail=10 tests/test_cupy_backend.py
+  stage bench "$BENCH_LIMIT" "$PY" -m gpurnn bench $BENCH_ARGS --csv "$OUT/results.csv"
+  # shellcheck disable=SC2086
+  stage "triton tests" "$TRITON_TESTS_LIMIT" "${pytest[@]}" -m "gpu and not slow" \
+    $TRITON_TESTS --deselect "$SMOKE_TESTS"
+  record_gpu_tests triton "$smoke_log" "$smoke_status"
+  # shellcheck disable=SC2086
+  stage "cupy tests" "$CUPY_TESTS_LIMIT" "${pytest[@]}" -m gpu --maxfail=10 $CUPY_TESTS
   record_gpu_tests cupy
-  stage "plot" "$PLOT_LIMIT" "$PY" -m gpurnn plot --csv "$OUT/results.csv" --out "$OUT"
+  stage plot "$PLOT_LIMIT" "$PY" -m gpurnn plot --csv "$OUT/results.csv" --out "$OUT"
 
   echo "== files in $OUT: $(cd "$OUT" && ls | tr '\n' ' ')"
   if [ ${#failed[@]} -ne 0 ]; then

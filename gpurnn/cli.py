@@ -109,6 +109,14 @@ def cmd_check(args) -> int:
     def progress(group, seconds, done, total):
         print(format_progress(group, seconds, done, total), flush=True)
 
+    on_gpu = (device or torch.device("cuda" if torch.cuda.is_available() else "cpu")).type
+    if on_gpu == "cuda" and (backends is None or "triton" in backends):
+        # cold, the triton cases would compile one after another: compile them all first, in
+        # a process per core (a minute of compiling becomes seconds)
+        from gpurnn.bench import warmup
+
+        names = args.dtypes or "bf16,fp16,fp32"
+        warmup.main(["--check", names, "--limit", "40"])
     results = run_check(device, dtypes, backends, progress)
     print()
     print(format_table(results))

@@ -257,11 +257,29 @@ def pytest_outcomes(log_text: str) -> tuple[set[str], set[str]]:
     return passed - failed, failed
 
 
-def run_status(exit_status: int, passed: set[str], failed: set[str]) -> str:
-    """passed / failed / incomplete (stopped at its limit, no failure seen) / skipped."""
+_COLLECT_ERROR = re.compile(r"ERROR collecting (\S+)")
+
+
+def harness_errors(log_text: str, exit_status: int) -> list[str]:
+    """Why a pytest run said nothing about the kernels, where it did not: files that failed
+    to collect (an import or syntax error), pytest's own errors (exit 2 interrupted, 3
+    internal error, 4 usage error), a stop at the time limit. A backend is never condemned
+    for these: its record says incomplete, with the reason."""
+    why = [f"collection error in {f}" for f in dict.fromkeys(_COLLECT_ERROR.findall(log_text))]
+    if exit_status in (124, 137):  # `timeout`'s exit statuses
+        why.append("stopped at its time limit")
+    elif exit_status in (2, 3, 4):
+        why.append({2: "interrupted", 3: "pytest internal error", 4: "pytest usage error"}[
+            exit_status] + f" (exit {exit_status})")  # fmt: skip
+    return why
+
+
+def run_status(exit_status: int, passed: set[str], failed: set[str], harness=()) -> str:
+    """passed / failed (a test failed) / incomplete (stopped, or a harness error before a
+    test could say anything: `harness_errors`) / skipped (nothing ran)."""
     if failed:
         return "failed"
-    if exit_status in (124, 137):  # `timeout`'s exit statuses
+    if harness or exit_status in (2, 3, 4, 124, 137):
         return "incomplete"
     if exit_status == 5 or (exit_status == 0 and not passed):
         return "skipped"  # nothing ran: no CUDA, or the backend is not installed
@@ -276,11 +294,15 @@ def record_gpu_tests(backend: str, log_path: Path, exit_status: int, out: Path) 
 
     from gpurnn import bench
 
-    passed, failed = pytest_outcomes(Path(log_path).read_text(errors="replace"))
-    status = run_status(exit_status, passed, failed)
+    log_text = Path(log_path).read_text(errors="replace")
+    passed, failed = pytest_outcomes(log_text)
+    harness = harness_errors(log_text, exit_status)
+    status = run_status(exit_status, passed, failed, harness)
     on_cuda = torch.cuda.is_available()
     now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
     note = f"pytest exit {exit_status}"
+    if harness:
+        note += "; " + "; ".join(harness)[:300]
     if failed:
         note += "; failed: " + " ".join(sorted(t.split("::")[-1] for t in failed))[:300]
     record = {

@@ -361,9 +361,12 @@ def test_commit_is_the_packages_own_checkout_or_unknown(tmp_path, monkeypatch):
 
 def test_device_check_dry_run(tmp_path):
     """benchmarks/device_check.sh with DRY_RUN=1 on this CPU machine: every stage with
-    tiny cases, a stand-in nvidia-smi on PATH. Checks the script itself (order, limits,
-    progress lines, what lands in $OUT), not the GPU."""
+    tiny cases, a stand-in nvidia-smi on PATH, and one test file that fails to collect.
+    Checks the script itself (order, a budget that fits the total, every stage bounded,
+    progress lines, the commit it is given, what lands in $OUT, a harness failure recorded
+    as incomplete and not as failed), not the GPU."""
     import os
+    import re
     import stat
     import subprocess
     import sys
@@ -373,40 +376,57 @@ def test_device_check_dry_run(tmp_path):
     smi = bin_dir / "nvidia-smi"
     smi.write_text('#!/bin/sh\necho "stand-in nvidia-smi $*"\n')
     smi.chmod(smi.stat().st_mode | stat.S_IXUSR)
+    broken = tmp_path / "test_broken_gpu.py"
+    broken.write_text("import pytest\npytestmark = pytest.mark.gpu\ndef test_x(:\n")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TRITON_INTERPRET")}
+    env = {k: v for k, v in env.items() if not k.endswith("_LIMIT")}
     env.update(
         PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", PYTHON=sys.executable, OUT=str(out),
-        DRY_RUN="1",
+        DRY_RUN="1", GPURNN_COMMIT="abc1234",
+        TRITON_TESTS=f"tests/test_triton_gpu.py {broken}",
     )  # fmt: skip
-    for name in ("TOTAL", "TRITON_TESTS", "CHECK", "BENCH", "STEP", "CUPY_TESTS", "PLOT"):
-        env.pop(f"{name}_LIMIT", None)
     script = bench.REPO_ROOT / "benchmarks" / "device_check.sh"
     done = subprocess.run(
         ["bash", str(script)], env=env, capture_output=True, text=True, timeout=900
     )
     log = done.stdout
     stage_lines = "\n".join(line for line in log.splitlines() if line.startswith("=="))
-    assert done.returncode == 0, f"{stage_lines}\n...\n{log[-2000:]}{done.stderr[-2000:]}"
-    assert "stand-in nvidia-smi" in log
-    stages = [line.split(" (limit")[0][3:] for line in log.splitlines() if "(limit" in line]
-    assert stages == [
-        "triton gpu tests", "check", "bench", "step timing", "cupy gpu tests", "plot"
+    # the broken file fails the triton stage (and the run), and nothing else
+    assert "device check: FAILED stages: triton tests(1) (" in log, f"{stage_lines}\n{log[-2000:]}"
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "stand-in nvidia-smi" in log and "commit abc1234" in log.splitlines()[0]
+    # most important first, and the limits add up to at most the total
+    starts = re.findall(r"^== (.+?) \(limit (\d+)s, at (\d+)s\)$", log, re.M)
+    assert [name for name, _, _ in starts] == [
+        "header", "smoke", "l2 ping-pong", "warm-up", "step timing", "bench", "triton tests",
+        "record triton", "cupy tests", "record cupy", "plot",
     ]  # fmt: skip
+    budget = re.search(r"^== budget: (.*) = (\d+)s of (\d+)s$", log, re.M)
+    planned = dict(re.findall(r"([a-z][a-z0-9 -]*?) (\d+)(?: \+|$)", budget.group(1)))
+    assert int(budget.group(2)) == sum(map(int, planned.values())) <= int(budget.group(3))
+    for name, limit, _ in starts:  # every stage under a limit within its budget
+        assert 0 < int(limit) <= int(planned[name]), (name, limit, planned)
     # a line per case as it finishes, in every stage
-    assert "test_real_size_vs_reference[lstm-bfloat16] SKIPPED" in log  # pytest -v
-    assert "[1/5] torch   rnn_tanh" in log  # check
+    assert "test_exchange_kinds[polled] SKIPPED" in log  # smoke, pytest -v
+    assert "warm-up: no GPU here, nothing to compile" in log
+    assert "test_real_size_vs_reference[lstm-bfloat16] SKIPPED" in log  # triton tests
+    assert "[1/1] lstm-fp32-H16-B2" in log  # step timing
     assert "[1/4] smoke/lstm-T8-B2-H16 fp32 torch.nn fwd" in log  # bench
-    assert "[1/2] lstm-fp32-H16-B2" in log  # step timing (plain and projected LSTM)
-    assert "device check: all stages passed" in log
     files = sorted(p.name for p in out.iterdir())
     assert len(files) <= 8
     assert {"device_check.log", "gpu_tests.csv", "results.csv", "step_timing.jsonl"} <= set(files)
     assert (out / "device_check.log").read_text() == log
     records = _rows(out / "gpu_tests.csv")
-    # no GPU: the GPU tests were all skipped, which clears and condemns nothing
+    # no GPU: the cupy tests were all skipped (which clears and condemns nothing); the triton
+    # stage lost a file to a collection error: incomplete, with why, never "failed"
     assert [(r["backend"], r["status"]) for r in records] == [
-        ("triton", "skipped"), ("cupy", "skipped")
+        ("triton", "incomplete"), ("cupy", "skipped")
     ]  # fmt: skip
-    assert [r["impl"] for r in _rows(out / "results.csv")] == ["torch.nn"] * 2 + [
+    assert "collect" in records[0]["note"]
+    assert {r["commit"] for r in records} == {"abc1234"}
+    rows = _rows(out / "results.csv")
+    assert {r["commit"] for r in rows} == {"abc1234"}
+    assert [r["impl"] for r in rows if r["suite"] == "kernel"] == ["triton-kernel"] * 2
+    assert [r["impl"] for r in rows if r["suite"] != "kernel"] == ["torch.nn"] * 2 + [
         "gpurnn-torch"
     ] * 2

@@ -302,7 +302,29 @@ def test_gpu_test_outcomes_from_a_pytest_log():
     assert status(0, passed, set()) == "passed"
     assert status(5, set(), set()) == "skipped"
     assert status(0, set(), set()) == "skipped"
-    assert status(2, set(), set()) == "failed"  # e.g. the test module does not import
+    # a harness problem says nothing about the kernels: incomplete, never failed
+    assert status(2, set(), set()) == "incomplete"  # e.g. the test module does not import
+    assert status(4, set(), set()) == "incomplete"
+
+
+COLLECTION_ERROR_LOG = """\
+tests/test_triton_gpu.py::test_tf32_default[lstm] PASSED                  [ 50%]
+==================================== ERRORS ====================================
+______________ ERROR collecting tests/test_triton_proj_gpu.py _______________
+E   ImportError: cannot import name 'launch'
+=========================== short test summary info ============================
+PASSED tests/test_triton_gpu.py::test_tf32_default[lstm]
+ERROR tests/test_triton_proj_gpu.py
+"""
+
+
+def test_a_collection_error_is_incomplete_with_its_reason():
+    passed, failed = dispatch.pytest_outcomes(COLLECTION_ERROR_LOG)
+    assert failed == set()
+    why = dispatch.harness_errors(COLLECTION_ERROR_LOG, 1)
+    assert why == ["collection error in tests/test_triton_proj_gpu.py"]
+    assert dispatch.run_status(1, passed, failed, why) == "incomplete"
+    assert dispatch.harness_errors("", 124) == ["stopped at its time limit"]
 
 
 def test_record_gpu_tests_appends_a_row(tmp_path, capsys):

@@ -10,7 +10,7 @@ import pytest
 
 triton = pytest.importorskip("triton")
 
-from tests import sass  # noqa: E402
+from gpurnn.bench import sass  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -20,7 +20,7 @@ def test_compiles_for_sm90_with_strong_loads_and_stores():
     # in a fresh interpreter: tests/conftest.py set TRITON_INTERPRET for this one
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     code = (
-        "from gpurnn.bench import l2_pingpong as P; from tests import sass; "
+        "from gpurnn.bench import l2_pingpong as P; from gpurnn.bench import sass; "
         "print(sass.disassemble(P.compile_for_sm90().asm['cubin']))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,

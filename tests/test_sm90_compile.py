@@ -1,215 +1,35 @@
 """The triton kernels compile for sm_90 (Hopper) as `make_plan` lays them out on an H100,
 with no register spills, shared memory within the device limit, and a step loop that has
-the shape the design promises. Needs no GPU: triton.compile targets GPUTarget("cuda", 90, 32),
-the cubin's resources come from the cuobjdump Triton ships, and its SASS from nvdisasm
-(tests/sass.py counts the step loop).
-
-Variants: every cell at the headline size (H=768, B=16, bf16) forward and backward, plus one
-of each other kind of plan (on chip, 64-row batch tiles, streamed weights, fp16/fp32), and
-the LSTM with projection (its own kernels; a sixth field P names the projection). The
-table of counts is printed (pytest -s) and written by `python -m tests.test_sm90_compile`.
+the shape the design promises. Needs no GPU: `gpurnn.bench.sm90` compiles every variant for
+GPUTarget("cuda", 90, 32) and counts its step loop (`gpurnn.bench.sass`); the table is
+printed here (pytest -s) and by `python -m gpurnn.bench.sm90` (or this module run as a script).
 """
 
 from __future__ import annotations
 
-import json
-import os
-import re
-import subprocess
 import sys
-import tempfile
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 triton = pytest.importorskip("triton")
-import torch  # noqa: E402
-import triton.language as tl  # noqa: E402
-from gpurnn.kernels.triton import launch  # noqa: E402
-from gpurnn.kernels.triton.backward import _recurrence_bwd_kernel  # noqa: E402
-from gpurnn.kernels.triton.cell_math import CELL_CODE  # noqa: E402
-from gpurnn.kernels.triton.exchange import _SENTINEL  # noqa: E402
-from gpurnn.kernels.triton.forward import _recurrence_fwd_kernel  # noqa: E402
-from gpurnn.kernels.triton.plan import Plan, _next_pow2, _polls, make_plan  # noqa: E402
-from gpurnn.kernels.triton.projected import _lstmp_bwd_kernel, _lstmp_fwd_kernel  # noqa: E402
+from gpurnn.kernels.triton.plan import _polls  # noqa: E402
 
+from gpurnn.bench import sass, sm90  # noqa: E402
+from gpurnn.bench.sm90 import SMEM_LIMIT, VARIANTS, _fields, _id, plan_for  # noqa: E402
 from gpurnn.cells import GATES  # noqa: E402
-from tests import sass  # noqa: E402
 
-SMEM_LIMIT = 227 * 1024  # per-block opt-in maximum on sm_90
-H100_SMS = 132
-TORCH_DT = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-CUOBJDUMP = sass.tool("cuobjdump")
 pytestmark = pytest.mark.skipif(
-    CUOBJDUMP is None or sass.tool("nvdisasm") is None,
+    sm90.CUOBJDUMP is None or sass.tool("nvdisasm") is None,
     reason="cuobjdump/nvdisasm not found (Triton ships them)",
 )
-
-# (cell, dtype, H, B, backward)
-VARIANTS = [
-    *[(cell, "bf16", 768, 16, bwd) for cell in CELL_CODE for bwd in (False, True)],
-    ("lstm", "bf16", 768, 1, False),
-    ("lstm", "fp16", 768, 16, False),
-    ("lstm", "fp16", 768, 16, True),
-    ("lstm", "fp32", 512, 16, False),
-    ("lstm", "fp32", 512, 16, True),
-    ("lstm", "bf16", 768, 64, False),
-    ("lstm", "bf16", 768, 64, True),
-    ("lstm", "bf16", 1024, 256, False),
-    ("lstm", "bf16", 1024, 256, True),
-    ("lstm", "bf16", 2048, 8, False),
-    ("lstm", "bf16", 2048, 8, True),
-    ("lstm", "bf16", 128, 1, False),
-    ("lstm", "bf16", 128, 1, True),
-    ("gru", "bf16", 128, 1, True),
-    ("rnn_tanh", "bf16", 32, 1, False),
-    ("rnn_tanh", "bf16", 256, 4, True),
-    # (cell, dtype, H, B, backward, P): LSTM with projection
-    ("lstm", "bf16", 1024, 16, False, 256),
-    ("lstm", "bf16", 1024, 16, True, 256),
-    ("lstm", "bf16", 1024, 64, False, 256),
-    ("lstm", "bf16", 1024, 64, True, 256),
-]
-
-
-def _fields(v):
-    """(cell, dtype, H, B, backward, P), P = 0 without projection."""
-    return (*v, 0) if len(v) == 5 else tuple(v)
-
-
-def _id(v):
-    cell, dt, H, B, bwd, P = _fields(v)
-    proj = f"-P{P}" if P else ""
-    return f"{cell}-{dt}-H{H}{proj}-B{B}-{'bwd' if bwd else 'fwd'}"
-
-
-def plan_for(v) -> Plan:
-    cell, dt, H, B, bwd, P = _fields(v)
-    return make_plan(H, B, GATES[cell], TORCH_DT[dt], torch.device("cuda"), backward=bwd,
-                     sm_count=H100_SMS, proj_size=P or None)  # fmt: skip
-
-
-def _signature(fn, dt: str) -> dict[str, str]:
-    sig = {}
-    for name in fn.arg_names:
-        if name.endswith("_ptr"):
-            sig[name] = ("*i64" if name == "len_ptr" else "*i32" if name == "sync_ptr"
-                         else "*fp32" if name in ("hs_ptr", "cs_ptr", "dhs_ptr", "dcs_ptr")
-                         else "*" + dt)  # fmt: skip
-        elif name in ("T", "B", "nrows", "s_begin", "s_end", "wait_bound"):
-            sig[name] = "i32"
-    return sig
-
-
-def compile_variant(v) -> dict:
-    """Compile one variant for sm_90 as make_plan lays it out; resources and step-loop counts."""
-    cell, dt, H, B, bwd, P = _fields(v)
-    plan = plan_for(v)
-    G = GATES[cell]
-    kw = dict(
-        CELL=CELL_CODE[cell], G=G, NW=len(launch.WS_FIELDS[cell]), H=H, KC=plan.KC,
-        NKC=triton.cdiv(H, plan.KC), BH=plan.BH, BLOCK_B=plan.BLOCK_B, RESIDENT=plan.resident,
-        ON_CHIP=plan.on_chip, HAS_LEN=True, REVERSE=False, PREC="ieee", ACC=tl.float32,
-        USE_BARRIER=plan.persistent and plan.nprog > 1 and not plan.on_chip,
-    )  # fmt: skip
-    if P:
-        del kw["CELL"]
-        kw.update(P=P, BP=plan.BP, NKP=triton.cdiv(P, plan.KC), PHASES=3, GP=4,
-                  USE_BARRIER=plan.persistent and plan.nprog > 1)  # fmt: skip
-        if bwd:
-            fn = _lstmp_bwd_kernel
-            kw.update(CHUNKS_PER_TRIP=plan.chunks_per_trip)
-        else:
-            fn = _lstmp_fwd_kernel
-            kw.update(SAVE=True, CHUNKS_PER_TRIP=plan.chunks_per_trip)
-    elif bwd:
-        fn = _recurrence_bwd_kernel
-        kw.update(CHUNKS_PER_TRIP=plan.chunks_per_trip, GP=_next_pow2(G),
-                  KSPLIT=plan.k_split if _polls(plan) else 1)  # fmt: skip
-    else:
-        fn = _recurrence_fwd_kernel
-        kw.update(GP=_next_pow2(G), SAVE=True)
-    kw.update(POLL=_polls(plan), ASM=True, SENTINEL=_SENTINEL[TORCH_DT[dt]])
-    kw["USE_BARRIER"] = kw["USE_BARRIER"] and not kw["POLL"]
-    sig = _signature(fn, dt)
-    # torch allocations are 16-byte aligned; the JIT tells the compiler so, and so do we
-    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]]
-             for n in sig if n.endswith("_ptr")}  # fmt: skip
-    src = triton.compiler.ASTSource(fn, sig, kw, attrs)
-    k = triton.compile(src, target=triton.backends.compiler.GPUTarget("cuda", 90, 32),
-                       options=dict(num_warps=plan.num_warps, num_stages=1))  # fmt: skip
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(k.asm["cubin"])
-        f.flush()
-        out = subprocess.run([CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True,
-                             check=True).stdout  # fmt: skip
-    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out)
-    regs, stack, shared, local = map(int, m.groups())
-    loop = sass.count(sass.step_loop(sass.parse(sass.disassemble(k.asm["cubin"]))))
-    mode = "chip" if plan.on_chip else "res" if plan.resident else "stream"
-    desc = f"BH{plan.BH} BB{plan.BLOCK_B} n{plan.nprog} {mode} w{plan.num_warps}"
-    if P:
-        desc += f" BP{plan.BP}"
-    if bwd:
-        desc += f" cpt{plan.chunks_per_trip}"
-        if kw.get("KSPLIT", 1) > 1:
-            desc += f" ks{kw['KSPLIT']}"
-    if kw.get("POLL"):
-        desc += " poll"
-    return dict(plan=desc, regs=regs, stack=stack, local=local, smem=k.metadata.shared + shared,
-                **loop)  # fmt: skip
-
-
-def _compile_in_subprocess(indices: list[int]) -> dict[int, dict]:
-    """Compiles VARIANTS[indices] in a fresh interpreter without TRITON_INTERPRET (which
-    tests/conftest.py sets for this process, and under which kernels cannot be compiled)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run(
-        [sys.executable, "-m", "tests.test_sm90_compile", *map(str, indices)],
-        capture_output=True, text=True, env=env, timeout=1800,
-        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-    )  # fmt: skip
-    if out.returncode != 0:
-        raise RuntimeError(f"sm_90 compile driver failed:\n{out.stderr[-4000:]}")
-    return {int(k): v for k, v in json.loads(out.stdout.splitlines()[-1]).items()}
 
 
 @pytest.fixture(scope="module")
 def resources() -> dict[int, dict]:
     """Every variant compiled, by one subprocess per CPU core; the table printed."""
-    workers = max(1, min(4, os.cpu_count() or 1))
-    chunks = [list(range(i, len(VARIANTS), workers)) for i in range(workers)]
-    results: dict[int, dict] = {}
-    with ThreadPoolExecutor(workers) as pool:
-        for part in pool.map(_compile_in_subprocess, chunks):
-            results.update(part)
-    print("\n" + table(results))
+    results = sm90.compile_all()
+    print("\n" + sm90.table(results))
     return results
-
-
-def table(results: dict[int, dict]) -> str:
-    cols = (
-        "plan",
-        "regs",
-        "smem",
-        "trips",
-        "loads",
-        "other_ldg",
-        "bar",
-        "mma",
-        "mma_depth",
-        "spills",
-    )
-
-    def row(name, cells):
-        return f"{name:32s} " + " ".join(f"{x:>26}" if c == "plan" else f"{x:>9}"
-                                         for c, x in zip(cols, cells))  # fmt: skip
-
-    lines = [row("variant", cols)]
-    for i, v in enumerate(VARIANTS):
-        if i in results:
-            lines.append(row(_id(v), [results[i][c] for c in cols]))
-    return "\n".join(lines)
 
 
 IDS = [_id(v) for v in VARIANTS]
@@ -244,13 +64,20 @@ def test_step_loop_shape(resources, index):
         # inputs (xg forward; dy, the saved fields and c/h_{t-1} backward)
         assert r["other_ldg"] <= (4 if not bwd else 16), r
     if not bwd and plan.resident and plan.BLOCK_B == 16:
-        # every h load of the step is issued before the first is used (ptxas sometimes
-        # consumes the first one early: 2 waves at most)
-        assert r["trips"] <= 2, f"the forward's h loads of a step wait on each other: {r}"
-        # polled exchange (no grid barrier): + the NaN check's block reduction, + the rare
-        # path's element-wise check
-        assert r["bar"] <= (14 if _polls(plan) else 8), r
-        assert r["spin_loops"] == (0 if _polls(plan) else 1), "a grid barrier is left"
+        # every h load of the step is issued before the first is used: one round trip
+        # (ptxas sometimes consumes the first one early in the grid-barrier build: 2 there)
+        assert r["trips"] <= (1 if _polls(plan) else 2), f"the h loads wait on each other: {r}"
+        # polled: + the sentinel check's block reduction (a grid barrier: its spin)
+        assert r["bar"] <= (10 if _polls(plan) else 8), r
+    if plan.resident and not plan.on_chip and _polls(plan):
+        # no grid barrier is left, and a failed poll re-enters at the loads: the one polling
+        # loop of a step (per backward wave) loads exchanged data again and multiplies
+        # nothing (the product-first polls went around the whole step: no such loop)
+        waves = triton.cdiv(triton.cdiv(H, plan.KC), plan.chunks_per_trip) if bwd else 1
+        assert r["retry_loops"] == r["spin_loops"] == waves, r
+        assert r["retry"] == "loads", r
+    elif not plan.on_chip:
+        assert r["spin_loops"] == (1 if plan.persistent and plan.nprog > 1 else 0), r
     if plan.resident and plan.BLOCK_B == 16 and r["mma"]:
         # one accumulator per K chunk: no MMA waits on more than a chunk's worth of others
         # (folded into one accumulator, the first kernels chained all H/16 of them: 48)
@@ -262,12 +89,25 @@ def test_step_loop_shape(resources, index):
         assert r["trips"] <= triton.cdiv(H, plan.KC), r
         if GATES[cell] == 4:
             assert r["mma"] <= H // 16, r
+    if plan.resident and plan.BLOCK_B == 16:
+        # no variant at the register ceiling (the 4-warp backward sat at 255)
+        assert r["regs"] < 255, r
+
+
+HEADLINE = [i for i, v in enumerate(VARIANTS) if _fields(v)[1:4] == ("bf16", 768, 16)
+            and _fields(v)[0] in ("lstm", "gru", "rnn_tanh")]  # fmt: skip
+
+
+@pytest.mark.parametrize("index", HEADLINE, ids=[IDS[i] for i in HEADLINE])
+def test_headline_step_shape(resources, index):
+    """bf16 H=768 B=16: the forward in one round trip, the backward in at most two
+    dependent waves of dgates loads, any failed poll re-entering at the loads (a polling
+    loop that loads again and multiplies nothing), no spills."""
+    r = resources[index]
+    assert r["spills"] == 0 and r["local"] == 0, r
+    assert r["retry"] == "loads" and r["retry_loops"] >= 1, r
+    assert r["trips"] <= (2 if _fields(VARIANTS[index])[4] else 1), r
 
 
 if __name__ == "__main__":
-    # the driver: compile the variants named by index (all with none), print them as JSON
-    idx = list(map(int, sys.argv[1:])) or list(range(len(VARIANTS)))
-    report = {i: compile_variant(VARIANTS[i]) for i in idx}
-    if len(sys.argv) == 1:
-        print(table(report))
-    print(json.dumps(report))
+    sys.exit(sm90.main(sys.argv[1:]))

@@ -67,3 +67,22 @@ def test_polled_prediction_adds_the_retry_path():
     assert one - best == pytest.approx(sum(M.retry_features(c).values()))
     # a retry that re-enters at the loads redoes one round trip only
     assert M.predict(consts, dict(c, retry="loads"), 1.0) - best == pytest.approx(1.0)
+
+
+def test_warmup_compiles_instead_of_launching(monkeypatch):
+    """gpurnn.bench.warmup's compile_only: inside it every Triton launch is a warm-up (a
+    compile, no launch), and the launch path is restored after it."""
+    from triton.runtime.jit import JITFunction
+
+    from gpurnn.bench import warmup
+
+    calls = []
+
+    def fake_run(self, *args, grid, warmup, **kwargs):
+        calls.append(warmup)
+
+    monkeypatch.setattr(JITFunction, "run", fake_run)
+    with warmup.compile_only():
+        JITFunction.run(object.__new__(JITFunction), 1, grid=(1,), warmup=False)
+    JITFunction.run(object.__new__(JITFunction), 1, grid=(1,), warmup=False)
+    assert calls == [True, False]

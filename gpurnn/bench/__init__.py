@@ -6,7 +6,15 @@
 #   results      CSV columns and rows, commit / card / version detection, the summary table
 #   harness      the run: each case measured, judged and turned into rows
 #   cli          the command's arguments, the plan of cases, and `main`
-# Each module imports only those listed above it. The names below are the ones other
+# Each module imports only those listed above it. Measuring the kernels themselves, each
+# runnable as `python -m gpurnn.bench.NAME`:
+#   sass         reading a step loop's SASS: round trips, barriers, MMAs, shared memory, spills
+#   sm90         every Triton variant compiled for sm_90 without a GPU, the table of counts
+#   step_timing  each kernel alone on a GPU, µs per step beside cuDNN (kernel rows)
+#   step_model   µs per step predicted from the counts, constants fitted to the kernel rows
+#   l2_pingpong  one hand-off between two programs through L2 on the card
+#   warmup       compiling in parallel what a GPU run will launch, before it launches
+# They are not imported here (they need the compilers or a GPU). The names below are the ones other
 # modules, scripts and tests use, importable as `gpurnn.bench.NAME`. A test that replaces
 # a function for the run (monkeypatch) patches it where it is looked up, e.g.
 # `gpurnn.bench.harness.compute_reference`.
@@ -84,7 +92,7 @@ __all__ = [
     "Runner",
     "Shape",
     "Timer",
-    "_version",  # benchmarks/step_timing.py records package versions the way a run does
+    "_version",  # step_timing records package versions the way a run does
     "add_arguments",
     "append_rows",
     "baseline_name",

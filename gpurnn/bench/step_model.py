@@ -113,7 +113,9 @@ def measured_rows(path: Path = RESULTS_CSV) -> list[dict]:
     out = []
     with open(path, newline="") as f:
         for r in csv.DictReader(f):
-            if r.get("suite") != KERNEL_SUITE or r.get("status") != "ok":
+            if r.get("suite") != KERNEL_SUITE or r.get("impl") != "triton-kernel":
+                continue  # (the grid-barrier builds beside polled ones have no counts yet)
+            if r.get("status") != "ok":
                 continue
             P = int(r["proj_size"]) if r.get("proj_size") else 0
             out.append(dict(
@@ -262,7 +264,9 @@ def main(argv=None) -> int:
     if args.compile:
         from gpurnn.bench import sm90
 
-        current, label = sm90.compile_all(), "this tree"
+        compiled = sm90.compile_all()
+        current = {sm90._id(sm90.VARIANTS[i]): r for i, r in sorted(compiled.items())}
+        label = "this tree"
     else:
         current = counts.get(args.label, {})
     for card in model:

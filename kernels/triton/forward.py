@@ -189,7 +189,11 @@ def _recurrence_fwd_kernel(
                 while (pending != 0) & (over == 0):
                     if COUNT_POLLS:
                         failed_polls += 1
-                    late = _pending_tiles(hp, SENTINEL, ASM)
+                    # 64-row tiles load them all again: keeping the arrived ones beside the
+                    # reloads spilled registers on sm_90
+                    late = -1
+                    if BLOCK_B <= 32:
+                        late = _pending_tiles(hp, SENTINEL, ASM)
                     again = ()
                     for i in tl.static_range(NKC):
                         offs_k = i * KC + tl.arange(0, KC)

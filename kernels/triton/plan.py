@@ -225,8 +225,14 @@ def make_plan(
     # the SASS, at 255 registers).
     ks = k_split
     if ks is None:
-        ks = 2 if (backward and resident and poll and bb <= 32 and G >= 2
+        ks = 2 if (backward and resident and poll and bb <= 32 and G >= 2 and es <= 4
                    and num_warps in (None, 8) and kc % 32 == 0) else 1  # fmt: skip
+    if ks > 1 and KC is None and bb == 16:
+        # K chunks of 2 x 16 columns: one 16-byte load per thread per chunk (8 warps, 16 rows),
+        # so a wave's sentinel check, which folds its chunks element by element, waits for the
+        # wave's last load first (with 128-wide chunks, 4 loads per thread each, ptxas began
+        # checking between them and held the rest back: 6 waves where the source has 2)
+        kc = 32 * 16 // bb
     nw = num_warps or (8 if ks > 1 else 4 if (backward and resident and bb <= 32)
                        or (not backward and bb == 16 and es == 2) else 8)  # fmt: skip
     per_chunk = _next_pow2(G) * bb * kc * es
@@ -320,7 +326,7 @@ def _make_proj_plan(H, P, B, dtype, device, *, backward, BH, BP, BLOCK_B, KC, re
 def stream_kc(G: int, BH: int, backward: bool, dtype: torch.dtype = torch.bfloat16) -> int:
     """K chunk when weights are streamed: each thread holds a (KC, N) weight chunk and its
     pointers, KC*N/128 of each; wider N needs shorter chunks to stay spill-free on sm_90
-    (values found with tests/test_sm90_compile.py)."""
+    (values found with gpurnn.bench.sm90)."""
     if backward:
         return 64 if (BH <= 8 or _element_size(dtype) <= 2) else 16
     return max(16, min(64, 4096 // (_next_pow2(G) * BH)))

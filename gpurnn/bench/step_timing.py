@@ -8,15 +8,18 @@ included), so the ratio bounds what gpurnn's whole layer can reach with these ke
 For the headline case, where a kernel polls what it exchanges, the same kernel with a grid
 barrier instead is timed beside it.
 
-    python benchmarks/step_timing.py --out out/step_timing.jsonl
-    python benchmarks/step_timing.py --cases lstm-bf16-H768-B16 --steps 1024
-    python benchmarks/step_timing.py --dry-run      # tiny cases on CPU, Triton interpreted
+    python -m gpurnn.bench.step_timing --out out/step_timing.jsonl --csv out/results.csv
+    python -m gpurnn.bench.step_timing --cases lstm-bf16-H768-B16 --steps 1024
+    python -m gpurnn.bench.step_timing --dry-run     # tiny cases on CPU, Triton interpreted
 
 CUDA events around each call, warm-up (which compiles) first, the median of a few calls;
 weights stay in L2 between calls (the recurrence reads them every step anyway). Inputs as
 gpurnn's modules pass them: h0 and c0 always, b_hn for GRU, no lengths. One line per
 case as it finishes; one JSON object per case to --out, with the first call's time
-(compile included) beside each kernel's.
+(compile included) beside each kernel's; with --csv, each kernel's row (suite "kernel",
+impl "triton-kernel", or "triton-kernel-barrier" for the grid-barrier builds) in the
+columns of benchmarks/results.csv, which the step cost model (gpurnn.bench.step_model)
+is fitted to.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import dataclasses
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -49,18 +53,20 @@ class Case:
         return f"{self.cell}-{self.dtype}-H{self.H}{proj}-B{self.B}{steps}"
 
 
-# the shapes the benchmarks and the dispatch table turn on, most telling first
+# the shapes the benchmarks and the dispatch table turn on, most telling first: the
+# headline (polled against its grid-barrier build), the other batch sizes and cells, then the
+# cases cuDNN still wins, the projection, and the on-chip plans
 CASES = [
     Case("lstm", "bf16", 768, 16, barrier_too=True),
-    Case("lstm", "bf16", 768, 64),
-    Case("lstm", "bf16", 1024, 256),
-    Case("lstm", "fp16", 768, 16),
     Case("lstm", "bf16", 768, 1),
+    Case("lstm", "bf16", 768, 64),
     Case("gru", "bf16", 768, 16),
     Case("rnn_tanh", "bf16", 768, 16),
+    Case("lstm", "bf16", 1024, 256),
+    Case("lstm", "fp16", 768, 16),
+    Case("lstm", "bf16", 1024, 16, P=256, T=1024),  # LSTMP, cuDNN's nn.LSTM(proj_size=256)
     Case("rnn_tanh", "bf16", 32, 1),
     Case("lstm", "bf16", 128, 1),
-    Case("lstm", "bf16", 1024, 16, P=256, T=1024),  # LSTMP, cuDNN's nn.LSTM(proj_size=256)
 ]
 # without a GPU: the interpreter runs fp32 only (its bf16 dot is broken), tiny sizes
 DRY_RUN_CASES = [Case("lstm", "fp32", 16, 2), Case("lstm", "fp32", 16, 2, P=8)]
@@ -71,6 +77,9 @@ def parse_args(argv=None):
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--out", help="JSON lines file (appended to)")
+    parser.add_argument("--csv", help="kernel rows in results.csv's columns (appended to)")
+    parser.add_argument("--kernels-only", action="store_true",
+                        help="leave out the cuDNN layers (what the warm-up runs)")  # fmt: skip
     parser.add_argument("--steps", type=int, default=512, help="T (default: %(default)s)")
     parser.add_argument("--reps", type=int, default=5, help="timed calls per kernel")
     parser.add_argument("--cases", help="comma-separated case ids, e.g. lstm-bf16-H768-B16")
@@ -81,15 +90,17 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    if args.dry_run:
-        # read when the kernels are decorated, so before triton is first imported
-        os.environ["TRITON_INTERPRET"] = "1"
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    if args.dry_run and os.environ.get("TRITON_INTERPRET") != "1":
+        # the interpreter is chosen when triton is first imported, which importing this
+        # package already did: start again with it
+        env = dict(os.environ, TRITON_INTERPRET="1")
+        return subprocess.run([sys.executable, "-m", "gpurnn.bench.step_timing", *argv],
+                              env=env).returncode  # fmt: skip
 
     import torch
 
-    import gpurnn  # noqa: F401 - maps the kernels package when run from a checkout
     from gpurnn import bench
 
     if not args.dry_run and not torch.cuda.is_available():
@@ -106,12 +117,8 @@ def main(argv=None) -> int:
             return 2
         cases = [known[w] for w in wanted]
     T = 4 if args.dry_run else args.steps
-    meta = {
-        "card": torch.cuda.get_device_name() if device.type == "cuda" else bench.cpu_name(),
-        "torch": torch.__version__,
-        "triton": bench._version("triton"),
-        "commit": bench.project_commit(),
-    }
+    run = bench.run_metadata(device)
+    meta = {k: run[k] for k in ("card", "torch", "triton", "commit")}
     print(
         f"step timing on {meta['card']}, T={T}, median of {args.reps}, commit {meta['commit']}",
         flush=True,
@@ -121,7 +128,7 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         steps = case.T if (case.T and not args.dry_run) else T
         try:
-            result = time_case(case, steps, args.reps, device)
+            result = time_case(case, steps, args.reps, device, baseline=not args.kernels_only)
         except Exception as e:  # noqa: BLE001 - one failing case is a result; go on
             result = {"error": f"{type(e).__name__}: {e}".splitlines()[0][:300]}
             failures += 1
@@ -133,7 +140,33 @@ def main(argv=None) -> int:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             with open(args.out, "a") as f:
                 f.write(json.dumps(_rounded(result)) + "\n")
+        if args.csv and "error" not in result:
+            bench.append_rows(Path(args.csv), kernel_rows(result, run))
     return 1 if failures else 0
+
+
+def kernel_rows(r: dict, run: dict) -> list[dict]:
+    """The case's kernels as rows of results.csv: forward (without saving the workspace, as
+    inference runs it) and backward, µs per step, and the grid-barrier builds where timed."""
+    rows = []
+    for impl, mode, key in (
+        ("triton-kernel", "fwd", "triton_fwd"),
+        ("triton-kernel", "bwd", "triton_bwd"),
+        ("triton-kernel-barrier", "fwd", "triton_fwd_barrier"),
+        ("triton-kernel-barrier", "bwd", "triton_bwd_barrier"),
+    ):
+        us = r.get(key + "_us")
+        if us is None:
+            continue
+        polls = r.get(key + "_failed_polls")
+        rows.append({
+            **run, "suite": "kernel", "shape": f"{r['cell']}-T{r['T']}-B{r['B']}-H{r['H']}",
+            "cell": r["cell"], "T": r["T"], "B": r["B"], "H": r["H"], "layers": 1,
+            "bidirectional": 0, "dtype": r["dtype"], "impl": impl, "mode": mode, "status": "ok",
+            "ms": f"{us * r['T'] / 1e3:.4g}", "us_per_step": f"{us:.4g}",
+            "proj_size": r["P"] or "", "failed_polls": "" if polls is None else f"{polls:.3g}",
+        })  # fmt: skip
+    return rows
 
 
 def _rounded(value):
@@ -153,23 +186,33 @@ def describe(r: dict) -> str:
         us = r.get(key)
         return f" (grid barrier {us:.2f})" if us else ""
 
+    def polls():
+        f, b = r.get("triton_fwd_failed_polls"), r.get("triton_bwd_failed_polls")
+        if f is None and b is None:
+            return ""
+        f, b = ("-" if x is None else f"{x:.3g}" for x in (f, b))
+        return f"| failed polls/step fwd {f} bwd {b} "
+
+    base = ""
+    if "baseline" in r:
+        base = (f"| {r['baseline']} fwd {r['baseline_fwd_us']:7.2f} fwd+bwd "
+                f"{r['baseline_fwdbwd_us']:7.2f} | ratio fwd {r['fwd_ratio']:.2f}x fwd+bwd "
+                f"{r['fwdbwd_ratio']:.2f}x ")  # fmt: skip
     return (
         f"{r['case']:22} µs/step: triton fwd {r['triton_fwd_us']:7.2f}"
         f"{barrier('triton_fwd_barrier_us')} fwd+save {r['triton_fwd_save_us']:7.2f} "
-        f"bwd {r['triton_bwd_us']:7.2f}{barrier('triton_bwd_barrier_us')} | "
-        f"{r['baseline']} fwd {r['baseline_fwd_us']:7.2f} fwd+bwd {r['baseline_fwdbwd_us']:7.2f} "
-        f"| ratio fwd {r['fwd_ratio']:.2f}x fwd+bwd {r['fwdbwd_ratio']:.2f}x "
+        f"bwd {r['triton_bwd_us']:7.2f}{barrier('triton_bwd_barrier_us')} {polls()}{base}"
         f"| first calls {r['triton_fwd_first_s']:.1f}/{r['triton_bwd_first_s']:.1f} s"
     )
 
 
-def time_case(case: Case, T: int, reps: int, device) -> dict:
+def time_case(case: Case, T: int, reps: int, device, baseline: bool = True) -> dict:
     import torch
-    from gpurnn.kernels.triton import launch
-    from gpurnn.kernels.triton.plan import _polls, make_plan
 
     from gpurnn.bench import DTYPES
     from gpurnn.cells import GATES
+    from gpurnn.kernels.triton import launch
+    from gpurnn.kernels.triton.plan import _polls, make_plan
 
     dtype = DTYPES[case.dtype]
     cell, B, H, P = case.cell, case.B, case.H, case.P
@@ -223,8 +266,49 @@ def time_case(case: Case, T: int, reps: int, device) -> dict:
         )
         out["triton_bwd_barrier_us"] = bwd_barrier_ms * 1e3 / T
 
+    # failed polls per program and step (attempts beyond the first), from one more run of
+    # each with the kernels' count on (a build of its own, untimed)
+    if _polls(plan_fwd):
+        out["triton_fwd_failed_polls"] = _failed_polls(
+            lambda c: launch.forward(cell, xg, w_hh, h0, c0, None, False, b_hn, False,
+                                     w_hr=w_hr, poll_counter=c),
+            plan_fwd, T, device)  # fmt: skip
+    if _polls(plan_bwd):
+        out["triton_bwd_failed_polls"] = _failed_polls(
+            lambda c: launch.backward(cell, w_hh, h0, c0, None, False, y, ws, dy, dh_T, dc_T,
+                                      w_hr=w_hr, poll_counter=c),
+            plan_bwd, T + 1, device)  # fmt: skip
+
+    us = 1e3 / T
+    out.update(
+        triton_fwd_us=fwd_ms * us,
+        triton_fwd_save_us=fwd_save_ms * us,
+        triton_bwd_us=bwd_ms * us,
+        plan_fwd=_plan(H, B, G, dtype, device, False, P),
+        plan_bwd=_plan(H, B, G, dtype, device, True, P),
+    )
+    if baseline:
+        out.update(_baseline(case, T, device, timer, rand, fwd_ms, fwd_save_ms + bwd_ms))
+    return out
+
+
+def _failed_polls(run, plan, steps: int, device) -> float:
+    """Failed polls per program and step of one launcher call `run(poll_counter)`."""
+    import torch
+
+    counter = torch.zeros(1, dtype=torch.int64, device=device)
+    run(counter)
+    return int(counter.item()) / (plan.n_h * plan.n_b * steps)
+
+
+def _baseline(case: Case, T, device, timer, rand, fwd_ms, train_ms) -> dict:
+    """torch.nn's layer (cuDNN on a GPU) at the case's shape: forward and training step."""
+    import torch
+
+    cell, B, H, P = case.cell, case.B, case.H, case.P
+    H_out = P or H
     layer_cls = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "rnn_tanh": torch.nn.RNN}[cell]
-    layer = (layer_cls(H, H, proj_size=P) if P else layer_cls(H, H)).to(device, dtype)
+    layer = (layer_cls(H, H, proj_size=P) if P else layer_cls(H, H)).to(device, rand(1).dtype)
     x = rand(T, B, H).requires_grad_()
     dy_layer = rand(T, B, H_out)
 
@@ -239,23 +323,14 @@ def time_case(case: Case, T: int, reps: int, device) -> dict:
 
     _, base_fwd_ms = timer.first_and_median(layer_fwd)
     _, base_fwdbwd_ms = timer.first_and_median(layer_fwdbwd)
-
-    plan_f = _plan(H, B, G, dtype, device, False, P)
-    plan_b = _plan(H, B, G, dtype, device, True, P)
     us = 1e3 / T
-    out.update(
-        triton_fwd_us=fwd_ms * us,
-        triton_fwd_save_us=fwd_save_ms * us,
-        triton_bwd_us=bwd_ms * us,
+    return dict(
         baseline="cudnn" if device.type == "cuda" else "torch.nn",
         baseline_fwd_us=base_fwd_ms * us,
         baseline_fwdbwd_us=base_fwdbwd_ms * us,
         fwd_ratio=base_fwd_ms / fwd_ms,
-        fwdbwd_ratio=base_fwdbwd_ms / (fwd_save_ms + bwd_ms),
-        plan_fwd=plan_f,
-        plan_bwd=plan_b,
+        fwdbwd_ratio=base_fwdbwd_ms / train_ms,
     )
-    return out
 
 
 def _plan(H, B, G, dtype, device, backward, P=0) -> dict:
