@@ -14,8 +14,10 @@
 #   bench          python -m gpurnn bench --quick against cuDNN                          BENCH_LIMIT
 #   triton tests   the rest of the triton GPU tests (-m "gpu and not slow")              TRITON_TESTS_LIMIT
 #   record triton  what that stage says, per card, into gpu_tests.csv                   RECORD_LIMIT
-#   cupy tests     the cupy GPU tests                                                    CUPY_TESTS_LIMIT
+#   cupy tests     the cupy GPU tests of the grid kernels (backward and LSTMP first)     CUPY_TESTS_LIMIT
 #   record cupy                                                                          RECORD_LIMIT
+#   k-split tests  the cupy K-split cluster variant's GPU tests                          KSPLIT_TESTS_LIMIT
+#   record cupy-ksplit                                                                   RECORD_LIMIT
 #   plot           the plots of this run's bench rows                                    PLOT_LIMIT
 # A stage also stops where the total runs out; every stage runs even when an earlier one
 # failed, and each prints a line per case as it finishes, so a stage cut at its limit still
@@ -51,13 +53,14 @@ TOTAL_LIMIT=${TOTAL_LIMIT:-$((270 * slack))}
 HEADER_LIMIT=${HEADER_LIMIT:-$((5 * slack))}
 SMOKE_LIMIT=${SMOKE_LIMIT:-$((30 * slack))}
 PINGPONG_LIMIT=${PINGPONG_LIMIT:-$((5 * slack))}
-WARMUP_LIMIT=${WARMUP_LIMIT:-$((55 * slack))}
-STEP_LIMIT=${STEP_LIMIT:-$((55 * slack))}
+WARMUP_LIMIT=${WARMUP_LIMIT:-$((50 * slack))}
+STEP_LIMIT=${STEP_LIMIT:-$((50 * slack))}
 BENCH_LIMIT=${BENCH_LIMIT:-$((45 * slack))}
 TRITON_TESTS_LIMIT=${TRITON_TESTS_LIMIT:-$((40 * slack))}
-RECORD_LIMIT=${RECORD_LIMIT:-$((5 * slack))}
-CUPY_TESTS_LIMIT=${CUPY_TESTS_LIMIT:-$((15 * slack))}
-PLOT_LIMIT=${PLOT_LIMIT:-$((10 * slack))}
+RECORD_LIMIT=${RECORD_LIMIT:-$((4 * slack))}
+CUPY_TESTS_LIMIT=${CUPY_TESTS_LIMIT:-$((12 * slack))}
+KSPLIT_TESTS_LIMIT=${KSPLIT_TESTS_LIMIT:-$((12 * slack))}
+PLOT_LIMIT=${PLOT_LIMIT:-$((9 * slack))}
 # a stage is sent TERM this long before its limit and KILLed at it, so it never overruns
 GRACE=2
 
@@ -82,7 +85,8 @@ fi
 budget=(header "$HEADER_LIMIT" smoke "$SMOKE_LIMIT" "l2 ping-pong" "$PINGPONG_LIMIT"
   warm-up "$WARMUP_LIMIT" "step timing" "$STEP_LIMIT" bench "$BENCH_LIMIT"
   "triton tests" "$TRITON_TESTS_LIMIT" "record triton" "$RECORD_LIMIT"
-  "cupy tests" "$CUPY_TESTS_LIMIT" "record cupy" "$RECORD_LIMIT" plot "$PLOT_LIMIT")
+  "cupy tests" "$CUPY_TESTS_LIMIT" "record cupy" "$RECORD_LIMIT"
+  "k-split tests" "$KSPLIT_TESTS_LIMIT" "record cupy-ksplit" "$RECORD_LIMIT" plot "$PLOT_LIMIT")
 
 mkdir -p "$OUT"
 LOG="$OUT/device_check.log"
@@ -187,8 +191,16 @@ main() {
     $TRITON_TESTS --deselect "$SMOKE_TESTS"
   record_gpu_tests triton "$smoke_log" "$smoke_status"
   # shellcheck disable=SC2086
-  stage "cupy tests" "$CUPY_TESTS_LIMIT" "${pytest[@]}" -m gpu --maxfail=10 $CUPY_TESTS
+  # the grid kernels (backward, LSTMP) first, recorded as cupy; the K-split cluster variant
+  # apart (cupy-ksplit), so that its failure never bars the grid kernels from auto
+  # shellcheck disable=SC2086
+  stage "cupy tests" "$CUPY_TESTS_LIMIT" "${pytest[@]}" -m gpu --maxfail=10 -k "not ksplit" \
+    $CUPY_TESTS
   record_gpu_tests cupy
+  # shellcheck disable=SC2086
+  stage "k-split tests" "$KSPLIT_TESTS_LIMIT" "${pytest[@]}" -m gpu --maxfail=10 -k ksplit \
+    $CUPY_TESTS
+  record_gpu_tests cupy-ksplit
   stage plot "$PLOT_LIMIT" "$PY" -m gpurnn plot --csv "$OUT/results.csv" --out "$OUT"
 
   echo "== files in $OUT: $(cd "$OUT" && ls | tr '\n' ' ')"

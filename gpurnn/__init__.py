@@ -29,6 +29,7 @@ if "gpurnn.kernels" not in _sys.modules and _util.find_spec("gpurnn.kernels") is
 from gpurnn import reference  # noqa: E402
 from gpurnn.backends import available_backends, use_backend  # noqa: E402
 from gpurnn.convert import convert  # noqa: E402
+from gpurnn.indrnn import IndRNN  # noqa: E402
 from gpurnn.modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell  # noqa: E402
 from gpurnn.recurrence import recurrence  # noqa: E402
 
@@ -41,6 +42,7 @@ __all__ = [
     "RNNCell",
     "LSTMCell",
     "GRUCell",
+    "IndRNN",
     "convert",
     "recurrence",
     "use_backend",

@@ -18,9 +18,10 @@ Workspace: (T, B, F*H) for F fields, field k of unit j at column k*H + j:
     lstm  i, f, g, o (activations), c (cell state after the step)
     gru   r, z, n (activations), hn = W_hn h + b_hn
     rnn   h (the activation, before rounding to the output dtype)
-The plain RNN's one field is its output, which y already holds: the torch loop and the
-CUDA kernels read it from y and keep no workspace (`saved_fields(cell, from_output=True)`);
-the Triton kernels keep it unrounded. The loop keeps its fields in the gate math's dtype
+The plain RNN's one field is its output, which y already holds: the CUDA kernels read it
+from y and keep no workspace (`saved_fields(cell, from_output=True)`); the Triton kernels
+keep it unrounded, and so does the torch loop, whose backward never reads y (the caller
+may modify y in place). The loop keeps its fields in the gate math's dtype
 (fp32 for 16-bit inputs), the CUDA kernels in fp32, the Triton kernels in the input dtype
 (half the memory traffic for 16-bit inputs). The numpy backend keeps none: its backward
 reruns the reference.
@@ -81,3 +82,22 @@ def unpack_workspace(cell: str, workspace, H: int, from_output: bool = False) ->
     T, B, _ = workspace.shape
     w = workspace.view(T, B, len(names), H)
     return {name: w[:, :, k] for k, name in enumerate(names)}
+
+
+# Cells only the regularized recurrence runs (gpurnn.regularized): they are no part of the
+# table above, which every fused kernel implements.
+#
+#     indrnn_tanh / indrnn_relu   h' = act(xg + u ⊙ h)   (u = w_hh, a vector of H)
+#
+# Li et al. 2018: each unit recurs on itself alone, so nothing is exchanged between units.
+INDRNN_CELLS = ("indrnn_tanh", "indrnn_relu")
+
+# LayerNorm's epsilon in the regularized cells (torch.nn.LayerNorm's default)
+LAYER_NORM_EPS = 1e-5
+
+
+def regularized_gate_count(cell: str) -> int:
+    """Gate blocks of H rows in xg, for every cell the regularized recurrence runs."""
+    if cell in INDRNN_CELLS:
+        return 1
+    return GATES[check_cell(cell)]

@@ -54,16 +54,24 @@ def _converted(module: nn.Module, backend: str | None) -> nn.Module | None:
 def convert(model: nn.Module, *, backend: str | None = None) -> nn.Module:
     """Replaces, in place, every torch.nn RNN/LSTM/GRU and RNNCell/LSTMCell/GRUCell inside
     `model` by its gpurnn twin sharing the same parameters, and returns the model (or the
-    twin, when `model` itself is one of those modules). Forward hooks registered on the
-    replaced modules are not carried over."""
+    twin, when `model` itself is one of those modules). A module reachable from several
+    places (a shared encoder) is converted once: the same twin takes every place. Forward
+    hooks registered on the replaced modules are not carried over."""
     top = _converted(model, backend)
     if top is not None:
         return top
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            new = _converted(child, backend)
-            if new is not None:
-                setattr(parent, name, new)
+    twins: dict[int, nn.Module] = {}  # id(torch.nn module) -> its one twin
+    for parent in list(model.modules()):  # each parent once, even when shared
+        # not named_children(), which lists a child held under two names only once
+        for name, child in list(parent._modules.items()):
+            if child is None:
+                continue
+            if id(child) not in twins:
+                new = _converted(child, backend)
+                if new is None:
+                    continue
+                twins[id(child)] = new
+            setattr(parent, name, twins[id(child)])
     return model
 
 

@@ -131,15 +131,20 @@ def failed_gpu_tests(card: str | None) -> frozenset[str]:
     return frozenset(b for backends in failed.values() for b in backends)
 
 
+def gpu_tests_passed(name: str, card: str | None) -> bool:
+    """Whether the GPU tests recorded under `name` (a backend, or a variant of one such as
+    "cupy-ksplit") passed on this card at their latest conclusive run there."""
+    return name in load_table().get("passed_gpu_tests", {}).get(card, ())
+
+
 # ----------------------------------------------------------------------------- building
 
 
 _DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
-def failed_by_card(records: Iterable[dict]) -> dict[str, set[str]]:
-    """card -> backends whose latest conclusive GPU test record on that card failed
-    (every card with a conclusive record is a key, with an empty set if nothing failed)."""
+def _latest_conclusive(records: Iterable[dict]) -> dict[tuple[str, str], str]:
+    """(card, backend) -> status of its latest conclusive GPU test record."""
     latest: dict[tuple[str, str], tuple[str, str]] = {}
     for r in records:
         if r.get("status") not in CONCLUSIVE:
@@ -147,12 +152,27 @@ def failed_by_card(records: Iterable[dict]) -> dict[str, set[str]]:
         k = (r["card"], r["backend"])
         if r["date"] >= latest.get(k, ("", ""))[0]:
             latest[k] = (r["date"], r["status"])
+    return {k: status for k, (_, status) in latest.items()}
+
+
+def failed_by_card(records: Iterable[dict]) -> dict[str, set[str]]:
+    """card -> backends whose latest conclusive GPU test record on that card failed
+    (every card with a conclusive record is a key, with an empty set if nothing failed)."""
     failed: dict[str, set[str]] = {}
-    for (card, backend), (_, status) in latest.items():
+    for (card, backend), status in _latest_conclusive(records).items():
         failed.setdefault(card, set())
         if status == "failed":
             failed[card].add(backend)
     return failed
+
+
+def passed_by_card(records: Iterable[dict]) -> dict[str, set[str]]:
+    """card -> backends (or variants) whose latest conclusive GPU test record there passed."""
+    passed: dict[str, set[str]] = {}
+    for (card, backend), status in _latest_conclusive(records).items():
+        if status == "passed":
+            passed.setdefault(card, set()).add(backend)
+    return passed
 
 
 def _cases(rows: Iterable[dict]) -> dict[tuple, tuple[dict[str, float], set[str]]]:
@@ -220,7 +240,9 @@ def _table(cases: dict[tuple, tuple], excluded: set[str]) -> dict[str, list[str]
 
 def build(rows: Iterable[dict], test_records: Iterable[dict] = ()) -> dict:
     """The table from benchmark CSV rows (bench.FIELDS) and GPU test records
-    (TEST_FIELDS): "choices" over every card, "by_card", and "failed_gpu_tests"."""
+    (TEST_FIELDS): "choices" over every card, "by_card", "failed_gpu_tests" and
+    "passed_gpu_tests"."""
+    test_records = list(test_records)
     failed = failed_by_card(test_records)
     cases = _cases(rows)
     cards = sorted({case[0] for case in cases})
@@ -233,6 +255,9 @@ def build(rows: Iterable[dict], test_records: Iterable[dict] = ()) -> dict:
         "choices": _table(cases, anywhere),
         "by_card": by_card,
         "failed_gpu_tests": {card: sorted(b) for card, b in sorted(failed.items())},
+        "passed_gpu_tests": {
+            card: sorted(b) for card, b in sorted(passed_by_card(test_records).items())
+        },
     }
 
 

@@ -5,11 +5,15 @@ torch.export
     layers and cells with a symbolic sequence length and batch size.
 
 ONNX
-    `torch.onnx.export(model, args, dynamo=True,
-    custom_translation_table=gpurnn.export.onnx_translation_table())` (or `export_onnx`
-    below) writes the recurrences as the standard ONNX `LSTM`, `GRU` and `RNN` operators,
-    so the file runs in onnxruntime (or any ONNX runtime) without gpurnn, at any sequence
-    length and batch size.
+    `torch.onnx.export(model, args, dynamo=True)` (or `export_onnx` below) writes the
+    recurrences as the standard ONNX `LSTM`, `GRU` and `RNN` operators, so the file runs
+    in onnxruntime (or any ONNX runtime) without gpurnn, at any sequence length and batch
+    size. The exporter finds gpurnn's translations in torchlib's registry (onnxscript's
+    default registry, which it reads on every export), where gpurnn puts them as soon as
+    onnxscript's registry module is imported (`register_onnx_translations`; importing
+    onnxscript with gpurnn would slow every `import gpurnn` by seconds). They are also
+    given as a `custom_translation_table` (`onnx_translation_table`) for callers who pass
+    tables of their own.
 
 Why a second op. The primitive `gpurnn::recurrence` receives the input projection
 xg = x W_ihᵀ + b already computed, while ONNX's recurrent operators want x and W_ih
@@ -28,13 +32,23 @@ which is ONNX's `linear_before_reset=1`. ONNX has no LSTM output projection, so 
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.util
+import sys
+
 import torch
 from torch import Tensor
 
 from gpurnn.cells import GATES
 from gpurnn.recurrence import input_projection, recurrence
 
-__all__ = ["layer", "onnx_translation_table", "export_onnx", "store_reordered_weights"]
+__all__ = [
+    "layer",
+    "onnx_translation_table",
+    "register_onnx_translations",
+    "export_onnx",
+    "store_reordered_weights",
+]
 
 
 # ----------------------------------------------------------------------------------------
@@ -180,12 +194,27 @@ def _need_onnx():
         ) from e
 
 
+def _exported_name(value) -> str:
+    """' (weight_hr_l0 of module enc_rnn)' from an exported parameter's value name
+    ('p_enc_rnn_weight_hr_l0': the exporter writes module paths with '_' for '.'), or ''."""
+    name = getattr(value, "name", None) or ""
+    if not name.startswith("p_") or "_weight_hr" not in name:
+        return ""
+    module, _, rest = name[2:].rpartition("_weight_hr")
+    return f" (weight_hr{rest} of module {module or 'the model itself'})"
+
+
 def _no_projection(w_hr) -> None:
     if w_hr is not None:
+        P, H = w_hr.shape
         raise NotImplementedError(
-            "gpurnn ONNX export: an LSTM with proj_size > 0 cannot be written as the "
-            "standard ONNX LSTM operator, which has no output projection (h_t = W_hr "
-            "(o_t * tanh(c_t))). Export it with torch.export instead, or use proj_size=0."
+            f"gpurnn ONNX export: an LSTM layer with proj_size={P}, hidden_size={H}"
+            f"{_exported_name(w_hr)} cannot be written as the standard ONNX LSTM operator, "
+            "which has no output projection (h_t = W_hr (o_t * tanh(c_t))). "
+            "Ways out: export the model with torch.export instead (torch.export.export(model, "
+            "args, dynamic_shapes=...) runs gpurnn's op and keeps the projection), or build "
+            "the LSTM with proj_size=0 followed by a torch.nn.Linear (not the same model: "
+            "retrain it)."
         )
 
 
@@ -311,12 +340,69 @@ def _recurrence_to_onnx(
 
 def onnx_translation_table() -> dict:
     """The `custom_translation_table` for `torch.onnx.export(..., dynamo=True)` that writes
-    gpurnn's ops as standard ONNX operators. Merge it with your own table if you have one."""
+    gpurnn's ops as standard ONNX operators. Not needed for a plain export (gpurnn
+    registers them, see `register_onnx_translations`); merge it with your own table if you
+    pass one."""
     _need_onnx()
     return {
         torch.ops.gpurnn.layer.default: _layer_to_onnx,
         torch.ops.gpurnn.recurrence.default: _recurrence_to_onnx,
     }
+
+
+_registered = False
+_TORCHLIB_REGISTRY = "onnxscript.function_libs.torch_lib.registration"
+
+
+def register_onnx_translations(missing_ok: bool = False) -> bool:
+    """Puts gpurnn's ONNX translations in torchlib's default registry, where
+    `torch.onnx.export(..., dynamo=True)` looks up the ops it translates, so that a plain
+    export needs no `custom_translation_table`. `import gpurnn` arranges for this to
+    happen when onnxscript's registry is first imported (or at once if it already is);
+    nothing to call. Returns whether the translations are registered; without onnxscript
+    that is False when `missing_ok`, else ImportError."""
+    global _registered
+    if _registered:
+        return True
+    try:
+        _need_onnx()
+        from onnxscript.function_libs.torch_lib.registration import torch_op
+    except ImportError:
+        if missing_ok:
+            return False
+        raise
+    for name, translation in (("gpurnn::layer", _layer_to_onnx),
+                              ("gpurnn::recurrence", _recurrence_to_onnx)):  # fmt: skip
+        torch_op(name, trace_only=True)(translation)
+    _registered = True
+    return True
+
+
+class _RegisterOnImport(importlib.abc.MetaPathFinder):
+    """Runs `register_onnx_translations` right after onnxscript's registry module is
+    imported, whoever imports it (torch.onnx does, on its first dynamo export). One shot:
+    it leaves sys.meta_path as soon as it has seen the module."""
+
+    def find_spec(self, name, path, target=None):
+        if name != _TORCHLIB_REGISTRY:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.loader is not None:
+            load = spec.loader.exec_module
+
+            def load_then_register(module):
+                load(module)
+                register_onnx_translations(missing_ok=True)
+
+            spec.loader.exec_module = load_then_register
+        return spec
+
+
+if _TORCHLIB_REGISTRY in sys.modules:
+    register_onnx_translations(missing_ok=True)
+elif not any(isinstance(f, _RegisterOnImport) for f in sys.meta_path):
+    sys.meta_path.insert(0, _RegisterOnImport())
 
 
 _RECURRENT_OPS = ("LSTM", "GRU", "RNN")

@@ -124,6 +124,11 @@ def record(module, input, hx=None, *, backend: str | None = None) -> Recording:
     every (layer, direction). Batch order is the caller's, also for PackedSequence.
     `backend` ("torch" or "triton") says whose kernels compute the recording; by default
     the one the module itself would run on, or the torch loop for the others."""
+    changed = [k for k in ("layer_norm", "zoneout") if getattr(module, k, 0)]
+    if changed:  # (eval-mode dropouts are the identity: those layers record as they run)
+        raise ValueError(
+            f"inspect.record does not record regularized layers yet ({', '.join(changed)} on)"
+        )
     cell = MODE_TO_CELL[module.mode]
     D = 2 if module.bidirectional else 1
     lengths = None

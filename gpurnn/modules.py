@@ -8,6 +8,12 @@ those classes, and tracing gpurnn layers under torch.compile is part of the poin
 
 Each module takes one extra keyword, `backend=` ("auto", "triton", "cupy", "torch",
 "numpy"); see gpurnn.backends for how it combines with `use_backend` and GPURNN_BACKEND.
+
+And four regularizers, all off by default (off, a module is exactly torch.nn's, state_dict
+included): `zoneout=p`, `recurrent_dropout=p`, `dropconnect=p`, `layer_norm=True`; see
+gpurnn.regularized, and gpurnn.reference for the formulas. LayerNorm adds the parameters
+layer_norm_{ih,hh}_{weight,bias}_l{k}[_reverse] (G·H each) and, for LSTM,
+layer_norm_c_{weight,bias}_l{k}[_reverse] (H); cells name them without the suffix.
 """
 
 from __future__ import annotations
@@ -16,10 +22,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from gpurnn import functional, native
+from gpurnn import functional, native, regularized
 from gpurnn.backends import BACKENDS, choose_backend
 from gpurnn.cells import MODE_TO_CELL
-from gpurnn.recurrence import check_sequence_length
+from gpurnn.recurrence import check_sequence_length, under_func_transform
 
 __all__ = ["RNN", "LSTM", "GRU", "RNNCell", "LSTMCell", "GRUCell"]
 
@@ -60,24 +66,93 @@ def _compute_dtype(input: Tensor) -> torch.dtype:
     return input.dtype
 
 
-def _runs_natively(backend_name: str) -> bool:
-    # under torch.compile the primitive (a custom op) runs instead: Dynamo traces it
+def _native_allowed() -> bool:
+    # under torch.compile the primitive (a custom op) runs instead: Dynamo traces it; under
+    # torch.func transforms too: torch's native RNN ops have no batching rule
     return (
         not torch.compiler.is_compiling()
-        and backend_name == "torch"
+        and not under_func_transform()
         and native.native_layers_enabled()
     )
 
 
-class _RNNBase(nn.RNNBase):
+def _runs_natively(backend_name: str) -> bool:
+    return backend_name == "torch" and _native_allowed()
+
+
+class _Regularizable:
+    """The regularizer keywords shared by layers and cells (gpurnn.regularized)."""
+
+    def _init_regularizers(self, cell, suffixes, zoneout, recurrent_dropout, dropconnect,
+                           layer_norm, factory):  # fmt: skip
+        regularized.check_rates(zoneout, recurrent_dropout, dropconnect)
+        self.zoneout = float(zoneout)
+        self.recurrent_dropout = float(recurrent_dropout)
+        self.dropconnect = float(dropconnect)
+        self.layer_norm = bool(layer_norm)
+        if self.layer_norm:
+            regularized.add_layer_norm(self, cell, suffixes, self.hidden_size, factory)
+
+    def _regularizers_repr(self) -> str:
+        s = "".join(
+            f", {name}={getattr(self, name)}"
+            for name in ("zoneout", "recurrent_dropout", "dropconnect")
+            if getattr(self, name, 0.0) > 0
+        )
+        return s + (", layer_norm=True" if getattr(self, "layer_norm", False) else "")
+
+    def _regularized_now(self) -> bool:
+        """Whether this call needs the regularized recurrence: eval-mode dropouts are the
+        identity, so a layer with only those runs the plain kernels in eval."""
+        return (
+            getattr(self, "layer_norm", False)
+            or getattr(self, "zoneout", 0.0) > 0
+            or (self.training and (getattr(self, "recurrent_dropout", 0.0) > 0
+                                   or getattr(self, "dropconnect", 0.0) > 0))
+        )  # fmt: skip
+
+    def _rates(self) -> dict:
+        return dict(
+            zoneout=getattr(self, "zoneout", 0.0),
+            recurrent_dropout=getattr(self, "recurrent_dropout", 0.0),
+            dropconnect=getattr(self, "dropconnect", 0.0),
+            training=self.training,
+        )
+
+
+class _RNNBase(_Regularizable, nn.RNNBase):
     """The forward shared by RNN, LSTM and GRU (torch.nn writes it out three times)."""
 
-    def __init__(self, mode: str, *args, backend: str | None = None, **kwargs):
+    def __init__(
+        self,
+        mode: str,
+        *args,
+        backend: str | None = None,
+        zoneout: float = 0.0,
+        recurrent_dropout: float = 0.0,
+        dropconnect: float = 0.0,
+        layer_norm: bool = False,
+        **kwargs,
+    ):
         super().__init__(mode, *args, **kwargs)
         self.backend = _check_backend_name(backend)
+        factory = {k: kwargs[k] for k in ("device", "dtype") if k in kwargs}
+        self._init_regularizers(
+            MODE_TO_CELL[mode], self._suffixes(), zoneout, recurrent_dropout, dropconnect,
+            layer_norm, factory,
+        )  # fmt: skip
+
+    def _suffixes(self) -> list[str]:
+        D = 2 if self.bidirectional else 1
+        layers = range(self.num_layers)
+        return [f"_l{k}" + ("_reverse" if d else "") for k in layers for d in range(D)]
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        regularized.reset_layer_norm(self)
 
     def extra_repr(self) -> str:
-        s = super().extra_repr()
+        s = super().extra_repr() + self._regularizers_repr()
         return s + (f", backend={self.backend!r}" if self.backend is not None else "")
 
     def forward(self, input, hx=None):
@@ -135,12 +210,17 @@ class _RNNBase(nn.RNNBase):
             c0 = c0.index_select(1, sorted_indices) if c0 is not None else None
 
         compiling = torch.compiler.is_compiling()
-        backend = choose_backend(
-            self.backend, cell, input.device, _compute_dtype(input), self.proj_size > 0,
-            self.hidden_size, None if compiling else max_batch_size,
-            torch_native=not compiling and native.native_layers_enabled(),
-        )  # fmt: skip
-        if _runs_natively(backend):
+        if self._regularized_now():
+            backend = None
+        else:
+            backend = choose_backend(
+                self.backend, cell, input.device, _compute_dtype(input), self.proj_size > 0,
+                self.hidden_size, None if compiling else max_batch_size,
+                torch_native=_native_allowed(),
+            )  # fmt: skip
+        if backend is None:
+            output, h_n, c_n = self._forward_primitive(cell, input, batch_sizes, h0, c0, None)
+        elif _runs_natively(backend):
             self._update_flat_weights()
             output, h_n, c_n = native.native_rnn(
                 cell,
@@ -203,19 +283,29 @@ class _RNNBase(nn.RNNBase):
             x, lengths = pad_packed_sequence(PackedSequence(input, batch_sizes))
         else:
             x = input.transpose(0, 1) if self.batch_first else input
-        out, h_n, c_n = functional.rnn(
-            cell,
-            x,
-            h0,
-            c0,
-            functional.layer_weights(self),
-            num_layers=self.num_layers,
-            bidirectional=self.bidirectional,
-            dropout=self.dropout,
-            training=self.training,
-            lengths=lengths,
-            backend=backend_name,
-        )
+        if backend_name is None:  # regularized: each layer chooses its backend
+            ln = None
+            if self.layer_norm:
+                ln = regularized.layer_norm_weights(self, cell, self._suffixes())
+            out, h_n, c_n = regularized.rnn(
+                cell, x, h0, c0, functional.layer_weights(self), ln,
+                num_layers=self.num_layers, bidirectional=self.bidirectional,
+                dropout=self.dropout, lengths=lengths, backend=self.backend, **self._rates(),
+            )  # fmt: skip
+        else:
+            out, h_n, c_n = functional.rnn(
+                cell,
+                x,
+                h0,
+                c0,
+                functional.layer_weights(self),
+                num_layers=self.num_layers,
+                bidirectional=self.bidirectional,
+                dropout=self.dropout,
+                training=self.training,
+                lengths=lengths,
+                backend=backend_name,
+            )
         if batch_sizes is not None:
             out = pack_padded_sequence(out, lengths).data
         elif self.batch_first:
@@ -268,17 +358,30 @@ class GRU(_RNNBase):
 # ----------------------------------------------------------------------------------------
 
 
-class _CellBase(nn.RNNCellBase):
+class _CellBase(_Regularizable, nn.RNNCellBase):
+    """A cell's regularizers act on its one step: a call is a sequence of length one, so
+    recurrent_dropout and dropconnect draw their masks at every call (a layer keeps them
+    for the whole sequence)."""
+
     _cell: str
 
     def __init__(
-        self, input_size, hidden_size, bias, num_chunks, device=None, dtype=None, backend=None
-    ):
+        self, input_size, hidden_size, bias, num_chunks, device=None, dtype=None, backend=None,
+        zoneout=0.0, recurrent_dropout=0.0, dropconnect=0.0, layer_norm=False, cell=None,
+    ):  # fmt: skip
         super().__init__(input_size, hidden_size, bias, num_chunks, device=device, dtype=dtype)
         self.backend = _check_backend_name(backend)
+        factory = {"device": device, "dtype": dtype}
+        self._init_regularizers(
+            cell, [""], zoneout, recurrent_dropout, dropconnect, layer_norm, factory
+        )
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        regularized.reset_layer_norm(self)
 
     def extra_repr(self) -> str:
-        s = super().extra_repr()
+        s = super().extra_repr() + self._regularizers_repr()
         return s + (f", backend={self.backend!r}" if self.backend is not None else "")
 
     def forward(self, input: Tensor, hx=None):
@@ -287,6 +390,17 @@ class _CellBase(nn.RNNCellBase):
         is_lstm = cell == "lstm"
         if input.dim() not in (1, 2):
             raise ValueError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
+        if hx is not None:
+            # torch.nn's errors (its C++ argument parser's TypeError), not a confusing
+            # split of a Tensor along its first dimension
+            if is_lstm and not isinstance(hx, (tuple, list)):
+                raise TypeError(
+                    f"{name}: hx must be a tuple of Tensors (h_0, c_0), not {type(hx).__name__}"
+                )
+            if not is_lstm and not isinstance(hx, Tensor):
+                raise TypeError(f"{name}: hx must be a Tensor, not {type(hx).__name__}")
+            if is_lstm and len(hx) != 2:
+                raise RuntimeError(f"{name}: expects two hidden states (h_0, c_0), got {len(hx)}")
         states = () if hx is None else (tuple(hx) if is_lstm else (hx,))
         for idx, value in enumerate(states):
             if value.dim() not in (1, 2):
@@ -324,11 +438,21 @@ class _CellBase(nn.RNNCellBase):
             )
         _check_parameters_device(self, input)
 
+        h, c = states[0], (states[1] if is_lstm else None)
+        if self._regularized_now():
+            ln = regularized.layer_norm_weights(self, cell, [""])[0] if self.layer_norm else None
+            weights = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+            h_new, c_new = regularized.cell_step(
+                cell, input, h, c, weights, ln, backend=self.backend, **self._rates()
+            )
+            if not is_batched:
+                h_new = h_new.squeeze(0)
+                c_new = c_new.squeeze(0) if c_new is not None else None
+            return (h_new, c_new) if is_lstm else h_new
         backend = choose_backend(
             self.backend, cell, input.device, _compute_dtype(input), False, self.hidden_size,
             None if torch.compiler.is_compiling() else input.size(0),
         )  # fmt: skip
-        h, c = states[0], (states[1] if is_lstm else None)
         if _runs_natively(backend):
             out = native.native_cell(
                 cell,
@@ -371,12 +495,14 @@ class RNNCell(_CellBase):
         dtype=None,
         *,
         backend=None,
+        **regularizers,
     ):
-        super().__init__(
-            input_size, hidden_size, bias, num_chunks=1, device=device, dtype=dtype, backend=backend
-        )
         if nonlinearity not in ("tanh", "relu"):
             raise ValueError(f"Unknown nonlinearity: {nonlinearity}")
+        super().__init__(
+            input_size, hidden_size, bias, num_chunks=1, device=device, dtype=dtype,
+            backend=backend, cell="rnn_" + nonlinearity, **regularizers,
+        )  # fmt: skip
         self.nonlinearity = nonlinearity
 
     @property
@@ -398,10 +524,12 @@ class LSTMCell(_CellBase):
         dtype=None,
         *,
         backend=None,
+        **regularizers,
     ):
         super().__init__(
-            input_size, hidden_size, bias, num_chunks=4, device=device, dtype=dtype, backend=backend
-        )
+            input_size, hidden_size, bias, num_chunks=4, device=device, dtype=dtype,
+            backend=backend, cell="lstm", **regularizers,
+        )  # fmt: skip
 
 
 class GRUCell(_CellBase):
@@ -418,7 +546,9 @@ class GRUCell(_CellBase):
         dtype=None,
         *,
         backend=None,
+        **regularizers,
     ):
         super().__init__(
-            input_size, hidden_size, bias, num_chunks=3, device=device, dtype=dtype, backend=backend
-        )
+            input_size, hidden_size, bias, num_chunks=3, device=device, dtype=dtype,
+            backend=backend, cell="gru", **regularizers,
+        )  # fmt: skip

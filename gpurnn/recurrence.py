@@ -19,6 +19,16 @@ the backward, `_backward` reruns the forward as plain differentiable torch ops (
 backend's loop) and differentiates that instead, on every backend alike. That needs xg,
 which the fused backends do not keep; layers pass `projection=(x, w_ih, bias)` (tensors
 autograd keeps for the input projection anyway) so that xg can be rebuilt instead.
+
+torch.func (vmap, grad): the autograd torch.library registers cannot be transformed, so
+under a transform the primitive runs through `_TransformableRecurrence`, an
+autograd.Function with the same setup and backward, whose vmap rule is generated from
+the ops' batching rules (`register_vmap`: the members run one after another). torch.func's
+grad always asks for a graph of the backward, so there the backward is the differentiable
+rerun above.
+
+Outputs are never views (`_not_a_view`) and y is kept for backward only by backends that
+read it (`Backend.backward_uses_y`): in-place ops on a layer's output work as in torch.nn.
 """
 
 from __future__ import annotations
@@ -46,6 +56,17 @@ def _empty(like: Tensor) -> Tensor:
     return like.new_empty(0)
 
 
+def _not_a_view(t: Tensor) -> Tensor:
+    """The same memory as a tensor of its own, not a view. Backends return views (the
+    Triton kernels' y is the last T rows of their exchange buffer; torch.stack's result is
+    a view of a cat), and autograd refuses in-place ops on views of a custom op's outputs
+    ("a function that returns multiple views"), which torch.nn's outputs allow. Autograd's
+    version counter still guards a y that a backward reads."""
+    if t._base is None:
+        return t
+    return t.new_empty(0).set_(t.untyped_storage(), t.storage_offset(), t.shape, t.stride())
+
+
 @torch.library.custom_op("gpurnn::recurrence", mutates_args=())
 def _recurrence_op(
     cell: str,
@@ -66,7 +87,8 @@ def _recurrence_op(
     # proj_* are read by the double backward only (see _setup_context)
     inputs = Inputs(cell, xg, w_hh, h0, c0, lengths, reverse, b_hn, w_hr)
     y, h_T, c_T, workspace = get_backend(backend).forward(inputs, save)
-    return y, h_T, c_T if c_T is not None else _empty(xg), workspace
+    c_T = c_T if c_T is not None else _empty(xg)
+    return tuple(_not_a_view(t) for t in (y, h_T, c_T, workspace))
 
 
 @_recurrence_op.register_fake
@@ -95,7 +117,7 @@ def _recurrence_backward_op(
     reverse: bool,
     b_hn: Tensor | None,
     w_hr: Tensor | None,
-    y: Tensor,
+    y: Tensor | None,
     workspace: Tensor,
     dy: Tensor,
     dh_T: Tensor,
@@ -104,18 +126,18 @@ def _recurrence_backward_op(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     inputs = Inputs(cell, xg, w_hh, h0, c0, lengths, reverse, b_hn, w_hr)
     grads = get_backend(backend).backward(inputs, y, workspace, dy, dh_T, dc_T)
-    return tuple(g if g is not None else _empty(y) for g in grads)
+    return tuple(g if g is not None else _empty(dy) for g in grads)
 
 
 @_recurrence_backward_op.register_fake
 def _recurrence_backward_fake(*op_args):
-    inputs, (y, *_) = _split(op_args)
-    T, B, _ = y.shape
+    inputs, (_, _, dy, *_) = _split(op_args)
+    T, B, _ = dy.shape
     return (
-        y.new_empty(T, B, inputs.w_hh.shape[0]),
+        dy.new_empty(T, B, inputs.w_hh.shape[0]),
         torch.empty_like(inputs.w_hh),
         *(
-            torch.empty_like(t) if t is not None else _empty(y)
+            torch.empty_like(t) if t is not None else _empty(dy)
             for t in (getattr(inputs, name) for name in _OPTIONAL_GRADS)
         ),
     )
@@ -142,8 +164,20 @@ def _setup_context(ctx, inputs, output):  # torch.library passes these by keywor
     # tensors go through save_for_backward (which checks they were not modified in place
     # since); everything else (cell, reverse, absent tensors) is kept as it is
     ctx.kept = [_Kept if isinstance(v, Tensor) else v for v in kept]
-    ctx.save_for_backward(*(v for v in kept if isinstance(v, Tensor)), y, workspace)
+    # y only where the backward reads it: otherwise the caller may modify it in place
+    uses_y = get_backend(backend).backward_uses_y
+    ctx.y_like = _Kept if uses_y else (y.shape, y.dtype, y.device)
+    tensors = [v for v in kept if isinstance(v, Tensor)]
+    ctx.save_for_backward(*tensors, *([y] if ctx.y_like is _Kept else []), workspace)
     ctx.mark_non_differentiable(workspace)
+
+
+def _saved_y(ctx, saved: list) -> tuple[Tensor | None, tuple]:
+    """(y or None, (shape, dtype, device) of y), taking y off the end of `saved` if kept."""
+    if ctx.y_like is _Kept:
+        y = saved.pop()
+        return y, (y.shape, y.dtype, y.device)
+    return None, ctx.y_like
 
 
 def _differentiable_backward(ctx, inputs: Inputs, dy, dh_T, dc_T):
@@ -174,15 +208,17 @@ def _differentiable_backward(ctx, inputs: Inputs, dy, dh_T, dc_T):
 
 
 def _backward(ctx, dy, dh_T, dc_T, _d_workspace):
-    *saved, y, workspace = ctx.saved_tensors
+    *saved, workspace = ctx.saved_tensors
+    y, (y_shape, y_dtype, y_device) = _saved_y(ctx, saved)
     saved = iter(saved)
     kept = [next(saved) if v is _Kept else v for v in ctx.kept]
     inputs, projection = _split(kept)
     is_lstm = inputs.cell == "lstm"
-    dy = dy if dy is not None else torch.zeros_like(y)
-    dh_T = dh_T if dh_T is not None else y.new_zeros(y.shape[1:])
+    like = dict(dtype=y_dtype, device=y_device)
+    dy = dy if dy is not None else torch.zeros(y_shape, **like)
+    dh_T = dh_T if dh_T is not None else torch.zeros(y_shape[1:], **like)
     if is_lstm and (dc_T is None or dc_T.numel() == 0):
-        dc_T = y.new_zeros(y.shape[1], inputs.w_hh.shape[0] // 4)
+        dc_T = torch.zeros(y_shape[1], inputs.w_hh.shape[0] // 4, **like)
     dc_T = dc_T if is_lstm else None
     if torch.is_grad_enabled():
         # autograd wants a graph of this backward (create_graph=True): differentiate a
@@ -209,6 +245,59 @@ def _backward(ctx, dy, dh_T, dc_T, _d_workspace):
 
 
 torch.library.register_autograd("gpurnn::recurrence", _backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------- torch.func transforms
+
+
+def under_func_transform() -> bool:
+    """True inside torch.func.vmap / grad / jacrev / ... (functorch's interpreter stack)."""
+    return torch._C._functorch.maybe_current_level() is not None
+
+
+class _TransformableRecurrence(torch.autograd.Function):
+    """The custom op with the same autograd, as an autograd.Function that torch.func can
+    transform: the autograd torch.library registers is not one (its Function has no
+    setup_context), so under vmap or grad the primitive goes through this instead. vmap
+    runs forward and backward through the ops' batching rules below."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(*op_args):
+        return _recurrence_op(*op_args)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_context(ctx, inputs, output)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return _backward(ctx, *grads)
+
+
+def _members(info, in_dims, args):
+    """The op's arguments for each member of a vmapped batch, one after another."""
+    for i in range(info.batch_size):
+        yield [a.select(d, i) if d is not None else a for a, d in zip(args, in_dims)]
+
+
+def _stacked(results) -> tuple:
+    return tuple(torch.stack(parts) for parts in zip(*results))
+
+
+@torch.library.register_vmap("gpurnn::recurrence")
+def _recurrence_vmap(info, in_dims, *op_args):
+    # members (an ensemble's weights, a vmapped batch of inputs) run one after another,
+    # each as one ordinary call of the op on its backend
+    results = [_recurrence_op(*args) for args in _members(info, in_dims, op_args)]
+    return _stacked(results), (0, 0, 0, 0)
+
+
+@torch.library.register_vmap("gpurnn::recurrence_backward")
+def _recurrence_backward_vmap(info, in_dims, *op_args):
+    results = [_recurrence_backward_op(*args) for args in _members(info, in_dims, op_args)]
+    return _stacked(results), (0,) * 6
 
 
 def check_sequence_length(T: int) -> None:
@@ -334,10 +423,17 @@ def recurrence(
     )
     if lengths is not None:
         lengths = lengths.to(device=xg.device, dtype=torch.int64)
-    save = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (xg, w_hh, h0, c0, b_hn, w_hr)
+    # (a tensor batched by vmap does not say whether its own tensor requires grad: keep
+    # the workspace under transforms whenever autograd records)
+    save = torch.is_grad_enabled() and (
+        under_func_transform()
+        or any(t is not None and t.requires_grad for t in (xg, w_hh, h0, c0, b_hn, w_hr))
     )
-    y, h_T, c_T, _ = _recurrence_op(
+    op_args = (
         cell, xg, w_hh, h0, c0, lengths, reverse, b_hn, w_hr, chosen, save, proj_x, proj_w, proj_b
-    )
+    )  # fmt: skip
+    if under_func_transform() and not torch.compiler.is_compiling():
+        y, h_T, c_T, _ = _TransformableRecurrence.apply(*op_args)
+    else:
+        y, h_T, c_T, _ = _recurrence_op(*op_args)
     return y, h_T, (c_T if cell == "lstm" else None)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from gpurnn.cells import GATES, check_cell
+from gpurnn.cells import GATES, INDRNN_CELLS, LAYER_NORM_EPS, check_cell, regularized_gate_count
 
 
 def _sigmoid(x):
@@ -347,3 +347,257 @@ def rnn_backward(
                 dc0[k] = g["c0"]
         d_layer_out = d_layer_in
     return d_layer_out, dh0, dc0, dparams
+
+
+# ----------------------------------------------------------------------------------------
+# regularized recurrences: zoneout, recurrent dropout, DropConnect, LayerNorm, IndRNN
+# ----------------------------------------------------------------------------------------
+#
+# One layer, one direction, as `recurrence_forward`, with the regularizers as arrays that
+# say exactly what each step does (the caller turns masks and rates into them):
+#
+#   zoneout_h (T, B, H_out), zoneout_c (T, B, H): the weight of the previous state,
+#       h_t = zh ⊙ h_{t-1} + (1 − zh) ⊙ h̃_t (and c likewise for LSTM), where h̃_t, c̃_t are
+#       the cell's own update; 0/1 in training (1 = the unit zones out), p in eval.
+#       h̃_t is computed from c̃_t, not from the zoned-out c_t (Krueger et al.).
+#   recurrent_scale (B, H_out): multiplies h_{t-1} where it enters W_hh (0 or 1/(1 − p)).
+#   weight_scale (G*H, H_out), or (H,) for IndRNN: multiplies W_hh entrywise (DropConnect).
+#   ln_hh = (weight, bias) (G*H,): LayerNorm of each row's h W_hhᵀ over all G*H entries;
+#   ln_c = (weight, bias) (H,): LSTM only, LayerNorm of c̃_t before tanh. eps = cells.LAYER_NORM_EPS.
+#
+# (LayerNorm of x W_ihᵀ is no part of the recurrence: it is a function of the input alone,
+# applied to the projection for all steps at once, before the biases join it in xg.)
+#
+# IndRNN ("indrnn_tanh", "indrnn_relu"): w_hh is the vector u (H,), the recurrent term
+# u ⊙ h_{t-1} instead of W_hh h_{t-1}: h_t = act(xg + u ⊙ h_{t-1}).
+
+
+def _layer_norm(a, weight, bias):
+    mu = a.mean()
+    rstd = 1.0 / np.sqrt(((a - mu) ** 2).mean() + LAYER_NORM_EPS)
+    a_hat = (a - mu) * rstd
+    return weight * a_hat + bias, (a_hat, rstd, weight)
+
+
+def _layer_norm_backward(d_out, cache, grads, key):
+    a_hat, rstd, weight = cache
+    grads[key + "_weight"] += d_out * a_hat
+    grads[key + "_bias"] += d_out
+    d_hat = d_out * weight
+    return rstd * (d_hat - d_hat.mean() - a_hat * (d_hat * a_hat).mean())
+
+
+def _act(cell, a):
+    return np.tanh(a) if cell.endswith("tanh") else np.maximum(a, 0.0)
+
+
+def _act_grad(cell, a, out):
+    return 1.0 - out**2 if cell.endswith("tanh") else (a > 0.0).astype(np.float64)
+
+
+def _reg_step_forward(cell, x, h, c, w, b_hn, w_hr, zh, zc, rscale, ln_hh, ln_c):
+    """One regularized step; w is W_hh (or u) already multiplied by its DropConnect mask."""
+    h_in = h * rscale if rscale is not None else h
+    hh = w * h_in if cell in INDRNN_CELLS else w @ h_in
+    ln_hh_cache = None
+    if ln_hh is not None:
+        hh, ln_hh_cache = _layer_norm(hh, *ln_hh)
+    c_tilde = ln_c_cache = None
+    if cell == "lstm":
+        H = c.shape[0]
+        a = x + hh
+        i, f = _sigmoid(a[:H]), _sigmoid(a[H : 2 * H])
+        g, o = np.tanh(a[2 * H : 3 * H]), _sigmoid(a[3 * H :])
+        c_tilde = f * c + i * g
+        c_norm = c_tilde
+        if ln_c is not None:
+            c_norm, ln_c_cache = _layer_norm(c_tilde, *ln_c)
+        m = o * np.tanh(c_norm)
+        h_tilde = w_hr @ m if w_hr is not None else m
+        gates = (i, f, g, o, c_norm, m)
+    elif cell == "gru":
+        H = h.shape[0]
+        r = _sigmoid(x[:H] + hh[:H])
+        z = _sigmoid(x[H : 2 * H] + hh[H : 2 * H])
+        hn = hh[2 * H :] + (b_hn if b_hn is not None else 0.0)
+        n = np.tanh(x[2 * H :] + r * hn)
+        h_tilde = (1.0 - z) * n + z * h
+        gates = (r, z, n, hn)
+    else:  # rnn and indrnn
+        a = x + hh
+        h_tilde = _act(cell, a)
+        gates = (a,)
+    h_new = h_tilde if zh is None else zh * h + (1.0 - zh) * h_tilde
+    c_new = None
+    if cell == "lstm":
+        c_new = c_tilde if zc is None else zc * c + (1.0 - zc) * c_tilde
+    cache = (h, c, h_in, h_tilde, gates, zh, zc, ln_hh_cache, ln_c_cache)
+    return h_new, c_new, cache
+
+
+def _reg_step_backward(cell, cache, dh_new, dc_new, w, w_hr, rscale, grads):
+    """Gradient of `_reg_step_forward`; accumulates parameter gradients into `grads`
+    (w_hh holds d(W_hh ⊙ mask), scaled by the mask at the end). Returns (dx, dh, dc)."""
+    h, c, h_in, h_tilde, gates, zh, zc, ln_hh_cache, ln_c_cache = cache
+    dh_tilde = dh_new if zh is None else (1.0 - zh) * dh_new
+    dh_prev = np.zeros_like(h) if zh is None else zh * dh_new
+    dc_prev = None
+    if cell == "lstm":
+        i, f, g, o, c_norm, m = gates
+        if w_hr is not None:
+            grads["w_hr"] += np.outer(dh_tilde, m)
+            dm = w_hr.T @ dh_tilde
+        else:
+            dm = dh_tilde
+        tc = np.tanh(c_norm)
+        dc_norm = dm * o * (1.0 - tc**2)
+        if ln_c_cache is not None:
+            dc_norm = _layer_norm_backward(dc_norm, ln_c_cache, grads, "ln_c")
+        dc_tilde = dc_norm + (dc_new if zc is None else (1.0 - zc) * dc_new)
+        dc_prev = dc_tilde * f if zc is None else zc * dc_new + dc_tilde * f
+        dx = np.concatenate(
+            [
+                dc_tilde * g * i * (1.0 - i),
+                dc_tilde * c * f * (1.0 - f),
+                dc_tilde * i * (1.0 - g**2),
+                dm * tc * o * (1.0 - o),
+            ]
+        )
+        dhh = dx
+    elif cell == "gru":
+        r, z, n, hn = gates
+        dan = dh_tilde * (1.0 - z) * (1.0 - n**2)
+        daz = dh_tilde * (h - n) * z * (1.0 - z)
+        dar = dan * hn * r * (1.0 - r)
+        dhn = dan * r
+        if grads.get("b_hn") is not None:
+            grads["b_hn"] += dhn
+        dh_prev = dh_prev + dh_tilde * z
+        dx = np.concatenate([dar, daz, dan])
+        dhh = np.concatenate([dar, daz, dhn])
+    else:
+        (a,) = gates
+        dx = dh_tilde * _act_grad(cell, a, h_tilde)
+        dhh = dx
+    if ln_hh_cache is not None:
+        dhh = _layer_norm_backward(dhh, ln_hh_cache, grads, "ln_hh")
+    if cell in INDRNN_CELLS:
+        grads["w_hh"] += dhh * h_in
+        dh_in = w * dhh
+    else:
+        grads["w_hh"] += np.outer(dhh, h_in)
+        dh_in = w.T @ dhh
+    dh_prev = dh_prev + (dh_in * rscale if rscale is not None else dh_in)
+    return dx, dh_prev, dc_prev
+
+
+def _prepare_regularized(cell, xg, w_hh, h0, c0, lengths, b_hn, w_hr, reg):
+    xg, w_hh, b_hn, w_hr = _f64(xg), _f64(w_hh), _f64(b_hn), _f64(w_hr)
+    T, B, GH = xg.shape
+    G = regularized_gate_count(cell)
+    H = GH // G
+    H_out = H if cell in INDRNN_CELLS else w_hh.shape[1]
+    h0 = np.zeros((B, H_out)) if h0 is None else _f64(h0)
+    if cell == "lstm":
+        c0 = np.zeros((B, H)) if c0 is None else _f64(c0)
+    lengths = np.full(B, T, dtype=np.int64) if lengths is None else np.asarray(lengths)
+    reg = {
+        k: tuple(_f64(a) for a in v) if isinstance(v, tuple) else _f64(v)
+        for k, v in reg.items()
+        if v is not None
+    }
+    return xg, w_hh, h0, c0, lengths, b_hn, w_hr, reg
+
+
+def _run_regularized(cell, xg, w_hh, h0, c0, lengths, reverse, b_hn, w_hr, reg):
+    T, B, _ = xg.shape
+    zoneout_h, zoneout_c = reg.get("zoneout_h"), reg.get("zoneout_c")
+    rscale, wscale = reg.get("recurrent_scale"), reg.get("weight_scale")
+    ln_hh, ln_c = reg.get("ln_hh"), reg.get("ln_c")
+    w = w_hh * wscale if wscale is not None else w_hh
+    y = np.zeros((T, B, h0.shape[1]))
+    h_T, c_T = h0.copy(), (c0.copy() if c0 is not None else None)
+    caches = []
+    for b in range(B):
+        h, c = h0[b], (c0[b] if c0 is not None else None)
+        seq = []
+        for t in _time_order(int(lengths[b]), reverse):
+            h, c, cache = _reg_step_forward(
+                cell, xg[t, b], h, c, w, b_hn, w_hr,
+                zoneout_h[t, b] if zoneout_h is not None else None,
+                zoneout_c[t, b] if zoneout_c is not None else None,
+                rscale[b] if rscale is not None else None,
+                ln_hh, ln_c,
+            )  # fmt: skip
+            y[t, b] = h
+            seq.append((t, cache))
+        h_T[b] = h
+        if c_T is not None:
+            c_T[b] = c
+        caches.append(seq)
+    return y, h_T, c_T, caches, w
+
+
+def regularized_forward(
+    cell, xg, w_hh, h0=None, c0=None, lengths=None, reverse=False, b_hn=None, w_hr=None, **reg
+):
+    """`recurrence_forward` with the regularizers above as keywords (zoneout_h, zoneout_c,
+    recurrent_scale, weight_scale, ln_hh, ln_c; absent = off), and the IndRNN cells.
+    Returns (y, h_T, c_T or None)."""
+    args = _prepare_regularized(cell, xg, w_hh, h0, c0, lengths, b_hn, w_hr, reg)
+    xg, w_hh, h0, c0, lengths, b_hn, w_hr, reg = args
+    y, h_T, c_T, _, _ = _run_regularized(cell, xg, w_hh, h0, c0, lengths, reverse, b_hn, w_hr, reg)
+    return y, h_T, c_T
+
+
+def regularized_backward(
+    cell, xg, w_hh, h0, c0, lengths, reverse, b_hn, w_hr, dy, dh_T, dc_T=None, **reg
+):
+    """Backpropagation through time of `regularized_forward` (recomputes the forward).
+    Returns a dict with keys xg, w_hh, h0, c0, b_hn, w_hr, ln_hh_weight, ln_hh_bias,
+    ln_c_weight, ln_c_bias; None for inputs that were None or regularizers that were off."""
+    args = _prepare_regularized(cell, xg, w_hh, h0, c0, lengths, b_hn, w_hr, reg)
+    xg_, w_hh_, h0_, c0_, lengths_, b_hn_, w_hr_, reg_ = args
+    _, _, _, caches, w = _run_regularized(
+        cell, xg_, w_hh_, h0_, c0_, lengths_, reverse, b_hn_, w_hr_, reg_
+    )
+    rscale = reg_.get("recurrent_scale")
+    dy, dh_T = _f64(dy), _f64(dh_T)
+    dc_T = np.zeros_like(c0_) if (cell == "lstm" and dc_T is None) else _f64(dc_T)
+    grads = {
+        "w_hh": np.zeros_like(w_hh_),
+        "b_hn": np.zeros_like(b_hn_) if b_hn_ is not None else None,
+        "w_hr": np.zeros_like(w_hr_) if w_hr_ is not None else None,
+    }
+    for key in ("ln_hh", "ln_c"):
+        if reg_.get(key) is not None:
+            grads[key + "_weight"] = np.zeros_like(reg_[key][0])
+            grads[key + "_bias"] = np.zeros_like(reg_[key][1])
+    dxg, dh0 = np.zeros_like(xg_), np.zeros_like(h0_)
+    dc0 = np.zeros_like(c0_) if c0_ is not None else None
+    for b, seq in enumerate(caches):
+        dh = dh_T[b].copy()
+        dc = dc_T[b].copy() if dc0 is not None else None
+        for t, cache in reversed(seq):
+            dh = dh + dy[t, b]
+            dxg[t, b], dh, dc = _reg_step_backward(
+                cell, cache, dh, dc, w, w_hr_, rscale[b] if rscale is not None else None, grads
+            )
+        dh0[b] = dh
+        if dc0 is not None:
+            dc0[b] = dc
+    if reg_.get("weight_scale") is not None:
+        grads["w_hh"] = grads["w_hh"] * reg_["weight_scale"]
+    return {
+        "xg": dxg,
+        "w_hh": grads["w_hh"],
+        "h0": dh0 if h0 is not None else None,
+        "c0": dc0 if c0 is not None else None,
+        "b_hn": grads["b_hn"],
+        "w_hr": grads["w_hr"],
+        **{
+            f"{key}_{part}": grads.get(f"{key}_{part}")
+            for key in ("ln_hh", "ln_c")
+            for part in ("weight", "bias")
+        },
+    }

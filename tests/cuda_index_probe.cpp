@@ -127,4 +127,56 @@ long long offset_at(long long row, int col, long long rows, int width) {
   return gpurnn::at(row, col, rows, width);
 }
 
+// ----------------------------------------------------------------- K-split layout, one call each
+// (tests/test_ksplit_protocol.py runs its model of the K-split kernels on these)
+
+static gpurnn::KSplit ksplit(int C, int U, int Gr, int KW) { return gpurnn::KSplit{C, U, Gr, KW}; }
+
+int ks_rank_units(int C, int U, int Gr, int KW, int r) {
+  return gpurnn::ksplit_rank_units(ksplit(C, U, Gr, KW), r);
+}
+int ks_unit_span(int C, int U, int Gr, int KW) {
+  return gpurnn::ksplit_unit_span(ksplit(C, U, Gr, KW));
+}
+int ks_source(int C, int U, int Gr, int KW, int rank, int kgroup) {
+  return gpurnn::ksplit_source(ksplit(C, U, Gr, KW), rank, kgroup);
+}
+// 1 and (rank, local) for a received row, 0 for a padding row
+int ks_owner(int C, int U, int Gr, int KW, int m, int* rank, int* local) {
+  return gpurnn::ksplit_owner(ksplit(C, U, Gr, KW), m, *rank, *local) ? 1 : 0;
+}
+int ks_unit(int C, int U, int Gr, int KW, int r, int lu) {
+  return gpurnn::ksplit_unit(ksplit(C, U, Gr, KW), r, lu);
+}
+int ks_fill(int step, int group, int groups) { return gpurnn::ksplit_fill(step, group, groups); }
+int ks_buffer(int fill) { return gpurnn::ksplit_buffer(fill); }
+unsigned ks_parity(int fill) { return gpurnn::ksplit_parity(fill); }
+long long ks_recv_at(int C, int U, int Gr, int KW, int buffer, int source, int local, int col,
+                     int cols) {
+  return gpurnn::ksplit_recv_at(ksplit(C, U, Gr, KW), buffer, source, local, col, cols);
+}
+unsigned ks_fill_bytes(int C, int U, int Gr, int KW, int r, int cols) {
+  return gpurnn::ksplit_fill_bytes(ksplit(C, U, Gr, KW), r, cols);
+}
+long long ks_barrier_target(int step, int forward, int ctas) {
+  return gpurnn::ksplit_barrier_target(step, forward, ctas);
+}
+
+// the step order and rows every kernel shares, one call each
+int fwd_time(int s, int T, int reverse) { return gpurnn::forward_time(s, T, reverse); }
+void bwd_step(int s, int T, int reverse, int* t, int* source) {
+  const gpurnn::BackwardStep st = gpurnn::backward_step(s, T, reverse);
+  *t = st.t, *source = st.source;
+}
+void bwd_row(int t, int b, int len, int B, int reverse, int* valid, long long* cur,
+             long long* prev) {
+  const gpurnn::BackwardRow r = gpurnn::backward_row(t, b, len, B, reverse);
+  *valid = r.valid, *cur = r.cur, *prev = r.prev;
+}
+int read_plane(int step) { return gpurnn::read_plane(step); }
+int write_plane(int step) { return gpurnn::write_plane(step); }
+long long exchange_offset(int plane, int row, int k, int rows, int ldx) {
+  return gpurnn::exchange_at(plane, row, k, rows, ldx);
+}
+
 }  // extern "C"

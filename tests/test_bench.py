@@ -399,7 +399,8 @@ def test_device_check_dry_run(tmp_path):
     starts = re.findall(r"^== (.+?) \(limit (\d+)s, at (\d+)s\)$", log, re.M)
     assert [name for name, _, _ in starts] == [
         "header", "smoke", "l2 ping-pong", "warm-up", "step timing", "bench", "triton tests",
-        "record triton", "cupy tests", "record cupy", "plot",
+        "record triton", "cupy tests", "record cupy", "k-split tests", "record cupy-ksplit",
+        "plot",
     ]  # fmt: skip
     budget = re.search(r"^== budget: (.*) = (\d+)s of (\d+)s$", log, re.M)
     planned = dict(re.findall(r"([a-z][a-z0-9 -]*?) (\d+)(?: \+|$)", budget.group(1)))
@@ -420,7 +421,7 @@ def test_device_check_dry_run(tmp_path):
     # no GPU: the cupy tests were all skipped (which clears and condemns nothing); the triton
     # stage lost a file to a collection error: incomplete, with why, never "failed"
     assert [(r["backend"], r["status"]) for r in records] == [
-        ("triton", "incomplete"), ("cupy", "skipped")
+        ("triton", "incomplete"), ("cupy", "skipped"), ("cupy-ksplit", "skipped")
     ]  # fmt: skip
     assert "collect" in records[0]["note"]
     assert {r["commit"] for r in records} == {"abc1234"}

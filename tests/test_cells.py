@@ -15,7 +15,7 @@ from gpurnn.backends.common import compute_dtype, previous_states, projection_gr
 from tests.conftest import seeded_generator
 
 CUDA_DIR = Path(__file__).resolve().parents[1] / "kernels" / "cuda"
-# the C++ cell type each cell name is compiled with (gpurnn.backends.cupy.CELL_TYPES; the
+# the C++ cell type each cell name is compiled with (gpurnn.backends.cupy.compile.CELL_TYPES; the
 # module needs no GPU to import, but reading the names here keeps this test CPU-only)
 CUDA_CELL_TYPES = {
     "lstm": "LstmCell", "gru": "GruCell", "rnn_tanh": "RnnTanhCell", "rnn_relu": "RnnReluCell",
@@ -56,7 +56,7 @@ def test_cuda_header_matches_table():
 
 
 def test_cupy_cell_types_match():
-    cupy_backend = pytest.importorskip("gpurnn.backends.cupy")
+    cupy_backend = pytest.importorskip("gpurnn.backends.cupy.compile")
     assert cupy_backend.CELL_TYPES == CUDA_CELL_TYPES
 
 

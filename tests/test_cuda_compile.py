@@ -15,15 +15,15 @@ import subprocess
 
 import pytest
 
-from gpurnn.backends.cupy import (
+from gpurnn.backends.cupy.compile import (
     CELL_TYPES,
     DEBUG_BOUNDS_OPTION,
     KERNEL_FILE,
     KERNEL_PACKAGE,
     NVRTC_OPTIONS,
-    kernel_names,
     kernel_source,
 )
+from gpurnn.backends.cupy.plan import kernel_names
 
 
 def _nvcc() -> str | None:
@@ -44,7 +44,9 @@ def _instantiation_unit(names: list[str]) -> str:
     for name in names:
         fn = name.removeprefix("gpurnn::")
         params = "GPURNN_FORWARD_PARAMS" if "forward" in fn else "GPURNN_BACKWARD_PARAMS"
-        extra = ", void*, int, int, u32*" if "_grid<" in fn else ", int"
+        variant = fn.split("<")[0].rsplit("_", 1)[1]
+        extra = {"grid": ", void*, int, int, u32*", "cluster": ", int, u32*",
+                 "ksplit": ", GPURNN_KSPLIT_PARAMS"}[variant]  # fmt: skip
         if fn.startswith("rnn_lstmp_"):  # LSTM with projection: its own parameter lists
             params = params.replace("GPURNN_", "GPURNN_LSTMP_")
             extra = ", GPURNN_LSTMP_EXCHANGE_PARAMS"
@@ -73,10 +75,21 @@ def parse_ptxas(log: str) -> dict[str, dict[str, int]]:
 
 
 def _names_of(cell: str, clusters: bool) -> list[str]:
-    """The instantiations of one cell; "lstmp": the LSTM-with-projection kernels."""
+    """The instantiations of one cell but the K-split ones (compiled below); "lstmp": the
+    LSTM-with-projection kernels."""
     if cell == "lstmp":
         return [n for n in kernel_names(clusters) if n.startswith("gpurnn::rnn_lstmp_")]
-    return [n for n in kernel_names(clusters) if f"<{CELL_TYPES[cell]}," in n]
+    return [n for n in kernel_names(clusters) if f"<{CELL_TYPES[cell]}," in n and "ksplit" not in n]
+
+
+def _ksplit_names(full: bool) -> list[str]:
+    """The K-split instantiations: all of them (`full`), or every layout of the bf16 LSTM
+    and one layout (8-CTA clusters, 2 m-tiles a warp, 2 n-tiles) of every other cell and
+    dtype: the registers depend mostly on the layout, and 192 kernels take minutes."""
+    names = [n for n in kernel_names(clusters=True) if "_ksplit<" in n]
+    if full:
+        return names
+    return [n for n in names if "<LstmCell, BF16," in n or n.endswith(", 8, 2, 2>")]
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found")
@@ -105,14 +118,47 @@ def test_nvcc_compiles_without_spills(tmp_path, arch, cell):
     assert not heavy, f"unexpectedly many registers on {arch}: {heavy}"
 
 
+def _compile_sm90(tmp_path, names, *options) -> dict[str, dict[str, int]]:
+    src = tmp_path / "instantiate.cu"
+    src.write_text(_instantiation_unit(names))
+    result = subprocess.run(
+        [NVCC, "-std=c++17", "-arch=sm_90", "-cubin", "-Xptxas", "-v", *options,
+         "-o", str(tmp_path / "out.cubin"), str(src)],
+        capture_output=True, text=True, timeout=1800,
+    )  # fmt: skip
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-4000:]
+    assert "warning" not in log.lower(), log[-4000:]
+    kernels = parse_ptxas(log)
+    assert len(kernels) == len(names), f"{len(kernels)} kernels compiled, {len(names)} wanted"
+    return kernels
+
+
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found")
-@pytest.mark.parametrize("variant", ["grid", "cluster", "lstmp"])
+@pytest.mark.parametrize("full", [False, pytest.param(True, marks=pytest.mark.slow)],
+                         ids=["sample", "all"])  # fmt: skip
+def test_nvcc_compiles_ksplit_without_spills(request, tmp_path, full):
+    """The K-split cluster kernels (sm_90 only): no spills, no stack frame, registers far
+    below the 255 a one-block-per-SM kernel may use. All 192 with `-m slow` (minutes)."""
+    if full and "slow" not in (request.config.getoption("markexpr") or ""):
+        pytest.skip("all K-split instantiations: run with -m slow")
+    kernels = _compile_sm90(tmp_path, _ksplit_names(full))
+    bad = {k: v for k, v in kernels.items() if v["stack"] or v["spill_stores"] or v["spill_loads"]}
+    assert not bad, f"register spills / stack frames: {bad}"
+    heavy = {k: v["regs"] for k, v in kernels.items() if v["regs"] > 168}
+    assert not heavy, f"unexpectedly many registers: {heavy}"
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc not found")
+@pytest.mark.parametrize("variant", ["grid", "cluster", "lstmp", "ksplit"])
 def test_nvcc_compiles_bounds_checked_build(tmp_path, variant):
     """GPURNN_DEBUG_BOUNDS=1 adds a check (and trap) to every buffer index: the kernels still
     build (LSTM backward, and the projected LSTM both ways, every dtype; spills are allowed
     in this debug build)."""
     if variant == "lstmp":
         names = _names_of("lstmp", clusters=True)
+    elif variant == "ksplit":
+        names = [n for n in _ksplit_names(full=False) if "<LstmCell, BF16, 8, 2," in n]
     else:
         names = [n for n in kernel_names(clusters=True)
                  if n.startswith(f"gpurnn::rnn_backward_{variant}<LstmCell,")]  # fmt: skip
@@ -166,6 +212,37 @@ def test_cluster_step_has_no_fence_and_no_cluster_barrier(tmp_path):
         assert counts == {"UCGABAR_WAIT": 2, "MEMBAR.ALL.GPU": 2, "CCTL.IVALL": 2}, (name, counts)
         assert "SYNCS.PHASECHK.TRANS64.TRYWAIT" in body, name  # the mbarrier wait
         assert "SYNCS.ARRIVE.TRANS64" in body, name  # arming a fill (expect_tx)
+
+
+@pytest.mark.skipif(NVCC is None or _cuobjdump() is None, reason="nvcc or cuobjdump not found")
+def test_ksplit_step_has_no_cluster_barrier(tmp_path):
+    """The K-split step reduces over DSMEM with st.async (STAS) completing on mbarriers
+    (a bounded try-wait): its only cluster barriers are the one after setup and the one
+    before exit; the exchange between clusters costs one gpu-scope release (MEMBAR.ALL.GPU
+    before the counter's add) and one acquire (CCTL.IVALL) a step, besides the two cluster
+    barriers' own."""
+    names = ["gpurnn::rnn_forward_ksplit<LstmCell, BF16, 8, 2, 2>",
+             "gpurnn::rnn_backward_ksplit<GruCell, F16, 4, 1, 1>"]  # fmt: skip
+    src = tmp_path / "instantiate.cu"
+    src.write_text(_instantiation_unit(names))
+    cubin = tmp_path / "out.cubin"
+    subprocess.run([NVCC, "-std=c++17", "-arch=sm_90", "-cubin", "-o", str(cubin), str(src)],
+                   check=True, capture_output=True, timeout=600)  # fmt: skip
+    sass = subprocess.run([_cuobjdump(), "-sass", str(cubin)], capture_output=True, text=True,
+                          check=True).stdout  # fmt: skip
+    functions = re.split(r"\n\s*Function : ", sass)[1:]
+    assert len(functions) == len(names)
+    for body in functions:
+        name = body.split("\n", 1)[0].strip()
+        counts = {op: len(re.findall(rf"\b{re.escape(op)}\b", body))
+                  for op in ("UCGABAR_WAIT", "MEMBAR.ALL.GPU", "CCTL.IVALL")}  # fmt: skip
+        # forward: the arrive after publishing h0 and the step's; backward: the step's only
+        # (the release of each arrive site, and the cluster barriers' own two)
+        assert counts["UCGABAR_WAIT"] == 2, (name, counts)
+        assert counts["MEMBAR.ALL.GPU"] == (4 if "forward" in name else 3), (name, counts)
+        assert counts["CCTL.IVALL"] == 3, (name, counts)
+        assert "STAS.64" in body, name  # st.async.v2 of the partial sums
+        assert "SYNCS.PHASECHK.TRANS64.TRYWAIT" in body, name
 
 
 def test_parse_ptxas():

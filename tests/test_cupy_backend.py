@@ -1,11 +1,12 @@
 """The `cupy` backend.
 
 CPU (always): gpurnn imports and reports the backend unavailable with a clear reason when CuPy
-is absent; asking for it by name raises; the launch planner and the weight packing (the
-tensor-core fragment order the kernels read) are checked against their definitions.
+is absent; asking for it by name raises; the glue's kernel arguments have the kernels' exact
+C types. (The planners and the weight packing: tests/test_cupy_plan.py.)
 
 GPU (@pytest.mark.gpu, skipped without CUDA): every cell x dtype x direction x lengths x h0
-at real sizes against the float64 reference (outputs and every gradient) and torch.nn.
+at real sizes against the float64 reference (outputs and every gradient) and torch.nn; the
+grid kernels and the projected LSTM first, then the cluster and K-split variants.
 """
 
 from __future__ import annotations
@@ -14,10 +15,8 @@ import copy
 import importlib
 import itertools
 import math
-import re
 import sys
 import time
-import warnings
 
 import numpy as np
 import pytest
@@ -27,25 +26,14 @@ import gpurnn
 from gpurnn import reference
 from gpurnn.backends import cupy as cupy_backend
 from gpurnn.backends.base import Inputs
-from gpurnn.backends.cupy import (
-    CLUSTER_SIZE,
+from gpurnn.backends.cupy import plan as cupy_plan
+from gpurnn.backends.cupy.plan import (
     MMA_K,
-    PROJ_OUT_ROWS,
-    block_rows,
-    lstmp_block_rows,
-    pack_fragments,
-    plan_launch,
-    plan_lstmp_launch,
-    units_per_block,
 )
 from gpurnn.cells import GATES
 from tests.conftest import seeded_generator
 from tests.helpers import make_torch_module
-
-CELLS = ["rnn_tanh", "rnn_relu", "lstm", "gru"]
-H100 = dict(sm_count=132, smem_limit=227 * 1024, has_clusters=True)
-A100 = dict(sm_count=108, smem_limit=163 * 1024, has_clusters=False)
-
+from tests.test_cupy_plan import CELLS
 
 # ------------------------------------------------------------------ without CuPy
 
@@ -111,207 +99,6 @@ def test_auto_leaves_projections_to_others_until_gpu_tested():
     backend = cupy_backend.CupyBackend()
     assert "GPU tests" in backend.auto_reason("lstm", True)
     assert backend.auto_reason("lstm", False) is None
-
-
-# ------------------------------------------------------------------ plan
-
-
-@pytest.mark.parametrize("cell", CELLS)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("direction", ["forward", "backward"])
-@pytest.mark.parametrize("variant", ["auto", "grid", "cluster"])
-def test_plan_invariants(cell, dtype, direction, variant):
-    for H, B, device in itertools.product([1, 40, 96, 256, 500, 768, 1024], [1, 8, 9, 64],
-                                          [H100, A100]):  # fmt: skip
-        plan = plan_launch(direction, cell, dtype, H, B, **device, variant=variant)
-        if plan is None:
-            continue
-        assert plan.variant == ("cluster" if variant == "cluster" else "grid")
-        assert plan.shared_bytes <= device["smem_limit"]
-        assert plan.units == units_per_block(direction, cell, plan.m_tiles)
-        K = H if direction == "forward" else GATES[cell] * H
-        assert plan.K == K and plan.KT * MMA_K[dtype] >= K
-        if plan.variant == "grid":
-            assert plan.blocks * plan.units >= H and plan.blocks <= device["sm_count"]
-            assert plan.batch_rows >= B and plan.batch_rows % (8 * plan.n_tiles) == 0
-            assert plan.n_tiles == (1 if B <= 8 else 2)  # B <= 8 pays for one n-tile
-        else:
-            assert device["has_clusters"]
-            assert CLUSTER_SIZE * plan.units >= H
-            assert plan.blocks == CLUSTER_SIZE * math.ceil(B / 8)
-            # fp32 planes, rows padded for conflict-free fragment loads, and two mbarriers
-            assert plan.ldx >= plan.KT * MMA_K[dtype] and plan.ldx % 32 in (4, 8)
-            assert plan.shared_bytes % 16 == 0
-        assert plan.kernel_name(cell, dtype) in cupy_backend.kernel_names(clusters=True)
-
-
-@pytest.mark.parametrize("cell", CELLS)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("direction", ["forward", "backward"])
-def test_cluster_tiles_built_are_the_tiles_used(cell, dtype, direction):
-    """The cluster instantiations compiled (`cluster_m_tiles`) are exactly those an H100
-    plan can pick for some hidden size."""
-    used = set()
-    for H in range(1, 1100, 3):
-        plan = plan_launch(direction, cell, dtype, H, 1, **H100, variant="cluster")
-        if plan is not None:
-            used.add(plan.m_tiles)
-    assert used == set(cupy_backend.cluster_m_tiles(direction, cell, dtype))
-
-
-def test_plan_covers_the_benchmark_shapes():
-    """H=768, B=16 (the benchmark's main LSTM shape) runs in every cell and 16-bit dtype."""
-    for cell, dtype, direction in itertools.product(
-        CELLS, [torch.bfloat16, torch.float16], ["forward", "backward"]
-    ):
-        plan = plan_launch(direction, cell, dtype, 768, 16, **H100)
-        assert plan is not None and plan.variant == "grid", (cell, dtype, direction)
-    # the cluster variant only when asked for (its step has not yet run on a GPU)
-    assert plan_launch("forward", "lstm", torch.bfloat16, 128, 4, **H100).variant == "grid"
-    forced = plan_launch("forward", "lstm", torch.bfloat16, 128, 4, **H100, variant="cluster")
-    assert forced.variant == "cluster"
-    for cell, H in (("lstm", 256), ("gru", 256), ("rnn_tanh", 512)):  # the GPU tests' sizes
-        for direction in ("forward", "backward"):
-            plan = plan_launch(direction, cell, torch.bfloat16, H, 16, **H100, variant="cluster")
-            assert plan is not None and plan.variant == "cluster", (cell, direction)
-    assert plan_launch("forward", "lstm", torch.bfloat16, 128, 4, **A100, variant="cluster") is None
-
-
-# ------------------------------------------------------------------ fragment packing
-
-
-def unpack_fragments(packed: torch.Tensor, dtype, m_tiles: int, K: int) -> np.ndarray:
-    """Rebuild each block's A (P, 16*m_tiles, K) from packed fragments, reading the PTX ISA
-    fragment tables directly (mma.m16n8k16 / m16n8k8.tf32, operand A, .row)."""
-    P = packed.shape[0]
-    k = MMA_K[dtype]
-    KT = math.ceil(K / k)
-    words = packed.cpu().numpy().reshape(P, m_tiles, KT, -1, 32, 4)
-    A = np.zeros((P, 16 * m_tiles, KT * k))
-    for mt, kt, lane, reg in itertools.product(range(m_tiles), range(KT), range(32), range(4)):
-        g, q = lane // 4, lane % 4
-        row = 16 * mt + g + 8 * (reg % 2)
-        if dtype == torch.float32:
-            col = 8 * kt + q + 4 * (reg // 2)
-            hi = words[:, mt, kt, 0, lane, reg].view(np.float32)
-            lo = words[:, mt, kt, 1, lane, reg].view(np.float32)
-            A[:, row, col] = hi.astype(np.float64) + lo
-        else:
-            col = 16 * kt + 2 * q + 8 * (reg // 2)
-            pair = words[:, mt, kt, 0, lane, reg].astype(np.uint32)
-            halves = np.stack([pair & 0xFFFF, pair >> 16], -1).astype(np.uint16)
-            torch_halves = torch.from_numpy(halves.view(np.int16)).view(dtype).double()
-            A[:, row, col : col + 2] = torch_halves.numpy()
-    return A[:, :, :K]
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("m_tiles", [1, 2])
-def test_pack_matches_ptx_fragment_layout(dtype, m_tiles):
-    P, rows, K = 3, 16 * m_tiles - 3, 40
-    a = torch.randn(P, rows, K).to(dtype)
-    packed = pack_fragments(a, m_tiles)
-    A = unpack_fragments(packed, dtype, m_tiles, K)
-    expected = np.zeros_like(A)
-    expected[:, :rows] = a.double().numpy()
-    if dtype == torch.float32:
-        np.testing.assert_allclose(A, expected, rtol=2e-7, atol=0)  # hi + lo ~ exact fp32
-        hi = packed.view(P, m_tiles, -1, 2, 32, 4)[:, :, :, 0].view(torch.int32)
-        assert not (hi & 0x1FFF).any(), "hi halves must be exact tf32"
-    else:
-        np.testing.assert_array_equal(A, expected)
-
-
-@pytest.mark.parametrize("cell", CELLS)
-@pytest.mark.parametrize("direction", ["forward", "backward"])
-def test_block_rows_feed_the_kernel_epilogue(cell, direction):
-    """A_p @ h gives what the kernel epilogue expects: forward, row g*units + u of block p is
-    gate g of unit p*units + u; backward, row u is (dgates @ W_hh)[unit p*units + u]."""
-    G, H, B = GATES[cell], 37, 3
-    plan = plan_launch(direction, cell, torch.float32, H, B, **A100)
-    w_hh = torch.randn(G * H, H, dtype=torch.float64)
-    A = block_rows(direction, cell, w_hh, plan)
-    x = torch.randn(B, A.shape[-1], dtype=torch.float64)
-    D = A @ x.t()  # (P, rows, B)
-    full = x @ (w_hh.t() if direction == "forward" else w_hh)  # (B, G*H) or (B, H)
-    for p, u in itertools.product(range(plan.blocks), range(plan.units)):
-        j = p * plan.units + u
-        if j >= H:
-            assert (A[p, u :: plan.units] == 0).all() if direction == "forward" else True
-            continue
-        if direction == "forward":
-            for g in range(G):
-                torch.testing.assert_close(D[p, g * plan.units + u], full[:, g * H + j])
-        else:
-            torch.testing.assert_close(D[p, u], full[:, j])
-
-
-# ------------------------------------------------------------------ LSTM with projection
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("direction", ["forward", "backward"])
-def test_lstmp_plan_invariants(dtype, direction):
-    names = set(cupy_backend.kernel_names(clusters=False))
-    for (H, P), B, device in itertools.product(
-        [(2, 1), (40, 17), (96, 40), (256, 128), (1024, 256), (1024, 512), (2048, 512)],
-        [1, 8, 9, 64],
-        [H100, A100],
-    ):
-        plan = plan_lstmp_launch(direction, dtype, H, P, B, **device)
-        if plan is None:
-            continue
-        assert plan.variant == "grid" and plan.proj == P
-        assert plan.shared_bytes <= device["smem_limit"]
-        assert plan.units == units_per_block(direction, "lstm", plan.m_tiles)
-        # every unit and every projected output has its block, all of them resident
-        assert plan.blocks * plan.units >= H and plan.blocks * PROJ_OUT_ROWS >= P
-        assert plan.blocks <= device["sm_count"]
-        k = MMA_K[dtype]
-        assert plan.K == P and plan.ldx == plan.KT * k >= P  # the units' GEMM: K = P
-        out_K = H if direction == "forward" else 4 * H
-        assert plan.out_ldx == plan.out_KT * k >= out_K
-        assert plan.batch_rows >= B and plan.batch_rows % (8 * plan.n_tiles) == 0
-        assert plan.kernel_name("lstm", dtype) in names
-    # the GPU tests' real sizes run on an H100
-    for d, (dt, H, P) in itertools.product(
-        ["forward", "backward"],
-        [(torch.bfloat16, 1024, 256), (torch.float16, 1024, 256), (torch.float32, 384, 128)],
-    ):
-        assert plan_lstmp_launch(d, dt, H, P, 16, **H100) is not None
-
-
-@pytest.mark.parametrize("direction", ["forward", "backward"])
-@pytest.mark.parametrize("H, P, B", [(37, 11, 3), (40, 33, 2)])
-def test_lstmp_block_rows_feed_the_kernel_epilogue(direction, H, P, B):
-    """The two A matrices of every block give what the kernel's two phases expect. Forward:
-    units' row g*units + u of block p is gate g of unit p*units + u of W_hh h (h P wide),
-    output row r is (W_hr m)[16p + r]; backward: units' row u is (W_hr^T dh)[unit], output
-    row r is (W_hh^T dgates)[16p + r]."""
-    plan = plan_lstmp_launch(direction, torch.float32, H, P, B, **A100)
-    w_hh = torch.randn(4 * H, P, dtype=torch.float64)
-    w_hr = torch.randn(P, H, dtype=torch.float64)
-    units, outs = lstmp_block_rows(direction, w_hh, w_hr, plan)
-    assert units.shape[0] == plan.blocks and outs.shape[:2] == (math.ceil(P / 16), 16)
-    x_units = torch.randn(B, P, dtype=torch.float64)  # h_{t-1} forward, dh_t backward
-    x_outs = torch.randn(B, H if direction == "forward" else 4 * H, dtype=torch.float64)
-    D_units, D_outs = units @ x_units.t(), outs @ x_outs.t()
-    full_units = x_units @ (w_hh.t() if direction == "forward" else w_hr)  # (B, 4H) / (B, H)
-    full_outs = x_outs @ (w_hr.t() if direction == "forward" else w_hh)  # (B, P)
-    for p, u in itertools.product(range(plan.blocks), range(plan.units)):
-        j = p * plan.units + u
-        rows = [g * plan.units + u for g in range(4)] if direction == "forward" else [u]
-        cols = [g * H + j for g in range(4)] if direction == "forward" else [j]
-        for row, col in zip(rows, cols):
-            if j >= H:
-                assert (units[p, row] == 0).all()
-            else:
-                torch.testing.assert_close(D_units[p, row], full_units[:, col])
-    for p, r in itertools.product(range(outs.shape[0]), range(PROJ_OUT_ROWS)):
-        if 16 * p + r >= P:
-            assert (outs[p, r] == 0).all()
-        else:
-            torch.testing.assert_close(D_outs[p, r], full_outs[:, 16 * p + r])
 
 
 # ------------------------------------------------------------------ GPU
@@ -380,15 +167,18 @@ def _cupy_with_variant(monkeypatch, variant, cell, dtype, H, B, proj=0):
     return backend
 
 
-def check_against_reference(monkeypatch, gpu_report, variant, dtype, cell, B):
-    """Every direction x lengths x h0 combination against the float64 reference: outputs,
-    final states and every gradient."""
-    T, H = 24, 96
+ALL_COMBOS = tuple(itertools.product([False, True], repeat=3))  # reverse, lengths, h0
+
+
+def check_against_reference(monkeypatch, gpu_report, variant, dtype, cell, B, T=24, H=96,
+                            combos=ALL_COMBOS):  # fmt: skip
+    """Every direction x lengths x h0 combination (or those of `combos`) against the
+    float64 reference: outputs, final states and every gradient."""
     backend = _cupy_with_variant(monkeypatch, variant, cell, dtype, H, B)
     _poison_allocations(monkeypatch)
     G = GATES[cell]
-    gen = seeded_generator(B, cell, variant, str(dtype))
-    for reverse, with_lengths, with_h0 in itertools.product([False, True], repeat=3):
+    gen = seeded_generator(B, cell, variant, str(dtype), T, H)
+    for reverse, with_lengths, with_h0 in combos:
 
         def rand(*shape, scale=1.0):
             t = (scale * torch.randn(*shape, generator=gen, dtype=torch.float64)).to(dtype)
@@ -442,7 +232,7 @@ def check_against_reference(monkeypatch, gpu_report, variant, dtype, cell, B):
 
 
 # in the order of what a cut-short run should still have checked: the default (grid)
-# variant, the real sizes, then the cluster variant
+# variant, the real sizes, the projected LSTM, whole modules; then the cluster variants
 
 
 @pytest.mark.gpu
@@ -453,16 +243,7 @@ def test_gpu_grid_matches_reference(monkeypatch, gpu_report, dtype, cell, B):
     check_against_reference(monkeypatch, gpu_report, "grid", dtype, cell, B)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("checked", [False, True], ids=["plain", "bounds-checked"])
-@pytest.mark.parametrize("cell, variant, H, reverse", [
-    ("lstm", "grid", 768, False),  # the shape whose backward used to read past the workspace
-    ("gru", "grid", 768, True),
-    ("lstm", "cluster", 256, False),
-    ("rnn_tanh", "cluster", 512, True),
-])  # fmt: skip
-def test_gpu_long_sequence_matches_torch_backend(monkeypatch, gpu_report, cell, variant, H,
-                                                 reverse, checked):  # fmt: skip
+def check_long_sequence(monkeypatch, gpu_report, cell, variant, H, reverse, checked):
     """Real size, T=1024, B=16, bf16, uneven lengths, against the torch backend (fp32 math,
     the same inputs); once as shipped and once built with GPURNN_DEBUG_BOUNDS=1, which traps
     at the first index outside its buffer."""
@@ -504,11 +285,14 @@ def test_gpu_long_sequence_matches_torch_backend(monkeypatch, gpu_report, cell, 
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("cell", CELLS)
-@pytest.mark.parametrize("B", [1, 11])
-def test_gpu_cluster_matches_reference(monkeypatch, gpu_report, dtype, cell, B):
-    check_against_reference(monkeypatch, gpu_report, "cluster", dtype, cell, B)
+@pytest.mark.parametrize("checked", [False, True], ids=["plain", "bounds-checked"])
+@pytest.mark.parametrize("cell, H, reverse", [
+    ("lstm", 768, False),  # the shape whose backward used to read past the workspace
+    ("gru", 768, True),
+])  # fmt: skip
+def test_gpu_long_sequence_matches_torch_backend(monkeypatch, gpu_report, cell, H, reverse,
+                                                 checked):  # fmt: skip
+    check_long_sequence(monkeypatch, gpu_report, cell, "grid", H, reverse, checked)
 
 
 def check_lstmp_against_reference(monkeypatch, gpu_report, dtype, T, B, H, P):
@@ -651,129 +435,153 @@ def test_gpu_matches_torch_nn(gpu_report, dtype, cell):
                         gpu_report, "dx")  # fmt: skip
 
 
-# ------------------------------------------------------------------ launch arguments
+# ------------------------------------------------------------------ GPU: cluster variants
+#
+# After the grid and projection kernels' tests: a run cut short has checked those first.
 
 
-def _kernel_param_types(variant: str, direction: str) -> list[str]:
-    """'ptr' / 'int' for each parameter of the kernel, read off the CUDA source (variant
-    "lstmp": the grid kernels of the LSTM with projection)."""
-    src = cupy_backend.kernel_source()
-
-    def macro(name):
-        body = re.search(rf"#define {name}(.*?)\n(#define|\n)", src, re.S).group(1)
-        return body.replace("\\", " ").split(",")
-
-    if variant == "lstmp":
-        params = macro(f"GPURNN_LSTMP_{direction.upper()}_PARAMS")
-        extra = macro("GPURNN_LSTMP_EXCHANGE_PARAMS")
-    else:
-        params = macro(f"GPURNN_{direction.upper()}_PARAMS")
-        extra = {"grid": ["void* xbuf", "int ldx", "int Bpad", "u32* sync_counter"],
-                 "cluster": ["int ldx"]}[variant]  # fmt: skip
-    return ["ptr" if "*" in p else "int" for p in [*params, *extra]]
-
-
-@pytest.mark.parametrize("variant", ["grid", "cluster"])
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("cell", CELLS)
-def test_launch_arguments_have_exact_c_types(monkeypatch, variant, cell):
-    """Without a GPU: run the backend's glue on CPU tensors with the launch captured, and
-    check every argument against the kernel's parameter list (pointers as uint64, ints as
-    int32: CuPy passes numpy scalars with their own size)."""
-    launches = []
-    monkeypatch.setattr(cupy_backend, "_launch", lambda *a: launches.append(a))
-    backend = cupy_backend.CupyBackend()
-    device = H100 if variant == "cluster" else A100
-
-    def plan(direction, cell_, dtype, H, B, dev, proj=0):
-        assert not proj
-        return plan_launch(direction, cell_, dtype, H, B, **device, variant=variant)
-
-    monkeypatch.setattr(backend, "plan", plan)
-    T, B, H, G = 5, 3, 24, GATES[cell]
-    xg, w_hh = torch.randn(T, B, G * H), torch.randn(G * H, H)
-    b_hn = torch.randn(H) if cell == "gru" else None
-    inputs = Inputs(cell, xg, w_hh, reverse=True, b_hn=b_hn)
-    y, h_T, c_T, ws = backend.forward(inputs, True)
-    assert ws.shape == backend.workspace_spec(cell, T, B, H, xg.dtype, True)[0]
-    backend.backward(inputs._replace(xg=None), y.zero_(), ws,
-                     torch.randn(T, B, H), torch.randn(B, H),
-                     torch.randn(B, H) if cell == "lstm" else None)  # fmt: skip
-    for (_, plan_, _, _, args), direction in zip(launches, ["forward", "backward"]):
-        assert plan_.variant == variant and plan_.direction == direction
-        kinds = _kernel_param_types(variant, direction)
-        assert len(args) == len(kinds)
-        for arg, kind in zip(args, kinds):
-            assert type(arg) is (np.uint64 if kind == "ptr" else np.int32), (arg, kind)
+@pytest.mark.parametrize("B", [1, 11])
+def test_gpu_cluster_matches_reference(monkeypatch, gpu_report, dtype, cell, B):
+    check_against_reference(monkeypatch, gpu_report, "cluster", dtype, cell, B)
 
 
-def test_lstmp_launch_arguments_have_exact_c_types(monkeypatch):
-    """As above for the LSTM with projection; the glue's dW_hr and dW_hh have their weights'
-    shapes."""
-    launches = []
-    monkeypatch.setattr(cupy_backend, "_launch", lambda *a: launches.append(a))
-    backend = cupy_backend.CupyBackend()
-
-    def plan(direction, cell_, dtype, H, B, dev, proj=0):
-        assert proj
-        return plan_lstmp_launch(direction, dtype, H, proj, B, **A100)
-
-    monkeypatch.setattr(backend, "plan", plan)
-    T, B, H, P = 5, 3, 24, 7
-    xg, w_hh, w_hr = torch.randn(T, B, 4 * H), torch.randn(4 * H, P), torch.randn(P, H)
-    inputs = Inputs("lstm", xg, w_hh, torch.randn(B, P), torch.randn(B, H), reverse=True,
-                    w_hr=w_hr)  # fmt: skip
-    y, h_T, c_T, ws = backend.forward(inputs, True)
-    assert y.shape == (T, B, P) and h_T.shape == (B, P) and c_T.shape == (B, H)
-    assert ws.shape == backend.workspace_spec("lstm", T, B, H, xg.dtype, True)[0]
-    dy, dh_T, dc_T = torch.randn(T, B, P), torch.randn(B, P), torch.randn(B, H)
-    grads = backend.backward(inputs._replace(xg=None), y.zero_(), ws.zero_(), dy, dh_T, dc_T)
-    assert grads.w_hh.shape == w_hh.shape and grads.w_hr.shape == w_hr.shape
-    assert grads.h0.shape == (B, P) and grads.c0.shape == (B, H) and grads.xg.shape == xg.shape
-    for (_, plan_, cell, _, args), direction in zip(launches, ["forward", "backward"]):
-        assert plan_.proj == P and plan_.direction == direction and cell == "lstm"
-        kinds = _kernel_param_types("lstmp", direction)
-        assert len(args) == len(kinds)
-        for arg, kind in zip(args, kinds):
-            assert type(arg) is (np.uint64 if kind == "ptr" else np.int32), (arg, kind)
+@pytest.mark.gpu
+@pytest.mark.parametrize("checked", [False, True], ids=["plain", "bounds-checked"])
+@pytest.mark.parametrize("cell, H, reverse", [("lstm", 256, False), ("rnn_tanh", 512, True)])
+def test_gpu_cluster_long_sequence_matches_torch_backend(monkeypatch, gpu_report, cell, H,
+                                                         reverse, checked):  # fmt: skip
+    check_long_sequence(monkeypatch, gpu_report, cell, "cluster", H, reverse, checked)
 
 
-def test_empty_sequence_launches_nothing(monkeypatch):
-    monkeypatch.setattr(cupy_backend, "_launch", lambda *a: pytest.fail("launched"))
-    backend = cupy_backend.CupyBackend()
-    h0 = torch.randn(2, 4)
-    inputs = Inputs("lstm", torch.randn(0, 2, 16), torch.randn(16, 4), h0, torch.randn(2, 4))
-    y, h_T, c_T, _ = backend.forward(inputs, False)
-    assert y.shape == (0, 2, 4) and torch.equal(h_T, h0)
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("B", [1, 11])
+def test_gpu_ksplit_matches_reference(monkeypatch, gpu_report, dtype, cell, B):
+    """The K-split variant, small odd shape: H=96 (units per cluster not a multiple of the
+    cluster size for some cells), one and two batch tiles, every direction x lengths x h0."""
+    check_against_reference(monkeypatch, gpu_report, "ksplit", dtype, cell, B)
 
 
-# ------------------------------------------------------------------ stream and debug build
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("cell, H, B", [("lstm", 768, 16), ("gru", 768, 64), ("rnn_tanh", 1024, 9)])
+def test_gpu_ksplit_real_size_matches_reference(monkeypatch, gpu_report, dtype, cell, H, B):
+    """Real sizes against the float64 reference (T=32; forward and reverse, with lengths)."""
+    check_against_reference(monkeypatch, gpu_report, "ksplit", dtype, cell, B, T=32, H=H,
+                            combos=[(False, True, True), (True, True, False)])  # fmt: skip
 
 
-class _TorchLikeStream:
-    def __init__(self, handle, protocol):
-        self.cuda_stream = handle
-        if protocol:
-            self.__cuda_stream__ = lambda: (0, handle)
+@pytest.mark.gpu
+@pytest.mark.parametrize("checked", [False, True], ids=["plain", "bounds-checked"])
+@pytest.mark.parametrize("cell, H, reverse", [("lstm", 768, False), ("gru", 1024, True)])
+def test_gpu_ksplit_long_sequence_matches_torch_backend(monkeypatch, gpu_report, cell, H,
+                                                        reverse, checked):  # fmt: skip
+    check_long_sequence(monkeypatch, gpu_report, cell, "ksplit", H, reverse, checked)
 
 
-@pytest.mark.parametrize("protocol", [True, False], ids=["stream-protocol", "raw-handle"])
-def test_torch_stream_reaches_cupy_through_from_external(protocol):
-    """torch's current stream becomes a CuPy stream with the same handle, through
-    `Stream.from_external` (no GPU needed: the handle is only wrapped)."""
-    cupy = pytest.importorskip("cupy")
-    if not hasattr(cupy.cuda.Stream, "from_external"):
-        pytest.skip("CuPy < 14 has no Stream.from_external")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", DeprecationWarning)  # ExternalStream is deprecated
-        stream = cupy_backend._cupy_stream(cupy, _TorchLikeStream(0x1234, protocol), 0)
-    assert isinstance(stream, cupy.cuda.Stream) and stream.ptr == 0x1234
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("cell", CELLS)
+def test_gpu_ksplit_module_matches_torch_nn(monkeypatch, gpu_report, dtype, cell):
+    """A whole 2-layer bidirectional torch.nn layer, packed, h0 (and c0) given, on the
+    K-split variant against torch.nn itself: outputs, final states, every gradient."""
+    from tests.helpers import run_torch_style, uneven_lengths
+
+    T, B, I, H = 48, 6, 64, 512
+    _cupy_with_variant(monkeypatch, "ksplit", cell, dtype, H, B)
+    gen = seeded_generator("ksplit module", cell, str(dtype))
+    ref = make_torch_module(cell, input_size=I, hidden_size=H, num_layers=2,
+                            bidirectional=True, dtype=dtype).cuda()  # fmt: skip
+    ours = gpurnn.convert(copy.deepcopy(ref), backend="cupy")
+    x = torch.randn(T, B, I, generator=gen).to(dtype).cuda()
+    state = [torch.randn(4, B, H, generator=gen).to(dtype).cuda()
+             for _ in range(2 if cell == "lstm" else 1)]  # fmt: skip
+    lengths = uneven_lengths(B, T, gen)
+    results = []
+    for model in (ref, ours):
+        inputs = [t.clone().requires_grad_(True) for t in (x, *state)]
+        hx = tuple(inputs[1:]) if cell == "lstm" else inputs[1]
+        out, hid = run_torch_style(model, inputs[0], hx, lengths)
+        hid = list(hid) if cell == "lstm" else [hid]
+        grads = [torch.randn(t.shape, generator=seeded_generator("g", i)).to(dtype).cuda()
+                 for i, t in enumerate([out, *hid])]  # fmt: skip
+        torch.autograd.backward([out, *hid], grads)
+        params = [p.grad for p in model.parameters()]
+        results.append([out, *hid, *(t.grad for t in inputs), *params])
+    names = ["output", *(f"hid{i}" for i in range(len(state))), "dx",
+             *(f"dstate{i}" for i in range(len(state))),
+             *(f"d{n}" for n, _ in ref.named_parameters())]  # fmt: skip
+    if cell == "rnn_relu":  # relu's derivative at 0 differs between two 16-bit forwards
+        names, results = names[: 1 + len(state)], [r[: 1 + len(state)] for r in results]
+    for name, expected, got in zip(names, *results):
+        assert_scaled_close(got, expected.detach().double().cpu().numpy(), dtype, name,
+                            gpu_report, name)  # fmt: skip
 
 
-@pytest.mark.parametrize("value, checked", [(None, False), ("0", False), ("", False),
-                                            ("1", True)])  # fmt: skip
-def test_debug_bounds_switch(monkeypatch, value, checked):
-    if value is None:
-        monkeypatch.delenv("GPURNN_DEBUG_BOUNDS", raising=False)
-    else:
-        monkeypatch.setenv("GPURNN_DEBUG_BOUNDS", value)
-    assert cupy_backend.debug_bounds() is checked
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_gpu_ksplit_every_layout_matches_reference(request, monkeypatch, gpu_report, direction):
+    """Every instantiation's layout (cluster size, m-tiles a warp, n-tiles) and every
+    warps-per-m-tile count, forced on one small LSTM bf16 shape, against the float64
+    reference (one NVRTC compile each: slow, so only with -m 'gpu and slow')."""
+    if "slow" not in (request.config.getoption("markexpr") or ""):
+        pytest.skip("every K-split layout: run with -m 'gpu and slow'")
+    from gpurnn.backends.cupy.plan import KSPLIT_CLUSTER_SIZES, KSPLIT_M_PER_WARP
+    from gpurnn.backends.cupy.plan_ksplit import K_WARPS
+
+    real_plan = cupy_backend.CupyBackend.plan
+    for c, mw, kw, n in itertools.product(KSPLIT_CLUSTER_SIZES, KSPLIT_M_PER_WARP, K_WARPS,
+                                          [1, 2]):  # fmt: skip
+        if _forced_ksplit_plan(direction, "lstm", torch.bfloat16, 96, 11, c, mw, kw, n) is None:
+            continue
+
+        def forced(self, d, cell, dtype, H, B, device, proj=0, layout=(c, mw, kw, n)):
+            if d != direction:
+                return real_plan(self, d, cell, dtype, H, B, device, proj)
+            return _forced_ksplit_plan(d, cell, dtype, H, B, *layout)
+
+        monkeypatch.setattr(cupy_backend.CupyBackend, "plan", forced)
+        check_against_reference(monkeypatch, gpu_report, "ksplit", torch.bfloat16, "lstm", 11,
+                                T=8, combos=[(False, True, True)])  # fmt: skip
+
+
+def _forced_ksplit_plan(direction, cell, dtype, H, B, c, mw, kw, n):
+    """The K-split plan of one given layout, or None where it cannot hold (U < C)."""
+    from gpurnn.backends.cupy.plan_ksplit import ksplit_shared_bytes
+
+    G = GATES[cell]
+    rows_per_unit = G if direction == "forward" else 1
+    m_tiles = 8 // kw * mw
+    units = 16 * m_tiles // rows_per_unit
+    if units < c:
+        return None
+    K = H if direction == "forward" else G * H
+    k = MMA_K[dtype]
+    KT = math.ceil(math.ceil(K / k) / c)
+    clusters = math.ceil(H / units)
+    smem = ksplit_shared_bytes(dtype, m_tiles, KT, c, kw, rows_per_unit, units, n)
+    return cupy_plan.Plan(direction, "ksplit", m_tiles, n, units, clusters * c, K, KT,
+                          c * KT * k, math.ceil(B / (8 * n)) * 8 * n, smem, cluster_size=c,
+                          m_per_warp=mw, k_warps=kw)  # fmt: skip
+
+
+@pytest.mark.gpu
+def test_gpu_ksplit_grid_too_large_raises_instead_of_hanging(monkeypatch, gpu_report):
+    """A K-split grid larger than can be resident: the CTAs of the first wave wait for the
+    counter of CTAs that cannot start; the bounded waits give up and the launch raises
+    (within seconds) instead of hanging the device."""
+    backend = _cupy_with_variant(monkeypatch, "ksplit", "rnn_tanh", torch.bfloat16, 96, 4)
+    props = torch.cuda.get_device_properties(0)
+    H = 16 * 2 * props.multi_processor_count  # 2 clusters' worth of units per SM
+    plan = _forced_ksplit_plan("forward", "rnn_tanh", torch.bfloat16, H, 4, 8, 1, 8, 1)
+    assert plan.blocks > props.multi_processor_count
+    monkeypatch.setattr(backend, "plan", lambda *a, **k: plan)
+    xg = torch.randn(4, 4, H, device="cuda", dtype=torch.bfloat16)
+    w_hh = torch.randn(H, H, device="cuda", dtype=torch.bfloat16) * H**-0.5
+    with pytest.raises(RuntimeError, match="gave up"):
+        backend.forward(Inputs("rnn_tanh", xg, w_hh), False)

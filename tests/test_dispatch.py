@@ -127,6 +127,26 @@ def test_failed_gpu_tests_keep_a_backend_out_on_that_card():
     assert table["choices"][k] == ["triton", "torch"]
 
 
+def test_passed_gpu_tests_record_the_latest_conclusive_pass(monkeypatch):
+    """What a variant's gate (the cupy K-split one: `auto` only after its GPU tests passed on
+    the card) reads: the latest conclusive record per card, a later failure revoking it."""
+    records = [
+        dict(date="2026-12-01", card=H100, backend="cupy-ksplit", status="passed"),
+        dict(date="2026-12-02", card=H100, backend="cupy-ksplit", status="incomplete"),
+        dict(date="2026-12-01", card="H200", backend="cupy-ksplit", status="passed"),
+        dict(date="2026-12-02", card="H200", backend="cupy-ksplit", status="failed"),
+        dict(date="2026-12-01", card="A100", backend="cupy-ksplit", status="skipped"),
+    ]
+    table = dispatch.build([row("gpurnn-triton", 768, 16, 9.0), row("cudnn", 768, 16, 12.0)],
+                           records)  # fmt: skip
+    assert table["passed_gpu_tests"] == {H100: ["cupy-ksplit"]}
+    monkeypatch.setattr(dispatch, "load_table", lambda: table)
+    assert dispatch.gpu_tests_passed("cupy-ksplit", H100)
+    assert not dispatch.gpu_tests_passed("cupy-ksplit", "H200")
+    assert not dispatch.gpu_tests_passed("cupy-ksplit", "A100")
+    assert not dispatch.gpu_tests_passed("cupy-ksplit", None)
+
+
 def test_buckets():
     assert dispatch.key("gru", "float16", 1, 1) == "gru/float16/H<=256/B<=8"
     assert dispatch.key("gru", "float16", 768, 9) == "gru/float16/H<=1024/B<=16"

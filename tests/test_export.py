@@ -376,38 +376,78 @@ def test_export_onnx_stores_weights_in_onnx_gate_order(cell):
 
 
 def test_onnx_projection_is_a_clear_error():
+    """The plain export of a model with a projected LSTM stops with an error that names the
+    layer and the ways out."""
     g = seeded_generator("onnx proj")
-    lstm = gpurnn.LSTM(F, H, proj_size=2).eval()
-    with pytest.raises(Exception, match="proj_size"):
-        export_onnx(lstm, (torch.randn(4, 3, F, generator=g),))
+
+    class Tagger(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = gpurnn.LSTM(F, H, proj_size=2)
+
+        def forward(self, x):
+            return self.encoder(x)[0]
+
+    with pytest.raises(Exception) as raised:
+        torch.onnx.export(Tagger().eval(), (torch.randn(4, 3, F, generator=g),), dynamo=True)
+    message = "".join(str(e) for e in _chain(raised.value))
+    assert "proj_size=2" in message and "module encoder" in message
+    assert "torch.export" in message
 
 
-def test_onnx_translation_table_with_torch_onnx_export(tmp_path):
-    """The plain torch.onnx.export route, and a run in a Python where gpurnn and torch
-    cannot be imported: the file needs onnxruntime alone."""
+def _chain(error):
+    while error is not None:
+        yield error
+        error = error.__cause__ or error.__context__
+
+
+def test_plain_torch_onnx_export(tmp_path):
+    """torch.onnx.export(model, args, dynamo=True) as every tutorial writes it, with no
+    extra argument, in a fresh Python where onnxscript is not yet imported (gpurnn puts
+    its translations in the exporter's registry when the exporter loads it); the file then
+    runs in a Python where gpurnn and torch cannot be imported, at other lengths and
+    batch sizes."""
     ref, ours, g = layer_pair("lstm", 2, True, True, key=("plain torch.onnx",))
-    x = torch.randn(3, 4, F, generator=g)
+    torch.save(ours.state_dict(), tmp_path / "weights.pt")
     path = tmp_path / "lstm.onnx"
-    torch.onnx.export(
-        ours,
-        (x,),
-        path,
-        dynamo=True,
-        dynamic_shapes=({0: Dim("B"), 1: Dim("T")},),
-        custom_translation_table=gpurnn.export.onnx_translation_table(),
+    weights = str(tmp_path / "weights.pt")
+    export = (
+        "import sys, torch, gpurnn\n"
+        "assert 'onnxscript' not in sys.modules  # gpurnn does not import it\n"
+        f"model = gpurnn.LSTM({F}, {H}, num_layers=2, bidirectional=True, batch_first=True)\n"
+        f"model.load_state_dict(torch.load({weights!r}))\n"
+        "Dim = torch.export.Dim\n"
+        f"torch.onnx.export(model.eval(), (torch.randn(3, 4, {F}),), {str(path)!r},\n"
+        "                  dynamo=True, dynamic_shapes=({0: Dim('B'), 1: Dim('T')},))\n"
     )
-    x = torch.randn(2, 11, F, generator=g)
-    np.save(tmp_path / "x.npy", x.numpy())
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    subprocess.run([sys.executable, "-c", export], check=True, env=env, cwd=os.getcwd())
+    inputs = [torch.randn(B, T, F, generator=g) for T, B in OTHER_TB]
+    np.savez(tmp_path / "x.npz", *[x.numpy() for x in inputs])
     script = (
         "import sys; sys.modules['gpurnn'] = sys.modules['torch'] = None\n"
         "import numpy as np, onnxruntime as ort\n"
         f"s = ort.InferenceSession({str(path)!r}, providers=['CPUExecutionProvider'])\n"
-        f"x = np.load({str(tmp_path / 'x.npy')!r})\n"
-        "out = s.run(None, {s.get_inputs()[0].name: x})\n"
-        f"np.save({str(tmp_path / 'out.npy')!r}, out[0])\n"
+        f"xs = np.load({str(tmp_path / 'x.npz')!r})\n"
+        "outs = [s.run(None, {s.get_inputs()[0].name: xs[k]})[0] for k in xs.files]\n"
+        f"np.savez({str(tmp_path / 'out.npz')!r}, *outs)\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     subprocess.run([sys.executable, "-c", script], check=True, env=env, cwd=tmp_path)
+    outs = np.load(tmp_path / "out.npz")
+    for k, x in enumerate(inputs):
+        with torch.no_grad():
+            expected, _ = ref(x)
+        np.testing.assert_allclose(outs[f"arr_{k}"], expected.numpy(), atol=ATOL, rtol=0)
+
+
+def test_onnx_translation_table_still_works():
+    """For callers who pass tables of their own: the table gpurnn gives merges with theirs."""
+    ref, ours, g = layer_pair("gru", 1, False, False, key=("onnx table",))
+    x = torch.randn(4, 3, F, generator=g)
+    program = torch.onnx.export(
+        ours, (x,), dynamo=True, custom_translation_table=gpurnn.export.onnx_translation_table()
+    )
+    assert_standard_onnx(program, "GRU")
     with torch.no_grad():
-        expected, _ = ref(x)
-    np.testing.assert_allclose(np.load(tmp_path / "out.npy"), expected.numpy(), atol=ATOL, rtol=0)
+        expected = ref(x)
+    assert_outputs_close(run_onnx(onnx_session(program), (x,)), expected, "table")

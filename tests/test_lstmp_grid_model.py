@@ -24,7 +24,7 @@ import torch
 
 from gpurnn import reference
 from gpurnn.backends.common import kernel_weight_grads, projection_grad
-from gpurnn.backends.cupy import PROJ_OUT_ROWS
+from gpurnn.backends.cupy.plan import PROJ_OUT_ROWS
 from tests.conftest import seeded_generator
 
 # ---------------------------------------------------------------- rnn_index.cuh, in Python

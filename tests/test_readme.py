@@ -31,3 +31,12 @@ def test_quick_start_runs_as_pasted():
     assert isinstance(model.rnn, gpurnn.GRU)
     assert namespace["scores"].shape == (8, 50, 10)
     assert torch.isfinite(namespace["scores"]).all()
+
+
+def test_regularized_layers_section_runs_as_pasted():
+    namespace = {"__name__": "readme_regularized"}
+    exec(compile(code_block("Regularized layers"), str(README), "exec"), namespace)
+    model = namespace["model"]
+    assert namespace["scores"].shape == (4, 20, 5)
+    assert model.rnn.layer_norm_c_weight_l1_reverse.grad is not None
+    assert not model.training

@@ -21,12 +21,14 @@ import os
 # not `import torch`: that would bind the name of our own submodule gpurnn.backends.torch
 import torch as _torch
 
-from gpurnn.backends.base import Backend, Grads, Inputs
+from gpurnn.backends.base import Backend, Grads, Inputs, LayerNormGrads, Regularization
 
 __all__ = [
     "Backend",
     "Grads",
     "Inputs",
+    "Regularization",
+    "LayerNormGrads",
     "BACKENDS",
     "available_backends",
     "get_backend",
@@ -100,7 +102,11 @@ def available_backends() -> dict[str, str | None]:
 
 @contextlib.contextmanager
 def use_backend(name: str):
-    """Run gpurnn modules inside the block on backend `name` (unless a module names its own)."""
+    """Run gpurnn modules inside the block on backend `name` (unless a module names its own).
+
+    A contextvars setting: it holds in this thread and in asyncio tasks started inside the
+    block, not in threads started inside it (a thread begins from a fresh context; run its
+    target through `contextvars.copy_context().run` to carry the setting over)."""
     token = _requested.set(_check_name(name))
     try:
         yield

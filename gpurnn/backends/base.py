@@ -43,11 +43,44 @@ class Grads(NamedTuple):
     w_hr: Tensor | None
 
 
+class Regularization(NamedTuple):
+    """What a regularized recurrence (gpurnn.regularized) adds to Inputs; the formulas are
+    gpurnn.reference's. Masks are packed bits (gpurnn.masks), drawn above the backends;
+    a rate with no mask is eval mode: zoneout then mixes with weight p, the dropouts are
+    the identity."""
+
+    zoneout: float = 0.0
+    zoneout_h: Tensor | None = None  # (T, B, ⌈H_out/8⌉): 1 = the unit keeps h_{t-1}
+    zoneout_c: Tensor | None = None  # (T, B, ⌈H/8⌉), LSTM: 1 = the unit keeps c_{t-1}
+    recurrent_dropout: float = 0.0
+    recurrent_mask: Tensor | None = None  # (B, ⌈H_out/8⌉): 1 = h_{t-1} enters W_hh
+    dropconnect: float = 0.0
+    dropconnect_mask: Tensor | None = None  # w_hh's shape, last axis packed: 1 = kept
+    ln_hh_weight: Tensor | None = None  # (G*H,)
+    ln_hh_bias: Tensor | None = None
+    ln_c_weight: Tensor | None = None  # (H,), LSTM
+    ln_c_bias: Tensor | None = None
+
+
+class LayerNormGrads(NamedTuple):
+    """Gradients of a regularized recurrence's LayerNorm parameters; None where absent."""
+
+    ln_hh_weight: Tensor | None = None
+    ln_hh_bias: Tensor | None = None
+    ln_c_weight: Tensor | None = None
+    ln_c_bias: Tensor | None = None
+
+
 class Backend(ABC):
     name: str = "?"
     # False when `backward` works from the workspace and outputs alone, so the custom op
     # need not keep the (T, B, G*H) input projection alive until backward; xg is then None.
     backward_uses_xg: bool = True
+    # False when `backward` never reads y (it then receives None): the custom op keeps no
+    # reference to the y it returns, so the caller may modify y in place before backward,
+    # as torch.nn's CPU layers allow. Where it is True, doing so raises autograd's
+    # version-counter error in backward, as torch.nn's cuDNN (and oneDNN) layers do.
+    backward_uses_y: bool = True
 
     def unavailable_reason(self) -> str | None:
         """None when the backend can run on this machine, else why it cannot."""
@@ -82,6 +115,32 @@ class Backend(ABC):
         """Shape and dtype of the workspace `forward` returns (used by the fake kernel too)."""
         return (0,), dtype
 
+    def regularized_unsupported_reason(
+        self, cell: str, device: torch.device, dtype: torch.dtype, projected: bool, kinds
+    ) -> str | None:
+        """As `unsupported_reason`, for a regularized recurrence; `kinds` names what is on
+        ("zoneout", "recurrent_dropout", "dropconnect", "layer_norm", "indrnn")."""
+        return (
+            f"the {self.name} backend does not run regularized recurrences yet "
+            f"({', '.join(kinds)}); the torch and numpy backends do"
+        )
+
+    def regularized_auto_reason(self, cell: str) -> str | None:
+        """As `auto_reason`, for a regularized recurrence it runs."""
+        return None
+
+    def regularized_forward(
+        self, inputs: Inputs, reg: Regularization, save: bool
+    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+        """`forward` with the regularizers of `reg`. Returns (y, h_T, c_T or None, workspace)."""
+        raise NotImplementedError(f"gpurnn backend {self.name!r} has no regularized recurrences")
+
+    def regularized_backward(
+        self, inputs: Inputs, reg: Regularization, y, workspace, dy, dh_T, dc_T
+    ) -> tuple[Grads, LayerNormGrads]:
+        """`backward` of `regularized_forward`."""
+        raise NotImplementedError(f"gpurnn backend {self.name!r} has no regularized recurrences")
+
     @abstractmethod
     def forward(self, inputs: Inputs, save: bool) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
         """Returns (y, h_T, c_T or None, workspace). `save` is False when no backward will run."""
@@ -96,4 +155,5 @@ class Backend(ABC):
         dh_T: Tensor,
         dc_T: Tensor | None,
     ) -> Grads:
-        """Gradients of the inputs, given those of (y, h_T, c_T); dc_T is None unless LSTM."""
+        """Gradients of the inputs, given those of (y, h_T, c_T); dc_T is None unless LSTM,
+        y None unless `backward_uses_y`."""

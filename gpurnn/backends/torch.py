@@ -8,21 +8,23 @@ backend="torch" skip it and call PyTorch's native layer functions: gpurnn.native
 
 The loop keeps what its backward needs in one workspace tensor, in the gate math's dtype
 (fp32 for 16-bit inputs), laid out as gpurnn.cells says: lstm i, f, g, o, c; gru r, z, n,
-hn; none for plain RNNs, whose output y already holds every h_t.
+hn; rnn h. Its backward never reads y: the states are rebuilt from the workspace (LSTM
+h = o * tanh(c), GRU's h by its own update), so the caller may modify y in place, as
+torch.nn's CPU layers allow.
+
+Masks select (torch.where), never multiply: a NaN or Inf in xg past a sequence's end
+reaches no output and no gradient (NaN * 0 is NaN).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from gpurnn.backends.base import Backend, Grads
-from gpurnn.backends.common import (
-    compute_dtype,
-    loop_workspace_shape,
-    previous_states,
-    step_mask,
-)
-from gpurnn.cells import GATES
+from gpurnn import masks
+from gpurnn.backends.base import Backend, Grads, LayerNormGrads
+from gpurnn.backends.common import compute_dtype, previous_states, step_mask
+from gpurnn.cells import GATES, INDRNN_CELLS, LAYER_NORM_EPS, regularized_gate_count, saved_fields
 
 
 def _step(cell, x, h, c, w_hh, b_hn, w_hr):
@@ -92,12 +94,161 @@ def weight_grads(cell, d_hidden, h_prev, b_hn, w_hr, dh_out, m):
     return dw_hh, db_hn, dw_hr
 
 
+def _regularized_step(cell, x, h, c, w, b_hn, w_hr, h_scale, ln_hh, ln_c):
+    """One regularized step before zoneout: (h̃, c̃ or None); the formulas of
+    gpurnn.reference's `_reg_step_forward`, in plain differentiable ops."""
+    h_in = h * h_scale if h_scale is not None else h
+    hh = h_in * w if cell in INDRNN_CELLS else h_in @ w.t()
+    if ln_hh is not None:
+        hh = F.layer_norm(hh, (hh.shape[-1],), *ln_hh, LAYER_NORM_EPS)
+    if cell == "lstm":
+        i, f, g, o = (x + hh).chunk(4, dim=1)
+        c_tilde = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        c_norm = c_tilde
+        if ln_c is not None:
+            c_norm = F.layer_norm(c_tilde, (c_tilde.shape[-1],), *ln_c, LAYER_NORM_EPS)
+        m = torch.sigmoid(o) * torch.tanh(c_norm)
+        return (m @ w_hr.t() if w_hr is not None else m), c_tilde
+    if cell == "gru":
+        x_r, x_z, x_n = x.chunk(3, dim=1)
+        h_r, h_z, h_n = hh.chunk(3, dim=1)
+        if b_hn is not None:
+            h_n = h_n + b_hn
+        r, z = torch.sigmoid(x_r + h_r), torch.sigmoid(x_z + h_z)
+        n = torch.tanh(x_n + r * h_n)
+        return (1 - z) * n + z * h, None
+    a = x + hh
+    return (torch.tanh(a) if cell.endswith("tanh") else torch.relu(a)), None
+
+
+def _zoneout(previous, update, packed, p, width, dtype):
+    """zh ⊙ previous + (1 − zh) ⊙ update, zh the step's mask bits (training) or p (eval)."""
+    if packed is not None:
+        keep = masks.unpack(packed, width, dtype)
+        return keep * previous + (1 - keep) * update
+    if p > 0:
+        return p * previous + (1 - p) * update
+    return update
+
+
+def regularized_loop(inputs, reg):
+    """The regularized recurrence as a time loop of plain torch ops, differentiable with
+    autograd (to any order). Returns (y, h_T, c_T or None)."""
+    cell, xg = inputs.cell, inputs.xg
+    T, B, GH = xg.shape
+    H = GH // regularized_gate_count(cell)
+    acc = compute_dtype(xg.dtype)
+    with torch.autocast(xg.device.type, enabled=False):
+        w = inputs.w_hh.to(acc)
+        H_out = w.shape[0] if cell in INDRNN_CELLS else w.shape[1]
+        if reg.dropconnect_mask is not None:
+            keep = masks.unpack(reg.dropconnect_mask, w.shape[-1], acc)
+            w = w * (keep * masks.dropout_scale(reg.dropconnect))
+        h_scale = None
+        if reg.recurrent_mask is not None:
+            keep = masks.unpack(reg.recurrent_mask, H_out, acc)
+            h_scale = keep * masks.dropout_scale(reg.recurrent_dropout)
+
+        def cast(*ts):
+            return None if ts[0] is None else tuple(t.to(acc) for t in ts)
+
+        ln_hh, ln_c = cast(reg.ln_hh_weight, reg.ln_hh_bias), cast(reg.ln_c_weight, reg.ln_c_bias)
+        b_hn = inputs.b_hn.to(acc) if inputs.b_hn is not None else None
+        w_hr = inputs.w_hr.to(acc) if inputs.w_hr is not None else None
+        h = inputs.h0.to(acc) if inputs.h0 is not None else xg.new_zeros(B, H_out, dtype=acc)
+        c = None
+        if cell == "lstm":
+            c = inputs.c0.to(acc) if inputs.c0 is not None else xg.new_zeros(B, H, dtype=acc)
+        inside = step_mask(T, inputs.lengths, xg.device)
+        ys = [None] * T
+        for t in range(T - 1, -1, -1) if inputs.reverse else range(T):
+            h_tilde, c_tilde = _regularized_step(
+                cell, xg[t].to(acc), h, c, w, b_hn, w_hr, h_scale, ln_hh, ln_c
+            )
+            zh = reg.zoneout_h[t] if reg.zoneout_h is not None else None
+            h_new = _zoneout(h, h_tilde, zh, reg.zoneout, H_out, acc)
+            c_new = None
+            if c is not None:
+                zc = reg.zoneout_c[t] if reg.zoneout_c is not None else None
+                c_new = _zoneout(c, c_tilde, zc, reg.zoneout, H, acc)
+            if inside is None:
+                h, c, ys[t] = h_new, c_new, h_new
+            else:
+                h = torch.where(inside[t], h_new, h)
+                c = torch.where(inside[t], c_new, c) if c is not None else None
+                ys[t] = torch.where(inside[t], h_new, 0)
+        y = torch.stack(ys).to(xg.dtype)
+    return y, h.to(xg.dtype), c.to(xg.dtype) if c is not None else None
+
+
+def _states(cell, workspace, h_init, lengths, reverse, mask, w_hr):
+    """Every step's output state h_t (T, B, H_out), 0 past a sequence's end, rebuilt from
+    the workspace by the forward's own arithmetic: what y holds, without reading y."""
+    H = workspace.shape[-1] // len(saved_fields(cell))
+    if cell in ("rnn_tanh", "rnn_relu"):
+        return workspace  # its one field is h, kept masked
+    if cell == "lstm":
+        h = workspace[..., 3 * H : 4 * H] * torch.tanh(workspace[..., 4 * H :])
+        if w_hr is not None:
+            h = h @ w_hr.t()
+        return h if mask is None else torch.where(mask, h, 0)
+    T = workspace.shape[0]
+    z, n = workspace[..., H : 2 * H], workspace[..., 2 * H : 3 * H]
+    out = torch.empty_like(n)
+    h = h_init
+    for t in range(T - 1, -1, -1) if reverse else range(T):
+        h_new = (1 - z[t]) * n[t] + z[t] * h
+        if mask is None:
+            h = out[t] = h_new
+        else:
+            h = torch.where(mask[t], h_new, h)
+            out[t] = torch.where(mask[t], h_new, 0)
+    return out
+
+
 class TorchBackend(Backend):
     name = "torch"
     backward_uses_xg = False
+    backward_uses_y = False
+
+    # ------------------------------------------------------------ regularized recurrences
+    # The loop above, under no_grad in forward; backward reruns it and differentiates it
+    # (no workspace kept: the loop is the slow path, its memory is what autograd keeps
+    # while it runs).
+
+    def regularized_unsupported_reason(self, cell, device, dtype, projected, kinds):
+        return None
+
+    def regularized_forward(self, inputs, reg, save):
+        with torch.no_grad():
+            y, h_T, c_T = regularized_loop(inputs, reg)
+        return y, h_T, c_T, inputs.xg.new_empty(0)
+
+    def regularized_backward(self, inputs, reg, y, workspace, dy, dh_T, dc_T):
+        # torch.func.vjp, not autograd.grad: a custom op's kernel runs below autograd
+        names = [n for n in Grads._fields if getattr(inputs, n) is not None]
+        ln_names = [n for n in LayerNormGrads._fields if getattr(reg, n) is not None]
+
+        def run(*tensors):
+            given = dict(zip(names + ln_names, tensors))
+            outs = regularized_loop(
+                inputs._replace(**{n: given[n] for n in names}),
+                reg._replace(**{n: given[n] for n in ln_names}),
+            )
+            return tuple(o for o in outs if o is not None)
+
+        values = [getattr(inputs, n) for n in names] + [getattr(reg, n) for n in ln_names]
+        outs, vjp = torch.func.vjp(run, *values)
+        cotangents = (dy, dh_T, dc_T)[: len(outs)]
+        grads = dict(zip(names + ln_names, vjp(tuple(cotangents))))
+        return (
+            Grads(*(grads.get(n) for n in Grads._fields)),
+            LayerNormGrads(*(grads.get(n) for n in LayerNormGrads._fields)),
+        )
 
     def workspace_spec(self, cell, T, B, H, dtype, save):
-        return loop_workspace_shape(cell, T, B, H, save), compute_dtype(dtype)
+        shape = (T, B, len(saved_fields(cell)) * H) if save else (0,)
+        return shape, compute_dtype(dtype)
 
     def forward(self, inputs, save):
         cell, xg, w_hh, h0, c0 = inputs.cell, inputs.xg, inputs.w_hh, inputs.h0, inputs.c0
@@ -111,39 +262,45 @@ class TorchBackend(Backend):
         c = None
         if cell == "lstm":
             c = c0.to(acc) if c0 is not None else xg.new_zeros(B, H, dtype=acc)
-        y = xg.new_zeros(T, B, w_hh.shape[1])
+        outputs = [None] * T  # stacked at the end rather than written into y: under
+        # torch.func.vmap, a batched value cannot be written into an unbatched tensor
         shape, _ = self.workspace_spec(cell, T, B, H, xg.dtype, save)
         workspace = xg.new_zeros(shape, dtype=acc)
         mask = step_mask(T, inputs.lengths, xg.device)
         for t in range(T - 1, -1, -1) if inputs.reverse else range(T):
-            h_new, c_new, saved = _step(cell, xg[t].to(acc), h, c, w_hh_, b_hn_, w_hr_)
+            x = xg[t].to(acc)
+            if mask is not None:  # padding never enters the arithmetic (nor its gradient)
+                x = torch.where(mask[t], x, 0)
+            h_new, c_new, saved = _step(cell, x, h, c, w_hh_, b_hn_, w_hr_)
             if mask is None:
-                h, c = h_new, c_new
-                y[t] = h_new
+                h, c, out = h_new, c_new, h_new
             else:
                 h = torch.where(mask[t], h_new, h)
                 c = torch.where(mask[t], c_new, c) if c is not None else None
-                y[t] = torch.where(mask[t], h_new, 0)
-            if workspace.numel():
-                workspace[t] = saved
+                out = torch.where(mask[t], h_new, 0)
+            outputs[t] = out.to(xg.dtype)
+            if save:  # a plain RNN's one field is its (unrounded) output
+                workspace[t] = saved if saved is not None else out
+        y = torch.stack(outputs) if T else xg.new_zeros(0, B, w_hh.shape[1])
         return y, h.to(xg.dtype), c.to(xg.dtype) if c is not None else None, workspace
 
     def backward(self, inputs, y, workspace, dy, dh_T, dc_T):
+        # y is not read (it may be None): see the module docstring
         cell, w_hh, h0, c0, lengths = inputs.cell, inputs.w_hh, inputs.h0, inputs.c0, inputs.lengths
         reverse, b_hn, w_hr = inputs.reverse, inputs.b_hn, inputs.w_hr
-        T, B, H_out = y.shape
+        T, B, H_out = dy.shape
         H = w_hh.shape[0] // GATES[cell]
         acc = workspace.dtype
         w_hh_ = w_hh.to(acc)
         w_hr_ = w_hr.to(acc) if w_hr is not None else None
-        y_ = y.to(acc)
-        h_init = h0.to(acc) if h0 is not None else y_.new_zeros(B, H_out)
+        mask = step_mask(T, lengths, dy.device)
+        h_init = h0.to(acc) if h0 is not None else dy.new_zeros(B, H_out, dtype=acc)
+        y_ = _states(cell, workspace, h_init, lengths, reverse, mask, w_hr_)
         h_prev = previous_states(y_, h_init, lengths, reverse)
         c_prev = None
         if cell == "lstm":
             c_init = c0.to(acc) if c0 is not None else y_.new_zeros(B, H)
             c_prev = previous_states(workspace[..., 4 * H :], c_init, lengths, reverse)
-        mask = step_mask(T, lengths, y.device)
         d_xg = y_.new_zeros(T, B, w_hh.shape[0])
         d_hidden = y_.new_zeros(T, B, w_hh.shape[0])
         dh_out = y_.new_zeros(T, B, H_out) if w_hr is not None else None
@@ -154,7 +311,7 @@ class TorchBackend(Backend):
             dh_t = dh + dy_[t]
             dx, dhid, dh_p, dc_p, _ = _step_backward(
                 cell,
-                workspace[t] if workspace.numel() else None,
+                workspace[t],
                 h_prev[t],
                 c_prev[t] if c_prev is not None else None,
                 y_[t],
@@ -164,10 +321,10 @@ class TorchBackend(Backend):
                 w_hr_,
             )
             if mask is not None:
-                dx, dhid = dx * mask[t], dhid * mask[t]
+                dx, dhid = torch.where(mask[t], dx, 0), torch.where(mask[t], dhid, 0)
                 dh_p = torch.where(mask[t], dh_p, dh)
                 dc_p = torch.where(mask[t], dc_p, dc) if dc is not None else None
-                dh_t = dh_t * mask[t]
+                dh_t = torch.where(mask[t], dh_t, 0)
             d_xg[t], d_hidden[t] = dx, dhid
             if dh_out is not None:
                 dh_out[t] = dh_t
@@ -178,7 +335,7 @@ class TorchBackend(Backend):
             m = o * torch.tanh(c_all)
         dw_hh, db_hn, dw_hr = weight_grads(cell, d_hidden, h_prev, b_hn, w_hr, dh_out, m)
         return Grads(
-            xg=d_xg.to(y.dtype),
+            xg=d_xg.to(dy.dtype),
             w_hh=dw_hh.to(w_hh.dtype),
             h0=dh.to(h0.dtype) if h0 is not None else None,
             c0=dc.to(c0.dtype) if c0 is not None else None,

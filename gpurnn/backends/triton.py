@@ -14,20 +14,23 @@ Options (attributes of the backend object, defaults from the environment):
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 
 import torch
 from torch import Tensor
 
-from gpurnn.backends.base import Backend, Grads, Inputs
+from gpurnn.backends.base import Backend, Grads, Inputs, LayerNormGrads
 from gpurnn.backends.common import kernel_weight_grads, projection_grad
 
 try:  # triton is optional (e.g. macOS); the kernels module imports it at the top
+    from gpurnn.kernels.triton import independent as _independent
     from gpurnn.kernels.triton import launch as _launch
 
     _IMPORT_ERROR = None
 except ImportError as e:  # pragma: no cover - depends on the machine
-    _launch = None
+    _launch = _independent = None
     _IMPORT_ERROR = f"cannot import triton: {e}"
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -37,8 +40,26 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def _kernels_interpreted() -> bool:
+    """Whether the kernels were defined under TRITON_INTERPRET=1: `triton.jit` reads the
+    variable once, when it decorates a kernel, so setting it later changes nothing."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(_launch._recurrence_fwd_kernel, InterpretedFunction)
+
+
 def _c(t: Tensor | None) -> Tensor | None:
     return t.contiguous() if t is not None else None
+
+
+# Triton's interpreter is not thread-safe (while a kernel runs it swaps triton.language's
+# functions for its own, process-wide), so interpreted launches from several threads take
+# turns; compiled kernels need no lock.
+_INTERPRETER_LOCK = threading.RLock()
+
+
+def _launching():
+    return _INTERPRETER_LOCK if _kernels_interpreted() else contextlib.nullcontext()
 
 
 class TritonBackend(Backend):
@@ -58,6 +79,19 @@ class TritonBackend(Backend):
     def unavailable_reason(self) -> str | None:
         if _launch is None:
             return _IMPORT_ERROR
+        if _interpreting() and not _kernels_interpreted():
+            return (
+                "TRITON_INTERPRET=1 was set after gpurnn's Triton kernels were imported; "
+                "Triton reads it only when a kernel is defined: set it before the first "
+                "use of the triton backend (e.g. in the environment, or before "
+                "`import gpurnn`)"
+            )
+        if _kernels_interpreted() and not _interpreting():
+            return (
+                "gpurnn's Triton kernels were imported under TRITON_INTERPRET=1, which is "
+                "no longer set; they run only interpreted in this process (restart "
+                "without it to compile them)"
+            )
         if not (torch.cuda.is_available() or _interpreting()):
             return "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU, slowly)"
         return None
@@ -103,6 +137,10 @@ class TritonBackend(Backend):
     # ------------------------------------------------------------------ forward
 
     def _forward(self, inputs: Inputs, save: bool):
+        with _launching():
+            return self._launch_forward(inputs, save)
+
+    def _launch_forward(self, inputs: Inputs, save: bool):
         return _launch.forward(
             inputs.cell, inputs.xg.contiguous(), inputs.w_hh.contiguous(), _c(inputs.h0),
             _c(inputs.c0), _c(inputs.lengths), inputs.reverse, _c(inputs.b_hn), save,
@@ -135,11 +173,12 @@ class TritonBackend(Backend):
             y, _, _, workspace = self._forward(inputs, True)
         y = y.contiguous()
         workspace = workspace.contiguous()
-        dxg, dhn, dh0, dc0 = _launch.backward(
-            cell, w_hh, _c(h0), _c(c0), _c(lengths), reverse, y, workspace,
-            dy.contiguous(), dh_T.contiguous(), _c(dc_T) if cell == "lstm" else None,
-            w_hr=w_hr, precision=self.fp32_precision, defer_check=True,
-        )  # fmt: skip
+        with _launching():
+            dxg, dhn, dh0, dc0 = _launch.backward(
+                cell, w_hh, _c(h0), _c(c0), _c(lengths), reverse, y, workspace,
+                dy.contiguous(), dh_T.contiguous(), _c(dc_T) if cell == "lstm" else None,
+                w_hr=w_hr, precision=self.fp32_precision, defer_check=True,
+            )  # fmt: skip
 
         dw_hr = None
         if w_hr is not None:
@@ -156,3 +195,37 @@ class TritonBackend(Backend):
             b_hn=db_hn,
             w_hr=dw_hr.to(w_hr.dtype) if dw_hr is not None else None,
         )
+
+    # ------------------------------------------------------------ regularized recurrences
+    # IndRNN (kernels/triton/independent.py: masks and zoneout fused into the step); the
+    # regularized LSTM/GRU/RNN are not in the kernels yet: refused by name, auto takes torch
+
+    def regularized_unsupported_reason(self, cell, device, dtype, projected, kinds):
+        from gpurnn.cells import INDRNN_CELLS
+
+        if cell not in INDRNN_CELLS:
+            return super().regularized_unsupported_reason(cell, device, dtype, projected, kinds)
+        return self.unsupported_reason("rnn_tanh", device, dtype, False)
+
+    def regularized_auto_reason(self, cell):
+        if torch.cuda.is_available():
+            # checked under the interpreter against the reference, not yet run on a GPU
+            return "the IndRNN kernel has not yet passed its GPU tests"
+        return None
+
+    def regularized_forward(self, inputs, reg, save):
+        y, h_T = _independent.forward(
+            inputs.cell, inputs.xg.contiguous(), inputs.w_hh.contiguous(), _c(inputs.h0),
+            _c(inputs.lengths), inputs.reverse, reg,
+        )  # fmt: skip
+        return y, h_T, None, inputs.xg.new_empty(0)
+
+    def regularized_backward(self, inputs, reg, y, workspace, dy, dh_T, dc_T):
+        h0 = inputs.h0
+        dxg, du, dh0 = _independent.backward(
+            inputs.cell, inputs.xg.contiguous(), inputs.w_hh.contiguous(), _c(h0),
+            _c(inputs.lengths), inputs.reverse, reg, y.contiguous(), dy.contiguous(),
+            dh_T.contiguous(),
+        )  # fmt: skip
+        grads = Grads(dxg, du, dh0 if h0 is not None else None, None, None, None)
+        return grads, LayerNormGrads()

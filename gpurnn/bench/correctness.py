@@ -41,9 +41,23 @@ class Reference:
 
 def compute_reference(shape: Shape, base: nn.Module, inputs: InputSet) -> Reference:
     module = copy.deepcopy(base).float()
+    runner = ModuleRunner(module)
+    if shape.regularizers:
+        # no torch.nn layer has them: gpurnn's loop (the torch backend, checked against
+        # the float64 reference by the tests) in fp32, with the masks every runner draws
+        import gpurnn
+        from gpurnn.bench.runners import REGULARIZED_SEED, RegularizedRunner
+
+        param = next(module.parameters())
+        module = gpurnn.LSTM(
+            shape.input_size, shape.H, backend="torch", device=param.device,
+            dtype=torch.float32, **shape.layer_keywords,
+        )  # fmt: skip
+        module.load_state_dict(base.state_dict(), strict=False)
+        runner = RegularizedRunner(module, REGULARIZED_SEED)
     ins = _upcast(inputs)
     with _exact_fp32():
-        out, h_n, c_n = ModuleRunner(module).run(ins.inp)
+        out, h_n, c_n = runner.run(ins.inp)
         out.backward(ins.dy)
     grads = {"input": ins.leaf.grad}
     grads.update({name: p.grad for name, p in module.named_parameters()})

@@ -105,11 +105,16 @@ def main(argv=None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--rounds", type=int, default=20000, help="(default: %(default)s)")
-    parser.add_argument("--spin-max", type=int, default=1 << 20,
-                        help="polls before a wait gives up (default: %(default)s)")
+    parser.add_argument(
+        "--spin-max",
+        type=int,
+        default=1 << 20,
+        help="polls before a wait gives up (default: %(default)s)",
+    )
     parser.add_argument("--out", help="JSON lines file to append the result to")
-    parser.add_argument("--compile-only", action="store_true",
-                        help="compile for sm_90 and stop (no GPU needed)")
+    parser.add_argument(
+        "--compile-only", action="store_true", help="compile for sm_90 and stop (no GPU needed)"
+    )
     args = parser.parse_args(argv)
     import os
 

@@ -18,6 +18,11 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 from gpurnn.cells import GATES
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# a shape's `regularizers` names one of these sets of gpurnn layer keywords
+REGULARIZERS = {
+    "ln": {"layer_norm": True},
+    "zo-rd": {"zoneout": 0.1, "recurrent_dropout": 0.25},
+}
 MODES = ("fwd", "fwdbwd")
 
 
@@ -32,11 +37,15 @@ class Shape:
     layers: int = 1
     bidirectional: bool = False
     varlen: str = ""  # "": dense; "packed" / "padded": lengths uniform in [T/4, T]
+    ensemble: int = 1  # > 1: that many independent layers on the same input (torch.func.vmap)
+    regularizers: str = ""  # "" or a key of REGULARIZERS
 
     @property
     def id(self) -> str:
         """Stable name built from the parameters (rows keep it across runs)."""
         parts = [self.cell]
+        if self.ensemble > 1:
+            parts.append(f"E{self.ensemble}")
         if self.layers > 1:
             parts.append(f"L{self.layers}")
         if self.bidirectional:
@@ -46,11 +55,19 @@ class Shape:
             parts.append(f"I{self.input_size}")
         if self.varlen:
             parts.append(self.varlen)
+        if self.regularizers:
+            parts.append(self.regularizers)
         return "-".join(parts)
 
     @property
+    def layer_keywords(self) -> dict:
+        """The regularizer keywords of the gpurnn layer (none for plain shapes)."""
+        return dict(REGULARIZERS[self.regularizers]) if self.regularizers else {}
+
+    @property
     def single_layer(self) -> bool:
-        return self.layers == 1 and not self.bidirectional
+        """One plain layer (what a loop of cells or FlashRNN can stand in for)."""
+        return self.layers == 1 and not self.bidirectional and self.ensemble == 1
 
     @property
     def baseline_id(self) -> str:
@@ -92,6 +109,11 @@ SHAPES: list[Shape] = [
     Shape("fastrnns", "lstm", 100, 64, 512, 512),  # PyTorch's own RNN benchmark default
     Shape("varlen", "lstm", 1024, 64, 768, 768, varlen="packed"),
     Shape("varlen", "lstm", 1024, 64, 768, 768, varlen="padded"),
+    # a model ensemble: 8 LSTMs vmapped over stacked parameters vs a loop over cuDNN layers
+    Shape("ensemble", "lstm", 1024, 16, 256, 256, ensemble=8),
+    # regularized LSTMs beside the plain flashrnn/lstm-T1024-B16-H768 and the cell loop that
+    # people write for them (no cuDNN kernel has them)
+    *(Shape("regularized", "lstm", 1024, 16, 768, 768, regularizers=r) for r in REGULARIZERS),
     # tiny shapes for CPU-only machines and the harness's own tests
     Shape("smoke", "lstm", 8, 2, 16, 16),
     Shape("smoke", "lstm", 8, 4, 16, 16),
@@ -101,6 +123,8 @@ SHAPES: list[Shape] = [
     Shape("smoke", "lstm", 8, 2, 16, 16, layers=2, bidirectional=True),
     Shape("smoke", "lstm", 8, 3, 16, 16, varlen="packed"),
     Shape("smoke", "lstm", 8, 3, 16, 16, varlen="padded"),
+    Shape("smoke", "lstm", 8, 2, 16, 16, ensemble=2),
+    *(Shape("smoke", "lstm", 8, 2, 16, 16, regularizers=r) for r in REGULARIZERS),
 ]
 SUITES = tuple(dict.fromkeys(s.suite for s in SHAPES))
 
@@ -143,7 +167,7 @@ def flops(shape: Shape, mode: str) -> float:
     for layer in range(shape.layers):
         inputs = shape.input_size if layer == 0 else shape.H * directions
         total += directions * 2 * shape.tokens() * gate_rows * (inputs + shape.H)
-    return float(total * (3 if mode == "fwdbwd" else 1))
+    return float(total * shape.ensemble * (3 if mode == "fwdbwd" else 1))
 
 
 @dataclasses.dataclass
@@ -173,8 +197,10 @@ def make_inputs(shape: Shape, dtype, device, seed: int) -> InputSet:
     else:
         leaf = inp = x.detach().requires_grad_()
         rows = shape.T * shape.B
-    dy = torch.randn(rows, out_size, generator=g, device=device).to(dtype)
-    return InputSet(inp, leaf, dy.view(leaf.shape[:-1] + (out_size,)))
+    # an ensemble's output stacks its members' outputs (E, T, B, H)
+    members = (shape.ensemble,) if shape.ensemble > 1 else ()
+    dy = torch.randn(shape.ensemble * rows, out_size, generator=g, device=device).to(dtype)
+    return InputSet(inp, leaf, dy.view(members + leaf.shape[:-1] + (out_size,)))
 
 
 def _upcast(inputs: InputSet) -> InputSet:

@@ -232,8 +232,6 @@ def table(results: dict[int, dict]) -> str:
     return "\n".join(lines)
 
 
-
-
 def record(results: dict[int, dict], label: str, path=None) -> None:
     """The counts under `label` in benchmarks/sass_counts.json (by variant id), for the step
     cost model: "main" for the kernels as they are, a commit for the kernels a GPU measured."""
@@ -252,8 +250,11 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--indices", help="comma-separated VARIANTS indices (default: all)")
     parser.add_argument("--jobs", type=int, default=4, help="compile processes (default: 4)")
-    parser.add_argument("--record", metavar="LABEL",
-                        help="store the counts in benchmarks/sass_counts.json under LABEL")
+    parser.add_argument(
+        "--record",
+        metavar="LABEL",
+        help="store the counts in benchmarks/sass_counts.json under LABEL",
+    )
     args = parser.parse_args(argv)
     if args.indices:
         # a worker of compile_all: this process compiles, one JSON line out

@@ -2,9 +2,10 @@
 
 A cold GPU machine spends most of a short run compiling: each Triton variant costs seconds
 of one host core, and a run launches dozens of them one after another. This warms Triton's
-on-disk cache first, in as many processes as the machine has cores: each process runs the
-run's own commands (the step timer's cases, bench shapes, the GPU tests) with every Triton
-launch replaced by its compile (`JITFunction.run(..., warmup=True)`), so exactly the
+on-disk cache (and CuPy's, for the cupy backend's NVRTC builds) first, in as many processes
+as the machine has cores: each process runs the run's own commands (the step timer's cases,
+bench shapes, the GPU tests) with every Triton launch replaced by its compile
+(`JITFunction.run(..., warmup=True)`) and every cupy launch by its build, so exactly the
 variants those commands would launch are built (same arguments, same specialisation), and
 nothing runs on the GPU but the commands' own torch work. Outputs are garbage while warming:
 what the commands print or assert then is thrown away. The timed run that follows finds
@@ -49,10 +50,41 @@ def compile_only():
         return do_compile(self, key, *args, **kwargs)
 
     JITFunction.run, JITFunction._do_compile = run_compiles, counted
+    restore_cupy = _cupy_compile_only(built)
     try:
         yield built
     finally:
         JITFunction.run, JITFunction._do_compile = run, do_compile
+        restore_cupy()
+
+
+def _cupy_compile_only(built: list) -> callable:
+    """The cupy backend's launches likewise: NVRTC builds the kernel (CuPy caches it on
+    disk) and nothing is launched. Returns what undoes it (nothing to undo without CuPy)."""
+    try:
+        import cupy  # noqa: F401
+
+        import gpurnn.backends.cupy as backend
+        from gpurnn.backends.cupy import launch
+    except Exception:  # noqa: BLE001 - no CuPy: nothing of it to warm
+        return lambda: None
+    original = launch.launch_kernel
+
+    def compile_kernel(device, plan, cell, dtype, args) -> None:
+        import torch
+
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        name = plan.kernel_name(cell, dtype)
+        kernel = launch.compiled(index, name, plan.variant == "grid", launch.debug_bounds())
+        kernel.max_dynamic_shared_size_bytes  # noqa: B018 - loading the module compiles it
+        built.append((name, "nvrtc"))
+
+    launch.launch_kernel = backend.launch_kernel = compile_kernel
+
+    def restore() -> None:
+        launch.launch_kernel = backend.launch_kernel = original
+
+    return restore
 
 
 def _run_item(item: list[str]) -> None:
@@ -151,10 +183,17 @@ def main(argv=None) -> int:
     parser.add_argument("--bench", help="bench shapes: 'quick' or shape:dtype,...")
     parser.add_argument("--bench-backends", default="gpurnn-triton",
                         help="(default: %(default)s)")  # fmt: skip
-    parser.add_argument("--check", metavar="DTYPES",
-                        help="`gpurnn check`'s triton cases in these dtypes, e.g. bf16,fp16,fp32")
-    parser.add_argument("--pytest", action="append", default=[],
-                        help="pytest arguments whose tests to warm up (repeatable)")
+    parser.add_argument(
+        "--check",
+        metavar="DTYPES",
+        help="`gpurnn check`'s triton cases in these dtypes, e.g. bf16,fp16,fp32",
+    )
+    parser.add_argument(
+        "--pytest",
+        action="append",
+        default=[],
+        help="pytest arguments whose tests to warm up (repeatable)",
+    )
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                         help="processes (default: the cores, %(default)s)")  # fmt: skip
     parser.add_argument("--limit", type=float, default=60, help="seconds (default: %(default)s)")
@@ -198,8 +237,10 @@ def main(argv=None) -> int:
             if "error" in r:
                 errors.append(r["error"])
     took = time.perf_counter() - start
-    print(f"warm-up: {built} kernels built for {n_commands} commands by {jobs} processes "
-          f"in {took:.1f} s" + (f"; {len(errors)} workers failed: {errors[0]}" if errors else ""))
+    print(
+        f"warm-up: {built} kernels built for {n_commands} commands by {jobs} processes "
+        f"in {took:.1f} s" + (f"; {len(errors)} workers failed: {errors[0]}" if errors else "")
+    )
     return 0
 
 

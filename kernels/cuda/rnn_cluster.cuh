@@ -42,13 +42,15 @@ struct AsyncClusterExchange {
   int ranks;       // blocks that own units (< H): they alone send and receive
   u32 fill_bytes;  // bytes one fill brings: 4 * (valid rows) * (columns sent)
   u32 parity;      // bit p: parity of the next phase of plane p to wait for
+  u32* error;      // global flag: set to 1 when a wait gave up (the launcher raises)
+  bool failed;     // this thread's wait gave up: it waits and arms no more
 
   // All threads. Zeroes the planes (padding must read as 0: it is never sent), initialises
   // and arms both mbarriers, and waits until every block of the cluster has done so.
   __device__ __forceinline__ void init(float* planes_, u64* bars_, int ldx_, int row_base_,
-                                       int ranks_, u32 fill_bytes_) {
+                                       int ranks_, u32 fill_bytes_, u32* error_) {
     planes = planes_, bars = bars_, ldx = ldx_, row_base = row_base_, ranks = ranks_;
-    fill_bytes = fill_bytes_, parity = 0u;
+    fill_bytes = fill_bytes_, parity = 0u, error = error_, failed = false;
     for (int i = threadIdx.x; i < 2 * 8 * ldx; i += blockDim.x) planes[i] = 0.0f;
     if (threadIdx.x == 0) {
       mbarrier_init(&bars[0], 1);
@@ -62,12 +64,18 @@ struct AsyncClusterExchange {
   }
 
   // Wait for the fill that step `step` reads, then arm that plane's next fill (which only
-  // starts after every block has passed this one: see "reuse" above).
+  // starts after every block has passed this one: see "reuse" above). A wait that gives up
+  // (a block of the cluster is not running) flags the launch and ends this thread's
+  // waiting: the kernel runs to its end on garbage, and the launcher raises. Thread 0 arms
+  // only after its own wait succeeded, so a phase is never armed twice.
   __device__ __forceinline__ void wait(int step) {
     const int p = read_plane(step);
-    mbarrier_wait_parity(&bars[p], (parity >> p) & 1u);
+    if (!failed && !mbarrier_wait_parity(&bars[p], (parity >> p) & 1u)) {
+      failed = true;
+      atomicExch(error, 1u);
+    }
     parity ^= 1u << p;
-    if (threadIdx.x == 0) mbarrier_arrive_expect_tx(&bars[p], fill_bytes);
+    if (threadIdx.x == 0 && !failed) mbarrier_arrive_expect_tx(&bars[p], fill_bytes);
   }
 
   // (mapa per store rather than 16 addresses held in registers for the whole launch)
@@ -330,7 +338,8 @@ __device__ __forceinline__ void cluster_backward_body(const BackwardArgs& a,
 }
 
 // Entry points: one cluster of 8 blocks per group of 8 batch rows, grid = 8 * ceil(B / 8).
-// ldx: the exchange row stride in floats. Dynamic shared memory: [fragments | red | planes
+// ldx: the exchange row stride in floats; error: a zeroed flag, 1 after a wait gave up.
+// Dynamic shared memory: [fragments | red | planes
 // (2, 8, ldx) fp32 | 2 mbarriers]. Declared only where clusters exist (sm_90+, and the host
 // pass of nvcc): older targets reject `__cluster_dims__` even uninstantiated.
 template <class Elem, int M_TILES>
@@ -347,7 +356,7 @@ struct ClusterSmem {
 
 template <class Cell, class Elem, int M_TILES>
 __global__ void __cluster_dims__(kClusterSize, 1, 1) __launch_bounds__(kThreads, 1)
-    rnn_forward_cluster(GPURNN_FORWARD_PARAMS, int ldx) {
+    rnn_forward_cluster(GPURNN_FORWARD_PARAMS, int ldx, u32* error) {
   extern __shared__ uint4 smem[];
   const ForwardArgs a = GPURNN_FORWARD_ARGS;
   const ClusterSmem<Elem, M_TILES> mem(smem, KT, ldx);
@@ -356,14 +365,14 @@ __global__ void __cluster_dims__(kClusterSize, 1, 1) __launch_bounds__(kThreads,
   const int rows = B - row0 < 8 ? B - row0 : 8;
   const int ranks = (H + kUnits - 1) / kUnits, rank = static_cast<int>(cluster_rank());
   AsyncClusterExchange<Elem> ex;
-  ex.init(mem.planes, mem.bars, ldx, row0, ranks, 4u * rows * H);
+  ex.init(mem.planes, mem.bars, ldx, row0, ranks, 4u * rows * H, error);
   if (rank < ranks) cluster_forward_body<Cell, Elem, M_TILES>(a, ex, rank, smem, mem.red);
   cluster_sync();  // no block leaves while another could still address its shared memory
 }
 
 template <class Cell, class Elem, int M_TILES>
 __global__ void __cluster_dims__(kClusterSize, 1, 1) __launch_bounds__(kThreads, 1)
-    rnn_backward_cluster(GPURNN_BACKWARD_PARAMS, int ldx) {
+    rnn_backward_cluster(GPURNN_BACKWARD_PARAMS, int ldx, u32* error) {
   extern __shared__ uint4 smem[];
   const BackwardArgs a = GPURNN_BACKWARD_ARGS;
   const ClusterSmem<Elem, M_TILES> mem(smem, KT, ldx);
@@ -372,7 +381,7 @@ __global__ void __cluster_dims__(kClusterSize, 1, 1) __launch_bounds__(kThreads,
   const int rows = B - row0 < 8 ? B - row0 : 8;
   const int ranks = (H + kUnits - 1) / kUnits, rank = static_cast<int>(cluster_rank());
   AsyncClusterExchange<Elem> ex;
-  ex.init(mem.planes, mem.bars, ldx, row0, ranks, 4u * rows * Cell::kGates * H);
+  ex.init(mem.planes, mem.bars, ldx, row0, ranks, 4u * rows * Cell::kGates * H, error);
   if (rank < ranks) cluster_backward_body<Cell, Elem, M_TILES>(a, ex, rank, smem, mem.red);
   cluster_sync();
 }

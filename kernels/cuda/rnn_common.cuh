@@ -85,7 +85,7 @@ __device__ __forceinline__ float tanhf_(float x) {
 
 // ------------------------------------------------------------------------ mma tiles
 //
-// A fragments are packed on the host (gpurnn/backends/cupy.py: `pack_fragments`) in the
+// A fragments are packed on the host (gpurnn/backends/cupy/pack.py: `pack_fragments`) in the
 // order the tensor cores read them: for m-tile mt and k-tile kt, lane l's 4 registers are
 // one uint4 at [(mt * KT + kt) * kUint4A * 32 + lane] -> one conflict-free 16-byte
 // shared-memory load per lane per mma. X (the exchanged state, 8 batch rows x K, row
@@ -254,14 +254,21 @@ __device__ __forceinline__ void mbarrier_arrive_expect_tx(u64* bar, u32 bytes) {
                : "memory");
 }
 
-// Spins until the phase of parity `parity` has completed. The bytes a phase tracks (st.async
-// from any block of the cluster, like a multicast TMA copy) are visible to this block once
-// it completes, so the default acquire at CTA scope suffices; a cluster-scope acquire would
-// add an L1 invalidation (CCTL.IVALL) to every step.
-__device__ __forceinline__ void mbarrier_wait_parity(u64* bar, u32 parity) {
+// Polls (mbarrier try_wait or a global load) before a wait gives up: each try_wait may
+// suspend the thread for a while, so 2^22 of them is seconds, where a step takes
+// microseconds. A wait that gives up means a CTA is not running (not co-resident, or it
+// died): the kernel flags the launch failed, stops waiting, and the launcher raises.
+constexpr u32 kSpinMax = 1u << 22;
+
+// Waits until the phase of parity `parity` has completed, at most kSpinMax polls; false if
+// it gave up. The bytes a phase tracks (st.async from any block of the cluster, like a
+// multicast TMA copy) are visible to this block once it completes, so the default acquire
+// at CTA scope suffices; a cluster-scope acquire would add an L1 invalidation (CCTL.IVALL)
+// to every step.
+__device__ __forceinline__ bool mbarrier_wait_parity(u64* bar, u32 parity) {
   const u32 addr = shared_addr(bar);
-  u32 done;
-  do {
+  for (u32 spins = 0; spins < kSpinMax; ++spins) {
+    u32 done;
     asm volatile(
         "{\n\t.reg .pred p;\n\t"
         "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n\t"
@@ -269,7 +276,9 @@ __device__ __forceinline__ void mbarrier_wait_parity(u64* bar, u32 parity) {
         : "=r"(done)
         : "r"(addr), "r"(parity)
         : "memory");
-  } while (!done);
+    if (done) return true;
+  }
+  return false;
 }
 
 // Asynchronous 4-byte store into a cluster block's shared memory that, on landing, counts
@@ -280,5 +289,15 @@ __device__ __forceinline__ void st_async_f32(u32 remote_addr, float v, u32 remot
                    remote_addr),
                "f"(v), "r"(remote_bar)
                : "memory");
+}
+
+// The same for two adjacent floats (8 bytes, 8-byte aligned).
+__device__ __forceinline__ void st_async_v2_f32(u32 remote_addr, float a, float b,
+                                                u32 remote_bar) {
+  asm volatile(
+      "st.async.shared::cluster.mbarrier::complete_tx::bytes.v2.f32 [%0], {%1, %2}, [%3];" ::"r"(
+          remote_addr),
+      "f"(a), "f"(b), "r"(remote_bar)
+      : "memory");
 }
 #endif

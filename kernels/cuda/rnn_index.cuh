@@ -124,4 +124,74 @@ GPURNN_HD i64 exchange_at(int plane, int row, int k, int rows, int ldx) {
 GPURNN_HD int read_plane(int step) { return step & 1; }
 GPURNN_HD int write_plane(int step) { return (step + 1) & 1; }
 
+// ------------------------------------------------------------------------- K-split layout
+//
+// The K-split cluster variant (rnn_ksplit.cuh): the grid holds clusters of C CTAs. Clusters
+// split the units: cluster q owns units [q * U, (q + 1) * U). The CTAs of a cluster split
+// the reduction dimension K (H forward, G * H backward): rank r holds columns
+// [r * Kc, (r + 1) * Kc) of its cluster's GEMM rows (Kc a multiple of the mma's k; K padded
+// to C * Kc). A cluster's GEMM rows are gate-major forward (row g * U + u: gate g of unit u,
+// Gr = G rows a unit) and one per unit backward (Gr = 1); rows past Gr * U pad the m-tiles.
+//
+// Within a CTA, KW warps share each m-tile, warp w taking k-tiles kt = w % KW (mod KW):
+// a cluster row's partial sum arrives from S = C * KW sources (rank, warp's k-group).
+// In the epilogue the units are dealt round-robin: unit u belongs to rank u % C, as its
+// local unit u / C; with U >= C every rank owns at least one (and so waits for its fills,
+// which keeps a fast rank from overwriting a fill another has not read: see the kernel).
+struct KSplit {
+  int C;   // CTAs per cluster
+  int U;   // units per cluster
+  int Gr;  // GEMM rows per unit (G forward, 1 backward)
+  int KW;  // warps per m-tile
+};
+
+GPURNN_HD int ceil_div(int a, int b) { return (a + b - 1) / b; }
+
+// Local units of rank r (ceil((U - r) / C), 0 past U) and the most any rank has.
+GPURNN_HD int ksplit_rank_units(const KSplit& p, int r) {
+  return r < p.U ? ceil_div(p.U - r, p.C) : 0;
+}
+GPURNN_HD int ksplit_unit_span(const KSplit& p) { return ceil_div(p.U, p.C); }
+GPURNN_HD int ksplit_sources(const KSplit& p) { return p.C * p.KW; }
+GPURNN_HD int ksplit_source(const KSplit& p, int rank, int kgroup) { return rank * p.KW + kgroup; }
+
+// Cluster GEMM row m -> (owner rank, owner's local row g * span + u / C); false for rows
+// that pad the m-tiles (m >= Gr * U), which nobody receives.
+GPURNN_HD bool ksplit_owner(const KSplit& p, int m, int& rank, int& local) {
+  if (m < 0 || m >= p.Gr * p.U) return false;
+  const int g = m / p.U, u = m % p.U;
+  rank = u % p.C;
+  local = g * ksplit_unit_span(p) + u / p.C;
+  return true;
+}
+
+// Local unit lu of rank r -> the cluster's unit (its row of gate g is g * U + unit).
+GPURNN_HD int ksplit_unit(const KSplit& p, int r, int lu) { return lu * p.C + r; }
+
+// One fill of a rank's receive buffer: the partial sums of one batch group's GEMM at one
+// step, laid out [source][local row][column], columns the group's 8 * N_TILES batch rows.
+// Fill f = step * groups + group goes to buffer f & 1; the k-th fill of a buffer is its
+// mbarrier's phase k, of parity k & 1.
+GPURNN_HD int ksplit_fill(int step, int group, int groups) { return step * groups + group; }
+GPURNN_HD int ksplit_buffer(int fill) { return fill & 1; }
+GPURNN_HD unsigned ksplit_parity(int fill) { return static_cast<unsigned>(fill >> 1) & 1u; }
+GPURNN_HD i64 ksplit_recv_at(const KSplit& p, int buffer, int source, int local, int col,
+                             int cols) {
+  const int rows = p.Gr * ksplit_unit_span(p), sources = ksplit_sources(p);
+  GPURNN_CHECK(buffer >= 0 && buffer < 2 && source >= 0 && source < sources && local >= 0 &&
+               local < rows && col >= 0 && col < cols);
+  return ((static_cast<i64>(buffer) * sources + source) * rows + local) * cols + col;
+}
+// Bytes one fill brings rank r (fp32 partial sums of its rows, all columns, every source).
+GPURNN_HD unsigned ksplit_fill_bytes(const KSplit& p, int r, int cols) {
+  return 4u * ksplit_sources(p) * p.Gr * ksplit_rank_units(p, r) * cols;
+}
+
+// Between clusters: each CTA adds 1 to a monotonic counter after its step's exchange stores
+// (forward: also once after publishing h0). Step s reads the exchange once the counter
+// reaches this (backward step 0 reads nothing: target 0).
+GPURNN_HD long long ksplit_barrier_target(int step, int forward, int ctas) {
+  return static_cast<long long>(forward ? step + 1 : step) * ctas;
+}
+
 }  // namespace gpurnn

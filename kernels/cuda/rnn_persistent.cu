@@ -12,7 +12,7 @@
 //   3. put    the new h (forward) or the hidden-side dgates (backward) go to the exchange.
 //   4. sync   all blocks that read that exchange pass a barrier.
 //
-// Two variants:
+// Three variants:
 //   grid     (here) GridExchange: a (2, Bpad, ldx) global buffer, double-buffered by step
 //            parity (one barrier per step suffices: step s reads plane s&1 and writes the
 //            other), read through L2 only; the barrier is a grid-wide counter (GridSync), so
@@ -20,6 +20,10 @@
 //   cluster  (rnn_cluster.cuh, sm_90) the whole W_hh in one 8-block cluster, the exchange
 //            in distributed shared memory with asynchronous stores completing on mbarriers:
 //            no barrier at all between steps.
+//   ksplit   (rnn_ksplit.cuh, sm_90) clusters of C CTAs: clusters split the units, the CTAs
+//            of a cluster split K (each loads only its slice of the exchange), partial sums
+//            reduced over distributed shared memory, the exchange between clusters in
+//            global memory behind a split-phase counter barrier.
 //
 // Forward  A rows: gate-major within the block (row g*kUnits + u is W_hh row g*H + u0 + u),
 //          K = H, X = h_{t-1} rounded to the element type. The fp32 state (h, c) of a
@@ -379,7 +383,7 @@ __device__ __forceinline__ void backward_body(const BackwardArgs& a, Exchange& e
 // Kernel parameters are flat (pointers and 32-bit ints: what CuPy passes with exact C types)
 // and gathered into ForwardArgs / BackwardArgs here. Dynamic shared memory: [packed W_hh
 // fragments | red | (cluster) exchange planes], each part a multiple of 16 bytes; sizes in
-// gpurnn/backends/cupy.py (`shared_bytes`).
+// gpurnn/backends/cupy/plan.py (`shared_bytes`).
 
 #define GPURNN_FORWARD_PARAMS                                                                \
   const void *xg, const uint4 *w_frag, const float *b_hn, const long long *lengths, void *y,  \
@@ -433,3 +437,6 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 // The sm_90 cluster variant: the same GEMM and cells, its own step loop.
 #include "rnn_cluster.cuh"
+
+// The sm_90 K-split cluster variant: clusters split the units, their CTAs split K.
+#include "rnn_ksplit.cuh"

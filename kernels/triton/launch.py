@@ -22,6 +22,7 @@ rounding to the output dtype). Entries of (t, b) past a sequence's end are 0.
 from __future__ import annotations
 
 import os
+import threading
 
 import torch
 import triton
@@ -152,6 +153,7 @@ def _launch_steps(kernel, plan: Plan, T: int, B: int, n_steps: int, args, kw, wa
 # Error flags of launches whose check was deferred (`defer_check`): (flag on the device,
 # the message to raise), checked together by `check_pending`.
 _PENDING: list[tuple[torch.Tensor, str]] = []
+_PENDING_LOCK = threading.Lock()  # modules may run in several threads
 _MAX_PENDING = 256  # beyond this many unchecked launches, check them (bounds the list)
 
 
@@ -164,8 +166,10 @@ def _check_barrier(sync: torch.Tensor, plan: Plan, device, kernel, wait_bound: i
         return
     message = _timeout_message(kernel, plan, wait_bound)
     if defer and device.type == "cuda":
-        _PENDING.append((sync[0::2].amax(), message))
-        if len(_PENDING) >= _MAX_PENDING:
+        with _PENDING_LOCK:
+            _PENDING.append((sync[0::2].amax(), message))
+            full = len(_PENDING) >= _MAX_PENDING
+        if full:
             check_pending()
         return
     if int(sync[0::2].max().item()) >= _SYNC_ERROR:
@@ -180,8 +184,9 @@ def check_pending() -> None:
         return
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         return
-    pending = list(_PENDING)
-    _PENDING.clear()
+    with _PENDING_LOCK:
+        pending = list(_PENDING)
+        _PENDING.clear()
     by_device: dict = {}
     for flag, message in pending:
         by_device.setdefault(flag.device, []).append((flag, message))
