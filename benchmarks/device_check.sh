@@ -75,7 +75,7 @@ STEP_ARGS=${STEP_ARGS:-}
 WARMUP_ARGS=${WARMUP_ARGS:---step all --bench quick}
 PINGPONG_ARGS=${PINGPONG_ARGS:-}
 # waits cut short in the smoke stage: a lost exchange fails a test in well under a second
-SMOKE_ENV=${SMOKE_ENV:-"GPURNN_TRITON_SPIN_MAX=65536 GPURNN_TRITON_WAIT_S=0.25"}
+SMOKE_ENV=${SMOKE_ENV:-"GPURNN_TRITON_WAIT_S=0.25"}
 if [ "$DRY_RUN" = 1 ]; then
   BENCH_ARGS="--shapes lstm-T8-B2-H16 --dtypes fp32 --backends torch.nn,gpurnn-torch"
   STEP_ARGS="--dry-run --reps 1 --cases lstm-fp32-H16-B2"

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gpurnn import export
+from gpurnn import backends, export
 from gpurnn.recurrence import folded_biases, input_projection, recurrence
 
 __all__ = ["rnn", "cell_step", "folded_biases", "input_projection"]
@@ -80,6 +80,10 @@ def rnn(
             h_n.append(h_T)
             c_n.append(c_T)
         layer_in = outputs[0] if D == 1 else torch.cat(outputs, dim=-1)
+    # one check per module call of what the launches flagged (a wait that timed out),
+    # instead of a host sync after each (layer, direction)
+    if not torch.compiler.is_compiling():
+        backends.check_deferred()
     return layer_in, torch.stack(h_n), torch.stack(c_n) if cell == "lstm" else None
 
 
@@ -112,6 +116,8 @@ def cell_step(
         backend=backend,
         projection=(x[None], w_ih, bias),
     )
+    if not torch.compiler.is_compiling():
+        backends.check_deferred()
     return h_new, c_new
 
 

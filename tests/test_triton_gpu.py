@@ -201,15 +201,54 @@ def test_per_step_launch_fallback(cell):
 
 
 def test_barrier_timeout_raises():
-    """spin_max=0: a program that does not find everyone arrived at once flags the error;
+    """wait_bound=0: a program that does not find everyone arrived at once flags the error;
     the launcher raises instead of returning garbage (and nothing hangs)."""
     case, _ = make_case("lstm", 64, 16, 768, torch.bfloat16)
     c = case
     with pytest.raises(RuntimeError, match="barrier timed out"):
         launch.forward("lstm", c["xg"], c["w_hh"], c["h0"], c["c0"], None, False, None, False,
-                       spin_max=0)  # fmt: skip
+                       wait_bound=0)  # fmt: skip
     # and the next normal call is fine
     launch.forward("lstm", c["xg"], c["w_hh"], c["h0"], c["c0"], None, False, None, False)
+
+
+def test_timeout_is_bounded_in_time_and_deferred():
+    """A wait bounded at 2 ms that cannot succeed (wait_bound 0 µs: the first miss gives up)
+    flags the launch; deferred, the launcher returns without a host sync and
+    check_pending raises, naming the kernel and the plan. The whole thing takes well under
+    the default 1 s bound per wait (the bound is a time, not a count of polls)."""
+    import time
+
+    case, _ = make_case("lstm", 64, 16, 768, torch.bfloat16)
+    c = case
+    t0 = time.perf_counter()
+    launch.forward("lstm", c["xg"], c["w_hh"], c["h0"], c["c0"], None, False, None, False,
+                   wait_bound=0, defer_check=True)  # fmt: skip
+    with pytest.raises(RuntimeError, match="timed out in _recurrence_fwd_kernel.*Plan"):
+        launch.check_pending()
+    assert time.perf_counter() - t0 < 5.0
+    launch.check_pending()  # nothing left
+
+
+def test_poll_counter_on_a_gpu():
+    """Counting failed polls changes no output; the count is a whole number >= 0 (how many
+    attempts beyond the first a step takes, summed over programs and steps)."""
+    case, gin = make_case("lstm", 64, 16, 768, torch.bfloat16)
+    c = case
+    args = ("lstm", c["xg"], c["w_hh"], c["h0"], c["c0"], None, False, None, True)
+    counter = torch.zeros(1, dtype=torch.int64, device="cuda")
+    off = launch.forward(*args)
+    on = launch.forward(*args, poll_counter=counter)
+    for a, b in zip(off, on):
+        assert torch.equal(a, b)
+    bargs = ("lstm", c["w_hh"], c["h0"], c["c0"], None, False, off[0], off[3], gin["dy"],
+             gin["dh_T"], gin["dc_T"])  # fmt: skip
+    boff = launch.backward(*bargs)
+    bon = launch.backward(*bargs, poll_counter=counter)
+    for a, b in zip(boff, bon):
+        if a is not None:
+            assert torch.equal(a, b)
+    assert int(counter.item()) >= 0
 
 
 @pytest.mark.parametrize(

@@ -217,6 +217,23 @@ def test_k_chunks(cell, resident, chunks_per_trip):
     run_and_compare(cell, case, gin, False, torch.float64, plan_fwd=plan, plan_bwd=plan)
 
 
+@pytest.mark.parametrize("chunks_per_trip", (1, 2))
+@pytest.mark.parametrize("cell", ("lstm", "gru"))
+def test_backward_k_split(cell, chunks_per_trip):
+    """The polled backward with each K chunk split in two slabs, (gate x slab) the batch of
+    its 3-D dot (as 8 warps run it on a GPU): H = 40 over chunks of 32 (the last partial, its
+    second slab empty), waves of 1 or 2 chunks, lengths and reverse."""
+    T, B, H = 5, 3, 40
+    lengths = _lengths("with_zero", B, T, ("ks", cell))
+    case, gin = make_case(cell, T, B, H, torch.float64, lengths=lengths, reverse=True,
+                          key=("ks", cell, chunks_per_trip))  # fmt: skip
+    fwd = make_plan(H, B, GATES[cell], torch.float64, torch.device(DEVICE), on_chip=False)
+    bwd = make_plan(H, B, GATES[cell], torch.float64, torch.device(DEVICE), KC=32,
+                    on_chip=False, chunks_per_trip=chunks_per_trip, k_split=2)  # fmt: skip
+    assert _polls(bwd) and bwd.k_split == 2 and bwd.persistent
+    run_and_compare(cell, case, gin, True, torch.float64, plan_fwd=fwd, plan_bwd=bwd)
+
+
 @pytest.mark.parametrize("on_chip", (True, False), ids=("on_chip", "exchange"))
 @pytest.mark.parametrize("cell", CELLS)
 def test_one_program_reverse_lengths(cell, on_chip):
@@ -245,7 +262,7 @@ def test_h0_holding_the_sentinel_is_a_nan(dtype):
     assert _polls(plan)
     y, h_T, _, _ = launch.forward("gru", case["xg"], case["w_hh"], h0, None, None, False,
                                   case["b_hn"], False, plan=plan, precision="ieee",
-                                  spin_max=50)  # fmt: skip
+                                  wait_bound=50)  # fmt: skip
     assert torch.isnan(y[:, 1]).all() and torch.isnan(h_T[1]).all()
     ry, _, _ = ref.recurrence_forward(
         "gru", _np(case["xg"])[:, :1], _np(case["w_hh"]), _np(h0)[:1], None, None, False,
@@ -281,11 +298,11 @@ def test_polled_exchange_with_genuine_nans(cell):
         True,
         plan=plan,
         precision="ieee",
-        spin_max=20,
+        wait_bound=20,
     )
     dxg, _, dh0, _ = launch.backward(cell, c["w_hh"], c["h0"], c["c0"], None, False, y, ws,
                                      gin["dy"], gin["dh_T"], gin["dc_T"], plan=plan,
-                                     precision="ieee", spin_max=20)  # fmt: skip
+                                     precision="ieee", wait_bound=20)  # fmt: skip
     n = {k: _np(v) for k, v in c.items()}
     ry, rh, _ = ref.recurrence_forward(cell, n["xg"], n["w_hh"], n["h0"], n["c0"], None, False,
                                        n["b_hn"])  # fmt: skip
@@ -317,9 +334,83 @@ def test_polled_exchange_that_never_arrives_raises():
               REVERSE=False, SAVE=False, PREC="ieee", ACC=launch._acc_dtype(torch.float32),
               POLL=False, ASM=False, SENTINEL=_SENTINEL[torch.float32])  # fmt: skip
     axes = (1, None, None, None, 1, 1, 0, 0, None)
-    with pytest.raises(RuntimeError, match="timed out"):
+    with pytest.raises(RuntimeError, match=r"timed out in _recurrence_fwd_kernel .*Plan\(BH="):
         launch._launch_steps(_recurrence_fwd_kernel, plan, T, B, T, args, kw, 3,
                              torch.device(DEVICE), axes)  # fmt: skip
+
+
+def test_poll_counter_counts_every_failed_poll(monkeypatch):
+    """COUNT_POLLS: a wait that never arrives fails wait_bound + 1 polls (the interpreter's
+    bound counts them) before it gives up; later waits of the program do not spin, and
+    the count lands in the launch's second sync word beside the error flag."""
+    T, B, H = 3, 2, 12
+    case, _ = make_case("rnn_tanh", T, B, H, torch.float32, key="count")
+    plan = make_plan(H, B, 1, torch.float32, torch.device(DEVICE), on_chip=False)
+    hx = torch.empty(T + 1, B, H).view(torch.int32).fill_(_SENTINEL[torch.float32])
+    hx = hx.view(torch.float32)
+    hs = torch.zeros(B, H)
+    xg = case["xg"]
+    args = (xg, case["w_hh"], xg, xg, hx, hx[1:], hs, hs, xg)
+    kw = dict(CELL=CELL_CODE["rnn_tanh"], G=1, GP=1, NW=1, H=H, HAS_LEN=False,
+              REVERSE=False, SAVE=False, PREC="ieee", ACC=launch._acc_dtype(torch.float32),
+              POLL=False, ASM=False, SENTINEL=_SENTINEL[torch.float32],
+              COUNT_POLLS=True)  # fmt: skip
+    monkeypatch.setattr(launch, "_check_barrier", lambda *a: None)
+    axes = (1, None, None, None, 1, 1, 0, 0, None)
+    sync = launch._launch_steps(_recurrence_fwd_kernel, plan, T, B, T, args, kw, 3,
+                                torch.device(DEVICE), axes)  # fmt: skip
+    assert int(sync[0]) >= launch._SYNC_ERROR and int(sync[1]) == 3 + 1
+
+
+def test_deferred_timeout_raises_at_the_module_call():
+    """A launch whose check was deferred (what the backend does on a GPU: no host sync per
+    launch) is raised by the next check: gpurnn.functional checks once per module call,
+    with one host sync for every pending launch; the queue is then empty."""
+    from gpurnn import functional
+    from gpurnn.backends import get_backend
+
+    assert get_backend("triton") is not None
+    launch._PENDING.append((torch.tensor(0), "fine"))
+    launch._PENDING.append((torch.tensor(launch._SYNC_ERROR), "a wait timed out in k"))
+    x = torch.randn(3, 2, 4, dtype=torch.float64)
+    h0 = torch.zeros(1, 2, 5, dtype=torch.float64)
+    w = [(torch.randn(5, 4, dtype=torch.float64), torch.randn(5, 5, dtype=torch.float64),
+          None, None, None)]  # fmt: skip
+    with pytest.raises(RuntimeError, match="a wait timed out in k"):
+        functional.rnn("rnn_tanh", x, h0, None, w, num_layers=1, bidirectional=False,
+                       backend="numpy")  # fmt: skip
+    assert not launch._PENDING
+    functional.rnn("rnn_tanh", x, h0, None, w, num_layers=1, bidirectional=False,
+                   backend="numpy")  # fmt: skip
+
+
+@pytest.mark.parametrize("cell", ("lstm", "gru"))
+def test_poll_counter_on_and_off_agree(cell):
+    """Counting failed polls changes no output; one persistent program never waits (it
+    reads only what it wrote itself), so its count is 0, added on the device."""
+    T, B, H = 4, 3, 20
+    case, gin = make_case(cell, T, B, H, torch.float32, key=("count", cell))
+    plan = make_plan(H, B, GATES[cell], torch.float32, torch.device(DEVICE), KC=16,
+                     on_chip=False)  # fmt: skip
+    assert plan.persistent and _polls(plan)
+    c = case
+    fargs = (cell, c["xg"], c["w_hh"], c["h0"], c["c0"], None, False, c["b_hn"], True)
+    counter = torch.full((1,), 5, dtype=torch.int64)
+    off = launch.forward(*fargs, plan=plan, precision="ieee")
+    on = launch.forward(*fargs, plan=plan, precision="ieee", poll_counter=counter)
+    for a, b in zip(off, on):
+        if a is not None:
+            assert torch.equal(a, b)
+    bargs = (cell, c["w_hh"], c["h0"], c["c0"], None, False, off[0], off[3], gin["dy"],
+             gin["dh_T"], gin["dc_T"])  # fmt: skip
+    boff = launch.backward(*bargs, plan=plan, precision="ieee")
+    bon = launch.backward(*bargs, plan=plan, precision="ieee", poll_counter=counter)
+    for a, b in zip(boff, bon):
+        if a is not None:
+            assert torch.equal(a, b)
+    assert counter.tolist() == [5]
+    with pytest.raises(ValueError, match="poll_counter"):
+        launch.forward(*fargs, plan=plan, poll_counter=torch.zeros(1))
 
 
 @pytest.mark.parametrize("poll", (True, False), ids=("poll", "plain"))
@@ -447,7 +538,7 @@ def test_unsupported_reasons():
 def test_no_recompile_for_new_T_or_B():
     """T, B and the step range are not specialised (do_not_specialize), so a new sequence
     length or batch size reuses the compiled kernel; B only picks a size bucket (BLOCK_B)."""
-    names = ["T", "B", "nrows", "s_begin", "s_end", "spin_max"]
+    names = ["T", "B", "nrows", "s_begin", "s_end", "wait_bound"]
     kernels = (_recurrence_fwd_kernel, _recurrence_bwd_kernel, _lstmp_fwd_kernel,
                _lstmp_bwd_kernel)  # fmt: skip
     for k in kernels:
@@ -600,10 +691,10 @@ def test_proj_polled_exchange_with_genuine_nans():
     c = case
     y, h_T, c_T, ws = launch.forward("lstm", c["xg"], c["w_hh"], c["h0"], c["c0"], None, False,
                                      None, True, w_hr=c["w_hr"], plan=plan, precision="ieee",
-                                     spin_max=20)  # fmt: skip
+                                     wait_bound=20)  # fmt: skip
     dxg, _, dh0, _ = launch.backward("lstm", c["w_hh"], c["h0"], c["c0"], None, False, y, ws,
                                      gin["dy"], gin["dh_T"], gin["dc_T"], w_hr=c["w_hr"],
-                                     plan=plan, precision="ieee", spin_max=20)  # fmt: skip
+                                     plan=plan, precision="ieee", wait_bound=20)  # fmt: skip
     n = {k: _np(v) for k, v in c.items()}
     fwd_args = (n["xg"], n["w_hh"], n["h0"], n["c0"], None, False, None)
     ry, rh, _ = ref.recurrence_forward("lstm", *fwd_args, n["w_hr"])

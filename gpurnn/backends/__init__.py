@@ -82,6 +82,14 @@ def get_backend(name: str) -> Backend | None:
     return _instances.get(name)
 
 
+def check_deferred() -> None:
+    """Raise what a backend's launches have flagged since the last check but not raised yet
+    (the triton backend defers its check of a timed-out wait to here, so that a module's
+    layers run without a host sync each): one host sync per backend that deferred any."""
+    for be in list(_instances.values()):
+        be.check_deferred()
+
+
 def _unavailable_reason(name: str) -> str | None:
     backend = get_backend(name)
     return _import_errors[name] if backend is None else backend.unavailable_reason()

@@ -86,6 +86,11 @@ class Backend(ABC):
         """None when the backend can run on this machine, else why it cannot."""
         return None
 
+    def check_deferred(self) -> None:
+        """Raise an error that launches of this backend flagged on the device but did not
+        check yet (gpurnn.functional calls it once per module call); nothing by default."""
+        return None
+
     def unsupported_reason(
         self,
         cell: str,

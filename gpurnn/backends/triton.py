@@ -144,8 +144,11 @@ class TritonBackend(Backend):
         return _launch.forward(
             inputs.cell, inputs.xg.contiguous(), inputs.w_hh.contiguous(), _c(inputs.h0),
             _c(inputs.c0), _c(inputs.lengths), inputs.reverse, _c(inputs.b_hn), save,
-            w_hr=_c(inputs.w_hr), precision=self.fp32_precision,
+            w_hr=_c(inputs.w_hr), precision=self.fp32_precision, defer_check=True,
         )  # fmt: skip
+
+    def check_deferred(self) -> None:
+        _launch.check_pending()
 
     def forward(self, inputs, save):
         xg = inputs.xg
@@ -174,7 +177,7 @@ class TritonBackend(Backend):
             dxg, dhn, dh0, dc0 = _launch.backward(
                 cell, w_hh, _c(h0), _c(c0), _c(lengths), reverse, y, workspace,
                 dy.contiguous(), dh_T.contiguous(), _c(dc_T) if cell == "lstm" else None,
-                w_hr=w_hr, precision=self.fp32_precision,
+                w_hr=w_hr, precision=self.fp32_precision, defer_check=True,
             )  # fmt: skip
 
         dw_hr = None

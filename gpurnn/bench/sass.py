@@ -30,8 +30,11 @@ i.e. the largest backward branch) and counts:
              and the wgmma operands read from shared memory (an HGMMA's A tile when it is a
              descriptor, and its B tile, shared by the 4 warps of its warpgroup); times the
              warps, what a program's step costs in shared-memory bandwidth
-  spin_loops polling loops (left out of every other count): the grid barrier's spin, the
-             backward's element-wise recheck of polled dgates
+  spin_loops polling loops (left out of every other count): the grid barrier's spin (one
+             load, of its counter), a polled step's retry loop (its exchange loads again)
+  retry_loops polling loops that load exchanged data (more than one load): where a failed
+             poll of the plain kernels re-enters, at the loads, not at the product (the
+             projected backward's element-wise recheck after a NaN product is one too)
 
 A loop nested in the step loop that is not a poll is the streamed plans' runtime K loop
 (weights streamed from L2 chunk by chunk); it runs H/KC times a step, which `step_loop` is
@@ -110,9 +113,10 @@ def _loops(ins: list[tuple]) -> list[tuple[int, int]]:
 
 def _polls(body: list[tuple]) -> bool:
     """A polling loop inside the step loop: relaxed (volatile, STRONG.SYS) loads and no
-    tensor-core work. The grid barrier's spin on its counter, or the backward's element-wise
-    recheck of dgates after a product came out NaN (a rare path). (The retry loop around a
-    polled step's loads and dots holds the step's whole data path and counts as the step.)"""
+    tensor-core work. The grid barrier's spin on its counter, a plain kernel's retry loop
+    (the tiles still pending loaded again), the projected backward's element-wise recheck.
+    (A retry loop around a polled step's loads and dots, as the projected kernels have,
+    holds the step's whole data path and counts as the step.)"""
     ops = [x[1] for x in body if x[0] == "ins"]
     return any(o.startswith("LDG") and "STRONG.SYS" in o for o in ops) and not any(
         o.startswith(("HMMA", "HGMMA", "FFMA", "DFMA")) for o in ops
@@ -144,7 +148,11 @@ def step_loop(ins: list[tuple], inner_repeats: int = 1) -> list[tuple]:
         one = [z for j, z in enumerate(ins[x : y + 1], x) if not any(p <= j <= q for p, q in spins)]
         body += one * inner_repeats
         i = y + 1
-    return body + [("spin", "", "")] * len(spins)
+    return body + [("spin", str(_exchange_loads(ins[x : y + 1])), "") for x, y in spins]
+
+
+def _exchange_loads(body: list[tuple]) -> int:
+    return sum(x[0] == "ins" and x[1].startswith("LDG") and "STRONG.SYS" in x[1] for x in body)
 
 
 _LDSM_BYTES = {"1": 128, "2": 256, "4": 512}  # 8x8 16-bit matrices per warp
@@ -200,7 +208,8 @@ def _dest_regs(op: str, operands: str) -> set[str]:
 
 def count(loop: list[tuple]) -> dict[str, int]:
     c = dict(trips=0, loads=0, other_ldg=0, own_trips=0, bar=0, mma=0, mma_depth=0, spills=0,
-             spin_loops=0, instructions=0, smem_bytes=0, mma_units=0)  # fmt: skip
+             spin_loops=0, retry_loops=0, instructions=0, smem_bytes=0,
+             mma_units=0)  # fmt: skip
     depth: dict[str, int] = {}  # register -> MMAs on the longest path that produced it
     outstanding: set[str] = set()
     in_wave = False
@@ -208,6 +217,7 @@ def count(loop: list[tuple]) -> dict[str, int]:
     own_in_wave = own_overlapped = False
     for kind, op, operands in loop:
         c["spin_loops"] += kind == "spin"
+        c["retry_loops"] += kind == "spin" and int(op or 0) > 1
         if kind != "ins":
             continue
         c["instructions"] += 1

@@ -99,7 +99,7 @@ def _signature(fn, dt: str) -> dict[str, str]:
             sig[name] = ("*i64" if name == "len_ptr" else "*i32" if name == "sync_ptr"
                          else "*fp32" if name in ("hs_ptr", "cs_ptr", "dhs_ptr", "dcs_ptr")
                          else "*" + dt)  # fmt: skip
-        elif name in ("T", "B", "nrows", "s_begin", "s_end", "spin_max"):
+        elif name in ("T", "B", "nrows", "s_begin", "s_end", "wait_bound"):
             sig[name] = "i32"
     return sig
 
@@ -128,7 +128,8 @@ def compile_variant(v) -> dict:
             kw.update(SAVE=True, CHUNKS_PER_TRIP=plan.chunks_per_trip)
     elif bwd:
         fn = _recurrence_bwd_kernel
-        kw.update(CHUNKS_PER_TRIP=plan.chunks_per_trip, GP=_next_pow2(G))
+        kw.update(CHUNKS_PER_TRIP=plan.chunks_per_trip, GP=_next_pow2(G),
+                  KSPLIT=plan.k_split if _polls(plan) else 1)  # fmt: skip
     else:
         fn = _recurrence_fwd_kernel
         kw.update(GP=_next_pow2(G), SAVE=True)
@@ -157,18 +158,24 @@ def compile_variant(v) -> dict:
         desc += f" BP{plan.BP}"
     if bwd:
         desc += f" cpt{plan.chunks_per_trip}"
+        if kw.get("KSPLIT", 1) > 1:
+            desc += f" ks{kw['KSPLIT']}"
     if kw.get("POLL"):
         desc += " poll"
     grid_barriers = (2 if P else 1) if kw["USE_BARRIER"] else 0
     return dict(plan=desc, regs=regs, stack=stack, local=local, smem=k.metadata.shared + shared,
                 num_warps=plan.num_warps, backward=bool(bwd), polled=bool(kw["POLL"]),
-                grid_barrier=grid_barriers, inner_repeats=repeats, retry=RETRY,
+                grid_barrier=grid_barriers, inner_repeats=repeats,
+                retry=retry_of(kw["POLL"], P),
                 smem_step=loop["smem_bytes"] * plan.num_warps, **loop)  # fmt: skip
 
 
-# Where a polled kernel's failed poll re-enters: "" the whole step (reload, product, checks),
-# "loads" only the loads (the step cost model prices the two differently).
-RETRY = ""
+def retry_of(polled: bool, P: int) -> str:
+    """Where a polled kernel's failed poll re-enters: "loads" only the loads (the plain
+    kernels check each tile, or each backward wave, before using it), "" the whole step
+    (the projected LSTM's kernels: reload, product, checks). The step cost model prices the
+    two differently; tests/test_sm90_compile.py checks the SASS agrees (`retry_loops`)."""
+    return "loads" if polled and not P else ""
 
 
 def _compile_in_subprocess(indices: list[int]) -> dict[int, dict]:

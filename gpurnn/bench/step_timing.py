@@ -186,6 +186,13 @@ def describe(r: dict) -> str:
         us = r.get(key)
         return f" (grid barrier {us:.2f})" if us else ""
 
+    def polls():
+        f, b = r.get("triton_fwd_failed_polls"), r.get("triton_bwd_failed_polls")
+        if f is None and b is None:
+            return ""
+        f, b = ("-" if x is None else f"{x:.3g}" for x in (f, b))
+        return f"| failed polls/step fwd {f} bwd {b} "
+
     base = ""
     if "baseline" in r:
         base = (f"| {r['baseline']} fwd {r['baseline_fwd_us']:7.2f} fwd+bwd "
@@ -194,7 +201,7 @@ def describe(r: dict) -> str:
     return (
         f"{r['case']:22} µs/step: triton fwd {r['triton_fwd_us']:7.2f}"
         f"{barrier('triton_fwd_barrier_us')} fwd+save {r['triton_fwd_save_us']:7.2f} "
-        f"bwd {r['triton_bwd_us']:7.2f}{barrier('triton_bwd_barrier_us')} {base}"
+        f"bwd {r['triton_bwd_us']:7.2f}{barrier('triton_bwd_barrier_us')} {polls()}{base}"
         f"| first calls {r['triton_fwd_first_s']:.1f}/{r['triton_bwd_first_s']:.1f} s"
     )
 
@@ -259,6 +266,19 @@ def time_case(case: Case, T: int, reps: int, device, baseline: bool = True) -> d
         )
         out["triton_bwd_barrier_us"] = bwd_barrier_ms * 1e3 / T
 
+    # failed polls per program and step (attempts beyond the first), from one more run of
+    # each with the kernels' count on (a build of its own, untimed)
+    if _polls(plan_fwd):
+        out["triton_fwd_failed_polls"] = _failed_polls(
+            lambda c: launch.forward(cell, xg, w_hh, h0, c0, None, False, b_hn, False,
+                                     w_hr=w_hr, poll_counter=c),
+            plan_fwd, T, device)  # fmt: skip
+    if _polls(plan_bwd):
+        out["triton_bwd_failed_polls"] = _failed_polls(
+            lambda c: launch.backward(cell, w_hh, h0, c0, None, False, y, ws, dy, dh_T, dc_T,
+                                      w_hr=w_hr, poll_counter=c),
+            plan_bwd, T + 1, device)  # fmt: skip
+
     us = 1e3 / T
     out.update(
         triton_fwd_us=fwd_ms * us,
@@ -270,6 +290,15 @@ def time_case(case: Case, T: int, reps: int, device, baseline: bool = True) -> d
     if baseline:
         out.update(_baseline(case, T, device, timer, rand, fwd_ms, fwd_save_ms + bwd_ms))
     return out
+
+
+def _failed_polls(run, plan, steps: int, device) -> float:
+    """Failed polls per program and step of one launcher call `run(poll_counter)`."""
+    import torch
+
+    counter = torch.zeros(1, dtype=torch.int64, device=device)
+    run(counter)
+    return int(counter.item()) / (plan.n_h * plan.n_b * steps)
 
 
 def _baseline(case: Case, T, device, timer, rand, fwd_ms, train_ms) -> dict:

@@ -17,16 +17,18 @@ import triton.language as tl
 
 from .cell_math import GRU, LSTM, RNN_TANH, _lstm_cell_backward
 from .exchange import (
+    _after_wait,
+    _any_pending,
     _barrier_arrive,
     _barrier_wait,
-    _is_pending,
-    _product_arrived,
-    _spin_budget,
+    _count_failed_polls,
     _store_exchange,
+    _wait_clock,
+    _wait_over,
 )
 from .tiles import (
     _dgates_dots,
-    _load_dgates_all,
+    _dgates_ptrs,
     _load_fields,
     _load_whh_cols,
     _row_tile,
@@ -57,6 +59,52 @@ def _load_dgates(dxg_ptr, dhn_ptr, tn, B64, xrow, hrow, offs_k, nvalid, g: tl.co
     else:
         p = dxg_ptr + tn.to(tl.int64) * B64 * (G * H) + xrow[:, None] + g * H + offs_k[None, :]
     return tl.load(p, mask=m, other=0.0, cache_modifier=".cg")
+
+
+@triton.jit
+def _dgates_polled(dxg_ptr, dhn_ptr, tn, B64, xrow, hrow, nvalid, w_res, s, clock, over,
+                   failed_polls, wait_bound, CELL: tl.constexpr, G: tl.constexpr,
+                   GP: tl.constexpr, H: tl.constexpr, KC: tl.constexpr, NKC: tl.constexpr,
+                   BLOCK_B: tl.constexpr, BH: tl.constexpr, CHUNKS_PER_TRIP: tl.constexpr,
+                   KSPLIT: tl.constexpr, SENTINEL: tl.constexpr, ASM: tl.constexpr,
+                   COUNT_POLLS: tl.constexpr, PREC: tl.constexpr,
+                   ACC: tl.constexpr):  # fmt: skip
+    """`_dgates_dots` with resident weights, polled: each wave of loads (CHUNKS_PER_TRIP K
+    chunks of every gate) is checked for the sentinel as it arrives and loaded again while
+    any of it is pending (only the loads go around: nothing is multiplied twice) until
+    nothing is or the wait runs out (`over`); then the wave is multiplied. Returns the product
+    and the wait's state (clock, over, failed_polls). Each K chunk is split in KSPLIT slabs,
+    and (gate x slab) is the batch of the 3-D dot: one batch index per warp (4 gates x 2
+    slabs on 8 warps), so no warp repeats another's MMAs and each holds 1/KSPLIT of a
+    chunk's loads."""
+    KW: tl.constexpr = KC // KSPLIT
+    acc3 = tl.zeros([GP * KSPLIT, BLOCK_B, BH], dtype=ACC)
+    for c0 in tl.static_range(0, NKC, CHUNKS_PER_TRIP):
+        gk = ()
+        for ci in tl.static_range(CHUNKS_PER_TRIP):
+            if c0 + ci < NKC:
+                offs_k = (c0 + ci) * KC + tl.arange(0, KW)
+                p, m = _dgates_ptrs(dxg_ptr, dhn_ptr, tn, B64, xrow, hrow, offs_k, nvalid, CELL,
+                                    G, GP, H, KSPLIT)  # fmt: skip
+                gk = gk + (tl.load(p, mask=m, other=0.0, volatile=True),)
+        pending = _any_pending(gk, SENTINEL, ASM)
+        while (pending != 0) & (over == 0):
+            if COUNT_POLLS:
+                failed_polls += 1
+            again = ()
+            for ci in tl.static_range(len(gk)):
+                offs_k = (c0 + ci) * KC + tl.arange(0, KW)
+                p, m = _dgates_ptrs(dxg_ptr, dhn_ptr, tn, B64, xrow, hrow, offs_k, nvalid, CELL,
+                                    G, GP, H, KSPLIT)  # fmt: skip
+                again = again + (tl.load(p, mask=m, other=0.0, volatile=True),)
+            gk = again
+            pending = _any_pending(gk, SENTINEL, ASM)
+            if pending != 0:
+                clock, over = _wait_over(clock, wait_bound, ASM)
+        for ci in tl.static_range(len(gk)):
+            acc3 += tl.dot(gk[ci], w_res[c0 + ci], _runtime_zeros(acc3, s), input_precision=PREC,
+                           out_dtype=ACC)  # fmt: skip
+    return tl.sum(acc3, axis=0), clock, over, failed_polls
 
 
 @triton.jit
@@ -97,17 +145,18 @@ def _bwd_own_loads(
     return dy, f0, f1, f2, f3, f4, pv
 
 
-@triton.jit(do_not_specialize=["T", "B", "nrows", "s_begin", "s_end", "spin_max"])
+@triton.jit(do_not_specialize=["T", "B", "nrows", "s_begin", "s_end", "wait_bound"])
 def _recurrence_bwd_kernel(
     whh_ptr, h0_ptr, c0_ptr, len_ptr, y_ptr, ws_ptr, dy_ptr,
     dxg_ptr, dhn_ptr, dhs_ptr, dcs_ptr, sync_ptr,
-    T, B, nrows, s_begin, s_end, spin_max,
+    T, B, nrows, s_begin, s_end, wait_bound,
     CELL: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, NW: tl.constexpr, H: tl.constexpr,
     KC: tl.constexpr, NKC: tl.constexpr, BH: tl.constexpr, BLOCK_B: tl.constexpr,
     CHUNKS_PER_TRIP: tl.constexpr, ON_CHIP: tl.constexpr, RESIDENT: tl.constexpr,
     HAS_LEN: tl.constexpr, REVERSE: tl.constexpr, USE_BARRIER: tl.constexpr,
     POLL: tl.constexpr, ASM: tl.constexpr, SENTINEL: tl.constexpr,
-    PREC: tl.constexpr, ACC: tl.constexpr,
+    PREC: tl.constexpr, ACC: tl.constexpr, COUNT_POLLS: tl.constexpr = False,
+    KSPLIT: tl.constexpr = 1,
 ):  # fmt: skip
     """Steps s in [0, T]: step s < T handles forward step T-1-s; step T only adds the last
     dgates' recurrent contribution (to dh0). dgates (= dxg, except GRU's n block, kept apart in
@@ -128,7 +177,8 @@ def _recurrence_bwd_kernel(
     GH: tl.constexpr = G * H
     own = hrow[:, None] + offs_j[None, :]
     xd = dxg_ptr.dtype.element_ty
-    budget = spin_max
+    waits_ok = 1  # 0 once a wait of this program timed out
+    failed_polls = 0  # COUNT_POLLS: polls that found data still on its way
 
     # carries: dh_T / dc_T (put in the state buffers by the launcher) or what the previous
     # launch left there
@@ -160,8 +210,8 @@ def _recurrence_bwd_kernel(
         # (BLOCK_B, BH) tile (which is a single mma tile)
         w_res = ()
         for i in tl.static_range(NKC):
-            offs_k = i * KC + tl.arange(0, KC)
-            w_res = w_res + (_load_whh_cols(whh_ptr, offs_k, offs_j, mj, G, GP, H, H),)
+            offs_k = i * KC + tl.arange(0, KC // KSPLIT)
+            w_res = w_res + (_load_whh_cols(whh_ptr, offs_k, offs_j, mj, G, GP, H, H, KSPLIT),)
 
     dy, f0, f1, f2, f3, f4, pv = _bwd_own_loads(
         s_begin, T, B64, L, mb, mj, offs_j, hrow, wrow, y_ptr, h0_ptr, c0_ptr, ws_ptr, dy_ptr,
@@ -190,29 +240,15 @@ def _recurrence_bwd_kernel(
             if G > 3:
                 rec += tl.dot(e3, w3, z, input_precision=PREC, out_dtype=ACC)
         elif RESIDENT and POLL:
-            # as the forward's poll: a NaN-free product proves that every dgates element it
-            # read had arrived. A NaN product compares elements (read again: the trips do
-            # not keep their tiles); once nothing is pending, one more product is final,
-            # NaNs and all (they are genuine).
-            arrived = 0
-            complete = 0
-            spins = 0
-            while (arrived == 0) & (spins <= budget):
-                rec = _dgates_dots(dxg_ptr, dhn_ptr, tn, B64, xrow, hrow, nvalid, w_res, whh_ptr,
-                                   offs_j, mj, s, CELL, G, GP, H, H, KC, NKC, BLOCK_B, BH,
-                                   CHUNKS_PER_TRIP, True, True, POLL, PREC, ACC)  # fmt: skip
-                arrived = _product_arrived(rec, complete)
-                if arrived == 0:
-                    # (a runtime loop: compact code for a rare path, registers left alone)
-                    pending = 0
-                    for c in range(0, NKC):
-                        offs_k = c * KC + tl.arange(0, KC)
-                        gk = _load_dgates_all(dxg_ptr, dhn_ptr, tn, B64, xrow, hrow, offs_k,
-                                              nvalid, CELL, G, GP, H, POLL)  # fmt: skip
-                        pending = pending | tl.max(_is_pending(gk, SENTINEL).to(tl.int32))
-                    complete = 1 - pending
-                spins += 1
-            budget = _spin_budget(arrived, budget, sync_ptr)
+            # as the forward's poll, wave by wave: see `_dgates_polled`
+            clock = _wait_clock()
+            over = 1 - waits_ok
+            rec, clock, over, failed_polls = _dgates_polled(
+                dxg_ptr, dhn_ptr, tn, B64, xrow, hrow, nvalid, w_res, s, clock, over,
+                failed_polls, wait_bound, CELL, G, GP, H, KC, NKC, BLOCK_B, BH, CHUNKS_PER_TRIP,
+                KSPLIT, SENTINEL, ASM, COUNT_POLLS, PREC, ACC,
+            )  # fmt: skip
+            waits_ok = _after_wait(1 - over, waits_ok, sync_ptr)
         elif RESIDENT:
             rec = _dgates_dots(dxg_ptr, dhn_ptr, tn, B64, xrow, hrow, nvalid, w_res, whh_ptr,
                                offs_j, mj, s, CELL, G, GP, H, H, KC, NKC, BLOCK_B, BH,
@@ -292,8 +328,10 @@ def _recurrence_bwd_kernel(
         )  # fmt: skip
         if USE_BARRIER:
             if s + 1 < s_end:
-                _barrier_wait(sync_ptr, (s - s_begin + 1) * nprog, spin_max)
+                _barrier_wait(sync_ptr, (s - s_begin + 1) * nprog, wait_bound, ASM)
 
     tl.store(dhs_ptr + own, dh_c, mask=m_own)
     if CELL == LSTM:
         tl.store(dcs_ptr + own, dc_c, mask=m_own)
+    if COUNT_POLLS:
+        _count_failed_polls(sync_ptr, failed_polls)

@@ -17,12 +17,16 @@ import triton.language as tl
 
 from .cell_math import GRU, LSTM, RNN_TANH, _lstm_cell, _sigmoid, _split_gates, _tanh
 from .exchange import (
-    _all_arrived,
+    _after_wait,
+    _any_pending,
     _barrier_arrive,
     _barrier_wait,
+    _count_failed_polls,
     _load_exchanged,
-    _spin_budget,
+    _pending_tiles,
     _store_exchange,
+    _wait_clock,
+    _wait_over,
 )
 from .tiles import _row_tile, _runtime_zeros, _time
 
@@ -53,6 +57,18 @@ def _load_h(hx_ptr, row_off, hrow, offs_k, mb, H: tl.constexpr, EVEN_K: tl.const
 
 
 @triton.jit
+def _reload_h(hx_ptr, row_off, hrow, offs_k, mb, H: tl.constexpr, EVEN_K: tl.constexpr, again,
+              kept):  # fmt: skip
+    """`_load_h` of a polled tile again where `again` (a tile still pending), else `kept`."""
+    if EVEN_K:
+        m = mb[:, None] & (again != 0)
+    else:
+        m = mb[:, None] & (offs_k < H)[None, :] & (again != 0)
+    return tl.load(hx_ptr + row_off + hrow[:, None] + offs_k[None, :], mask=m, other=kept,
+                   volatile=True)  # fmt: skip
+
+
+@triton.jit
 def _load_xg(xg_ptr, s, s_begin, s_end, T, B64, xrow, col_n, mb, mn, L, G: tl.constexpr,
              H: tl.constexpr, REVERSE: tl.constexpr):  # fmt: skip
     """xg of step s (fused gate columns col_n), in the storage dtype; 0 past the step range
@@ -63,16 +79,17 @@ def _load_xg(xg_ptr, s, s_begin, s_end, T, B64, xrow, col_n, mb, mn, L, G: tl.co
                    mask=xv[:, None] & mn[None, :], other=0.0)  # fmt: skip
 
 
-@triton.jit(do_not_specialize=["T", "B", "nrows", "s_begin", "s_end", "spin_max"])
+@triton.jit(do_not_specialize=["T", "B", "nrows", "s_begin", "s_end", "wait_bound"])
 def _recurrence_fwd_kernel(
     xg_ptr, whh_ptr, bhn_ptr, len_ptr,
     hx_ptr, y_ptr, hs_ptr, cs_ptr, ws_ptr, sync_ptr,
-    T, B, nrows, s_begin, s_end, spin_max,
+    T, B, nrows, s_begin, s_end, wait_bound,
     CELL: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, NW: tl.constexpr, H: tl.constexpr,
     KC: tl.constexpr, NKC: tl.constexpr, BH: tl.constexpr, BLOCK_B: tl.constexpr,
     ON_CHIP: tl.constexpr, RESIDENT: tl.constexpr, HAS_LEN: tl.constexpr,
     REVERSE: tl.constexpr, SAVE: tl.constexpr, USE_BARRIER: tl.constexpr, POLL: tl.constexpr,
     ASM: tl.constexpr, SENTINEL: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+    COUNT_POLLS: tl.constexpr = False,
 ):  # fmt: skip
     pid_h = tl.program_id(0)
     pid_b = tl.program_id(1)
@@ -96,7 +113,8 @@ def _recurrence_fwd_kernel(
     # signalling-NaN bit pattern that no arithmetic produces) and each is written once, so a
     # program reads its step's h_{t-1} until no element is the sentinel any more: the data
     # is its own barrier (no fence, no counter; one round trip from store to load).
-    budget = spin_max
+    waits_ok = 1  # 0 once a wait of this program timed out
+    failed_polls = 0  # COUNT_POLLS: polls that found data still on its way
 
     # running state of the own units: h0/c0 (or zeros) put in the state buffers by the
     # launcher, or what the previous launch left there (per-step fallback)
@@ -157,25 +175,36 @@ def _recurrence_fwd_kernel(
             # exchange row of h_{t-1}: t (forward; row 0 is h0) or t + 1 (reverse; row T)
             prev = (t + REVERSE).to(tl.int64) * B64 * H
             if RESIDENT and POLL:
-                # Read h_{t-1} and multiply until nothing read was pending. A pending element
-                # (the sentinel is a NaN) makes its batch row of the product NaN, so a
-                # NaN-free product proves that the step's h all arrived without comparing
-                # each element on the way in; only a NaN product (data on its way, or a
-                # genuine NaN in h or W_hh) compares elements.
-                arrived = 0
-                spins = 0
-                while (arrived == 0) & (spins <= budget):
-                    hp = ()
+                # Every h_{t-1} tile is checked for the sentinel as it arrives, before it is
+                # staged or multiplied, and only the loads go around again: a tile still
+                # pending is loaded again (the others are kept), until none is. Genuine NaNs
+                # never look pending (arithmetic only makes quiet NaNs), so they pass.
+                hp = ()
+                for i in tl.static_range(NKC):
+                    offs_k = i * KC + tl.arange(0, KC)
+                    hp = hp + (_load_h(hx_ptr, prev, hrow, offs_k, mb, H, EVEN_K, POLL),)
+                pending = _any_pending(hp, SENTINEL, ASM)
+                clock = _wait_clock()
+                over = 1 - waits_ok
+                while (pending != 0) & (over == 0):
+                    if COUNT_POLLS:
+                        failed_polls += 1
+                    # 64-row tiles load them all again: keeping the arrived ones beside the
+                    # reloads spilled registers on sm_90
+                    late = -1
+                    if BLOCK_B <= 32:
+                        late = _pending_tiles(hp, SENTINEL, ASM)
+                    again = ()
                     for i in tl.static_range(NKC):
                         offs_k = i * KC + tl.arange(0, KC)
-                        hp = hp + (_load_h(hx_ptr, prev, hrow, offs_k, mb, H, EVEN_K, POLL),)
-                    acc = _chunk_dots(hp, w_res, _runtime_zeros(acc, s), NKC,
-                                      PREC, ACC)  # fmt: skip
-                    arrived = 1 - tl.max((acc != acc).to(tl.int32))
-                    if arrived == 0:
-                        arrived = _all_arrived(hp, NKC, SENTINEL)
-                    spins += 1
-                budget = _spin_budget(arrived, budget, sync_ptr)
+                        again = again + (_reload_h(hx_ptr, prev, hrow, offs_k, mb, H, EVEN_K,
+                                                   (late >> i) & 1, hp[i]),)  # fmt: skip
+                    hp = again
+                    pending = _any_pending(hp, SENTINEL, ASM)
+                    if pending != 0:
+                        clock, over = _wait_over(clock, wait_bound, ASM)
+                waits_ok = _after_wait((pending == 0).to(tl.int32), waits_ok, sync_ptr)
+                acc = _chunk_dots(hp, w_res, _runtime_zeros(acc, s), NKC, PREC, ACC)
             elif RESIDENT:
                 # every load of the step first, then the dots: one memory round trip
                 hp = ()
@@ -259,8 +288,10 @@ def _recurrence_fwd_kernel(
                          REVERSE).to(ACC)  # fmt: skip
         if USE_BARRIER:
             if s + 1 < s_end:
-                _barrier_wait(sync_ptr, (s - s_begin + 1) * nprog, spin_max)
+                _barrier_wait(sync_ptr, (s - s_begin + 1) * nprog, wait_bound, ASM)
 
     tl.store(hs_ptr + own, hs, mask=m_own)
     if CELL == LSTM:
         tl.store(cs_ptr + own, cs, mask=m_own)
+    if COUNT_POLLS:
+        _count_failed_polls(sync_ptr, failed_polls)

@@ -22,6 +22,7 @@ rounding to the output dtype). Entries of (t, b) past a sequence's end are 0.
 from __future__ import annotations
 
 import os
+import threading
 
 import torch
 import triton
@@ -35,7 +36,7 @@ from .cell_math import CELL_CODE
 from .exchange import _BITS, _SENTINEL, _SYNC_ERROR
 from .forward import _recurrence_fwd_kernel
 from .interpreter import interpreting
-from .plan import Plan, _fit, _next_pow2, _plan_kw, _polls, _uses_barrier, make_plan
+from .plan import Plan, _cooperative, _fit, _next_pow2, _plan_kw, _polls, _uses_barrier, make_plan
 from .projected import _lstmp_bwd_kernel, _lstmp_fwd_kernel
 
 # the workspace fields per cell, all of them (the plain RNN's h too): gpurnn.cells' table
@@ -45,8 +46,20 @@ WS_FIELDS = {cell: cells.saved_fields(cell) for cell in cells.CELLS}
 # write fails the comparison. GPURNN_DEBUG_POISON=1 does the same.
 POISON = os.environ.get("GPURNN_DEBUG_POISON") == "1"
 
-# Bounded barrier spin (iterations of one relaxed L2 load, ~0.5-1 us each): ~4 s by default.
-SPIN_MAX = int(os.environ.get("GPURNN_TRITON_SPIN_MAX", str(1 << 22)))
+# How long a program waits for the others' data (a grid barrier or a poll) before the launch
+# is flagged failed and the launcher raises: a time on the GPU (%globaltimer), 1 s unless
+# GPURNN_TRITON_WAIT_S says otherwise (at most ~35 minutes: µs in an int32). The interpreter
+# has no timer and runs programs one after another (a wait there is never satisfied by
+# another program), so it counts polls instead: GPURNN_TRITON_WAIT_POLLS, 100 by default.
+WAIT_US = max(0, min(int(float(os.environ.get("GPURNN_TRITON_WAIT_S", "1")) * 1e6), 2**31 - 1))
+WAIT_POLLS = int(os.environ.get("GPURNN_TRITON_WAIT_POLLS", "100"))
+
+
+def _wait_bound(wait_bound: int | None) -> int:
+    """The kernels' wait bound: µs compiled, polls under the interpreter (see WAIT_US)."""
+    if wait_bound is not None:
+        return wait_bound
+    return WAIT_POLLS if interpreting() else WAIT_US
 
 
 def _acc_dtype(dtype: torch.dtype):
@@ -92,60 +105,115 @@ def _batch_chunks(plan: Plan, B: int, args, batch_axes):
             )  # fmt: skip
 
 
-def _launch_persistent(kernel, plan: Plan, T, B, n_steps, args, kw, spin_max, device,
-                       batch_axes, use_barrier, check, barriers_per_step):  # fmt: skip
+def _launch_persistent(kernel, plan: Plan, T, B, n_steps, args, kw, wait_bound, device,
+                       batch_axes, use_barrier, check, barriers_per_step,
+                       defer=False):  # fmt: skip
     """The persistent launches of a plan: its batch tiles in turns, as many per launch as can
-    be resident at once, each launch with its own barrier counter and error flag."""
+    be resident at once, each launch with its own barrier counter and error flag (word 0 of
+    its two in `sync`, which is returned; word 1 counts failed polls under COUNT_POLLS)."""
     if barriers_per_step * n_steps * plan.nprog >= _SYNC_ERROR:
         raise ValueError("sequence too long for one persistent launch")
     chunks = list(_batch_chunks(plan, B, args, batch_axes))
     sync = torch.zeros(2 * len(chunks), dtype=torch.int32, device=device)
     for c, (rows, chunk_args) in enumerate(chunks):
         grid = (plan.n_h, triton.cdiv(rows, plan.BLOCK_B))
-        kernel[grid](*chunk_args, sync[2 * c :], T, B, rows, 0, n_steps, spin_max,
+        kernel[grid](*chunk_args, sync[2 * c :], T, B, rows, 0, n_steps, wait_bound,
                      USE_BARRIER=use_barrier, num_warps=plan.num_warps, num_stages=1,
-                     **kw)  # fmt: skip
+                     launch_cooperative_grid=_cooperative(plan), **kw)  # fmt: skip
     if check:
-        _check_barrier(sync, plan, device)
+        _check_barrier(sync, plan, device, kernel, wait_bound, defer)
+    return sync
 
 
-def _launch_steps(kernel, plan: Plan, T: int, B: int, n_steps: int, args, kw, spin_max: int,
-                  device, batch_axes):  # fmt: skip
+def _launch_steps(kernel, plan: Plan, T: int, B: int, n_steps: int, args, kw, wait_bound: int,
+                  device, batch_axes, defer=False):  # fmt: skip
     """Run steps [0, n_steps): persistent launches (the batch tiles in turns if not all fit
     at once), each with its exchange per step (polled, a grid barrier, or nothing with one
     program), or one launch per step. Raises if a wait timed out. `plan` is the fitted one
-    (`_fit`: the launchers fit it first, since it decides how they fill the buffers)."""
+    (`_fit`: the launchers fit it first, since it decides how they fill the buffers).
+    Returns the sync words (`_launch_persistent`)."""
     kw = _plan_kw(plan, kw)
     if plan.persistent:
         use_barrier = _uses_barrier(plan, kw)
-        _launch_persistent(kernel, plan, T, B, n_steps, args, kw, spin_max, device, batch_axes,
-                           use_barrier, use_barrier or kw.get("POLL"),
-                           barriers_per_step=1)  # fmt: skip
+        return _launch_persistent(kernel, plan, T, B, n_steps, args, kw, wait_bound, device,
+                                  batch_axes, use_barrier, use_barrier or kw.get("POLL"),
+                                  barriers_per_step=1, defer=defer)  # fmt: skip
     else:
         if plan.on_chip:
             raise ValueError("an on-chip plan keeps state in registers: it must be persistent")
         sync = torch.zeros(2, dtype=torch.int32, device=device)
         grid = (plan.n_h, plan.n_b)
         for s in range(n_steps):
-            kernel[grid](*args, sync, T, B, B, s, s + 1, spin_max,
+            kernel[grid](*args, sync, T, B, B, s, s + 1, wait_bound,
                          USE_BARRIER=False, num_warps=plan.num_warps, num_stages=1,
                          **kw)  # fmt: skip
+        return sync
 
 
-def _check_barrier(sync: torch.Tensor, plan: Plan, device) -> None:
+# Error flags of launches whose check was deferred (`defer_check`): (flag on the device,
+# the message to raise), checked together by `check_pending`.
+_PENDING: list[tuple[torch.Tensor, str]] = []
+_PENDING_LOCK = threading.Lock()  # modules may run in several threads
+_MAX_PENDING = 256  # beyond this many unchecked launches, check them (bounds the list)
+
+
+def _check_barrier(sync: torch.Tensor, plan: Plan, device, kernel, wait_bound: int,
+                   defer: bool = False) -> None:  # fmt: skip
+    """Raise if a wait of the launches timed out (their counters >= SYNC_ERROR). On a GPU
+    that is a host sync; `defer` queues the flag instead (no sync) for `check_pending`.
+    Skipped while a CUDA graph is captured."""
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return
-    if int(sync.max().item()) >= _SYNC_ERROR:
-        raise RuntimeError(
-            f"gpurnn triton: grid barrier timed out ({plan.nprog} programs did not all "
-            "run concurrently: is another kernel holding SMs, or MPS/green contexts "
-            "limiting them?). Results are invalid. Set make_plan(persistent=False) "
-            "or raise GPURNN_TRITON_SPIN_MAX."
-        )
+    message = _timeout_message(kernel, plan, wait_bound)
+    if defer and device.type == "cuda":
+        with _PENDING_LOCK:
+            _PENDING.append((sync[0::2].amax(), message))
+            full = len(_PENDING) >= _MAX_PENDING
+        if full:
+            check_pending()
+        return
+    if int(sync[0::2].max().item()) >= _SYNC_ERROR:
+        raise RuntimeError(message)
 
 
-def _launch_phases(kernel, plan: Plan, T: int, B: int, n_steps: int, args, kw, spin_max: int,
-                   device, batch_axes):  # fmt: skip
+def check_pending() -> None:
+    """Raise the first timed-out wait among the launches whose check was deferred
+    (`defer_check=True`) since the last call: one host sync for all of them (per device).
+    gpurnn.functional calls it (through the backend) once per module call."""
+    if not _PENDING:
+        return
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return
+    with _PENDING_LOCK:
+        pending = list(_PENDING)
+        _PENDING.clear()
+    by_device: dict = {}
+    for flag, message in pending:
+        by_device.setdefault(flag.device, []).append((flag, message))
+    for entries in by_device.values():
+        flags = torch.stack([f for f, _ in entries]).cpu()
+        for (_, message), v in zip(entries, flags.tolist()):
+            if v >= _SYNC_ERROR:
+                raise RuntimeError(message)
+
+
+def _kernel_name(kernel) -> str:
+    return getattr(getattr(kernel, "fn", kernel), "__name__", str(kernel))
+
+
+def _timeout_message(kernel, plan: Plan, wait_bound: int) -> str:
+    wait = f"{wait_bound} polls" if interpreting() else f"{wait_bound / 1e6:g} s"
+    return (
+        f"gpurnn triton: a wait timed out in {_kernel_name(kernel)} ({plan.nprog} programs "
+        f"that wait for each other did not all run concurrently within {wait}: another "
+        "kernel holding SMs, MPS or green contexts limiting them, or a program that died?). "
+        f"Results are invalid. Plan: {plan}. Use make_plan(persistent=False), or raise "
+        "GPURNN_TRITON_WAIT_S."
+    )
+
+
+def _launch_phases(kernel, plan: Plan, T: int, B: int, n_steps: int, args, kw, wait_bound: int,
+                   device, batch_axes, defer=False):  # fmt: skip
     """`_launch_steps` for the projected LSTM kernels (two phases, so two grid barriers, per
     step): persistent launches, or two launches per step (one per phase)."""
     if plan.on_chip:
@@ -154,17 +222,35 @@ def _launch_phases(kernel, plan: Plan, T: int, B: int, n_steps: int, args, kw, s
     if plan.persistent:
         use_barrier = plan.nprog > 1
         use_barrier = use_barrier and not kw.get("POLL")
-        _launch_persistent(kernel, plan, T, B, n_steps, args, kw, spin_max, device, batch_axes,
-                           use_barrier, use_barrier or kw.get("POLL"),
-                           barriers_per_step=2)  # fmt: skip
+        return _launch_persistent(kernel, plan, T, B, n_steps, args, kw, wait_bound, device,
+                                  batch_axes, use_barrier, use_barrier or kw.get("POLL"),
+                                  barriers_per_step=2, defer=defer)  # fmt: skip
     else:
         sync = torch.zeros(2, dtype=torch.int32, device=device)
         grid = (plan.n_h, plan.n_b)
         for s in range(n_steps):
             for phase in (1, 2):
-                kernel[grid](*args, sync, T, B, B, s, s + 1, spin_max, USE_BARRIER=False,
+                kernel[grid](*args, sync, T, B, B, s, s + 1, wait_bound, USE_BARRIER=False,
                              num_warps=plan.num_warps, num_stages=1,
                              **{**kw, "PHASES": phase})  # fmt: skip
+        return sync
+
+
+def _check_poll_counter(poll_counter, device) -> None:
+    if poll_counter is None:
+        return
+    if (not isinstance(poll_counter, torch.Tensor) or poll_counter.shape != (1,)
+            or poll_counter.dtype not in (torch.int32, torch.int64)
+            or poll_counter.device != device):  # fmt: skip
+        raise ValueError(f"poll_counter must be an int32 or int64 tensor of shape (1,) on "
+                         f"{device}, got {poll_counter!r}")  # fmt: skip
+
+
+def _add_failed_polls(poll_counter, sync: torch.Tensor) -> None:
+    """The launches' failed polls (second sync word of each) into the caller's counter, on
+    the device: no host sync."""
+    if poll_counter is not None:
+        poll_counter.add_(sync[1::2].sum().to(poll_counter.dtype))
 
 
 def forward(
@@ -181,7 +267,9 @@ def forward(
     w_hr: torch.Tensor | None = None,
     plan: Plan | None = None,
     precision: str = "tf32",
-    spin_max: int | None = None,
+    wait_bound: int | None = None,
+    poll_counter: torch.Tensor | None = None,
+    defer_check: bool = False,
 ):
     """Returns y (T, B, H), h_T (B, H), c_T (B, H) or None, workspace ((0,) unless save),
     all in xg.dtype. Inputs must be contiguous (the backend makes them so).
@@ -191,10 +279,20 @@ def forward(
     the other T rows, except in reverse with lengths (see SEPARATE_Y in the kernel).
 
     LSTM with projection (w_hr (P, H), w_hh (4H, P), h0 (B, P)): y and h_T are P wide, the
-    workspace is the unprojected LSTM's (m = o * tanh(c) follows from it)."""
+    workspace is the unprojected LSTM's (m = o * tanh(c) follows from it).
+
+    wait_bound: how long a program waits for the others (µs; polls under the interpreter;
+    default WAIT_US / WAIT_POLLS) before the launch fails with a RuntimeError.
+    poll_counter: an int32/int64 tensor of shape (1,) on the device, or None (off, the
+    kernels compiled without counting): the launches add their failed polls to it, summed
+    over programs and steps (attempts that found data still on its way; divide by programs
+    x steps for the attempts per step beyond the first), on the device.
+    defer_check: on a GPU, do not sync to check for a timed-out wait; `check_pending` raises
+    it later (the backend defers, and gpurnn.functional checks once per module call)."""
     if w_hr is not None:
         return _forward_proj(xg, w_hh, w_hr, h0, c0, lengths, reverse, save, plan, precision,
-                             spin_max)  # fmt: skip
+                             wait_bound, poll_counter, defer_check)  # fmt: skip
+    _check_poll_counter(poll_counter, xg.device)
     T, B, GH = xg.shape
     H = w_hh.shape[1]
     G = GATES[cell]
@@ -230,15 +328,16 @@ def forward(
         CELL=CELL_CODE[cell], G=G, GP=_next_pow2(G), NW=NW, H=H,
         HAS_LEN=lengths is not None, REVERSE=bool(reverse), SAVE=bool(save),
         PREC=_prec(dt, precision), ACC=_acc_dtype(dt), POLL=False, ASM=not interpreting(),
-        SENTINEL=_SENTINEL[dt],
+        SENTINEL=_SENTINEL[dt], COUNT_POLLS=poll_counter is not None,
     )  # fmt: skip
     plan = _fit(_recurrence_fwd_kernel, plan, args, kw, dev)
     _fill_polled(plan, dt, hx)  # every row but h0's
     _put_h0(plan, dt, hx[first], h0)
     has_len = lengths is not None
     axes = (1, None, None, 0 if has_len else None, 1, 1, 0, 0, 1 if save else None)
-    _launch_steps(_recurrence_fwd_kernel, plan, T, B, T, args, kw,
-                  SPIN_MAX if spin_max is None else spin_max, dev, axes)  # fmt: skip
+    sync = _launch_steps(_recurrence_fwd_kernel, plan, T, B, T, args, kw,
+                  _wait_bound(wait_bound), dev, axes, defer_check)  # fmt: skip
+    _add_failed_polls(poll_counter, sync)
     return y, hs.to(dt), (cs.to(dt) if cell == "lstm" else None), ws
 
 
@@ -261,7 +360,8 @@ def _put_h0(plan: Plan, dtype: torch.dtype, row: torch.Tensor, h0) -> None:
         row.masked_fill_(row.view(_BITS[dtype]) == _SENTINEL[dtype], float("nan"))
 
 
-def _forward_proj(xg, w_hh, w_hr, h0, c0, lengths, reverse, save, plan, precision, spin_max):
+def _forward_proj(xg, w_hh, w_hr, h0, c0, lengths, reverse, save, plan, precision, wait_bound,
+                  poll_counter, defer_check):  # fmt: skip
     T, B, GH = xg.shape
     P, H = w_hr.shape
     assert GH == 4 * H and tuple(w_hh.shape) == (4 * H, P), (xg.shape, w_hh.shape, w_hr.shape)
@@ -294,7 +394,7 @@ def _forward_proj(xg, w_hh, w_hr, h0, c0, lengths, reverse, save, plan, precisio
         G=4, GP=4, NW=len(WS_FIELDS["lstm"]), H=H, P=P, CHUNKS_PER_TRIP=plan.chunks_per_trip,
         HAS_LEN=lengths is not None, REVERSE=bool(reverse), SAVE=bool(save), PHASES=3,
         PREC=_prec(dt, precision), ACC=_acc_dtype(dt), POLL=False, ASM=not interpreting(),
-        SENTINEL=_SENTINEL[dt],
+        SENTINEL=_SENTINEL[dt], COUNT_POLLS=poll_counter is not None,
     )  # fmt: skip
     fitted = _fit(_lstmp_fwd_kernel, plan, args, kw, dev)
     if _polls(fitted) != _polls(plan):  # weights streamed after all: m by step parity
@@ -305,13 +405,14 @@ def _forward_proj(xg, w_hh, w_hr, h0, c0, lengths, reverse, save, plan, precisio
     _put_h0(plan, dt, hx[first], h0)
     axes = (1, None, None, 0 if lengths is not None else None, 1, 1, 1, 0, 0,
             1 if save else None)  # fmt: skip
-    _launch_phases(_lstmp_fwd_kernel, plan, T, B, T, args, kw,
-                   SPIN_MAX if spin_max is None else spin_max, dev, axes)  # fmt: skip
+    sync = _launch_phases(_lstmp_fwd_kernel, plan, T, B, T, args, kw,
+                   _wait_bound(wait_bound), dev, axes, defer_check)  # fmt: skip
+    _add_failed_polls(poll_counter, sync)
     return y, hs.to(dt), cs.to(dt), ws
 
 
 def _backward_proj(w_hh, w_hr, c0, lengths, reverse, y, workspace, dy, dh_T, dc_T, plan,
-                   precision, spin_max):  # fmt: skip
+                   precision, wait_bound, poll_counter, defer_check):  # fmt: skip
     T, B, P = y.shape
     H = w_hr.shape[1]
     dev, dt = y.device, y.dtype
@@ -333,13 +434,14 @@ def _backward_proj(w_hh, w_hr, c0, lengths, reverse, y, workspace, dy, dh_T, dc_
         G=4, GP=4, NW=len(WS_FIELDS["lstm"]), H=H, P=P, CHUNKS_PER_TRIP=plan.chunks_per_trip,
         HAS_LEN=lengths is not None, REVERSE=bool(reverse), PHASES=3,
         PREC=_prec(dt, precision), ACC=_acc_dtype(dt), POLL=False, ASM=not interpreting(),
-        SENTINEL=_SENTINEL[dt],
+        SENTINEL=_SENTINEL[dt], COUNT_POLLS=poll_counter is not None,
     )  # fmt: skip
     plan = _fit(_lstmp_bwd_kernel, plan, args, kw, dev)
     _fill_polled(plan, dt, dxg, dhp)
     axes = (None, None, 0, 0 if lengths is not None else None, 1, 1, 1, 1, 0, 0)
-    _launch_phases(_lstmp_bwd_kernel, plan, T, B, T + 1, args, kw,
-                   SPIN_MAX if spin_max is None else spin_max, dev, axes)  # fmt: skip
+    sync = _launch_phases(_lstmp_bwd_kernel, plan, T, B, T + 1, args, kw,
+                   _wait_bound(wait_bound), dev, axes, defer_check)  # fmt: skip
+    _add_failed_polls(poll_counter, sync)
     return dxg, dhp, dhs, dcs
 
 
@@ -359,7 +461,9 @@ def backward(
     w_hr: torch.Tensor | None = None,
     plan: Plan | None = None,
     precision: str = "tf32",
-    spin_max: int | None = None,
+    wait_bound: int | None = None,
+    poll_counter: torch.Tensor | None = None,
+    defer_check: bool = False,
 ):
     """Recurrent part of backward-through-time. Returns
       dxg (T, B, G*H)  gradient of the pre-activations = of xg (0 past a sequence's end),
@@ -371,10 +475,11 @@ def backward(
     LSTM with projection (w_hr given; y, dy, dh_T P wide): the second output is instead dhp
     (T, B, P), the gradient of each step's projected output h_t (0 past a sequence's end):
     dW_hr = sum over t of dhp[t]^T m_t, m_t = o_t * tanh(c_t) from the workspace; dh0 is
-    (B, P)."""
+    (B, P). wait_bound, poll_counter and defer_check: as in `forward`."""
     if w_hr is not None:
         return _backward_proj(w_hh, w_hr, c0, lengths, reverse, y, workspace, dy, dh_T, dc_T,
-                              plan, precision, spin_max)  # fmt: skip
+                              plan, precision, wait_bound, poll_counter, defer_check)  # fmt: skip
+    _check_poll_counter(poll_counter, y.device)
     T, B, H = y.shape
     G = GATES[cell]
     dev, dt = y.device, y.dtype
@@ -404,6 +509,7 @@ def backward(
         CHUNKS_PER_TRIP=plan.chunks_per_trip,
         HAS_LEN=lengths is not None, REVERSE=bool(reverse), PREC=_prec(dt, precision),
         ACC=_acc_dtype(dt), POLL=False, ASM=not interpreting(), SENTINEL=_SENTINEL[dt],
+        COUNT_POLLS=poll_counter is not None,
     )  # fmt: skip
     plan = _fit(_recurrence_bwd_kernel, plan, args, kw, dev)
     # every dgates element is written once, by the step that owns it: polled
@@ -411,6 +517,7 @@ def backward(
     # T + 1 steps: the last one only folds the first step's dgates into dh0
     axes = (None, 0, 0 if cell == "lstm" else None, 0 if lengths is not None else None, 1, 1,
             1, 1, 1 if dhn is not None else None, 0, 0)  # fmt: skip
-    _launch_steps(_recurrence_bwd_kernel, plan, T, B, T + 1, args, kw,
-                  SPIN_MAX if spin_max is None else spin_max, dev, axes)  # fmt: skip
+    sync = _launch_steps(_recurrence_bwd_kernel, plan, T, B, T + 1, args, kw,
+                  _wait_bound(wait_bound), dev, axes, defer_check)  # fmt: skip
+    _add_failed_polls(poll_counter, sync)
     return dxg, dhn, dhs, (dcs if cell == "lstm" else None)

@@ -66,6 +66,9 @@ class Plan:
     # persistent: batch tiles per launch (0: all). Batch tiles are independent, so when the
     # grid would not fit the GPU at once, persistent launches take the tiles in turns.
     b_chunk: int = 0
+    # polled backward: each K chunk of the dgates split in this many slabs, (gate x slab) the
+    # batch of the 3-D dot (one per warp: 4 gates x 2 slabs on 8 warps)
+    k_split: int = 1
 
     @property
     def tiles_per_launch(self) -> int:
@@ -123,6 +126,7 @@ def make_plan(
     BP: int | None = None,
     poll: bool | None = None,
     b_chunk: int | None = None,
+    k_split: int | None = None,
 ) -> Plan:
     """Pick tiling and mode from sizes (the launchers then check it against the compiled
     kernel, `_fit`). Keyword overrides exist for tests and tuning.
@@ -161,7 +165,8 @@ def make_plan(
                              "across several programs would never complete")  # fmt: skip
         chip = (n_h == 1 and pers and res) if on_chip is None else on_chip
         return Plan(bh, bb, n_h, n_b, res, pers, kc, num_warps or 4, chip, chunks_per_trip or 2,
-                    poll=True if poll is None else poll, b_chunk=b_chunk or 0)  # fmt: skip
+                    poll=True if poll is None else poll, b_chunk=b_chunk or 0,
+                    k_split=k_split or 1)  # fmt: skip
 
     sms = sm_count or torch.cuda.get_device_properties(device).multi_processor_count
     bb = BLOCK_B or _batch_tile(B)
@@ -210,14 +215,32 @@ def make_plan(
     # output tile, 18 us per LSTM H=768 step on an H100 with 8 warps). 64-row tiles and
     # streamed weights need 8 warps' registers (4 spilled on sm_90).
     # Backward: as many K chunks' dgates loads per trip as INFLIGHT_BYTES per thread allow.
-    nw = num_warps or (4 if (backward and resident and bb <= 32)
-                       or (not backward and bb == 16 and es == 2) else 8)  # fmt: skip
-    per_chunk = _next_pow2(G) * bb * kc * es
-    cpt = chunks_per_trip or max(1, min(triton.cdiv(H, kc), INFLIGHT_BYTES * 32 * nw // per_chunk))
     if poll is None:
         # backward 64-row tiles: the poll's retry loop spilled registers on sm_90
         poll = not (backward and bb == 64)
-    return Plan(bh, bb, n_h, n_b, resident, pers, kc, nw, False, cpt, poll=poll, b_chunk=b_chunk)
+    # Polled backward of a gated cell (up to 32 rows): 8 warps, each K chunk split in two
+    # slabs, (gate x slab) the 3-D dot's batch: one per warp, no warp repeating another's
+    # MMAs, and each thread holding half as much of a chunk's dgates, so that a step's loads
+    # go out in two waves (at 4 warps the registers held two chunks a wave: 3 waves, 5 in
+    # the SASS, at 255 registers).
+    ks = k_split
+    if ks is None:
+        ks = 2 if (backward and resident and poll and bb <= 32 and G >= 2 and es <= 4
+                   and num_warps in (None, 8) and kc % 32 == 0) else 1  # fmt: skip
+    if ks > 1 and KC is None and bb == 16:
+        # K chunks of 2 x 16 columns: one 16-byte load per thread per chunk (8 warps, 16 rows),
+        # so a wave's sentinel check, which folds its chunks element by element, waits for the
+        # wave's last load first (with 128-wide chunks, 4 loads per thread each, ptxas began
+        # checking between them and held the rest back: 6 waves where the source has 2)
+        kc = 32 * 16 // bb
+    nw = num_warps or (8 if ks > 1 else 4 if (backward and resident and bb <= 32)
+                       or (not backward and bb == 16 and es == 2) else 8)  # fmt: skip
+    per_chunk = _next_pow2(G) * bb * kc * es
+    nkc = triton.cdiv(H, kc)
+    cpt = chunks_per_trip or max(1, min(nkc, INFLIGHT_BYTES * 32 * nw // per_chunk))
+    cpt = triton.cdiv(nkc, triton.cdiv(nkc, cpt))  # the same number of trips, evened out
+    return Plan(bh, bb, n_h, n_b, resident, pers, kc, nw, False, cpt, poll=poll, b_chunk=b_chunk,
+                k_split=ks)  # fmt: skip
 
 
 def proj_weight_bytes(
@@ -320,14 +343,19 @@ def _fit(kernel, plan: Plan, args, kw, device) -> Plan:
     launch per step only if not even one batch tile's programs can."""
     if device.type != "cuda":
         return plan
+    # keyed by the device as well (its name, SMs and memory decide the fit): a host with
+    # different GPUs fits a plan for each
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    props_t = torch.cuda.get_device_properties(index)
     key = (kernel.fn.__name__ if hasattr(kernel, "fn") else id(kernel), plan,
-           tuple(sorted((k, str(v)) for k, v in kw.items())), args[0].dtype)  # fmt: skip
+           tuple(sorted((k, str(v)) for k, v in kw.items())), args[0].dtype, index,
+           props_t.name, props_t.multi_processor_count)  # fmt: skip
     if key in _FIT_CACHE:
         return _FIT_CACHE[key]
-    props = triton.runtime.driver.active.utils.get_device_properties(device.index or 0)
+    props = triton.runtime.driver.active.utils.get_device_properties(index)
     max_smem = props["max_shared_mem"]
-    sm_smem = torch.cuda.get_device_properties(device).shared_memory_per_multiprocessor
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sm_smem = props_t.shared_memory_per_multiprocessor
+    sms = props_t.multi_processor_count
     fitted = plan
     for _ in range(4):  # a few downgrades at most
         grid = (fitted.n_h, fitted.tiles_per_launch)
@@ -336,7 +364,8 @@ def _fit(kernel, plan: Plan, args, kw, device) -> Plan:
             pkw = _plan_kw(fitted, kw)
             k = kernel.warmup(*args, sync, 1, 1, 1, 0, 1, 1, grid=grid,
                               USE_BARRIER=_uses_barrier(fitted, pkw),
-                              num_warps=fitted.num_warps, num_stages=1, **pkw)  # fmt: skip
+                              num_warps=fitted.num_warps, num_stages=1,
+                              launch_cooperative_grid=_cooperative(fitted), **pkw)  # fmt: skip
             k._init_handles()
             ok = k.metadata.shared <= max_smem and getattr(k, "n_spills", 0) == 0
         except triton.runtime.errors.OutOfResources:
@@ -367,6 +396,13 @@ def _fit(kernel, plan: Plan, args, kw, device) -> Plan:
     return fitted
 
 
+def _cooperative(plan: Plan) -> bool:
+    """A persistent launch whose programs wait for each other (a grid barrier or polls)
+    goes out as a cooperative launch: the driver refuses it when its programs cannot all be
+    resident at once, instead of leaving the resident ones to wait out their bound."""
+    return plan.persistent and plan.nprog > 1 and not plan.on_chip
+
+
 def _polls(plan: Plan) -> bool:
     """Whether the forward kernel polls its exchange rows (POLL) under this plan."""
     return plan.poll and plan.resident and not plan.on_chip
@@ -387,4 +423,6 @@ def _plan_kw(plan: Plan, kw: dict) -> dict:
         out["NKP"] = triton.cdiv(kw["P"], plan.KC)
     if "CHUNKS_PER_TRIP" in kw:
         out["CHUNKS_PER_TRIP"] = plan.chunks_per_trip
+        if "CELL" in kw:  # the plain backward: its polled product splits K (Plan.k_split)
+            out["KSPLIT"] = plan.k_split if _polls(plan) else 1
     return out

@@ -16,13 +16,16 @@ import triton.language as tl
 
 from .cell_math import LSTM, _lstm_cell, _lstm_cell_backward, _split_gates
 from .exchange import (
+    _after_wait,
     _barrier_arrive,
     _barrier_wait,
+    _count_failed_polls,
     _is_pending,
     _load_exchanged,
     _product_arrived,
-    _spin_budget,
     _store_exchange,
+    _wait_clock,
+    _wait_over,
 )
 from .tiles import _dgates_dots, _load_fields, _load_whh_cols, _row_tile, _runtime_zeros, _time
 
@@ -109,11 +112,11 @@ def _lstmp_proj_dots(mx_ptr, mrow, hrow, mb_p, w_r, whr_ptr, offs_p, mp, BLOCK_B
     return hproj
 
 
-@triton.jit(do_not_specialize=["T", "B", "nrows", "s_begin", "s_end", "spin_max"])
+@triton.jit(do_not_specialize=["T", "B", "nrows", "s_begin", "s_end", "wait_bound"])
 def _lstmp_fwd_kernel(
     xg_ptr, whh_ptr, whr_ptr, len_ptr,
     hx_ptr, y_ptr, mx_ptr, hs_ptr, cs_ptr, ws_ptr, sync_ptr,
-    T, B, nrows, s_begin, s_end, spin_max,
+    T, B, nrows, s_begin, s_end, wait_bound,
     G: tl.constexpr, GP: tl.constexpr, NW: tl.constexpr, H: tl.constexpr, P: tl.constexpr,
     KC: tl.constexpr, NKC: tl.constexpr, NKP: tl.constexpr, BH: tl.constexpr,
     BP: tl.constexpr, BLOCK_B: tl.constexpr, CHUNKS_PER_TRIP: tl.constexpr,
@@ -121,6 +124,7 @@ def _lstmp_fwd_kernel(
     SAVE: tl.constexpr,
     USE_BARRIER: tl.constexpr, PHASES: tl.constexpr, POLL: tl.constexpr, ASM: tl.constexpr,
     SENTINEL: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+    COUNT_POLLS: tl.constexpr = False,
 ):  # fmt: skip
     """LSTM with projection (W_hh (4H, P), W_hr (P, H)), two phases per step:
     1. gates: program p owns units [p*BH, p*BH+BH): the gate dot of h_{t-1} (B, P) from the
@@ -151,7 +155,8 @@ def _lstmp_fwd_kernel(
     ownp = prow[:, None] + offs_p[None, :]
     hd = hx_ptr.dtype.element_ty
     SEPARATE_Y: tl.constexpr = HAS_LEN and REVERSE  # as in the unprojected kernel
-    budget = spin_max
+    waits_ok = 1  # 0 once a wait of this program timed out
+    failed_polls = 0  # COUNT_POLLS: polls that found data still on its way
 
     # running state: the projected h of the own outputs, c of the own units
     hs = tl.load(hs_ptr + ownp, mask=m_ownp, other=0.0).to(ACC)
@@ -208,16 +213,20 @@ def _lstmp_fwd_kernel(
                 acc = tl.zeros([BLOCK_B, NG], dtype=ACC)
                 arrived = 0
                 complete = 0
-                spins = 0
-                while (arrived == 0) & (spins <= budget):
+                clock = _wait_clock()
+                over = 1 - waits_ok
+                while (arrived == 0) & (over == 0):
                     acc = _lstmp_gate_dots(hx_ptr, prev, prow, mb, w_g, whh_ptr, col_n, mn, s,
                                            BLOCK_B, NG, P, KC, NKP, CHUNKS_PER_TRIP, RESIDENT,
                                            POLL, PREC, ACC)  # fmt: skip
                     arrived = _product_arrived(acc, complete)
                     if arrived == 0:
                         complete = 1 - _rows_pending(hx_ptr, prev, prow, mb, P, KC, SENTINEL)
-                    spins += 1
-                budget = _spin_budget(arrived, budget, sync_ptr)
+                    if arrived == 0:
+                        clock, over = _wait_over(clock, wait_bound, ASM)
+                        if COUNT_POLLS:
+                            failed_polls += 1
+                waits_ok = _after_wait(arrived, waits_ok, sync_ptr)
             else:
                 acc = _lstmp_gate_dots(hx_ptr, prev, prow, mb, w_g, whh_ptr, col_n, mn, s,
                                        BLOCK_B, NG, P, KC, NKP, CHUNKS_PER_TRIP, RESIDENT,
@@ -241,7 +250,7 @@ def _lstmp_fwd_kernel(
                 tl.store(wp + 3 * H, tl.where(v2, og, 0.0).to(wd), mask=m_own)
                 tl.store(wp + 4 * H, tl.where(v2, c_new, 0.0).to(wd), mask=m_own)
             if USE_BARRIER:
-                _barrier_wait(sync_ptr, (k_bar + 1) * nprog, spin_max)
+                _barrier_wait(sync_ptr, (k_bar + 1) * nprog, wait_bound, ASM)
         if PHASES >= 2:
             # a program past P loads nothing (it only keeps step with the barriers)
             mb_p = mb & (pid_h * BP < P)
@@ -249,16 +258,20 @@ def _lstmp_fwd_kernel(
                 hproj = tl.zeros([BLOCK_B, BP], dtype=ACC)
                 arrived = 0
                 complete = 0
-                spins = 0
-                while (arrived == 0) & (spins <= budget):
+                clock = _wait_clock()
+                over = 1 - waits_ok
+                while (arrived == 0) & (over == 0):
                     hproj = _lstmp_proj_dots(mx_ptr, mrow, hrow, mb_p, w_r, whr_ptr, offs_p, mp,
                                              BLOCK_B, BP, H, KC, NKC, CHUNKS_PER_TRIP,
                                              RESIDENT, POLL, PREC, ACC)  # fmt: skip
                     arrived = _product_arrived(hproj, complete)
                     if arrived == 0:
                         complete = 1 - _rows_pending(mx_ptr, mrow, hrow, mb_p, H, KC, SENTINEL)
-                    spins += 1
-                budget = _spin_budget(arrived, budget, sync_ptr)
+                    if arrived == 0:
+                        clock, over = _wait_over(clock, wait_bound, ASM)
+                        if COUNT_POLLS:
+                            failed_polls += 1
+                waits_ok = _after_wait(arrived, waits_ok, sync_ptr)
             else:
                 hproj = _lstmp_proj_dots(mx_ptr, mrow, hrow, mb_p, w_r, whr_ptr, offs_p, mp,
                                          BLOCK_B, BP, H, KC, NKC, CHUNKS_PER_TRIP, RESIDENT,
@@ -290,10 +303,12 @@ def _lstmp_fwd_kernel(
         if PHASES >= 2:
             if USE_BARRIER:
                 if s + 1 < s_end:
-                    _barrier_wait(sync_ptr, (k_bar + 2) * nprog, spin_max)
+                    _barrier_wait(sync_ptr, (k_bar + 2) * nprog, wait_bound, ASM)
 
     tl.store(hs_ptr + ownp, hs, mask=m_ownp)
     tl.store(cs_ptr + own, cs, mask=m_own)
+    if COUNT_POLLS:
+        _count_failed_polls(sync_ptr, failed_polls)
 
 
 @triton.jit
@@ -319,18 +334,18 @@ def _lstmp_dm_dots(dhp_ptr, toff, prow, valid, w_r, whr_ptr, offs_j, mj, s, H: t
     return dm
 
 
-@triton.jit(do_not_specialize=["T", "B", "nrows", "s_begin", "s_end", "spin_max"])
+@triton.jit(do_not_specialize=["T", "B", "nrows", "s_begin", "s_end", "wait_bound"])
 def _lstmp_bwd_kernel(
     whh_ptr, whr_ptr, c0_ptr, len_ptr, ws_ptr, dy_ptr,
     dxg_ptr, dhp_ptr, dhs_ptr, dcs_ptr, sync_ptr,
-    T, B, nrows, s_begin, s_end, spin_max,
+    T, B, nrows, s_begin, s_end, wait_bound,
     G: tl.constexpr, GP: tl.constexpr, NW: tl.constexpr, H: tl.constexpr, P: tl.constexpr,
     KC: tl.constexpr, NKC: tl.constexpr, NKP: tl.constexpr, BH: tl.constexpr,
     BP: tl.constexpr, BLOCK_B: tl.constexpr, CHUNKS_PER_TRIP: tl.constexpr,
     ON_CHIP: tl.constexpr, RESIDENT: tl.constexpr, HAS_LEN: tl.constexpr, REVERSE: tl.constexpr,
     USE_BARRIER: tl.constexpr,
     PHASES: tl.constexpr, POLL: tl.constexpr, ASM: tl.constexpr, SENTINEL: tl.constexpr,
-    PREC: tl.constexpr, ACC: tl.constexpr,
+    PREC: tl.constexpr, ACC: tl.constexpr, COUNT_POLLS: tl.constexpr = False,
 ):  # fmt: skip
     """Backward of `_lstmp_fwd_kernel`, steps s in [0, T] (step s < T handles forward step
     T-1-s; step T only folds the first step's dgates into dh0), two phases per step:
@@ -359,7 +374,8 @@ def _lstmp_bwd_kernel(
     own = hrow[:, None] + offs_j[None, :]
     ownp = prow[:, None] + offs_p[None, :]
     xd = dxg_ptr.dtype.element_ty
-    budget = spin_max
+    waits_ok = 1  # 0 once a wait of this program timed out
+    failed_polls = 0  # COUNT_POLLS: polls that found data still on its way
 
     # carries: dh of the own outputs (P wide), dc of the own units
     dh_c = tl.load(dhs_ptr + ownp, mask=m_ownp, other=0.0).to(ACC)
@@ -400,8 +416,9 @@ def _lstmp_bwd_kernel(
                 rec = tl.zeros([BLOCK_B, BP], dtype=ACC)
                 arrived = 0
                 complete = 0
-                spins = 0
-                while (arrived == 0) & (spins <= budget):
+                clock = _wait_clock()
+                over = 1 - waits_ok
+                while (arrived == 0) & (over == 0):
                     rec = _dgates_dots(dxg_ptr, dxg_ptr, tn, B64, xrow, hrow, nvalid, w_g,
                                        whh_ptr, offs_p, mp, s, LSTM, G, GP, H, P, KC, NKC,
                                        BLOCK_B, BP, CHUNKS_PER_TRIP, RESIDENT, BLOCK_B < 64,
@@ -411,8 +428,11 @@ def _lstmp_bwd_kernel(
                         row_off = tn.to(tl.int64) * B64 * (G * H)
                         complete = 1 - _rows_pending(dxg_ptr, row_off, xrow, nvalid, G * H, KC,
                                                      SENTINEL)  # fmt: skip
-                    spins += 1
-                budget = _spin_budget(arrived, budget, sync_ptr)
+                    if arrived == 0:
+                        clock, over = _wait_over(clock, wait_bound, ASM)
+                        if COUNT_POLLS:
+                            failed_polls += 1
+                waits_ok = _after_wait(arrived, waits_ok, sync_ptr)
             else:
                 rec = _dgates_dots(dxg_ptr, dxg_ptr, tn, B64, xrow, hrow, nvalid, w_g, whh_ptr,
                                    offs_p, mp, s, LSTM, G, GP, H, P, KC, NKC, BLOCK_B, BP,
@@ -449,14 +469,15 @@ def _lstmp_bwd_kernel(
         if PHASES % 2 == 1:
             if USE_BARRIER:
                 if s < T:
-                    _barrier_wait(sync_ptr, (k_bar + 1) * nprog, spin_max)
+                    _barrier_wait(sync_ptr, (k_bar + 1) * nprog, wait_bound, ASM)
         if PHASES >= 2:
             if POLL:
                 dm = tl.zeros([BLOCK_B, BH], dtype=ACC)
                 arrived = 0
                 complete = 0
-                spins = 0
-                while (arrived == 0) & (spins <= budget):
+                clock = _wait_clock()
+                over = 1 - waits_ok
+                while (arrived == 0) & (over == 0):
                     dm = _lstmp_dm_dots(dhp_ptr, toff, prow, valid, w_r, whr_ptr, offs_j, mj, s,
                                         H, P, KC, NKP, BLOCK_B, BH, RESIDENT, POLL, PREC,
                                         ACC)  # fmt: skip
@@ -464,8 +485,11 @@ def _lstmp_bwd_kernel(
                     if arrived == 0:
                         complete = 1 - _rows_pending(dhp_ptr, toff * P, prow, valid, P, KC,
                                                      SENTINEL)  # fmt: skip
-                    spins += 1
-                budget = _spin_budget(arrived, budget, sync_ptr)
+                    if arrived == 0:
+                        clock, over = _wait_over(clock, wait_bound, ASM)
+                        if COUNT_POLLS:
+                            failed_polls += 1
+                waits_ok = _after_wait(arrived, waits_ok, sync_ptr)
             else:
                 dm = _lstmp_dm_dots(dhp_ptr, toff, prow, valid, w_r, whr_ptr, offs_j, mj, s, H, P,
                                     KC, NKP, BLOCK_B, BH, RESIDENT, POLL, PREC, ACC)  # fmt: skip
@@ -481,9 +505,11 @@ def _lstmp_bwd_kernel(
             if USE_BARRIER:
                 if s + 1 < s_end:
                     _barrier_arrive(sync_ptr)
-                    _barrier_wait(sync_ptr, (k_bar + 2) * nprog, spin_max)
+                    _barrier_wait(sync_ptr, (k_bar + 2) * nprog, wait_bound, ASM)
             elif not POLL:
                 tl.debug_barrier()
 
     tl.store(dhs_ptr + ownp, dh_c, mask=m_ownp)
     tl.store(dcs_ptr + own, dc_c, mask=m_own)
+    if COUNT_POLLS:
+        _count_failed_polls(sync_ptr, failed_polls)

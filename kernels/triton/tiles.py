@@ -66,13 +66,36 @@ def _load_fields(ptr, row, offs_j, mask, H: tl.constexpr, N: tl.constexpr, ACC: 
 
 @triton.jit
 def _load_whh_cols(whh_ptr, offs_k, offs_n, mn, G: tl.constexpr, GP: tl.constexpr,
-                   H: tl.constexpr, W: tl.constexpr):  # fmt: skip
-    """(GP, KC, N): rows offs_k of every gate block of W_hh (G*H, W), columns offs_n (the
-    own units, or the own projected outputs); padding gates and rows 0."""
-    g3 = tl.arange(0, GP)[:, None, None]
-    k3 = offs_k[None, :, None]
+                   H: tl.constexpr, W: tl.constexpr, KSPLIT: tl.constexpr = 1):  # fmt: skip
+    """(GP*KSPLIT, KW, N): rows of every gate block of W_hh (G*H, W), columns offs_n (the
+    own units, or the own projected outputs); padding gates and rows 0. A K chunk of
+    KSPLIT*KW rows starting at offs_k[0] (offs_k: its first KW), split in KSPLIT slabs:
+    batch index b holds gate b // KSPLIT, rows offs_k + (b % KSPLIT) * KW."""
+    KW: tl.constexpr = offs_k.shape[0]
+    b3 = tl.arange(0, GP * KSPLIT)[:, None, None]
+    g3 = b3 // KSPLIT
+    k3 = offs_k[None, :, None] + (b3 % KSPLIT) * KW
     m = (g3 < G) & (k3 < H) & mn[None, None, :]
     return tl.load(whh_ptr + (g3 * H + k3) * W + offs_n[None, None, :], mask=m, other=0.0)
+
+
+@triton.jit
+def _dgates_ptrs(dxg_ptr, dhn_ptr, tn, B64, xrow, hrow, offs_k, nvalid, CELL: tl.constexpr,
+                 G: tl.constexpr, GP: tl.constexpr, H: tl.constexpr,
+                 KSPLIT: tl.constexpr = 1):  # fmt: skip
+    """Pointers and mask of a (GP*KSPLIT, BLOCK_B, KW) tile of d(W_hh h) at step tn, split as
+    `_load_whh_cols` splits its K chunk: batch index b holds gate b // KSPLIT, columns
+    offs_k + (b % KSPLIT) * KW (gate-major, GRU's n block from dhn, padding gates 0)."""
+    KW: tl.constexpr = offs_k.shape[0]
+    b3 = tl.arange(0, GP * KSPLIT)[:, None, None]
+    g3 = b3 // KSPLIT
+    k3 = offs_k[None, None, :] + (b3 % KSPLIT) * KW
+    m = (g3 < G) & nvalid[None, :, None] & (k3 < H)
+    p = dxg_ptr + tn.to(tl.int64) * B64 * (G * H) + xrow[None, :, None] + g3 * H + k3
+    if CELL == GRU:
+        pn = dhn_ptr + tn.to(tl.int64) * B64 * H + hrow[None, :, None] + k3
+        p = tl.where(g3 == 2, pn, p)
+    return p, m
 
 
 @triton.jit
@@ -81,13 +104,7 @@ def _load_dgates_all(dxg_ptr, dhn_ptr, tn, B64, xrow, hrow, offs_k, nvalid, CELL
                      POLL: tl.constexpr = False):  # fmt: skip
     """(GP, BLOCK_B, KC): columns offs_k of every gate of d(W_hh h) at step tn (gate-major,
     GRU's n block from dhn, padding gates 0); polled (volatile) or `.cg`, as `_load_h`."""
-    g3 = tl.arange(0, GP)[:, None, None]
-    k3 = offs_k[None, None, :]
-    m = (g3 < G) & nvalid[None, :, None] & (k3 < H)
-    p = dxg_ptr + tn.to(tl.int64) * B64 * (G * H) + xrow[None, :, None] + g3 * H + k3
-    if CELL == GRU:
-        pn = dhn_ptr + tn.to(tl.int64) * B64 * H + hrow[None, :, None] + k3
-        p = tl.where(g3 == 2, pn, p)
+    p, m = _dgates_ptrs(dxg_ptr, dhn_ptr, tn, B64, xrow, hrow, offs_k, nvalid, CELL, G, GP, H)
     return _load_exchanged(p, m, POLL)
 
 
