@@ -153,7 +153,12 @@ def test_nvcc_compiles_ksplit_without_spills(request, tmp_path, full):
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found")
-@pytest.mark.parametrize("variant", ["grid", "cluster", "lstmp", "ksplit"])
+# the grid kernels' debug build by default; the other variants' with --slow (the same
+# option through the same headers, ~40 s of CPU)
+@pytest.mark.parametrize(
+    "variant", ["grid", *(pytest.param(v, marks=pytest.mark.slow) for v in ("cluster", "lstmp",
+                                                                           "ksplit"))],
+)  # fmt: skip
 def test_nvcc_compiles_bounds_checked_build(tmp_path, variant):
     """GPURNN_DEBUG_BOUNDS=1 adds a check (and trap) to every buffer index: the kernels still
     build (LSTM backward, and the projected LSTM both ways, every dtype; spills are allowed
