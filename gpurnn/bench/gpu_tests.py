@@ -21,7 +21,7 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
-from gpurnn.bench.results import cpu_name, project_commit
+from gpurnn.bench.results import append_rows, cpu_name, project_commit
 
 # one row per backend and run; `reason` was added later: older files without it still read
 FIELDS = ("date", "card", "commit", "backend", "status", "passed", "failed", "note", "reason")
@@ -110,26 +110,6 @@ def read_records(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def append_record(path: Path, record: dict) -> None:
-    """Appends one record; a file with older columns is rewritten with the union of both."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    header: list[str] = []
-    if path.exists() and path.stat().st_size > 0:
-        with path.open(newline="") as f:
-            header = next(csv.reader(f), [])
-    if header == list(FIELDS):
-        with path.open("a", newline="") as f:
-            csv.DictWriter(f, FIELDS, lineterminator="\n").writerow(record)
-        return
-    old = read_records(path) if header else []
-    fields = header + [f for f in FIELDS if f not in header]
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fields, restval="", lineterminator="\n")
-        writer.writeheader()
-        writer.writerows([*old, record])
-
-
 def record_gpu_tests(
     backend: str, log_path: Path, exit_status: int, out: Path, reason: str = ""
 ) -> dict:
@@ -156,7 +136,7 @@ def record_gpu_tests(
         "note": note,
         "reason": _joined(reason.strip(), found)[:300],
     }
-    append_record(out, record)
+    append_rows(out, [record], FIELDS)
     return record
 
 

@@ -128,26 +128,27 @@ def _nvidia_driver() -> str:
         return ""
 
 
-def append_rows(path: Path, rows: list[dict]) -> None:
-    """Append rows to the history CSV; an older file with other columns is rewritten with
-    the union of both, so no past row is lost when a column is added."""
-    path = Path(path)
+def append_rows(path: Path, rows: list[dict], fields=FIELDS) -> None:
+    """Append rows to a history CSV with these columns (results.csv's by default); an older
+    file with other columns is rewritten with the union of both, so no past row is lost
+    when a column is added."""
+    path, columns = Path(path), list(fields)
     path.parent.mkdir(parents=True, exist_ok=True)
     header: list[str] = []
     if path.exists() and path.stat().st_size > 0:
         with path.open(newline="") as f:
             header = next(csv.reader(f), [])
-    if header == FIELDS:
+    if header == columns:
         with path.open("a", newline="") as f:
-            csv.DictWriter(f, FIELDS, lineterminator="\n").writerows(rows)
+            csv.DictWriter(f, columns, lineterminator="\n").writerows(rows)
         return
     old_rows = []
     if header:
         with path.open(newline="") as f:
             old_rows = list(csv.DictReader(f))
-    fields = header + [f for f in FIELDS if f not in header]
+    union = header + [c for c in columns if c not in header]
     with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fields, restval="", lineterminator="\n")
+        writer = csv.DictWriter(f, union, restval="", lineterminator="\n")
         writer.writeheader()
         writer.writerows(old_rows + rows)
 
