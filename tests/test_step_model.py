@@ -42,8 +42,7 @@ def test_every_measured_kernel_row_is_reproduced_or_explained():
         assert m["max_rel_err"] <= M.TOLERANCE, (card, m)
         for r in rows:
             if r["card"] == card and M._fitted(r, counts):
-                x = M._row_features(r, counts)
-                predicted = sum(m["constants"][f] * x[f] for f in M.FEATURES)
+                predicted = M.cost(m["constants"], M._row_features(r, counts))
                 assert abs(predicted / r["us"] - 1) <= M.TOLERANCE, (r, predicted)
 
 

@@ -30,8 +30,9 @@ designs and turns a SASS table into µs; it does not identify the physics. The L
 measured directly (`gpurnn.bench.l2_pingpong`) and more rows per GPU run are what firm it up.
 
 A polled kernel (no grid barrier: a program proceeds when what it reads has arrived) pays
-for each failed poll what its retry path redoes. Main's polls redo the whole step (reload,
-product, checks): `retry` = everything but `base`. How many polls fail per step is not in
+for each failed poll what its retry path redoes: one round trip where it re-enters at the
+loads (the plain kernels), the whole step but `base` where it reloads, multiplies and checks
+again (the projected ones). How many polls fail per step is not in
 the SASS: predictions show the best case (none) and the expected one (one per step, the
 hypothesis to check), and use a measured count (`step_timing`'s attempts) where one exists.
 
@@ -172,29 +173,34 @@ def _fitted(r: dict, counts) -> bool:
 
 
 def _row_features(r: dict, counts) -> dict[str, float]:
-    c = counts[r["commit"]][r["variant"]]
+    """A measured row's features, its counted failed polls included where it has them."""
+    return step_features(counts[r["commit"]][r["variant"]], r.get("failed_polls") or 0.0)
+
+
+def step_features(c: dict, failed_polls: float = 0.0) -> dict[str, float]:
+    """One step's features with `failed_polls` failed polls (a polled kernel's retries)."""
     x = features(c)
-    if c.get("polled") and r.get("failed_polls"):
-        x = {f: v + r["failed_polls"] * retry_features(c)[f] for f, v in x.items()}
+    if c.get("polled") and failed_polls:
+        retry = retry_features(c)
+        x = {f: v + failed_polls * retry[f] for f, v in x.items()}
     return x
 
 
 def retry_features(c: dict) -> dict[str, float]:
-    """What one failed poll redoes: main's polled kernels go around the whole step again
-    (everything but `base`); a kernel whose retry re-enters at the loads says so in its
-    counts (`retry: "loads"`) and redoes one round trip."""
-    x = features(c)
+    """What one failed poll redoes: a kernel whose retry re-enters at the loads (its counts
+    say `retry: "loads"`: the plain kernels) one round trip; the others go around the whole
+    step again (everything but `base`: the projected kernels)."""
     if c.get("retry") == "loads":
         return {f: (1.0 if f == "round_trip" else 0.0) for f in FEATURES}
-    return {f: (0.0 if f in ("base", "grid_barrier") else v) for f, v in x.items()}
+    return {f: (0.0 if f in ("base", "grid_barrier") else v) for f, v in features(c).items()}
+
+
+def cost(constants: dict[str, float], x: dict[str, float]) -> float:
+    return sum(constants[f] * x[f] for f in FEATURES)
 
 
 def predict(constants: dict[str, float], c: dict, failed_polls: float = 0.0) -> float:
-    x = features(c)
-    if c.get("polled"):
-        r = retry_features(c)
-        x = {f: v + failed_polls * r[f] for f, v in x.items()}
-    return sum(constants[f] * x[f] for f in FEATURES)
+    return cost(constants, step_features(c, failed_polls))
 
 
 def report(rows, counts, model, card: str, current: dict[str, dict], label: str) -> str:
@@ -210,8 +216,7 @@ def report(rows, counts, model, card: str, current: dict[str, dict], label: str)
     for r in rows:
         if r["card"] != card or r["variant"] not in counts.get(r["commit"], {}):
             continue
-        x = _row_features(r, counts)
-        p = sum(consts[f] * x[f] for f in FEATURES)
+        p = cost(consts, _row_features(r, counts))
         why = EXCLUDED.get((r["commit"], r["variant"]))
         note = "  (not fitted: see EXCLUDED)" if why else ""
         lines.append(f"{r['variant']:32s} {r['commit']:>9s} {r['us']:9.2f} {p:8.2f} "
