@@ -89,20 +89,15 @@ def _cupy_compile_only(built: list) -> callable:
 
 def _run_item(item: list[str]) -> None:
     """One command (a module and its arguments, or "-c" and Python code) in this process,
-    its exit ignored."""
-    if item[0] == "-c":
-        try:
-            with contextlib.redirect_stdout(open(os.devnull, "w")):  # noqa: SIM115
-                exec(item[1], {})
-        except Exception as e:  # noqa: BLE001 - garbage outputs may break the code: go on
-            print(f"warm-up: {item[1][:120]}: {type(e).__name__}: {e}"[:300], file=sys.stderr)
-        return
-    module, *argv = item
+    its output and exit ignored."""
     saved = sys.argv
-    sys.argv = [module, *argv]
     try:
-        with contextlib.redirect_stdout(open(os.devnull, "w")):  # noqa: SIM115
-            runpy.run_module(module, run_name="__main__", alter_sys=True)
+        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+            if item[0] == "-c":
+                exec(item[1], {})
+            else:
+                sys.argv = list(item)
+                runpy.run_module(item[0], run_name="__main__", alter_sys=True)
     except SystemExit:
         pass
     except Exception as e:  # noqa: BLE001 - garbage outputs may break a command: go on
