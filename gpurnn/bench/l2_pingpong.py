@@ -26,6 +26,9 @@ from pathlib import Path
 import triton
 import triton.language as tl
 
+from gpurnn.bench.results import project_commit
+from gpurnn.kernels.triton.interpreter import interpreting
+
 
 @triton.jit
 def _load_relaxed(ptr):
@@ -116,22 +119,19 @@ def main(argv=None) -> int:
         "--compile-only", action="store_true", help="compile for sm_90 and stop (no GPU needed)"
     )
     args = parser.parse_args(argv)
-    import os
-
     if args.compile_only:
         start = time.perf_counter()
-        k = compile_for_sm90()
-        print(f"l2 ping-pong: compiled for sm_90 in {time.perf_counter() - start:.1f} s, "
-              f"{k.n_regs if hasattr(k, 'n_regs') else '?'} registers")  # fmt: skip
+        compile_for_sm90()
+        print(f"l2 ping-pong: compiled for sm_90 in {time.perf_counter() - start:.1f} s")
         return 0
     import torch
 
-    if os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available():
+    if interpreting() or not torch.cuda.is_available():
         print("l2 ping-pong: needs a CUDA GPU (two programs running at once); "
               "--compile-only checks the kernel without one")  # fmt: skip
         return 0
     result = measure(args.rounds, args.spin_max)
-    result["commit"] = __import__("gpurnn.bench", fromlist=["x"]).project_commit()
+    result["commit"] = project_commit()
     print(f"l2 ping-pong on {result['card']}: {result['handoff_us']:.3f} µs per hand-off "
           f"({result['rounds']} rounds, {result['failed_polls']} polls gave up)")  # fmt: skip
     print(json.dumps(result))
