@@ -338,8 +338,6 @@ __device__ __forceinline__ void ksplit_backward_body(const BackwardArgs& a, cons
                                                      uint4* smem) {
   typedef typename Elem::storage S;
   constexpr int G = Cell::kGates;
-  constexpr int F = Cell::kFields;
-  constexpr int kNF = F > 0 ? F : 1;
   constexpr int kCols = 8 * N_TILES;
   const int T = a.T, B = a.B, H = a.H, KT = a.KT;
   const i64 TB = static_cast<i64>(T) * B;
@@ -350,8 +348,6 @@ __device__ __forceinline__ void ksplit_backward_body(const BackwardArgs& a, cons
   const int ctas = static_cast<int>(gridDim.x);
   const int owned = ksplit_rank_units(p, rank);
   const int k0 = rank * KT * MmaTile<Elem>::kK;  // this CTA's K slice starts here
-  const S* y = static_cast<const S*>(a.y);
-  const S* dy = static_cast<const S*>(a.dy);
   S* dxg = static_cast<S*>(a.dxg);
   S* dhn = static_cast<S*>(a.dhn);
   S* xbuf = static_cast<S*>(k.xbuf);
@@ -394,28 +390,7 @@ __device__ __forceinline__ void ksplit_backward_body(const BackwardArgs& a, cons
         }
         const BackwardRow row = backward_row(st.t, b, seq_len(a.lengths, b, T), B, a.reverse);
         float da[G], dhid[G];
-        if (row.valid) {
-          float ws[kNF];
-#pragma unroll
-          for (int f = 0; f < F; ++f) ws[f] = a.ws[at(row.cur, f * H + j, TB, F * H)];
-          float h_prev = 0.0f, c_prev = 0.0f;
-          if (Cell::kBackwardReadsH)
-            h_prev = row.prev < 0 ? a.h_init[own] : Elem::to_float(y[at(row.prev, j, TB, H)]);
-          if (Cell::kHasCell)  // c is the workspace's last field
-            c_prev = row.prev < 0 ? a.c_init[own]
-                                  : a.ws[at(row.prev, (F - 1) * H + j, TB, F * H)];
-          const float h_t = F == 0 ? Elem::to_float(y[at(row.cur, j, TB, H)]) : 0.0f;
-          float dc = Cell::kHasCell ? a.dc_state[own] : 0.0f;
-          float dh_carry;
-          Cell::backward(ws, h_prev, c_prev, h_t, dh_in + Elem::to_float(dy[at(row.cur, j, TB, H)]),
-                         dc, da, dhid, dh_carry);
-          a.dh_state[own] = dh_carry;
-          if (Cell::kHasCell) a.dc_state[own] = dc;
-        } else {
-#pragma unroll
-          for (int g = 0; g < G; ++g) da[g] = dhid[g] = 0.0f;
-          a.dh_state[own] = dh_in;  // nothing happened at this step: carry it on
-        }
+        backward_unit<Cell, Elem>(a, row, own, j, TB, dh_in, da, dhid);
 #pragma unroll
         for (int g = 0; g < G; ++g) {
           dxg[at(row.cur, g * H + j, TB, G * H)] = Elem::from_float(da[g]);

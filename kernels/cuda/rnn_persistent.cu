@@ -297,19 +297,56 @@ struct BackwardArgs {
   int T, B, H, KT, reverse;
 };
 
+// One hidden unit j of one batch row at a backward step (`row`): the cell's backward from
+// dh_in (the gradient reaching h_t through the next step's recurrent product) and dy, the
+// carried dh / dc updated, the step's dgates out in da (input side) and dhid (hidden side,
+// what is exchanged). Past a sequence's end nothing happens: zeros, dh carried on.
+template <class Cell, class Elem>
+__device__ __forceinline__ void backward_unit(const BackwardArgs& a, const BackwardRow& row,
+                                              i64 own, int j, i64 TB, float dh_in,
+                                              float (&da)[Cell::kGates],
+                                              float (&dhid)[Cell::kGates]) {
+  typedef typename Elem::storage S;
+  constexpr int G = Cell::kGates;
+  constexpr int F = Cell::kFields;
+  constexpr int kNF = F > 0 ? F : 1;
+  const int H = a.H;
+  const S* y = static_cast<const S*>(a.y);
+  const S* dy = static_cast<const S*>(a.dy);
+  if (row.valid) {
+    float ws[kNF];
+#pragma unroll
+    for (int f = 0; f < F; ++f) ws[f] = a.ws[at(row.cur, f * H + j, TB, F * H)];
+    // the state step t started from: its forward predecessor's, or h0 / c0 where t is the
+    // sequence's first step (row.prev < 0)
+    float h_prev = 0.0f, c_prev = 0.0f;
+    if (Cell::kBackwardReadsH)
+      h_prev = row.prev < 0 ? a.h_init[own] : Elem::to_float(y[at(row.prev, j, TB, H)]);
+    if (Cell::kHasCell)  // c is the workspace's last field
+      c_prev = row.prev < 0 ? a.c_init[own] : a.ws[at(row.prev, (F - 1) * H + j, TB, F * H)];
+    const float h_t = F == 0 ? Elem::to_float(y[at(row.cur, j, TB, H)]) : 0.0f;
+    float dc = Cell::kHasCell ? a.dc_state[own] : 0.0f;
+    float dh_carry;
+    Cell::backward(ws, h_prev, c_prev, h_t, dh_in + Elem::to_float(dy[at(row.cur, j, TB, H)]),
+                   dc, da, dhid, dh_carry);
+    a.dh_state[own] = dh_carry;
+    if (Cell::kHasCell) a.dc_state[own] = dc;
+  } else {
+#pragma unroll
+    for (int g = 0; g < G; ++g) da[g] = dhid[g] = 0.0f;
+    a.dh_state[own] = dh_in;  // nothing happened at this step: carry it on
+  }
+}
+
 template <class Cell, class Elem, int M_TILES, int N_TILES, class Exchange>
 __device__ __forceinline__ void backward_body(const BackwardArgs& a, Exchange& ex,
                                               int unit_block, int row_begin, int row_end,
                                               uint4* a_smem, float* red) {
   typedef typename Elem::storage S;
   constexpr int G = Cell::kGates;
-  constexpr int F = Cell::kFields;
   constexpr int kUnits = M_TILES * 16;
-  constexpr int kNF = F > 0 ? F : 1;
   const int T = a.T, B = a.B, H = a.H, u0 = unit_block * kUnits;
   const i64 TB = static_cast<i64>(T) * B;
-  const S* y = static_cast<const S*>(a.y);
-  const S* dy = static_cast<const S*>(a.dy);
   S* dxg = static_cast<S*>(a.dxg);
   S* dhn = static_cast<S*>(a.dhn);
   const int n_items = kUnits * 8 * N_TILES;
@@ -340,30 +377,7 @@ __device__ __forceinline__ void backward_body(const BackwardArgs& a, Exchange& e
         }
         const BackwardRow row = backward_row(st.t, b, seq_len(a.lengths, b, T), B, a.reverse);
         float da[G], dhid[G];
-        if (row.valid) {
-          float ws[kNF];
-#pragma unroll
-          for (int f = 0; f < F; ++f) ws[f] = a.ws[at(row.cur, f * H + j, TB, F * H)];
-          // the state step t started from: its forward predecessor's, or h0 / c0 where t is
-          // the sequence's first step (row.prev < 0)
-          float h_prev = 0.0f, c_prev = 0.0f;
-          if (Cell::kBackwardReadsH)
-            h_prev = row.prev < 0 ? a.h_init[own] : Elem::to_float(y[at(row.prev, j, TB, H)]);
-          if (Cell::kHasCell)  // c is the workspace's last field
-            c_prev = row.prev < 0 ? a.c_init[own]
-                                  : a.ws[at(row.prev, (F - 1) * H + j, TB, F * H)];
-          const float h_t = F == 0 ? Elem::to_float(y[at(row.cur, j, TB, H)]) : 0.0f;
-          float dc = Cell::kHasCell ? a.dc_state[own] : 0.0f;
-          float dh_carry;
-          Cell::backward(ws, h_prev, c_prev, h_t, dh_in + Elem::to_float(dy[at(row.cur, j, TB, H)]),
-                         dc, da, dhid, dh_carry);
-          a.dh_state[own] = dh_carry;
-          if (Cell::kHasCell) a.dc_state[own] = dc;
-        } else {
-#pragma unroll
-          for (int g = 0; g < G; ++g) da[g] = dhid[g] = 0.0f;
-          a.dh_state[own] = dh_in;  // nothing happened at this step: carry it on
-        }
+        backward_unit<Cell, Elem>(a, row, own, j, TB, dh_in, da, dhid);
 #pragma unroll
         for (int g = 0; g < G; ++g) {
           dxg[at(row.cur, g * H + j, TB, G * H)] = Elem::from_float(da[g]);
