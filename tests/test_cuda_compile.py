@@ -197,13 +197,8 @@ def _cuobjdump() -> str | None:
     return None
 
 
-@pytest.mark.skipif(NVCC is None or _cuobjdump() is None, reason="nvcc or cuobjdump not found")
-def test_cluster_step_has_no_fence_and_no_cluster_barrier(tmp_path):
-    """The cluster variant's step waits on an mbarrier only: in the SASS the two cluster
-    barriers (each with its GPU-scope MEMBAR and L1 invalidation) are the one after setup and
-    the one before exit; with one inside the step loop there would be three."""
-    names = ["gpurnn::rnn_forward_cluster<LstmCell, BF16, 2>",
-             "gpurnn::rnn_backward_cluster<GruCell, F16, 1>"]  # fmt: skip
+def _sass_functions(tmp_path, names: list[str]) -> list[tuple[str, str]]:
+    """(name, SASS) of each kernel instantiation in `names`, built for sm_90."""
     src = tmp_path / "instantiate.cu"
     src.write_text(_instantiation_unit(names))
     cubin = tmp_path / "out.cubin"
@@ -213,8 +208,17 @@ def test_cluster_step_has_no_fence_and_no_cluster_barrier(tmp_path):
                           check=True).stdout  # fmt: skip
     functions = re.split(r"\n\s*Function : ", sass)[1:]
     assert len(functions) == len(names)
-    for body in functions:
-        name = body.split("\n", 1)[0].strip()
+    return [(body.split("\n", 1)[0].strip(), body) for body in functions]
+
+
+@pytest.mark.skipif(NVCC is None or _cuobjdump() is None, reason="nvcc or cuobjdump not found")
+def test_cluster_step_has_no_fence_and_no_cluster_barrier(tmp_path):
+    """The cluster variant's step waits on an mbarrier only: in the SASS the two cluster
+    barriers (each with its GPU-scope MEMBAR and L1 invalidation) are the one after setup and
+    the one before exit; with one inside the step loop there would be three."""
+    names = ["gpurnn::rnn_forward_cluster<LstmCell, BF16, 2>",
+             "gpurnn::rnn_backward_cluster<GruCell, F16, 1>"]  # fmt: skip
+    for name, body in _sass_functions(tmp_path, names):
         counts = {op: len(re.findall(rf"\b{re.escape(op)}\b", body))
                   for op in ("UCGABAR_WAIT", "MEMBAR.ALL.GPU", "CCTL.IVALL")}  # fmt: skip
         assert counts == {"UCGABAR_WAIT": 2, "MEMBAR.ALL.GPU": 2, "CCTL.IVALL": 2}, (name, counts)
@@ -231,17 +235,7 @@ def test_ksplit_step_has_no_cluster_barrier(tmp_path):
     barriers' own."""
     names = ["gpurnn::rnn_forward_ksplit<LstmCell, BF16, 8, 2, 2>",
              "gpurnn::rnn_backward_ksplit<GruCell, F16, 4, 1, 1>"]  # fmt: skip
-    src = tmp_path / "instantiate.cu"
-    src.write_text(_instantiation_unit(names))
-    cubin = tmp_path / "out.cubin"
-    subprocess.run([NVCC, "-std=c++17", "-arch=sm_90", "-cubin", "-o", str(cubin), str(src)],
-                   check=True, capture_output=True, timeout=600)  # fmt: skip
-    sass = subprocess.run([_cuobjdump(), "-sass", str(cubin)], capture_output=True, text=True,
-                          check=True).stdout  # fmt: skip
-    functions = re.split(r"\n\s*Function : ", sass)[1:]
-    assert len(functions) == len(names)
-    for body in functions:
-        name = body.split("\n", 1)[0].strip()
+    for name, body in _sass_functions(tmp_path, names):
         counts = {op: len(re.findall(rf"\b{re.escape(op)}\b", body))
                   for op in ("UCGABAR_WAIT", "MEMBAR.ALL.GPU", "CCTL.IVALL")}  # fmt: skip
         # forward: the arrive after publishing h0 and the step's; backward: the step's only
