@@ -59,3 +59,9 @@ def draw(shape: tuple[int, ...], p: float, device) -> Tensor:
 def dropout_scale(p: float) -> float:
     """What a kept element is multiplied by: 1/(1 − p) (0 when everything drops)."""
     return 0.0 if p >= 1.0 else 1.0 / (1.0 - p)
+
+
+def dropout_factors(packed: Tensor, n: int, p: float, dtype: torch.dtype) -> Tensor:
+    """A packed dropout mask of rate p as the factors it multiplies by: 1/(1 − p) where
+    kept, 0 where dropped, (..., n) in `dtype`."""
+    return unpack(packed, n, dtype) * dropout_scale(p)

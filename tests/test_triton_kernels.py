@@ -329,11 +329,12 @@ def test_polled_exchange_that_never_arrives_raises():
     hx = hx.view(torch.float32)
     hs = torch.zeros(B, H)
     xg = case["xg"]
-    args = (xg, case["w_hh"], xg, xg, hx, hx[1:], hs, hs, xg)
+    # no regularizer: its mask and rate slots take placeholders
+    args = (xg, case["w_hh"], xg, xg, hx, hx[1:], hs, hs, xg, xg, xg, xg, hs)
     kw = dict(CELL=CELL_CODE["rnn_tanh"], G=1, GP=1, NW=1, H=H, HAS_LEN=False,
               REVERSE=False, SAVE=False, PREC="ieee", ACC=launch._acc_dtype(torch.float32),
               POLL=False, ASM=False, SENTINEL=_SENTINEL[torch.float32])  # fmt: skip
-    axes = (1, None, None, None, 1, 1, 0, 0, None)
+    axes = (1, None, None, None, 1, 1, 0, 0, None, None, None, None, None)
     with pytest.raises(RuntimeError, match=r"timed out in _recurrence_fwd_kernel .*Plan\(BH="):
         launch._launch_steps(_recurrence_fwd_kernel, plan, T, B, T, args, kw, 3,
                              torch.device(DEVICE), axes)  # fmt: skip
@@ -350,13 +351,14 @@ def test_poll_counter_counts_every_failed_poll(monkeypatch):
     hx = hx.view(torch.float32)
     hs = torch.zeros(B, H)
     xg = case["xg"]
-    args = (xg, case["w_hh"], xg, xg, hx, hx[1:], hs, hs, xg)
+    # no regularizer: its mask and rate slots take placeholders
+    args = (xg, case["w_hh"], xg, xg, hx, hx[1:], hs, hs, xg, xg, xg, xg, hs)
     kw = dict(CELL=CELL_CODE["rnn_tanh"], G=1, GP=1, NW=1, H=H, HAS_LEN=False,
               REVERSE=False, SAVE=False, PREC="ieee", ACC=launch._acc_dtype(torch.float32),
               POLL=False, ASM=False, SENTINEL=_SENTINEL[torch.float32],
               COUNT_POLLS=True)  # fmt: skip
     monkeypatch.setattr(launch, "_check_barrier", lambda *a: None)
-    axes = (1, None, None, None, 1, 1, 0, 0, None)
+    axes = (1, None, None, None, 1, 1, 0, 0, None, None, None, None, None)
     sync = launch._launch_steps(_recurrence_fwd_kernel, plan, T, B, T, args, kw, 3,
                                 torch.device(DEVICE), axes)  # fmt: skip
     assert int(sync[0]) >= launch._SYNC_ERROR and int(sync[1]) == 3 + 1
@@ -468,6 +470,83 @@ def test_all_sequences_empty_and_T_zero():
     h0 = torch.randn(2, 8, dtype=torch.float64)
     y, h_T, c_T, _ = be.forward(Inputs("lstm", xg, w, h0), False)
     assert y.shape == (0, 2, 8) and torch.equal(h_T, h0) and torch.equal(c_T, torch.zeros(2, 8))
+
+
+# ---------------------------------------------------------------- regularized steps
+
+# the layouts of the work a regularized step must survive: h kept on chip; one persistent
+# program exchanging h (dgates) through memory, weights resident and polled, or streamed;
+# programs over the units, one launch per step
+REG_PLANS = {
+    "on_chip": dict(on_chip=True),
+    "polled": dict(on_chip=False, KC=16),
+    "streamed": dict(on_chip=False, KC=16, resident=False),
+    "per_step": dict(on_chip=False, BH=8, KC=16),
+}
+
+
+def _regularization(cell, T, B, H, training, key):
+    """Zoneout and recurrent dropout as gpurnn.regularized.draw makes them (masks from
+    torch's generator; eval keeps zoneout's rate alone)."""
+    from gpurnn import masks
+    from gpurnn.backends.base import Regularization
+
+    torch.manual_seed(int(_gen("reg", key).initial_seed() % 2**31))
+    if not training:
+        return Regularization(zoneout=0.3)
+    return Regularization(
+        0.3, masks.draw((T, B, H), 0.3, DEVICE),
+        masks.draw((T, B, H), 0.3, DEVICE) if cell == "lstm" else None,
+        0.4, masks.draw((B, H), 0.6, DEVICE),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("training", (True, False), ids=("train", "eval"))
+@pytest.mark.parametrize("layout", REG_PLANS)
+@pytest.mark.parametrize("cell", CELLS)
+def test_regularized_step(cell, layout, training):
+    """Zoneout (h and c) and recurrent dropout fused into the step, reverse with lengths
+    (a row's state rides through its padded steps), against the float64 reference: y, the
+    final states, dxg, dh0, dc0 and the weight gradients (h_{t-1} masked as it entered
+    W_hh)."""
+    from gpurnn.backends.common import kernel_weight_grads
+    from gpurnn.backends.numpy import NumpyBackend
+    from gpurnn.backends.triton import _kernel_regularizers
+
+    if layout != "polled" and not training:
+        pytest.skip("eval's zoneout is one rate: the polled layout covers it")
+    T, B, H = 5, 3, 20
+    L = torch.tensor([5, 2, 0])
+    case, gin = make_case(cell, T, B, H, torch.float64, lengths=L, reverse=True,
+                          key=("reg", layout, training))  # fmt: skip
+    G = GATES[cell]
+    plan = make_plan(H, B, G, torch.float64, torch.device(DEVICE), **REG_PLANS[layout])
+    assert plan.on_chip == (layout == "on_chip") and plan.persistent == (layout != "per_step")
+    reg = _regularization(cell, T, B, H, training, ("reg", cell, layout))
+    c = case
+    inputs = Inputs(cell, c["xg"], c["w_hh"], c["h0"], c["c0"], c["lengths"], True, c["b_hn"])
+    kw = _kernel_regularizers(reg)
+    y, h_T, c_T, ws = launch.forward(cell, *inputs[1:8], True, plan=plan, precision="ieee", **kw)
+    dxg, dhn, dh0, dc0 = launch.backward(
+        cell, c["w_hh"], c["h0"], c["c0"], L, True, y, ws, gin["dy"], gin["dh_T"], gin["dc_T"],
+        plan=plan, precision="ieee", **kw,
+    )  # fmt: skip
+    factors = None
+    if reg.recurrent_mask is not None:
+        from gpurnn import masks
+
+        factors = masks.dropout_factors(reg.recurrent_mask, H, reg.recurrent_dropout, y.dtype)
+    dw_hh, db_hn = kernel_weight_grads(cell, dxg, dhn, y, c["h0"], L, True, c["b_hn"], factors)
+
+    numpy = NumpyBackend()
+    ry, rh, rc, _ = numpy.regularized_forward(inputs, reg, False)
+    grads, _ = numpy.regularized_backward(inputs, reg, ry, None, gin["dy"], gin["dh_T"],
+                                          gin["dc_T"])  # fmt: skip
+    got = dict(y=y, h_T=h_T, c_T=c_T, xg=dxg, h0=dh0, c0=dc0, w_hh=dw_hh, b_hn=db_hn)
+    want = dict(y=ry, h_T=rh, c_T=rc, xg=grads.xg, h0=grads.h0, c0=grads.c0, w_hh=grads.w_hh,
+                b_hn=grads.b_hn)  # fmt: skip
+    for name, expected in want.items():
+        check(got[name], _np(expected), torch.float64, f"{cell} {layout} {name}")
 
 
 # ---------------------------------------------------------------- options and introspection

@@ -46,13 +46,16 @@ def previous_states(states: Tensor, init: Tensor, lengths: Tensor | None, revers
     return torch.where(first[..., None], init[None], shifted)
 
 
-def kernel_weight_grads(cell, dxg, dhn, y, h_init, lengths, reverse, b_hn):
+def kernel_weight_grads(cell, dxg, dhn, y, h_init, lengths, reverse, b_hn, h_factors=None):
     """dW_hh and db_hn after a fused backward kernel that wrote dxg (T, B, G*H) and, for GRU,
     dhn (T, B, H): the n block of d(W_hh h), which differs from dxg's by the factor r.
-    One GEMM over every (t, b) against the state each step started from; rows past a
+    One GEMM over every (t, b) against the state each step started from (times h_factors
+    (B, H), the recurrent-dropout mask, where given: what entered W_hh); rows past a
     sequence's end carry zero gradients and add nothing."""
     H = y.shape[-1]
     h_prev = previous_states(y, h_init.to(y.dtype), lengths, reverse)
+    if h_factors is not None:
+        h_prev = h_prev * h_factors.to(y.dtype)
     d_hidden = dxg if dhn is None else torch.cat([dxg[..., : 2 * H], dhn], dim=-1)
     d_hidden, h_prev = d_hidden.reshape(-1, d_hidden.shape[-1]), h_prev.reshape(-1, H)
     acc = torch.float64 if y.dtype == torch.float64 else torch.float32

@@ -29,11 +29,13 @@ from .exchange import (
 from .tiles import (
     _dgates_dots,
     _dgates_ptrs,
+    _load_bits,
     _load_fields,
     _load_whh_cols,
     _row_tile,
     _runtime_zeros,
     _time,
+    _zoneout_weights,
 )
 
 
@@ -148,7 +150,8 @@ def _bwd_own_loads(
 @triton.jit(do_not_specialize=["T", "B", "nrows", "s_begin", "s_end", "wait_bound"])
 def _recurrence_bwd_kernel(
     whh_ptr, h0_ptr, c0_ptr, len_ptr, y_ptr, ws_ptr, dy_ptr,
-    dxg_ptr, dhn_ptr, dhs_ptr, dcs_ptr, sync_ptr,
+    dxg_ptr, dhn_ptr, dhs_ptr, dcs_ptr,
+    zh_ptr, zc_ptr, rmask_ptr, rates_ptr, sync_ptr,
     T, B, nrows, s_begin, s_end, wait_bound,
     CELL: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, NW: tl.constexpr, H: tl.constexpr,
     KC: tl.constexpr, NKC: tl.constexpr, BH: tl.constexpr, BLOCK_B: tl.constexpr,
@@ -156,13 +159,16 @@ def _recurrence_bwd_kernel(
     HAS_LEN: tl.constexpr, REVERSE: tl.constexpr, USE_BARRIER: tl.constexpr,
     POLL: tl.constexpr, ASM: tl.constexpr, SENTINEL: tl.constexpr,
     PREC: tl.constexpr, ACC: tl.constexpr, COUNT_POLLS: tl.constexpr = False,
-    KSPLIT: tl.constexpr = 1,
+    KSPLIT: tl.constexpr = 1, ZONEOUT: tl.constexpr = 0, RDROP: tl.constexpr = False,
 ):  # fmt: skip
     """Steps s in [0, T]: step s < T handles forward step T-1-s; step T only adds the last
     dgates' recurrent contribution (to dh0). dgates (= dxg, except GRU's n block, kept apart in
     dhn as dn_pre * r) are exchanged through their output buffers, or, ON_CHIP (one program
     owns every unit), kept in registers from one step to the next. POLL (resident weights):
-    dxg and dhn start as the sentinel and are polled, as the forward's exchange rows."""
+    dxg and dhn start as the sentinel and are polled, as the forward's exchange rows.
+    Regularized (the forward's ZONEOUT and RDROP): the recurrent product, the gradient of
+    the masked h_t, is multiplied by the mask; zoneout splits dh_t (dc_t) between h̃_t and
+    h_{t-1} by the step's weights."""
     pid_h = tl.program_id(0)
     pid_b = tl.program_id(1)
     nprog = tl.num_programs(0) * tl.num_programs(1)
@@ -186,6 +192,12 @@ def _recurrence_bwd_kernel(
     dc_c = dh_c
     if CELL == LSTM:
         dc_c = tl.load(dcs_ptr + own, mask=m_own, other=0.0).to(ACC)
+    zone_p = 0.0
+    if ZONEOUT == 2:
+        zone_p = tl.load(rates_ptr).to(ACC)
+    if RDROP:
+        keep = _load_bits(rmask_ptr, offs_b.to(tl.int64) * ((H + 7) // 8), offs_j, m_own, ACC)
+        r_keep = keep * tl.load(rates_ptr + 1).to(ACC)
 
     # W_hh[:, own units], gate-major: ON_CHIP G (BH, BH) tiles; RESIDENT G*NKC (KC, BH) tiles
     if ON_CHIP:
@@ -217,6 +229,9 @@ def _recurrence_bwd_kernel(
         s_begin, T, B64, L, mb, mj, offs_j, hrow, wrow, y_ptr, h0_ptr, c0_ptr, ws_ptr, dy_ptr,
         CELL, NW, H, REVERSE, ACC,
     )  # fmt: skip
+    t_first = _time(T - 1 - s_begin, T, REVERSE)
+    w_h, w_c = _zoneout_weights(zh_ptr, zc_ptr, zone_p, t_first, mb & (t_first < L) & (s_begin < T),
+                                B64, offs_b, offs_j, mj, ZONEOUT, CELL, H, ACC)  # fmt: skip
 
     for s in range(s_begin, s_end):
         t = _time(T - 1 - s, T, REVERSE)
@@ -262,14 +277,26 @@ def _recurrence_bwd_kernel(
                                       CELL, G, H)  # fmt: skip
                     wk = _load_w(whh_ptr, offs_k, offs_j, mk, mj, g, H, True)
                     rec += tl.dot(gk, wk, input_precision=PREC, out_dtype=ACC)
+        if RDROP:
+            rec = rec * r_keep  # it is the gradient of the masked h_t
         dh_c += rec
         dh = dh_c + dy
         v2 = valid[:, None]
+        # zoneout: of dh_t, w goes straight to h_{t-1}, (1 - w) through the cell (h̃_t)
+        if ZONEOUT != 0:
+            kept = w_h * dh
+            dh = (1.0 - w_h) * dh
 
         # gate backward for the own units (fields f0.. as WS_FIELDS lays them out, launch.py)
         if CELL == LSTM:
-            d0, d1, d2, d3, dc = _lstm_cell_backward(dh, dc_c, f0, f1, f2, f3, f4, pv)
-            dc_c = tl.where(v2, dc * f1, dc_c)
+            if ZONEOUT != 0:
+                # f4 is the blended c_t; h̃_t came from c̃_t = f c_{t-1} + i g
+                d0, d1, d2, d3, dc = _lstm_cell_backward(dh, (1.0 - w_c) * dc_c, f0, f1, f2, f3,
+                                                         f1 * pv + f0 * f2, pv)  # fmt: skip
+                dc_c = tl.where(v2, dc * f1 + w_c * dc_c, dc_c)
+            else:
+                d0, d1, d2, d3, dc = _lstm_cell_backward(dh, dc_c, f0, f1, f2, f3, f4, pv)
+                dc_c = tl.where(v2, dc * f1, dc_c)
             direct = tl.zeros([BLOCK_B, BH], dtype=ACC)
         elif CELL == GRU:
             rg = f0
@@ -286,6 +313,8 @@ def _recurrence_bwd_kernel(
         else:
             d0 = tl.where(f0 > 0.0, dh, 0.0)
             direct = tl.zeros([BLOCK_B, BH], dtype=ACC)
+        if ZONEOUT != 0:
+            direct += kept
         dh_c = tl.where(v2, direct, dh_c)
 
         # dxg[t] (zeros past a sequence's end); the final step s == T writes nothing
@@ -326,6 +355,10 @@ def _recurrence_bwd_kernel(
             s + 1, T, B64, L, mb, mj, offs_j, hrow, wrow, y_ptr, h0_ptr, c0_ptr, ws_ptr, dy_ptr,
             CELL, NW, H, REVERSE, ACC,
         )  # fmt: skip
+        t_next = _time(T - 2 - s, T, REVERSE)
+        w_h, w_c = _zoneout_weights(zh_ptr, zc_ptr, zone_p, t_next,
+                                    mb & (t_next < L) & (s + 1 < T), B64, offs_b, offs_j, mj,
+                                    ZONEOUT, CELL, H, ACC)  # fmt: skip
         if USE_BARRIER:
             if s + 1 < s_end:
                 _barrier_wait(sync_ptr, (s - s_begin + 1) * nprog, wait_bound, ASM)

@@ -28,7 +28,7 @@ from .exchange import (
     _wait_clock,
     _wait_over,
 )
-from .tiles import _row_tile, _runtime_zeros, _time
+from .tiles import _load_bits, _row_tile, _runtime_zeros, _time, _zoneout_weights
 
 
 @triton.jit
@@ -82,15 +82,22 @@ def _load_xg(xg_ptr, s, s_begin, s_end, T, B64, xrow, col_n, mb, mn, L, G: tl.co
 @triton.jit(do_not_specialize=["T", "B", "nrows", "s_begin", "s_end", "wait_bound"])
 def _recurrence_fwd_kernel(
     xg_ptr, whh_ptr, bhn_ptr, len_ptr,
-    hx_ptr, y_ptr, hs_ptr, cs_ptr, ws_ptr, sync_ptr,
+    hx_ptr, y_ptr, hs_ptr, cs_ptr, ws_ptr,
+    zh_ptr, zc_ptr, rmask_ptr, rates_ptr, sync_ptr,
     T, B, nrows, s_begin, s_end, wait_bound,
     CELL: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, NW: tl.constexpr, H: tl.constexpr,
     KC: tl.constexpr, NKC: tl.constexpr, BH: tl.constexpr, BLOCK_B: tl.constexpr,
     ON_CHIP: tl.constexpr, RESIDENT: tl.constexpr, HAS_LEN: tl.constexpr,
     REVERSE: tl.constexpr, SAVE: tl.constexpr, USE_BARRIER: tl.constexpr, POLL: tl.constexpr,
     ASM: tl.constexpr, SENTINEL: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
-    COUNT_POLLS: tl.constexpr = False,
+    COUNT_POLLS: tl.constexpr = False, ZONEOUT: tl.constexpr = 0, RDROP: tl.constexpr = False,
 ):  # fmt: skip
+    """Regularized (gpurnn.regularized; all off by default, and then compiled out):
+    ZONEOUT 1 blends each own unit's h (and c) with its previous value by the step's packed
+    bits zh (zc), 2 by the rate rates[0] (eval); RDROP multiplies what enters W_hh by the
+    recurrent-dropout mask (packed, (B, ⌈H/8⌉)) times rates[1] = 1/(1 − p): the exchange
+    rows then hold that product, and y is written apart. DropConnect is the launcher's (a
+    masked W_hh, once per launch)."""
     pid_h = tl.program_id(0)
     pid_b = tl.program_id(1)
     nprog = tl.num_programs(0) * tl.num_programs(1)
@@ -107,7 +114,8 @@ def _recurrence_fwd_kernel(
     # Reverse with lengths: a row's steps past its end come first and must carry h0 through
     # to its last valid step, so the exchange holds the running state and y (zeros there)
     # is written apart. Everywhere else the exchange rows are y itself.
-    SEPARATE_Y: tl.constexpr = HAS_LEN and REVERSE
+    # With recurrent dropout the exchange rows hold what enters W_hh (the masked h), not y.
+    SEPARATE_Y: tl.constexpr = (HAS_LEN and REVERSE) or RDROP
     EVEN_K: tl.constexpr = H % KC == 0
     # POLL (resident weights): no grid barrier. The exchange rows start as SENTINEL (a
     # signalling-NaN bit pattern that no arithmetic produces) and each is written once, so a
@@ -124,6 +132,13 @@ def _recurrence_fwd_kernel(
         cs = tl.load(cs_ptr + own, mask=m_own, other=0.0).to(ACC)
     if CELL == GRU:
         bhn = tl.load(bhn_ptr + offs_j, mask=mj, other=0.0).to(ACC)
+    zone_p = 0.0
+    if ZONEOUT == 2:
+        zone_p = tl.load(rates_ptr).to(ACC)
+    if RDROP:
+        # the own units' recurrent-dropout factors (0 or 1/(1 - p)), fixed for the sequence
+        keep = _load_bits(rmask_ptr, offs_b.to(tl.int64) * ((H + 7) // 8), offs_j, m_own, ACC)
+        r_keep = keep * tl.load(rates_ptr + 1).to(ACC)
 
     # Gates fused along N: column n of the (K, GP*BH) weight tile is unit n % BH of gate
     # n // BH (GP = G padded to a power of two), so the 4 warps split one dot by gate instead
@@ -159,6 +174,11 @@ def _recurrence_fwd_kernel(
     # step before (the step's own work does)
     x = _load_xg(xg_ptr, s_begin, s_begin, s_end, T, B64, xrow, col_n, mb, mn, L, G, H,
                  REVERSE).to(ACC)  # fmt: skip
+    # the zoneout weights too, a step ahead (loaded in the step that uses them, they were an
+    # exposed round trip)
+    w_h, w_c = _zoneout_weights(zh_ptr, zc_ptr, zone_p, _time(s_begin, T, REVERSE),
+                                mb & (s_begin < s_end), B64, offs_b, offs_j, mj, ZONEOUT, CELL,
+                                H, ACC)  # fmt: skip
 
     for s in range(s_begin, s_end):
         if ON_CHIP:
@@ -170,7 +190,10 @@ def _recurrence_fwd_kernel(
         # recurrent matvec: (BLOCK_B, H) h_{t-1} times the (H, GP*BH) fused gate tile
         acc = tl.zeros([BLOCK_B, NG], dtype=ACC)
         if ON_CHIP:
-            acc = tl.dot(hs.to(hd), w_res[0], acc, input_precision=PREC, out_dtype=ACC)
+            h_in = hs
+            if RDROP:
+                h_in = hs * r_keep
+            acc = tl.dot(h_in.to(hd), w_res[0], acc, input_precision=PREC, out_dtype=ACC)
         else:
             # exchange row of h_{t-1}: t (forward; row 0 is h0) or t + 1 (reverse; row T)
             prev = (t + REVERSE).to(tl.int64) * B64 * H
@@ -239,6 +262,13 @@ def _recurrence_fwd_kernel(
             h_new = _tanh(x0 + a0)
         else:
             h_new = tl.maximum(x0 + a0, 0.0)
+        h_act = h_new  # the RNN's saved field: its activation, before zoneout
+        if ZONEOUT != 0:
+            # LSTM: c_t blends c̃_t (whose tanh made h̃_t) with c_{t-1}; the workspace keeps
+            # the blended c_t, and the backward rebuilds c̃_t = f c_{t-1} + i g from it
+            h_new = w_h * hs + (1.0 - w_h) * h_new
+            if CELL == LSTM:
+                c_new = w_c * cs + (1.0 - w_c) * c_new
 
         # h_t into its exchange row: t + 1 (forward) or t (reverse). Past a sequence's end
         # y is 0 and the state is kept. The own state is kept as the others see it (rounded).
@@ -247,7 +277,10 @@ def _recurrence_fwd_kernel(
         toff = t.to(tl.int64) * B64
         if SEPARATE_Y:
             hs = tl.where(v2, h_new.to(hd).to(ACC), hs)
-            _store_exchange(hx_ptr + out + own, hs.to(hd), m_own, ASM and POLL)
+            if RDROP:
+                _store_exchange(hx_ptr + out + own, (hs * r_keep).to(hd), m_own, ASM and POLL)
+            else:
+                _store_exchange(hx_ptr + out + own, hs.to(hd), m_own, ASM and POLL)
         else:
             yv = tl.where(v2, h_new, 0.0).to(hd)
             _store_exchange(hx_ptr + out + own, yv, m_own, ASM and POLL)
@@ -280,12 +313,15 @@ def _recurrence_fwd_kernel(
                 tl.store(wp + 2 * H, tl.where(v2, ng, 0.0).to(wd), mask=m_own)
                 tl.store(wp + 3 * H, tl.where(v2, hn, 0.0).to(wd), mask=m_own)
             else:
-                tl.store(wp, tl.where(v2, h_new, 0.0).to(wd), mask=m_own)
+                tl.store(wp, tl.where(v2, h_act, 0.0).to(wd), mask=m_own)
         if ON_CHIP:
             x = x_next.to(ACC)
         else:
             x = _load_xg(xg_ptr, s + 1, s_begin, s_end, T, B64, xrow, col_n, mb, mn, L, G, H,
                          REVERSE).to(ACC)  # fmt: skip
+        w_h, w_c = _zoneout_weights(zh_ptr, zc_ptr, zone_p, _time(s + 1, T, REVERSE),
+                                    mb & (s + 1 < s_end), B64, offs_b, offs_j, mj, ZONEOUT,
+                                    CELL, H, ACC)  # fmt: skip
         if USE_BARRIER:
             if s + 1 < s_end:
                 _barrier_wait(sync_ptr, (s - s_begin + 1) * nprog, wait_bound, ASM)

@@ -251,6 +251,5 @@ def backward(cell, xg, u, h0, lengths, reverse, reg, y, dy, dh_T):
         _indrnn_bwd_kernel[grid](xg, *pointers, y, dy, dh_T, dxg, du_rows, dh0, *sizes, **flags)
     du = du_rows.sum(0)
     if reg.dropconnect_mask is not None:
-        keep = masks.unpack(reg.dropconnect_mask, H, du.dtype)
-        du = du * (keep * masks.dropout_scale(reg.dropconnect))
+        du = du * masks.dropout_factors(reg.dropconnect_mask, H, reg.dropconnect, du.dtype)
     return dxg, du.to(u.dtype), dh0

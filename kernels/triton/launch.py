@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gpurnn import cells
+from gpurnn import cells, masks
 from gpurnn.cells import GATES
 
 from .backward import _recurrence_bwd_kernel
@@ -236,6 +236,32 @@ def _launch_phases(kernel, plan: Plan, T: int, B: int, n_steps: int, args, kw, w
         return sync
 
 
+def _regularized(cell, dt, acc_t, dev, B, H, zoneout, zoneout_h, zoneout_c, recurrent_dropout,
+                 recurrent_mask, dummy):  # fmt: skip
+    """The regularized kernels' extra arguments (zh, zc, rmask, rates: masks packed as
+    gpurnn.masks keeps them, rates = [zoneout p, 1/(1 − recurrent dropout p)] in the
+    accumulation dtype), their batch axes, the switches ZONEOUT / RDROP, and the factors
+    (B, H) by which h enters W_hh (None without recurrent dropout)."""
+    if zoneout_h is not None and (zoneout_h.shape[-1] != masks.packed_width(H)
+                                  or (cell == "lstm") != (zoneout_c is not None)):  # fmt: skip
+        raise ValueError("zoneout needs packed (T, B, ⌈H/8⌉) masks of h, and of c for lstm")
+    rates = torch.tensor([zoneout, masks.dropout_scale(recurrent_dropout)], dtype=acc_t,
+                         device=dev)  # fmt: skip
+    r_keep = None
+    if recurrent_mask is not None:
+        r_keep = masks.dropout_factors(recurrent_mask, H, recurrent_dropout, acc_t)
+    zone = 1 if zoneout_h is not None else 2 if zoneout > 0 else 0
+    args = (
+        zoneout_h if zoneout_h is not None else dummy,
+        zoneout_c if zoneout_c is not None else dummy,
+        recurrent_mask if recurrent_mask is not None else dummy,
+        rates,
+    )
+    axes = (1 if zoneout_h is not None else None, 1 if zoneout_c is not None else None,
+            0 if recurrent_mask is not None else None, None)  # fmt: skip
+    return args, axes, dict(ZONEOUT=zone, RDROP=recurrent_mask is not None), r_keep
+
+
 def _check_poll_counter(poll_counter, device) -> None:
     if poll_counter is None:
         return
@@ -270,9 +296,19 @@ def forward(
     wait_bound: int | None = None,
     poll_counter: torch.Tensor | None = None,
     defer_check: bool = False,
+    zoneout: float = 0.0,
+    zoneout_h: torch.Tensor | None = None,
+    zoneout_c: torch.Tensor | None = None,
+    recurrent_dropout: float = 0.0,
+    recurrent_mask: torch.Tensor | None = None,
 ):
     """Returns y (T, B, H), h_T (B, H), c_T (B, H) or None, workspace ((0,) unless save),
     all in xg.dtype. Inputs must be contiguous (the backend makes them so).
+
+    Regularized (gpurnn.regularized's formulas; not with w_hr): zoneout with the packed
+    masks zoneout_h, zoneout_c (training) or its rate alone (eval), recurrent dropout with
+    the packed (B, ⌈H/8⌉) recurrent_mask (training only). The LSTM workspace then keeps the
+    blended c_t. DropConnect is the caller's: a masked w_hh.
 
     h_{t-1} is exchanged through a (T+1)-row buffer whose first row in processing order
     (0, or T in reverse) holds h0: the step loop has no special first step. y is a view of
@@ -289,7 +325,10 @@ def forward(
     x steps for the attempts per step beyond the first), on the device.
     defer_check: on a GPU, do not sync to check for a timed-out wait; `check_pending` raises
     it later (the backend defers, and gpurnn.functional checks once per module call)."""
+    regularized = zoneout > 0 or recurrent_mask is not None
     if w_hr is not None:
+        if regularized:
+            raise ValueError("the projected LSTM kernels have no zoneout or recurrent dropout")
         return _forward_proj(xg, w_hh, w_hr, h0, c0, lengths, reverse, save, plan, precision,
                              wait_bound, poll_counter, defer_check)  # fmt: skip
     _check_poll_counter(poll_counter, xg.device)
@@ -311,30 +350,35 @@ def forward(
         return xg.new_empty((0, B, H)), hs.to(dt), (cs.to(dt) if cell == "lstm" else None), ws
     hx = _alloc((T + 1, B, H), dt, dev)
     first = T if reverse else 0
-    if lengths is not None and reverse:
-        y = _alloc((T, B, H), dt, dev)
+    dummy = xg
+    reg_args, reg_axes, reg_kw, r_keep = _regularized(
+        cell, dt, acc_t, dev, B, H, zoneout, zoneout_h, zoneout_c, recurrent_dropout,
+        recurrent_mask, dummy,
+    )  # fmt: skip
+    if (lengths is not None and reverse) or reg_kw["RDROP"]:
+        y = _alloc((T, B, H), dt, dev)  # the exchange rows are not y (SEPARATE_Y)
     else:
         y = hx[:T] if reverse else hx[1:]
-    dummy = xg
     if cell == "gru":
         bhn = b_hn if b_hn is not None else torch.zeros(H, dtype=dt, device=dev)
     else:
         bhn = dummy
     args = (
         xg, w_hh, bhn, lengths if lengths is not None else dummy,
-        hx, y, hs, cs, ws if save else dummy,
+        hx, y, hs, cs, ws if save else dummy, *reg_args,
     )  # fmt: skip
     kw = dict(
         CELL=CELL_CODE[cell], G=G, GP=_next_pow2(G), NW=NW, H=H,
         HAS_LEN=lengths is not None, REVERSE=bool(reverse), SAVE=bool(save),
         PREC=_prec(dt, precision), ACC=_acc_dtype(dt), POLL=False, ASM=not interpreting(),
-        SENTINEL=_SENTINEL[dt], COUNT_POLLS=poll_counter is not None,
+        SENTINEL=_SENTINEL[dt], COUNT_POLLS=poll_counter is not None, **reg_kw,
     )  # fmt: skip
     plan = _fit(_recurrence_fwd_kernel, plan, args, kw, dev)
     _fill_polled(plan, dt, hx)  # every row but h0's
-    _put_h0(plan, dt, hx[first], h0)
+    # what enters W_hh at the first step: h0, masked with recurrent dropout
+    _put_h0(plan, dt, hx[first], h0 if r_keep is None or h0 is None else h0 * r_keep)
     has_len = lengths is not None
-    axes = (1, None, None, 0 if has_len else None, 1, 1, 0, 0, 1 if save else None)
+    axes = (1, None, None, 0 if has_len else None, 1, 1, 0, 0, 1 if save else None, *reg_axes)
     sync = _launch_steps(_recurrence_fwd_kernel, plan, T, B, T, args, kw,
                   _wait_bound(wait_bound), dev, axes, defer_check)  # fmt: skip
     _add_failed_polls(poll_counter, sync)
@@ -464,6 +508,11 @@ def backward(
     wait_bound: int | None = None,
     poll_counter: torch.Tensor | None = None,
     defer_check: bool = False,
+    zoneout: float = 0.0,
+    zoneout_h: torch.Tensor | None = None,
+    zoneout_c: torch.Tensor | None = None,
+    recurrent_dropout: float = 0.0,
+    recurrent_mask: torch.Tensor | None = None,
 ):
     """Recurrent part of backward-through-time. Returns
       dxg (T, B, G*H)  gradient of the pre-activations = of xg (0 past a sequence's end),
@@ -475,8 +524,12 @@ def backward(
     LSTM with projection (w_hr given; y, dy, dh_T P wide): the second output is instead dhp
     (T, B, P), the gradient of each step's projected output h_t (0 past a sequence's end):
     dW_hr = sum over t of dhp[t]^T m_t, m_t = o_t * tanh(c_t) from the workspace; dh0 is
-    (B, P). wait_bound, poll_counter and defer_check: as in `forward`."""
+    (B, P). wait_bound, poll_counter, defer_check and the regularizers: as in `forward` (with
+    recurrent dropout, dxg is the gradient of the pre-activations as ever; the weight
+    gradients take h_{t-1} masked, as it entered W_hh)."""
     if w_hr is not None:
+        if zoneout > 0 or recurrent_mask is not None:
+            raise ValueError("the projected LSTM kernels have no zoneout or recurrent dropout")
         return _backward_proj(w_hh, w_hr, c0, lengths, reverse, y, workspace, dy, dh_T, dc_T,
                               plan, precision, wait_bound, poll_counter, defer_check)  # fmt: skip
     _check_poll_counter(poll_counter, y.device)
@@ -498,25 +551,29 @@ def backward(
     zeros = None
     if h0 is None or (cell == "lstm" and c0 is None):
         zeros = torch.zeros(B, H, dtype=dt, device=dev)
+    reg_args, reg_axes, reg_kw, _ = _regularized(
+        cell, dt, acc_t, dev, B, H, zoneout, zoneout_h, zoneout_c, recurrent_dropout,
+        recurrent_mask, y,
+    )  # fmt: skip
     args = (
         w_hh, h0 if h0 is not None else zeros,
         (c0 if c0 is not None else zeros) if cell == "lstm" else y,
         lengths if lengths is not None else y, y, workspace, dy,
-        dxg, dhn if dhn is not None else y, dhs, dcs,
+        dxg, dhn if dhn is not None else y, dhs, dcs, *reg_args,
     )  # fmt: skip
     kw = dict(
         CELL=CELL_CODE[cell], G=G, GP=_next_pow2(G), NW=NW, H=H,
         CHUNKS_PER_TRIP=plan.chunks_per_trip,
         HAS_LEN=lengths is not None, REVERSE=bool(reverse), PREC=_prec(dt, precision),
         ACC=_acc_dtype(dt), POLL=False, ASM=not interpreting(), SENTINEL=_SENTINEL[dt],
-        COUNT_POLLS=poll_counter is not None,
+        COUNT_POLLS=poll_counter is not None, **reg_kw,
     )  # fmt: skip
     plan = _fit(_recurrence_bwd_kernel, plan, args, kw, dev)
     # every dgates element is written once, by the step that owns it: polled
     _fill_polled(plan, dt, dxg, dhn)
     # T + 1 steps: the last one only folds the first step's dgates into dh0
     axes = (None, 0, 0 if cell == "lstm" else None, 0 if lengths is not None else None, 1, 1,
-            1, 1, 1 if dhn is not None else None, 0, 0)  # fmt: skip
+            1, 1, 1 if dhn is not None else None, 0, 0, *reg_axes)  # fmt: skip
     sync = _launch_steps(_recurrence_bwd_kernel, plan, T, B, T + 1, args, kw,
                   _wait_bound(wait_bound), dev, axes, defer_check)  # fmt: skip
     _add_failed_polls(poll_counter, sync)

@@ -1,5 +1,6 @@
 """Tile helpers that more than one kernel family uses: the batch rows and time index a program
-works on, zeros the compiler cannot fold, the loads of the saved workspace fields and of W_hh
+works on, zeros the compiler cannot fold, the loads of packed mask bits and of a step's
+zoneout weights (the regularized plain kernels), of the saved workspace fields and of W_hh
 column blocks, and the backward's recurrent product dgates @ W_hh (`_dgates_dots`, shared by
 the plain and the projected backward). Device code only (@triton.jit); imports the cell
 switch (cell_math) and the exchange loads (exchange).
@@ -10,7 +11,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .cell_math import GRU
+from .cell_math import GRU, LSTM
 from .exchange import _load_exchanged
 
 
@@ -42,6 +43,33 @@ def _runtime_zeros(like, s):
     dependent MMAs a step (about 30 cycles each on sm_90). Started from these, the chunks'
     dots stay independent chains that the tensor cores overlap, and are summed after."""
     return (tl.zeros_like(like) + s) * 0.0
+
+
+@triton.jit
+def _load_bits(ptr, row_off, offs_j, mask, ACC: tl.constexpr):
+    """Bits offs_j of packed mask rows (gpurnn.masks: element j is bit j % 8 of byte j // 8)
+    that start at byte offsets row_off (one per batch row), as 0/1 in ACC; 0 where masked."""
+    byte = tl.load(ptr + row_off[:, None] + (offs_j // 8)[None, :], mask=mask, other=0)
+    return ((byte.to(tl.int32) >> (offs_j % 8)[None, :]) & 1).to(ACC)
+
+
+@triton.jit
+def _zoneout_weights(zh_ptr, zc_ptr, p, t, valid, B64, offs_b, offs_j, mj, ZONEOUT: tl.constexpr,
+                     CELL: tl.constexpr, H: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
+    """How much of its previous h (c) each own unit keeps at step t, (w_h, w_c): the step's
+    zoneout bits in training (ZONEOUT 1: (T, B, ⌈H/8⌉) packed masks), the rate p in eval (2),
+    nothing off (0: scalars, unused). The regularized step is h_t = w h_{t-1} + (1 − w) h̃_t."""
+    if ZONEOUT == 1:
+        row = (B64 * t + offs_b) * ((H + 7) // 8)  # (t may be a Python int, interpreted)
+        m = valid[:, None] & mj[None, :]
+        w_h = _load_bits(zh_ptr, row, offs_j, m, ACC)
+        w_c = w_h
+        if CELL == LSTM:
+            w_c = _load_bits(zc_ptr, row, offs_j, m, ACC)
+    else:
+        w_h = p
+        w_c = p
+    return w_h, w_c
 
 
 @triton.jit
