@@ -117,15 +117,18 @@ def _op(
 
 @_op.register_fake
 def _op_fake(*op_args):
-    inputs, _, _ = _split(op_args)
+    inputs, _, (backend, save) = _split(op_args)
     T, B, GH = inputs.xg.shape
     H = GH // regularized_gate_count(inputs.cell)
     xg = inputs.xg
+    shape, dtype = get_backend(backend).regularized_workspace_spec(
+        inputs.cell, T, B, H, xg.dtype, save
+    )
     return (
         xg.new_empty(T, B, _out_size(inputs.cell, inputs.w_hh)),
         xg.new_empty(B, _out_size(inputs.cell, inputs.w_hh)),
         xg.new_empty(B, H) if inputs.cell == "lstm" else _empty(xg),
-        _empty(xg),  # no backend keeps a workspace for these yet: their backward recomputes
+        xg.new_empty(shape, dtype=dtype),
     )
 
 

@@ -451,9 +451,12 @@ def test_torch_compile_fullgraph():
 
 
 def test_triton_refuses_by_name_and_auto_routes_to_torch(monkeypatch):
-    module = gpurnn.LSTM(3, 4, layer_norm=True, zoneout=0.1, backend="triton")
     reason = gpurnn.available_backends()["triton"]
-    with pytest.raises(RuntimeError, match="zoneout, layer_norm" if reason is None else "triton"):
+    module = gpurnn.LSTM(3, 4, layer_norm=True, zoneout=0.1, backend="triton")
+    with pytest.raises(RuntimeError, match="layer_norm is not in" if reason is None else "triton"):
+        module(torch.randn(2, 1, 3))
+    module = gpurnn.LSTM(3, 4, proj_size=2, zoneout=0.1, backend="triton")
+    with pytest.raises(RuntimeError, match="proj_size" if reason is None else "triton"):
         module(torch.randn(2, 1, 3))
     monkeypatch.setenv("GPURNN_BACKEND", "auto")
     assert (
@@ -518,6 +521,84 @@ def test_indrnn_triton_dtypes(dtype):
     for name in expected:
         assert got[name].dtype == dtype
         assert_close(got[name], expected[name], dtype, name)
+
+
+# ------------------------------------------------------------------ LSTM, GRU, RNN on Triton
+
+MASKS = dict(zoneout=0.3, recurrent_dropout=0.3, dropconnect=0.3)
+TRITON_CASES = [(cell, True) for cell in CELLS[:4]] + [("lstm", False), ("gru", False)]
+
+
+@needs_triton
+@pytest.mark.parametrize(
+    "cell, training", TRITON_CASES, ids=[f"{c}-{'train' if t else 'eval'}" for c, t in TRITON_CASES]
+)
+def test_triton_layers_match_reference(cell, training):
+    """The plain Triton kernels with zoneout and recurrent dropout in the step and
+    DropConnect's masked W_hh (interpreted on CPU): 2 layers, bidirectional, packed, hx,
+    inter-layer dropout, every output and gradient against the reference."""
+    layout = dict(input_size=3, hidden_size=5, num_layers=2, bidirectional=True, dropout=0.2)
+    module = _make(cell, MASKS, **layout)
+    _randomize(module, seeded_generator("triton-reg", cell))
+    module.train(training)
+    x, hx, lengths = _inputs(cell, 4, 3, 3, 5, 2, 2, ("x-triton-reg", cell))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    module, x, hx = module.to(device), x.to(device), tuple(h.to(device) for h in hx)
+    expected = _run(module, "numpy", 23, x, hx, lengths, False)
+    _compare(_run(module, "triton", 23, x, hx, lengths, False), expected, F64)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_regularized_dtypes(dtype):
+    module = gpurnn.GRU(4, 16, batch_first=True, dtype=F64, **MASKS)
+    _randomize(module, seeded_generator("triton-reg-dtype"))
+    x, hx, lengths = _inputs("gru", 6, 3, 4, 16, 1, 1, ("x-triton-reg-dt",), batch_first=True)
+    expected = _run(module, "numpy", 5, x, hx, lengths, True)
+    module = module.to(dtype)
+    got = _run(module, "triton", 5, x.to(dtype), tuple(h.to(dtype) for h in hx), lengths, True)
+    for name in expected:
+        assert got[name].dtype == dtype
+        assert_close(got[name], expected[name], dtype, name)
+
+
+@needs_triton
+def test_triton_regularized_compiles_fullgraph():
+    """torch.compile sees the kernels' workspace (the op's fake asks the backend for its
+    shape): one graph, the same outputs and gradients as eagerly under the same seed."""
+    module = gpurnn.LSTM(3, 4, dtype=F64, backend="triton", **MASKS)
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    x = torch.randn(5, 2, 3, dtype=F64, requires_grad=True)
+    torch.manual_seed(9)
+    out, _ = compiled(x)
+    (g,) = torch.autograd.grad(out.sum(), x)
+    torch.manual_seed(9)
+    eager, _ = module(x)
+    torch.testing.assert_close(out, eager)
+    torch.testing.assert_close(g, torch.autograd.grad(eager.sum(), x)[0])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_regularized_gpu_real_size(dtype):
+    """LSTM H=768, B=16, T=1024 with zoneout, recurrent dropout and DropConnect on a GPU:
+    the kernels against the torch loop in float64, the same masks."""
+    module = gpurnn.LSTM(768, 768, device="cuda", **MASKS)
+    x = torch.randn(1024, 16, 768, device="cuda")
+    results = {}
+    for backend, dt in (("torch", F64), ("triton", dtype)):
+        m = module.to(dt)
+        m.zero_grad(set_to_none=True)
+        xs = x.to(dt).requires_grad_()
+        torch.manual_seed(0)
+        with gpurnn.use_backend(backend):
+            out, (h, c) = m(xs)
+        (out.float().sin().sum() + h.float().sum() + c.float().sum()).backward()
+        results[backend] = [out, h, c, xs.grad, m.weight_hh_l0.grad, m.weight_ih_l0.grad]
+    tol = {torch.float32: 1e-3, torch.bfloat16: 6e-2}[dtype]
+    for got, want in zip(results["triton"], results["torch"]):
+        scale = want.abs().max().item() or 1.0
+        assert (got.double() - want).abs().max().item() / scale < tol
 
 
 @pytest.mark.gpu

@@ -129,6 +129,13 @@ class Backend(ABC):
         """As `auto_reason`, for a regularized recurrence it runs."""
         return None
 
+    def regularized_workspace_spec(
+        self, cell: str, T: int, B: int, H: int, dtype: torch.dtype, save: bool
+    ) -> tuple[tuple[int, ...], torch.dtype]:
+        """As `workspace_spec`, for `regularized_forward` (none by default: backward
+        recomputes)."""
+        return (0,), dtype
+
     def regularized_forward(
         self, inputs: Inputs, reg: Regularization, save: bool
     ) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:

@@ -142,12 +142,10 @@ def regularized_loop(inputs, reg):
         w = inputs.w_hh.to(acc)
         H_out = w.shape[0] if cell in INDRNN_CELLS else w.shape[1]
         if reg.dropconnect_mask is not None:
-            keep = masks.unpack(reg.dropconnect_mask, w.shape[-1], acc)
-            w = w * (keep * masks.dropout_scale(reg.dropconnect))
+            w = w * masks.dropout_factors(reg.dropconnect_mask, w.shape[-1], reg.dropconnect, acc)
         h_scale = None
         if reg.recurrent_mask is not None:
-            keep = masks.unpack(reg.recurrent_mask, H_out, acc)
-            h_scale = keep * masks.dropout_scale(reg.recurrent_dropout)
+            h_scale = masks.dropout_factors(reg.recurrent_mask, H_out, reg.recurrent_dropout, acc)
 
         def cast(*ts):
             return None if ts[0] is None else tuple(t.to(acc) for t in ts)

@@ -21,8 +21,10 @@ import threading
 import torch
 from torch import Tensor
 
-from gpurnn.backends.base import Backend, Grads, Inputs, LayerNormGrads
+from gpurnn import masks
+from gpurnn.backends.base import Backend, Grads, Inputs, LayerNormGrads, Regularization
 from gpurnn.backends.common import kernel_weight_grads, projection_grad
+from gpurnn.cells import INDRNN_CELLS
 
 try:  # triton is optional (e.g. macOS); the kernels module imports it at the top
     from gpurnn.kernels.triton import independent as _independent
@@ -136,15 +138,16 @@ class TritonBackend(Backend):
 
     # ------------------------------------------------------------------ forward
 
-    def _forward(self, inputs: Inputs, save: bool):
+    def _forward(self, inputs: Inputs, save: bool, reg: Regularization | None = None):
         with _launching():
-            return self._launch_forward(inputs, save)
+            return self._launch_forward(inputs, save, reg)
 
-    def _launch_forward(self, inputs: Inputs, save: bool):
+    def _launch_forward(self, inputs: Inputs, save: bool, reg: Regularization | None = None):
         return _launch.forward(
-            inputs.cell, inputs.xg.contiguous(), inputs.w_hh.contiguous(), _c(inputs.h0),
+            inputs.cell, inputs.xg.contiguous(), _weights(inputs.w_hh, reg), _c(inputs.h0),
             _c(inputs.c0), _c(inputs.lengths), inputs.reverse, _c(inputs.b_hn), save,
             w_hr=_c(inputs.w_hr), precision=self.fp32_precision, defer_check=True,
+            **_kernel_regularizers(reg),
         )  # fmt: skip
 
     def check_deferred(self) -> None:
@@ -160,24 +163,29 @@ class TritonBackend(Backend):
     # ------------------------------------------------------------------ backward
 
     def backward(self, inputs, y, workspace, dy, dh_T, dc_T):
+        return self._backward(inputs, y, workspace, dy, dh_T, dc_T)
+
+    def _backward(self, inputs, y, workspace, dy, dh_T, dc_T, reg: Regularization | None = None):
         cell, h0, c0, lengths, b_hn = inputs.cell, inputs.h0, inputs.c0, inputs.lengths, inputs.b_hn
         reverse = inputs.reverse
         T, B, H_out = y.shape  # H_out: P for a projected LSTM, else H
         w_hh = inputs.w_hh.contiguous()
+        w_run = _weights(w_hh, reg)  # what the forward multiplied by (DropConnect: masked)
         w_hr = _c(inputs.w_hr)
         if workspace.numel() == 0 and T * B * H_out > 0:
             # recompute: rebuild the activations (y again too: it is the exchange buffer,
             # and the values match the saved y bit for bit)
             if inputs.xg is None:
                 raise RuntimeError("triton backward: no workspace saved and no xg to recompute it")
-            y, _, _, workspace = self._forward(inputs, True)
+            y, _, _, workspace = self._forward(inputs, True, reg)
         y = y.contiguous()
         workspace = workspace.contiguous()
         with _launching():
             dxg, dhn, dh0, dc0 = _launch.backward(
-                cell, w_hh, _c(h0), _c(c0), _c(lengths), reverse, y, workspace,
+                cell, w_run, _c(h0), _c(c0), _c(lengths), reverse, y, workspace,
                 dy.contiguous(), dh_T.contiguous(), _c(dc_T) if cell == "lstm" else None,
                 w_hr=w_hr, precision=self.fp32_precision, defer_check=True,
+                **_kernel_regularizers(reg),
             )  # fmt: skip
 
         dw_hr = None
@@ -186,7 +194,15 @@ class TritonBackend(Backend):
             dhp, dhn = dhn, None
             dw_hr = projection_grad(dhp, workspace, w_hr.shape[1])
         h_init = h0 if h0 is not None else y.new_zeros(B, H_out)
-        dw_hh, db_hn = kernel_weight_grads(cell, dxg, dhn, y, h_init, lengths, reverse, b_hn)
+        h_factors = None  # recurrent dropout: h_{t-1} entered W_hh masked
+        if reg is not None and reg.recurrent_mask is not None:
+            h_factors = masks.dropout_factors(reg.recurrent_mask, H_out, reg.recurrent_dropout,
+                                              y.dtype)  # fmt: skip
+        dw_hh, db_hn = kernel_weight_grads(cell, dxg, dhn, y, h_init, lengths, reverse, b_hn,
+                                           h_factors)  # fmt: skip
+        if reg is not None and reg.dropconnect_mask is not None:
+            dw_hh = dw_hh * masks.dropout_factors(reg.dropconnect_mask, w_hh.shape[1],
+                                                  reg.dropconnect, dw_hh.dtype)  # fmt: skip
         return Grads(
             xg=dxg,
             w_hh=dw_hh.to(w_hh.dtype),
@@ -197,23 +213,40 @@ class TritonBackend(Backend):
         )
 
     # ------------------------------------------------------------ regularized recurrences
-    # IndRNN (kernels/triton/independent.py: masks and zoneout fused into the step); the
-    # regularized LSTM/GRU/RNN are not in the kernels yet: refused by name, auto takes torch
+    # IndRNN: its own kernels (kernels/triton/independent.py: no exchange; masks and zoneout
+    # fused). LSTM, GRU, RNN: the plain kernels with zoneout and recurrent dropout switched
+    # on in the step (ZONEOUT, RDROP), DropConnect a masked W_hh once per launch. LayerNorm
+    # and projections are not in the kernels yet: refused by name.
 
     def regularized_unsupported_reason(self, cell, device, dtype, projected, kinds):
-        from gpurnn.cells import INDRNN_CELLS
-
-        if cell not in INDRNN_CELLS:
-            return super().regularized_unsupported_reason(cell, device, dtype, projected, kinds)
-        return self.unsupported_reason("rnn_tanh", device, dtype, False)
+        if cell in INDRNN_CELLS:
+            return self.unsupported_reason("rnn_tanh", device, dtype, False)
+        if "layer_norm" in kinds:
+            return (
+                "layer_norm is not in the triton kernels yet (zoneout, recurrent_dropout and "
+                "dropconnect are); the torch and numpy backends run it"
+            )
+        if projected:
+            return (
+                "the projected LSTM kernels (proj_size) have no regularizers yet; the torch "
+                "and numpy backends run them"
+            )
+        return self.unsupported_reason(cell, device, dtype, False)
 
     def regularized_auto_reason(self, cell):
         if torch.cuda.is_available():
             # checked under the interpreter against the reference, not yet run on a GPU
-            return "the IndRNN kernel has not yet passed its GPU tests"
+            return "the regularized triton kernels have not yet passed their GPU tests"
         return None
 
+    def regularized_workspace_spec(self, cell, T, B, H, dtype, save):
+        if cell in INDRNN_CELLS:
+            return (0,), dtype  # its backward recomputes each step from y
+        return self.workspace_spec(cell, T, B, H, dtype, save)
+
     def regularized_forward(self, inputs, reg, save):
+        if inputs.cell not in INDRNN_CELLS:
+            return self._forward(inputs, save and not self.recompute, reg)
         y, h_T = _independent.forward(
             inputs.cell, inputs.xg.contiguous(), inputs.w_hh.contiguous(), _c(inputs.h0),
             _c(inputs.lengths), inputs.reverse, reg,
@@ -221,6 +254,8 @@ class TritonBackend(Backend):
         return y, h_T, None, inputs.xg.new_empty(0)
 
     def regularized_backward(self, inputs, reg, y, workspace, dy, dh_T, dc_T):
+        if inputs.cell not in INDRNN_CELLS:
+            return self._backward(inputs, y, workspace, dy, dh_T, dc_T, reg), LayerNormGrads()
         h0 = inputs.h0
         dxg, du, dh0 = _independent.backward(
             inputs.cell, inputs.xg.contiguous(), inputs.w_hh.contiguous(), _c(h0),
@@ -229,3 +264,23 @@ class TritonBackend(Backend):
         )  # fmt: skip
         grads = Grads(dxg, du, dh0 if h0 is not None else None, None, None, None)
         return grads, LayerNormGrads()
+
+
+def _weights(w_hh: Tensor, reg: Regularization | None) -> Tensor:
+    """W_hh as the kernels multiply by it: with DropConnect masked (once per launch)."""
+    w_hh = w_hh.contiguous()
+    if reg is None or reg.dropconnect_mask is None:
+        return w_hh
+    factors = masks.dropout_factors(reg.dropconnect_mask, w_hh.shape[1], reg.dropconnect,
+                                    w_hh.dtype)  # fmt: skip
+    return w_hh * factors
+
+
+def _kernel_regularizers(reg: Regularization | None) -> dict:
+    """The launchers' keywords for what the step itself does (zoneout, recurrent dropout)."""
+    if reg is None:
+        return {}
+    return dict(
+        zoneout=reg.zoneout, zoneout_h=_c(reg.zoneout_h), zoneout_c=_c(reg.zoneout_c),
+        recurrent_dropout=reg.recurrent_dropout, recurrent_mask=_c(reg.recurrent_mask),
+    )  # fmt: skip
