@@ -48,9 +48,14 @@ def test_step_loop_shape(resources, index):
     """Ceilings the step loops meet (and the first kernels did not: 12 dependent h loads and
     57 block barriers per forward step at LSTM H=768, 48 dgates round trips and W_hh loads in
     the backward's loop)."""
-    cell, dt, H, B, bwd, P = _fields(VARIANTS[index])
+    cell, dt, H, B, bwd, P, reg = _fields(VARIANTS[index])
     r = resources[index]
     plan = plan_for(VARIANTS[index])
+    # the regularized step ("masks": zoneout in training, recurrent dropout) loads one more
+    # bit tile a step per zoneout mask (h; c for LSTM), issued a step ahead, and converts the
+    # forward's to the gates' layout through shared memory (block barriers); no other cost
+    mask_ldg = (2 if cell == "lstm" else 1) if reg else 0
+    mask_bar = 10 if reg and not bwd else 0
     if P:
         # two phases (and two grid barriers) per step: the ceilings below are the
         # one-phase kernels'; the projected kernels are held to no spills only
@@ -62,13 +67,13 @@ def test_step_loop_shape(resources, index):
     if plan.resident:
         # weights stay in shared memory: the only other global loads are the step's own
         # inputs (xg forward; dy, the saved fields and c/h_{t-1} backward)
-        assert r["other_ldg"] <= (4 if not bwd else 16), r
+        assert r["other_ldg"] <= (4 if not bwd else 16) + mask_ldg, r
     if not bwd and plan.resident and plan.BLOCK_B == 16:
         # every h load of the step is issued before the first is used: one round trip
         # (ptxas sometimes consumes the first one early in the grid-barrier build: 2 there)
         assert r["trips"] <= (1 if _polls(plan) else 2), f"the h loads wait on each other: {r}"
         # polled: + the sentinel check's block reduction (a grid barrier: its spin)
-        assert r["bar"] <= (10 if _polls(plan) else 8), r
+        assert r["bar"] <= (10 if _polls(plan) else 8) + mask_bar, r
     if plan.resident and not plan.on_chip and _polls(plan):
         # no grid barrier is left, and a failed poll re-enters at the loads: the one polling
         # loop of a step (per backward wave) loads exchanged data again and multiplies
@@ -107,6 +112,20 @@ def test_headline_step_shape(resources, index):
     assert r["spills"] == 0 and r["local"] == 0, r
     assert r["retry"] == "loads" and r["retry_loops"] >= 1, r
     assert r["trips"] <= (2 if _fields(VARIANTS[index])[4] else 1), r
+
+
+MASKED = [i for i, v in enumerate(VARIANTS) if _fields(v)[6]]
+
+
+@pytest.mark.parametrize("index", MASKED, ids=[IDS[i] for i in MASKED])
+def test_masks_add_no_round_trip(resources, index):
+    """Zoneout and recurrent dropout fused into the step cost no memory round trip: the
+    same dependent exchange loads and exposed own loads as the plain kernel's step."""
+    fields = _fields(VARIANTS[index])
+    plain = next(i for i, v in enumerate(VARIANTS) if _fields(v) == (*fields[:6], ""))
+    r, base = resources[index], resources[plain]
+    assert r["spills"] == 0 and r["local"] == 0, r
+    assert (r["trips"], r["own_trips"]) == (base["trips"], base["own_trips"]), (r, base)
 
 
 if __name__ == "__main__":

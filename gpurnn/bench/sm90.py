@@ -5,9 +5,12 @@ counts of their step loops: the table every kernel change is judged by without a
 an H100 (132 SMs); the cubin's resources come from the cuobjdump Triton ships, its SASS from
 nvdisasm (`gpurnn.bench.sass` counts the step loop). Variants: every cell at the headline
 size (H=768, B=16, bf16) forward and backward, plus one of each other kind of plan (on
-chip, 64-row batch tiles, streamed weights, fp16/fp32), and the LSTM with projection (its
-own kernels; a sixth field P names the projection). fp32 compiles as the backend runs it
-(tf32 dots).
+chip, 64-row batch tiles, streamed weights, fp16/fp32), the LSTM with projection (its
+own kernels; a sixth field P names the projection), and the regularized step at the
+headline size (a seventh field: "masks", zoneout in training and recurrent dropout fused
+into the plain kernels). fp32 compiles as the backend runs it (tf32 dots). Every
+compile-time switch is passed explicitly, as a launch binds it (a defaulted one left out
+of an ASTSource compiles differently).
 
     python -m gpurnn.bench.sm90                    # the table (and one JSON line)
     python -m gpurnn.bench.sm90 --record main      # into benchmarks/sass_counts.json as "main"
@@ -72,22 +75,30 @@ VARIANTS = [
     ("lstm", "bf16", 1024, 16, True, 256),
     ("lstm", "bf16", 1024, 64, False, 256),
     ("lstm", "bf16", 1024, 64, True, 256),
+    # (cell, dtype, H, B, backward, P, regularizers): zoneout masks + recurrent dropout
+    *[
+        (cell, "bf16", 768, 16, bwd, 0, "masks")
+        for cell in ("lstm", "gru")
+        for bwd in (False, True)
+    ],  # fmt: skip
 ]
 
 
 def _fields(v):
-    """(cell, dtype, H, B, backward, P), P = 0 without projection."""
-    return (*v, 0) if len(v) == 5 else tuple(v)
+    """(cell, dtype, H, B, backward, P, regularizers), P = 0 without projection,
+    regularizers "" (none) or "masks"."""
+    return (*v, 0, "")[:7] if len(v) == 5 else (*v, "")[:7]
 
 
 def _id(v):
-    cell, dt, H, B, bwd, P = _fields(v)
+    cell, dt, H, B, bwd, P, reg = _fields(v)
     proj = f"-P{P}" if P else ""
-    return f"{cell}-{dt}-H{H}{proj}-B{B}-{'bwd' if bwd else 'fwd'}"
+    masks = f"-{reg}" if reg else ""
+    return f"{cell}-{dt}-H{H}{proj}-B{B}{masks}-{'bwd' if bwd else 'fwd'}"
 
 
 def plan_for(v) -> Plan:
-    cell, dt, H, B, bwd, P = _fields(v)
+    cell, dt, H, B, bwd, P, _ = _fields(v)
     return make_plan(H, B, GATES[cell], TORCH_DT[dt], torch.device("cuda"), backward=bwd,
                      sm_count=H100_SMS, proj_size=P or None)  # fmt: skip
 
@@ -97,7 +108,9 @@ def _signature(fn, dt: str) -> dict[str, str]:
     for name in fn.arg_names:
         if name.endswith("_ptr"):
             sig[name] = ("*i64" if name == "len_ptr" else "*i32" if name == "sync_ptr"
-                         else "*fp32" if name in ("hs_ptr", "cs_ptr", "dhs_ptr", "dcs_ptr")
+                         else "*fp32" if name in ("hs_ptr", "cs_ptr", "dhs_ptr", "dcs_ptr",
+                                                  "rates_ptr")
+                         else "*u8" if name in ("zh_ptr", "zc_ptr", "rmask_ptr")
                          else "*" + dt)  # fmt: skip
         elif name in ("T", "B", "nrows", "s_begin", "s_end", "wait_bound"):
             sig[name] = "i32"
@@ -106,7 +119,7 @@ def _signature(fn, dt: str) -> dict[str, str]:
 
 def compile_variant(v) -> dict:
     """Compile one variant for sm_90 as make_plan lays it out; resources and step-loop counts."""
-    cell, dt, H, B, bwd, P = _fields(v)
+    cell, dt, H, B, bwd, P, reg = _fields(v)
     plan = plan_for(v)
     G = GATES[cell]
     kw = dict(
@@ -133,7 +146,9 @@ def compile_variant(v) -> dict:
     else:
         fn = _recurrence_fwd_kernel
         kw.update(GP=_next_pow2(G), SAVE=True)
-    kw.update(POLL=_polls(plan), ASM=True, SENTINEL=_SENTINEL[TORCH_DT[dt]])
+    kw.update(POLL=_polls(plan), ASM=True, SENTINEL=_SENTINEL[TORCH_DT[dt]], COUNT_POLLS=False)
+    if not P:
+        kw.update(ZONEOUT=1 if reg else 0, RDROP=bool(reg))
     kw["USE_BARRIER"] = kw["USE_BARRIER"] and not kw["POLL"]
     sig = _signature(fn, dt)
     # torch allocations are 16-byte aligned; the JIT tells the compiler so, and so do we

@@ -98,9 +98,16 @@ def features(c: dict) -> dict[str, float]:
     )
 
 
-def variant_id(cell: str, dtype: str, H: int, B: int, backward: bool, P: int = 0) -> str:
+# a kernel row's shape ends with this when zoneout and recurrent dropout were on (step
+# timing's masked cases); its counts are the sm_90 variant's with regularizers "masks"
+MASKED_SHAPE = "-zo-rd"
+
+
+def variant_id(cell: str, dtype: str, H: int, B: int, backward: bool, P: int = 0,
+               masks: bool = False) -> str:  # fmt: skip
     proj = f"-P{P}" if P else ""
-    return f"{cell}-{dtype}-H{H}{proj}-B{B}-{'bwd' if backward else 'fwd'}"
+    reg = "-masks" if masks else ""
+    return f"{cell}-{dtype}-H{H}{proj}-B{B}{reg}-{'bwd' if backward else 'fwd'}"
 
 
 def measured_rows(path: Path = RESULTS_CSV) -> list[dict]:
@@ -117,7 +124,7 @@ def measured_rows(path: Path = RESULTS_CSV) -> list[dict]:
             out.append(dict(
                 card=r["card"], commit=r["commit"], date=r["date"][:10],
                 variant=variant_id(r["cell"], r["dtype"], int(r["H"]), int(r["B"]),
-                                   r["mode"] == "bwd", P),
+                                   r["mode"] == "bwd", P, r["shape"].endswith(MASKED_SHAPE)),
                 us=float(r["us_per_step"]),
                 failed_polls=float(r["failed_polls"]) if r.get("failed_polls") else None,
             ))  # fmt: skip

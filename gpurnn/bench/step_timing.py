@@ -6,7 +6,8 @@ process torch.nn's LSTM/GRU/RNN (cuDNN) at the same shape, forward (no_grad) and
 forward + backward, for the ratio. cuDNN's numbers are whole layers (its input GEMM
 included), so the ratio bounds what gpurnn's whole layer can reach with these kernels.
 For the headline case, where a kernel polls what it exchanges, the same kernel with a grid
-barrier instead is timed beside it.
+barrier instead is timed beside it, and so is the regularized step (zoneout and recurrent
+dropout fused; its rows' shape ends with -zo-rd).
 
     python -m gpurnn.bench.step_timing --out out/step_timing.jsonl --csv out/results.csv
     python -m gpurnn.bench.step_timing --cases lstm-bf16-H768-B16 --steps 1024
@@ -34,6 +35,8 @@ import sys
 import time
 from pathlib import Path
 
+from gpurnn.bench.step_model import MASKED_SHAPE
+
 
 @dataclasses.dataclass(frozen=True)
 class Case:
@@ -45,12 +48,15 @@ class Case:
     T: int = 0  # steps, where a case fixes them (0: --steps)
     # also time the grid-barrier kernels where the planned ones poll (two more compiles)
     barrier_too: bool = False
+    # zoneout (training masks, p = 0.1) and recurrent dropout (p = 0.25) fused into the step
+    masks: bool = False
 
     @property
     def id(self) -> str:
         proj = f"-P{self.P}" if self.P else ""
         steps = f"-T{self.T}" if self.T else ""
-        return f"{self.cell}-{self.dtype}-H{self.H}{proj}-B{self.B}{steps}"
+        masks = "-masks" if self.masks else ""
+        return f"{self.cell}-{self.dtype}-H{self.H}{proj}-B{self.B}{steps}{masks}"
 
 
 # the shapes the benchmarks and the dispatch table turn on, most telling first: the
@@ -62,6 +68,7 @@ CASES = [
     Case("lstm", "bf16", 768, 64),
     Case("gru", "bf16", 768, 16),
     Case("rnn_tanh", "bf16", 768, 16),
+    Case("lstm", "bf16", 768, 16, masks=True),  # the regularized step beside the headline's
     Case("lstm", "bf16", 1024, 256),
     Case("lstm", "fp16", 768, 16),
     Case("lstm", "bf16", 1024, 16, P=256, T=1024),  # LSTMP, cuDNN's nn.LSTM(proj_size=256)
@@ -69,7 +76,8 @@ CASES = [
     Case("lstm", "bf16", 128, 1),
 ]
 # without a GPU: the interpreter runs fp32 only (its bf16 dot is broken), tiny sizes
-DRY_RUN_CASES = [Case("lstm", "fp32", 16, 2), Case("lstm", "fp32", 16, 2, P=8)]
+DRY_RUN_CASES = [Case("lstm", "fp32", 16, 2), Case("lstm", "fp32", 16, 2, P=8),
+                 Case("lstm", "fp32", 16, 2, masks=True)]  # fmt: skip
 
 
 def parse_args(argv=None):
@@ -159,8 +167,10 @@ def kernel_rows(r: dict, run: dict) -> list[dict]:
         if us is None:
             continue
         polls = r.get(key + "_failed_polls")
+        masked = MASKED_SHAPE if r.get("masks") else ""
         rows.append({
-            **run, "suite": "kernel", "shape": f"{r['cell']}-T{r['T']}-B{r['B']}-H{r['H']}",
+            **run, "suite": "kernel",
+            "shape": f"{r['cell']}-T{r['T']}-B{r['B']}-H{r['H']}{masked}",
             "cell": r["cell"], "T": r["T"], "B": r["B"], "H": r["H"], "layers": 1,
             "bidirectional": 0, "dtype": r["dtype"], "impl": impl, "mode": mode, "status": "ok",
             "ms": f"{us * r['T'] / 1e3:.4g}", "us_per_step": f"{us:.4g}",
@@ -230,8 +240,11 @@ def time_case(case: Case, T: int, reps: int, device, baseline: bool = True) -> d
     c0 = torch.zeros(B, H, device=device, dtype=dtype) if cell == "lstm" else None
     b_hn = rand(H) if cell == "gru" else None
 
+    reg = _masks(case, T, B, H, device)
+
     def fwd(save):
-        return launch.forward(cell, xg, w_hh, h0, c0, None, False, b_hn, save, w_hr=w_hr)
+        return launch.forward(cell, xg, w_hh, h0, c0, None, False, b_hn, save, w_hr=w_hr,
+                              **reg)  # fmt: skip
 
     y, _, _, ws = fwd(True)
     dy, dh_T = rand(T, B, H_out), rand(B, H_out)
@@ -239,7 +252,7 @@ def time_case(case: Case, T: int, reps: int, device, baseline: bool = True) -> d
 
     def bwd():
         return launch.backward(cell, w_hh, h0, c0, None, False, y, ws, dy, dh_T, dc_T,
-                               w_hr=w_hr)  # fmt: skip
+                               w_hr=w_hr, **reg)  # fmt: skip
 
     timer = _Timer(device, reps)
     out = {}
@@ -271,12 +284,12 @@ def time_case(case: Case, T: int, reps: int, device, baseline: bool = True) -> d
     if _polls(plan_fwd):
         out["triton_fwd_failed_polls"] = _failed_polls(
             lambda c: launch.forward(cell, xg, w_hh, h0, c0, None, False, b_hn, False,
-                                     w_hr=w_hr, poll_counter=c),
+                                     w_hr=w_hr, poll_counter=c, **reg),
             plan_fwd, T, device)  # fmt: skip
     if _polls(plan_bwd):
         out["triton_bwd_failed_polls"] = _failed_polls(
             lambda c: launch.backward(cell, w_hh, h0, c0, None, False, y, ws, dy, dh_T, dc_T,
-                                      w_hr=w_hr, poll_counter=c),
+                                      w_hr=w_hr, poll_counter=c, **reg),
             plan_bwd, T + 1, device)  # fmt: skip
 
     us = 1e3 / T
@@ -290,6 +303,23 @@ def time_case(case: Case, T: int, reps: int, device, baseline: bool = True) -> d
     if baseline:
         out.update(_baseline(case, T, device, timer, rand, fwd_ms, fwd_save_ms + bwd_ms))
     return out
+
+
+def _masks(case: Case, T: int, B: int, H: int, device) -> dict:
+    """The launchers' regularizer keywords of a masked case (drawn as gpurnn.regularized
+    draws them), else none."""
+    if not case.masks:
+        return {}
+    import torch
+
+    from gpurnn import masks
+
+    torch.manual_seed(0)
+    return dict(
+        zoneout=0.1, zoneout_h=masks.draw((T, B, H), 0.1, device),
+        zoneout_c=masks.draw((T, B, H), 0.1, device) if case.cell == "lstm" else None,
+        recurrent_dropout=0.25, recurrent_mask=masks.draw((B, H), 0.75, device),
+    )  # fmt: skip
 
 
 def _failed_polls(run, plan, steps: int, device) -> float:
