@@ -66,7 +66,8 @@ GRACE=2
 
 # the smoke tests and the rest of the triton GPU tests
 SMOKE_TESTS=${SMOKE_TESTS:-"tests/test_triton_plans_gpu.py::test_exchange_kinds"}
-TRITON_TESTS=${TRITON_TESTS:-"tests/test_triton_gpu.py tests/test_triton_proj_gpu.py tests/test_triton_plans_gpu.py tests/test_l2_pingpong.py"}
+# (last: the regularized kernels at real size, IndRNN's and the masked LSTM's)
+TRITON_TESTS=${TRITON_TESTS:-"tests/test_triton_gpu.py tests/test_triton_proj_gpu.py tests/test_triton_plans_gpu.py tests/test_l2_pingpong.py tests/test_regularized.py"}
 CUPY_TESTS=${CUPY_TESTS:-"tests/test_cupy_backend.py"}
 # cupy is left out of the timed rows until its GPU tests pass on a card: a crash there
 # (illegal address) kills the CUDA context and every later row with it
