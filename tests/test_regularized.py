@@ -486,47 +486,14 @@ def test_bad_arguments():
         gpurnn.IndRNN(3, 4)(torch.randn(2, 1, 3), torch.randn(2, 1, 4))
 
 
-# ------------------------------------------------------------------ IndRNN on Triton
+# ------------------------------------------------------------------ the Triton kernels
 
 TRITON_REASON = gpurnn.available_backends()["triton"]
 needs_triton = pytest.mark.skipif(TRITON_REASON is not None, reason=f"triton: {TRITON_REASON}")
-
-
-@needs_triton
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
-def test_indrnn_triton_matches_reference(nonlinearity, training):
-    """The fused IndRNN kernels (interpreted on CPU) against the reference: 2 layers,
-    bidirectional, packed, hx, zoneout + recurrent dropout + DropConnect, every gradient."""
-    kw = dict(zoneout=0.3, recurrent_dropout=0.3, dropconnect=0.3, nonlinearity=nonlinearity)
-    module = gpurnn.IndRNN(3, 5, num_layers=2, bidirectional=True, dropout=0.2, dtype=F64, **kw)
-    _randomize(module, seeded_generator("indrnn-triton", nonlinearity))
-    module.train(training)
-    x, hx, lengths = _inputs("indrnn", 4, 3, 3, 5, 2, 2, ("x-indrnn", nonlinearity))
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    module, x, hx = module.to(device), x.to(device), tuple(h.to(device) for h in hx)
-    expected = _run(module, "numpy", 17, x, hx, lengths, False)
-    _compare(_run(module, "triton", 17, x, hx, lengths, False), expected, F64)
-
-
-@needs_triton
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_indrnn_triton_dtypes(dtype):
-    module = gpurnn.IndRNN(4, 16, batch_first=True, dtype=F64, zoneout=0.2, dropconnect=0.2)
-    _randomize(module, seeded_generator("indrnn-dtype"))
-    x, hx, lengths = _inputs("indrnn", 6, 3, 4, 16, 1, 1, ("x-indrnn-dt",), batch_first=True)
-    expected = _run(module, "numpy", 4, x, hx, lengths, True)
-    module = module.to(dtype)
-    got = _run(module, "triton", 4, x.to(dtype), tuple(h.to(dtype) for h in hx), lengths, True)
-    for name in expected:
-        assert got[name].dtype == dtype
-        assert_close(got[name], expected[name], dtype, name)
-
-
-# ------------------------------------------------------------------ LSTM, GRU, RNN on Triton
-
 MASKS = dict(zoneout=0.3, recurrent_dropout=0.3, dropconnect=0.3)
-TRITON_CASES = [(cell, True) for cell in CELLS[:4]] + [("lstm", False), ("gru", False)]
+TRITON_CASES = [(cell, True) for cell in CELLS] + [
+    (cell, False) for cell in ("lstm", "gru", "indrnn_tanh", "indrnn_relu")
+]
 
 
 @needs_triton
@@ -534,9 +501,10 @@ TRITON_CASES = [(cell, True) for cell in CELLS[:4]] + [("lstm", False), ("gru", 
     "cell, training", TRITON_CASES, ids=[f"{c}-{'train' if t else 'eval'}" for c, t in TRITON_CASES]
 )
 def test_triton_layers_match_reference(cell, training):
-    """The plain Triton kernels with zoneout and recurrent dropout in the step and
-    DropConnect's masked W_hh (interpreted on CPU): 2 layers, bidirectional, packed, hx,
-    inter-layer dropout, every output and gradient against the reference."""
+    """The fused kernels (interpreted on CPU): LSTM, GRU, RNN in the plain kernels with
+    zoneout and recurrent dropout in the step and DropConnect's masked W_hh; IndRNN in its
+    own. 2 layers, bidirectional, packed, hx, inter-layer dropout, every output and gradient
+    against the reference."""
     layout = dict(input_size=3, hidden_size=5, num_layers=2, bidirectional=True, dropout=0.2)
     module = _make(cell, MASKS, **layout)
     _randomize(module, seeded_generator("triton-reg", cell))
@@ -550,10 +518,11 @@ def test_triton_layers_match_reference(cell, training):
 
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_triton_regularized_dtypes(dtype):
-    module = gpurnn.GRU(4, 16, batch_first=True, dtype=F64, **MASKS)
-    _randomize(module, seeded_generator("triton-reg-dtype"))
-    x, hx, lengths = _inputs("gru", 6, 3, 4, 16, 1, 1, ("x-triton-reg-dt",), batch_first=True)
+@pytest.mark.parametrize("cell", ["gru", "indrnn_tanh"])
+def test_triton_regularized_dtypes(cell, dtype):
+    module = _make(cell, MASKS, input_size=4, hidden_size=16, batch_first=True)
+    _randomize(module, seeded_generator("triton-reg-dtype", cell))
+    x, hx, lengths = _inputs(cell, 6, 3, 4, 16, 1, 1, ("x-triton-reg-dt", cell), batch_first=True)
     expected = _run(module, "numpy", 5, x, hx, lengths, True)
     module = module.to(dtype)
     got = _run(module, "triton", 5, x.to(dtype), tuple(h.to(dtype) for h in hx), lengths, True)
@@ -580,10 +549,12 @@ def test_triton_regularized_compiles_fullgraph():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_regularized_gpu_real_size(dtype):
-    """LSTM H=768, B=16, T=1024 with zoneout, recurrent dropout and DropConnect on a GPU:
-    the kernels against the torch loop in float64, the same masks."""
-    module = gpurnn.LSTM(768, 768, device="cuda", **MASKS)
+@pytest.mark.parametrize("cell", ["lstm", "indrnn_tanh"])
+def test_triton_regularized_gpu_real_size(cell, dtype):
+    """H=768, B=16, T=1024 on a GPU with zoneout and recurrent dropout (LSTM: DropConnect
+    too): the kernels against the torch loop in float64, the same masks."""
+    kw = dict(zoneout=0.1, recurrent_dropout=0.25, dropconnect=0.2 if cell == "lstm" else 0.0)
+    module = _make(cell, kw, input_size=768, hidden_size=768, dtype=torch.float32).cuda()
     x = torch.randn(1024, 16, 768, device="cuda")
     results = {}
     for backend, dt in (("torch", F64), ("triton", dtype)):
@@ -592,32 +563,11 @@ def test_triton_regularized_gpu_real_size(dtype):
         xs = x.to(dt).requires_grad_()
         torch.manual_seed(0)
         with gpurnn.use_backend(backend):
-            out, (h, c) = m(xs)
-        (out.float().sin().sum() + h.float().sum() + c.float().sum()).backward()
-        results[backend] = [out, h, c, xs.grad, m.weight_hh_l0.grad, m.weight_ih_l0.grad]
+            out, hidden = m(xs)
+        hidden = hidden if isinstance(hidden, tuple) else (hidden,)
+        (out.float().sin().sum() + sum(h.float().sum() for h in hidden)).backward()
+        results[backend] = [out, *hidden, xs.grad, m.weight_hh_l0.grad, m.weight_ih_l0.grad]
     tol = {torch.float32: 1e-3, torch.bfloat16: 6e-2}[dtype]
-    for got, want in zip(results["triton"], results["torch"]):
-        scale = want.abs().max().item() or 1.0
-        assert (got.double() - want).abs().max().item() / scale < tol
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_indrnn_triton_gpu_real_size(dtype):
-    """H=768, B=16, T=1024 on a GPU: the kernels against the torch loop in float64."""
-    module = gpurnn.IndRNN(768, 768, device="cuda", zoneout=0.1, recurrent_dropout=0.25)
-    x = torch.randn(1024, 16, 768, device="cuda")
-    results = {}
-    for backend, dt in (("torch", F64), ("triton", dtype)):
-        m = module.to(dt)
-        m.zero_grad(set_to_none=True)
-        xs = x.to(dt).requires_grad_()
-        torch.manual_seed(0)
-        with gpurnn.use_backend(backend):
-            out, h = m(xs)
-        (out.float().sin().sum() + h.float().sum()).backward()
-        results[backend] = [out, h, xs.grad, m.weight_hh_l0.grad, m.weight_ih_l0.grad]
-    tol = {torch.float32: 1e-4, torch.bfloat16: 6e-2}[dtype]
     for got, want in zip(results["triton"], results["torch"]):
         scale = want.abs().max().item() or 1.0
         assert (got.double() - want).abs().max().item() / scale < tol

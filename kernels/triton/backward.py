@@ -29,9 +29,9 @@ from .exchange import (
 from .tiles import (
     _dgates_dots,
     _dgates_ptrs,
-    _load_bits,
     _load_fields,
     _load_whh_cols,
+    _regularizer_constants,
     _row_tile,
     _runtime_zeros,
     _time,
@@ -192,12 +192,8 @@ def _recurrence_bwd_kernel(
     dc_c = dh_c
     if CELL == LSTM:
         dc_c = tl.load(dcs_ptr + own, mask=m_own, other=0.0).to(ACC)
-    zone_p = 0.0
-    if ZONEOUT == 2:
-        zone_p = tl.load(rates_ptr).to(ACC)
-    if RDROP:
-        keep = _load_bits(rmask_ptr, offs_b.to(tl.int64) * ((H + 7) // 8), offs_j, m_own, ACC)
-        r_keep = keep * tl.load(rates_ptr + 1).to(ACC)
+    zone_p, r_keep = _regularizer_constants(rates_ptr, rmask_ptr, offs_b, offs_j, m_own,
+                                            ZONEOUT, RDROP, H, ACC)  # fmt: skip
 
     # W_hh[:, own units], gate-major: ON_CHIP G (BH, BH) tiles; RESIDENT G*NKC (KC, BH) tiles
     if ON_CHIP:

@@ -28,7 +28,7 @@ from .exchange import (
     _wait_clock,
     _wait_over,
 )
-from .tiles import _load_bits, _row_tile, _runtime_zeros, _time, _zoneout_weights
+from .tiles import _regularizer_constants, _row_tile, _runtime_zeros, _time, _zoneout_weights
 
 
 @triton.jit
@@ -132,13 +132,8 @@ def _recurrence_fwd_kernel(
         cs = tl.load(cs_ptr + own, mask=m_own, other=0.0).to(ACC)
     if CELL == GRU:
         bhn = tl.load(bhn_ptr + offs_j, mask=mj, other=0.0).to(ACC)
-    zone_p = 0.0
-    if ZONEOUT == 2:
-        zone_p = tl.load(rates_ptr).to(ACC)
-    if RDROP:
-        # the own units' recurrent-dropout factors (0 or 1/(1 - p)), fixed for the sequence
-        keep = _load_bits(rmask_ptr, offs_b.to(tl.int64) * ((H + 7) // 8), offs_j, m_own, ACC)
-        r_keep = keep * tl.load(rates_ptr + 1).to(ACC)
+    zone_p, r_keep = _regularizer_constants(rates_ptr, rmask_ptr, offs_b, offs_j, m_own,
+                                            ZONEOUT, RDROP, H, ACC)  # fmt: skip
 
     # Gates fused along N: column n of the (K, GP*BH) weight tile is unit n % BH of gate
     # n // BH (GP = G padded to a power of two), so the 4 warps split one dot by gate instead

@@ -54,6 +54,22 @@ def _load_bits(ptr, row_off, offs_j, mask, ACC: tl.constexpr):
 
 
 @triton.jit
+def _regularizer_constants(rates_ptr, rmask_ptr, offs_b, offs_j, m_own, ZONEOUT: tl.constexpr,
+                           RDROP: tl.constexpr, H: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
+    """What a regularized launch keeps for all its steps: zoneout's eval rate (rates[0];
+    ZONEOUT 2) and the own tile's recurrent-dropout factors, 0 or rates[1] = 1/(1 − p) by
+    the packed (B, ⌈H/8⌉) mask (RDROP); scalars where off (unused)."""
+    zone_p = 0.0
+    if ZONEOUT == 2:
+        zone_p = tl.load(rates_ptr).to(ACC)
+    r_keep = 1.0
+    if RDROP:
+        keep = _load_bits(rmask_ptr, offs_b.to(tl.int64) * ((H + 7) // 8), offs_j, m_own, ACC)
+        r_keep = keep * tl.load(rates_ptr + 1).to(ACC)
+    return zone_p, r_keep
+
+
+@triton.jit
 def _zoneout_weights(zh_ptr, zc_ptr, p, t, valid, B64, offs_b, offs_j, mj, ZONEOUT: tl.constexpr,
                      CELL: tl.constexpr, H: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
     """How much of its previous h (c) each own unit keeps at step t, (w_h, w_c): the step's
