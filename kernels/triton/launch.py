@@ -236,7 +236,7 @@ def _launch_phases(kernel, plan: Plan, T: int, B: int, n_steps: int, args, kw, w
         return sync
 
 
-def _regularized(cell, dt, acc_t, dev, B, H, zoneout, zoneout_h, zoneout_c, recurrent_dropout,
+def _regularized(cell, acc_t, dev, H, zoneout, zoneout_h, zoneout_c, recurrent_dropout,
                  recurrent_mask, dummy):  # fmt: skip
     """The regularized kernels' extra arguments (zh, zc, rmask, rates: masks packed as
     gpurnn.masks keeps them, rates = [zoneout p, 1/(1 − recurrent dropout p)] in the
@@ -352,7 +352,7 @@ def forward(
     first = T if reverse else 0
     dummy = xg
     reg_args, reg_axes, reg_kw, r_keep = _regularized(
-        cell, dt, acc_t, dev, B, H, zoneout, zoneout_h, zoneout_c, recurrent_dropout,
+        cell, acc_t, dev, H, zoneout, zoneout_h, zoneout_c, recurrent_dropout,
         recurrent_mask, dummy,
     )  # fmt: skip
     if (lengths is not None and reverse) or reg_kw["RDROP"]:
@@ -552,7 +552,7 @@ def backward(
     if h0 is None or (cell == "lstm" and c0 is None):
         zeros = torch.zeros(B, H, dtype=dt, device=dev)
     reg_args, reg_axes, reg_kw, _ = _regularized(
-        cell, dt, acc_t, dev, B, H, zoneout, zoneout_h, zoneout_c, recurrent_dropout,
+        cell, acc_t, dev, H, zoneout, zoneout_h, zoneout_c, recurrent_dropout,
         recurrent_mask, y,
     )  # fmt: skip
     args = (
