@@ -136,7 +136,9 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         steps = case.T if (case.T and not args.dry_run) else T
         try:
-            result = time_case(case, steps, args.reps, device, baseline=not args.kernels_only)
+            # a masked case is read against the plain case's kernels, whose cuDNN it shares
+            baseline = not (args.kernels_only or case.masks)
+            result = time_case(case, steps, args.reps, device, baseline=baseline)
         except Exception as e:  # noqa: BLE001 - one failing case is a result; go on
             result = {"error": f"{type(e).__name__}: {e}".splitlines()[0][:300]}
             failures += 1

@@ -1,6 +1,6 @@
 """Tile helpers that more than one kernel family uses: the batch rows and time index a program
-works on, zeros the compiler cannot fold, the loads of packed mask bits and of a step's
-zoneout weights (the regularized plain kernels), of the saved workspace fields and of W_hh
+works on, zeros the compiler cannot fold, the regularized plain kernels' constants, mask
+bits and zoneout weights, the loads of the saved workspace fields and of W_hh
 column blocks, and the backward's recurrent product dgates @ W_hh (`_dgates_dots`, shared by
 the plain and the projected backward). Device code only (@triton.jit); imports the cell
 switch (cell_math) and the exchange loads (exchange).
