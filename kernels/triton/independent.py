@@ -16,7 +16,7 @@ workspace), sees exactly the forward's inputs.
 
 Kernel -> launcher: `_indrnn_fwd_kernel` / `forward`, `_indrnn_bwd_kernel` / `backward`;
 the float64 ground truth is gpurnn.reference.regularized_forward/backward. Device code
-imports cell_math only; launchers are host code.
+imports cell_math and tiles (the packed mask bits); launchers are host code.
 """
 
 from __future__ import annotations
@@ -26,15 +26,9 @@ import triton
 import triton.language as tl
 
 from .cell_math import _tanh
+from .tiles import _load_bits
 
 _BLOCK = 256
-
-
-@triton.jit
-def _bit(packed, row, j, NB, valid):
-    """Element j of row `row` of a packed mask, as 0.0 / 1.0."""
-    byte = tl.load(packed + row * NB + j // 8, mask=valid, other=0).to(tl.int32)
-    return ((byte >> (j % 8)) & 1).to(tl.float32)
 
 
 @triton.jit
@@ -48,10 +42,10 @@ def _setup(n, u, h0, lengths, rmask, umask, scalars, T, H, NB,
     j = n % H
     u_j = tl.load(u + j, mask=inside, other=0).to(ACC)
     if HAS_UMASK:
-        u_j = u_j * (_bit(umask, 0, j, NB, inside).to(ACC) * tl.load(scalars + 2).to(ACC))
+        u_j = u_j * (_load_bits(umask, 0, j, inside, ACC) * tl.load(scalars + 2).to(ACC))
     r_scale = tl.full((n.shape[0],), 1.0, ACC)
     if HAS_RMASK:
-        r_scale = _bit(rmask, b, j, NB, inside).to(ACC) * tl.load(scalars + 1).to(ACC)
+        r_scale = _load_bits(rmask, b * NB, j, inside, ACC) * tl.load(scalars + 1).to(ACC)
     h = tl.zeros((n.shape[0],), ACC)
     if HAS_H0:
         h = tl.load(h0 + n, mask=inside, other=0).to(ACC)
@@ -78,7 +72,7 @@ def _fwd_loads(xg, zmask, s, inside, L, b, j, B, H, NB, REVERSE: tl.constexpr,
     x = tl.load(xg + (t * B + b) * H + j, mask=valid, other=0).to(ACC)
     z = x
     if ZONEOUT_MASK:
-        z = _bit(zmask, t * B + b, j, NB, valid).to(ACC)
+        z = _load_bits(zmask, (t * B + b) * NB, j, valid, ACC)
     return x, z, t, valid
 
 
@@ -99,7 +93,7 @@ def _bwd_loads(xg, y, dy, zmask, s, inside, L, b, j, h_init, B, H, NB, REVERSE: 
     g = tl.load(dy + at, mask=valid, other=0).to(ACC)
     z = x
     if ZONEOUT_MASK:
-        z = _bit(zmask, t * B + b, j, NB, valid).to(ACC)
+        z = _load_bits(zmask, (t * B + b) * NB, j, valid, ACC)
     return x, h_prev, g, z, t, valid
 
 

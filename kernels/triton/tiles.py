@@ -46,11 +46,11 @@ def _runtime_zeros(like, s):
 
 
 @triton.jit
-def _load_bits(ptr, row_off, offs_j, mask, ACC: tl.constexpr):
-    """Bits offs_j of packed mask rows (gpurnn.masks: element j is bit j % 8 of byte j // 8)
-    that start at byte offsets row_off (one per batch row), as 0/1 in ACC; 0 where masked."""
-    byte = tl.load(ptr + row_off[:, None] + (offs_j // 8)[None, :], mask=mask, other=0)
-    return ((byte.to(tl.int32) >> (offs_j % 8)[None, :]) & 1).to(ACC)
+def _load_bits(ptr, row_off, j, mask, ACC: tl.constexpr):
+    """Elements j of packed mask rows (gpurnn.masks: element j is bit j % 8 of byte j // 8)
+    that start at byte offsets row_off (broadcast against j), as 0/1 in ACC; 0 where masked."""
+    byte = tl.load(ptr + row_off + j // 8, mask=mask, other=0).to(tl.int32)
+    return ((byte >> (j % 8)) & 1).to(ACC)
 
 
 @triton.jit
@@ -64,7 +64,8 @@ def _regularizer_constants(rates_ptr, rmask_ptr, offs_b, offs_j, m_own, ZONEOUT:
         zone_p = tl.load(rates_ptr).to(ACC)
     r_keep = 1.0
     if RDROP:
-        keep = _load_bits(rmask_ptr, offs_b.to(tl.int64) * ((H + 7) // 8), offs_j, m_own, ACC)
+        row = offs_b.to(tl.int64) * ((H + 7) // 8)
+        keep = _load_bits(rmask_ptr, row[:, None], offs_j[None, :], m_own, ACC)
         r_keep = keep * tl.load(rates_ptr + 1).to(ACC)
     return zone_p, r_keep
 
@@ -78,10 +79,10 @@ def _zoneout_weights(zh_ptr, zc_ptr, p, t, valid, B64, offs_b, offs_j, mj, ZONEO
     if ZONEOUT == 1:
         row = (B64 * t + offs_b) * ((H + 7) // 8)  # (t may be a Python int, interpreted)
         m = valid[:, None] & mj[None, :]
-        w_h = _load_bits(zh_ptr, row, offs_j, m, ACC)
+        w_h = _load_bits(zh_ptr, row[:, None], offs_j[None, :], m, ACC)
         w_c = w_h
         if CELL == LSTM:
-            w_c = _load_bits(zc_ptr, row, offs_j, m, ACC)
+            w_c = _load_bits(zc_ptr, row[:, None], offs_j[None, :], m, ACC)
     else:
         w_h = p
         w_c = p
