@@ -117,12 +117,12 @@ def _op(
 
 @_op.register_fake
 def _op_fake(*op_args):
-    inputs, _, (backend, save) = _split(op_args)
+    inputs, reg, (backend, save) = _split(op_args)
     T, B, GH = inputs.xg.shape
     H = GH // regularized_gate_count(inputs.cell)
     xg = inputs.xg
     shape, dtype = get_backend(backend).regularized_workspace_spec(
-        inputs.cell, T, B, H, xg.dtype, save
+        inputs.cell, T, B, H, xg.dtype, save, reg
     )
     return (
         xg.new_empty(T, B, _out_size(inputs.cell, inputs.w_hh)),

@@ -21,6 +21,7 @@ import gpurnn
 import gpurnn.inspect
 from gpurnn import masks, regularized
 from gpurnn.backends import Regularization
+from gpurnn.cells import INDRNN_CELLS
 from tests.conftest import seeded_generator
 from tests.helpers import TOLERANCES, assert_close, uneven_lengths
 
@@ -452,10 +453,7 @@ def test_torch_compile_fullgraph():
 
 def test_triton_refuses_by_name_and_auto_routes_to_torch(monkeypatch):
     reason = gpurnn.available_backends()["triton"]
-    module = gpurnn.LSTM(3, 4, layer_norm=True, zoneout=0.1, backend="triton")
-    with pytest.raises(RuntimeError, match="layer_norm is not in" if reason is None else "triton"):
-        module(torch.randn(2, 1, 3))
-    module = gpurnn.LSTM(3, 4, proj_size=2, zoneout=0.1, backend="triton")
+    module = gpurnn.LSTM(3, 4, proj_size=2, layer_norm=True, backend="triton")
     with pytest.raises(RuntimeError, match="proj_size" if reason is None else "triton"):
         module(torch.randn(2, 1, 3))
     monkeypatch.setenv("GPURNN_BACKEND", "auto")
@@ -491,22 +489,32 @@ def test_bad_arguments():
 TRITON_REASON = gpurnn.available_backends()["triton"]
 needs_triton = pytest.mark.skipif(TRITON_REASON is not None, reason=f"triton: {TRITON_REASON}")
 MASKS = dict(zoneout=0.3, recurrent_dropout=0.3, dropconnect=0.3)
-TRITON_CASES = [(cell, True) for cell in CELLS] + [
-    (cell, False) for cell in ("lstm", "gru", "indrnn_tanh", "indrnn_relu")
-]
+ALL = dict(MASKS, layer_norm=True)
+_PLAIN_CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
+# (cell, training, keywords): every regularizer at once on each cell of the plain kernels,
+# LayerNorm alone, eval, and IndRNN's kernels (which have no LayerNorm)
+TRITON_CASES = (
+    [(cell, True, "all") for cell in _PLAIN_CELLS]
+    + [(cell, True, "layer_norm") for cell in ("lstm", "gru", "rnn_tanh")]
+    + [(cell, False, "all") for cell in ("lstm", "gru")]
+    + [(cell, t, "masks") for cell in ("indrnn_tanh", "indrnn_relu") for t in (True, False)]
+    + [("lstm", True, "masks")]
+)
+_TRITON_KEYWORDS = {"all": ALL, "layer_norm": dict(layer_norm=True), "masks": MASKS}
 
 
 @needs_triton
 @pytest.mark.parametrize(
-    "cell, training", TRITON_CASES, ids=[f"{c}-{'train' if t else 'eval'}" for c, t in TRITON_CASES]
-)
-def test_triton_layers_match_reference(cell, training):
+    "cell, training, keywords", TRITON_CASES,
+    ids=[f"{c}-{'train' if t else 'eval'}-{k}" for c, t, k in TRITON_CASES],
+)  # fmt: skip
+def test_triton_layers_match_reference(cell, training, keywords):
     """The fused kernels (interpreted on CPU): LSTM, GRU, RNN in the plain kernels with
-    zoneout and recurrent dropout in the step and DropConnect's masked W_hh; IndRNN in its
-    own. 2 layers, bidirectional, packed, hx, inter-layer dropout, every output and gradient
-    against the reference."""
+    zoneout, recurrent dropout and LayerNorm in the step and DropConnect's masked W_hh;
+    IndRNN in its own. 2 layers, bidirectional, packed, hx, inter-layer dropout, every
+    output and gradient (LayerNorm's parameters too) against the reference."""
     layout = dict(input_size=3, hidden_size=5, num_layers=2, bidirectional=True, dropout=0.2)
-    module = _make(cell, MASKS, **layout)
+    module = _make(cell, _TRITON_KEYWORDS[keywords], **layout)
     _randomize(module, seeded_generator("triton-reg", cell))
     module.train(training)
     x, hx, lengths = _inputs(cell, 4, 3, 3, 5, 2, 2, ("x-triton-reg", cell))
@@ -520,7 +528,8 @@ def test_triton_layers_match_reference(cell, training):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("cell", ["gru", "indrnn_tanh"])
 def test_triton_regularized_dtypes(cell, dtype):
-    module = _make(cell, MASKS, input_size=4, hidden_size=16, batch_first=True)
+    keywords = MASKS if cell in INDRNN_CELLS else ALL
+    module = _make(cell, keywords, input_size=4, hidden_size=16, batch_first=True)
     _randomize(module, seeded_generator("triton-reg-dtype", cell))
     x, hx, lengths = _inputs(cell, 6, 3, 4, 16, 1, 1, ("x-triton-reg-dt", cell), batch_first=True)
     expected = _run(module, "numpy", 5, x, hx, lengths, True)
@@ -534,8 +543,9 @@ def test_triton_regularized_dtypes(cell, dtype):
 @needs_triton
 def test_triton_regularized_compiles_fullgraph():
     """torch.compile sees the kernels' workspace (the op's fake asks the backend for its
-    shape): one graph, the same outputs and gradients as eagerly under the same seed."""
-    module = gpurnn.LSTM(3, 4, dtype=F64, backend="triton", **MASKS)
+    shape; LayerNorm's is wider and fp32): one graph, the same outputs and gradients as
+    eagerly under the same seed."""
+    module = gpurnn.LSTM(3, 4, dtype=F64, backend="triton", **ALL)
     compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
     x = torch.randn(5, 2, 3, dtype=F64, requires_grad=True)
     torch.manual_seed(9)
@@ -547,13 +557,22 @@ def test_triton_regularized_compiles_fullgraph():
     torch.testing.assert_close(g, torch.autograd.grad(eager.sum(), x)[0])
 
 
+_GPU_KEYWORDS = {
+    "masks": dict(zoneout=0.1, recurrent_dropout=0.25, dropconnect=0.2),
+    "ln": dict(layer_norm=True),
+    "indrnn": dict(zoneout=0.1, recurrent_dropout=0.25),
+}
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("cell", ["lstm", "indrnn_tanh"])
-def test_triton_regularized_gpu_real_size(cell, dtype):
-    """H=768, B=16, T=1024 on a GPU with zoneout and recurrent dropout (LSTM: DropConnect
-    too): the kernels against the torch loop in float64, the same masks."""
-    kw = dict(zoneout=0.1, recurrent_dropout=0.25, dropconnect=0.2 if cell == "lstm" else 0.0)
+@pytest.mark.parametrize("cell, keywords", [("lstm", "masks"), ("lstm", "ln"), ("gru", "ln"),
+                                            ("indrnn_tanh", "indrnn")])  # fmt: skip
+def test_triton_regularized_gpu_real_size(cell, keywords, dtype):
+    """H=768, B=16, T=1024 on a GPU with zoneout, recurrent dropout and DropConnect, or
+    LayerNorm (its statistics exchanged between 96 programs): the kernels against the torch
+    loop in float64, the same masks."""
+    kw = _GPU_KEYWORDS[keywords]
     module = _make(cell, kw, input_size=768, hidden_size=768, dtype=torch.float32).cuda()
     x = torch.randn(1024, 16, 768, device="cuda")
     results = {}

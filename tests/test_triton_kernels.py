@@ -329,12 +329,12 @@ def test_polled_exchange_that_never_arrives_raises():
     hx = hx.view(torch.float32)
     hs = torch.zeros(B, H)
     xg = case["xg"]
-    # no regularizer: its mask and rate slots take placeholders
-    args = (xg, case["w_hh"], xg, xg, hx, hx[1:], hs, hs, xg, xg, xg, xg, hs)
+    # no regularizer: its mask, rate and LayerNorm slots take placeholders
+    args = (xg, case["w_hh"], xg, xg, hx, hx[1:], hs, hs, xg, xg, xg, xg, hs, *(xg,) * 5)
     kw = dict(CELL=CELL_CODE["rnn_tanh"], G=1, GP=1, NW=1, H=H, HAS_LEN=False,
               REVERSE=False, SAVE=False, PREC="ieee", ACC=launch._acc_dtype(torch.float32),
               POLL=False, ASM=False, SENTINEL=_SENTINEL[torch.float32])  # fmt: skip
-    axes = (1, None, None, None, 1, 1, 0, 0, None, None, None, None, None)
+    axes = (1, None, None, None, 1, 1, 0, 0, None, None, None, None, None, *(None,) * 5)
     with pytest.raises(RuntimeError, match=r"timed out in _recurrence_fwd_kernel .*Plan\(BH="):
         launch._launch_steps(_recurrence_fwd_kernel, plan, T, B, T, args, kw, 3,
                              torch.device(DEVICE), axes)  # fmt: skip
@@ -351,14 +351,14 @@ def test_poll_counter_counts_every_failed_poll(monkeypatch):
     hx = hx.view(torch.float32)
     hs = torch.zeros(B, H)
     xg = case["xg"]
-    # no regularizer: its mask and rate slots take placeholders
-    args = (xg, case["w_hh"], xg, xg, hx, hx[1:], hs, hs, xg, xg, xg, xg, hs)
+    # no regularizer: its mask, rate and LayerNorm slots take placeholders
+    args = (xg, case["w_hh"], xg, xg, hx, hx[1:], hs, hs, xg, xg, xg, xg, hs, *(xg,) * 5)
     kw = dict(CELL=CELL_CODE["rnn_tanh"], G=1, GP=1, NW=1, H=H, HAS_LEN=False,
               REVERSE=False, SAVE=False, PREC="ieee", ACC=launch._acc_dtype(torch.float32),
               POLL=False, ASM=False, SENTINEL=_SENTINEL[torch.float32],
               COUNT_POLLS=True)  # fmt: skip
     monkeypatch.setattr(launch, "_check_barrier", lambda *a: None)
-    axes = (1, None, None, None, 1, 1, 0, 0, None, None, None, None, None)
+    axes = (1, None, None, None, 1, 1, 0, 0, None, None, None, None, None, *(None,) * 5)
     sync = launch._launch_steps(_recurrence_fwd_kernel, plan, T, B, T, args, kw, 3,
                                 torch.device(DEVICE), axes)  # fmt: skip
     assert int(sync[0]) >= launch._SYNC_ERROR and int(sync[1]) == 3 + 1
@@ -485,66 +485,92 @@ REG_PLANS = {
 }
 
 
-def _regularization(cell, T, B, H, training, key):
+def _regularization(cell, T, B, H, training, layer_norm, key):
     """Zoneout and recurrent dropout as gpurnn.regularized.draw makes them (masks from
-    torch's generator; eval keeps zoneout's rate alone)."""
+    torch's generator; eval keeps zoneout's rate alone), with LayerNorm of W_hh h (and of
+    c for the LSTM) under random weights and biases."""
     from gpurnn import masks
     from gpurnn.backends.base import Regularization
 
-    torch.manual_seed(int(_gen("reg", key).initial_seed() % 2**31))
+    g = _gen("reg", key)
+    torch.manual_seed(int(g.initial_seed() % 2**31))
+    ln = {}
+    if layer_norm:
+        G = GATES[cell]
+
+        def affine(n):
+            return (1 + 0.3 * torch.randn(n, generator=g, dtype=torch.float64),
+                    0.3 * torch.randn(n, generator=g, dtype=torch.float64))  # fmt: skip
+
+        ln = dict(zip(("ln_hh_weight", "ln_hh_bias"), affine(G * H)))
+        if cell == "lstm":
+            ln.update(zip(("ln_c_weight", "ln_c_bias"), affine(H)))
     if not training:
-        return Regularization(zoneout=0.3)
+        return Regularization(zoneout=0.3, **ln)
     return Regularization(
         0.3, masks.draw((T, B, H), 0.3, DEVICE),
         masks.draw((T, B, H), 0.3, DEVICE) if cell == "lstm" else None,
-        0.4, masks.draw((B, H), 0.6, DEVICE),
+        0.4, masks.draw((B, H), 0.6, DEVICE), **ln,
     )  # fmt: skip
 
 
+@pytest.mark.parametrize("layer_norm", (False, True), ids=("masks", "masks-ln"))
 @pytest.mark.parametrize("training", (True, False), ids=("train", "eval"))
 @pytest.mark.parametrize("layout", REG_PLANS)
 @pytest.mark.parametrize("cell", CELLS)
-def test_regularized_step(cell, layout, training):
-    """Zoneout (h and c) and recurrent dropout fused into the step, reverse with lengths
-    (a row's state rides through its padded steps), against the float64 reference: y, the
-    final states, dxg, dh0, dc0 and the weight gradients (h_{t-1} masked as it entered
-    W_hh)."""
+def test_regularized_step(cell, layout, training, layer_norm):
+    """Zoneout (h and c) and recurrent dropout fused into the step, and LayerNorm of W_hh h
+    (and of c) with its statistics exchanged between programs, reverse with lengths (a
+    row's state rides through its padded steps), against the float64 reference: y, the
+    final states, dxg, dh0, dc0, the weight gradients (h_{t-1} masked as it entered W_hh;
+    with LayerNorm, W_hh's from the gradient before LN_hh) and LayerNorm's."""
     from gpurnn.backends.common import kernel_weight_grads
     from gpurnn.backends.numpy import NumpyBackend
-    from gpurnn.backends.triton import _kernel_regularizers
+    from gpurnn.backends.triton import _kernel_regularizers, _layer_norm_grads
 
     if layout != "polled" and not training:
         pytest.skip("eval's zoneout is one rate: the polled layout covers it")
     T, B, H = 5, 3, 20
     L = torch.tensor([5, 2, 0])
     case, gin = make_case(cell, T, B, H, torch.float64, lengths=L, reverse=True,
-                          key=("reg", layout, training))  # fmt: skip
+                          key=("reg", layout, training, layer_norm))  # fmt: skip
     G = GATES[cell]
     plan = make_plan(H, B, G, torch.float64, torch.device(DEVICE), **REG_PLANS[layout])
     assert plan.on_chip == (layout == "on_chip") and plan.persistent == (layout != "per_step")
-    reg = _regularization(cell, T, B, H, training, ("reg", cell, layout))
+    reg = _regularization(cell, T, B, H, training, layer_norm, ("reg", cell, layout))
     c = case
     inputs = Inputs(cell, c["xg"], c["w_hh"], c["h0"], c["c0"], c["lengths"], True, c["b_hn"])
-    kw = _kernel_regularizers(reg)
+    kw = _kernel_regularizers(reg, torch.float64)
     y, h_T, c_T, ws = launch.forward(cell, *inputs[1:8], True, plan=plan, precision="ieee", **kw)
-    dxg, dhn, dh0, dc0 = launch.backward(
+    dxg, dhn, dh0, dc0, *ln_out = launch.backward(
         cell, c["w_hh"], c["h0"], c["c0"], L, True, y, ws, gin["dy"], gin["dh_T"], gin["dc_T"],
         plan=plan, precision="ieee", **kw,
     )  # fmt: skip
+    assert len(ln_out) == (2 if layer_norm else 0)
     factors = None
     if reg.recurrent_mask is not None:
         from gpurnn import masks
 
         factors = masks.dropout_factors(reg.recurrent_mask, H, reg.recurrent_dropout, y.dtype)
-    dw_hh, db_hn = kernel_weight_grads(cell, dxg, dhn, y, c["h0"], L, True, c["b_hn"], factors)
+    if layer_norm:
+        drec, dln_c = ln_out
+        dw_hh, _ = kernel_weight_grads(cell, drec, None, y, c["h0"], L, True, None, factors)
+        db_hn = dhn.sum((0, 1)) if dhn is not None else None
+        ln_grads = _layer_norm_grads(cell, reg, dxg, dhn, ws, dln_c)
+    else:
+        dw_hh, db_hn = kernel_weight_grads(cell, dxg, dhn, y, c["h0"], L, True, c["b_hn"],
+                                           factors)  # fmt: skip
 
     numpy = NumpyBackend()
     ry, rh, rc, _ = numpy.regularized_forward(inputs, reg, False)
-    grads, _ = numpy.regularized_backward(inputs, reg, ry, None, gin["dy"], gin["dh_T"],
-                                          gin["dc_T"])  # fmt: skip
+    grads, ref_ln = numpy.regularized_backward(inputs, reg, ry, None, gin["dy"], gin["dh_T"],
+                                               gin["dc_T"])  # fmt: skip
     got = dict(y=y, h_T=h_T, c_T=c_T, xg=dxg, h0=dh0, c0=dc0, w_hh=dw_hh, b_hn=db_hn)
     want = dict(y=ry, h_T=rh, c_T=rc, xg=grads.xg, h0=grads.h0, c0=grads.c0, w_hh=grads.w_hh,
                 b_hn=grads.b_hn)  # fmt: skip
+    if layer_norm:
+        got.update(ln_grads._asdict())
+        want.update(ref_ln._asdict())
     for name, expected in want.items():
         check(got[name], _np(expected), torch.float64, f"{cell} {layout} {name}")
 
@@ -829,3 +855,11 @@ def test_proj_module_matches_torch_nn(packed):
     hx = random_hx("lstm", 2, 2, B, H, P)
     lengths = uneven_lengths(B, T, g) if packed else None
     compare_forward_backward("lstm", ref_m, ours, x, hx, lengths, False)
+
+
+def test_layer_norm_eps_is_the_modules():
+    """The kernels' LayerNorm epsilon is the one the modules and the reference use."""
+    from gpurnn.cells import LAYER_NORM_EPS
+    from gpurnn.kernels.triton import norm
+
+    assert norm.EPS.value == LAYER_NORM_EPS

@@ -130,10 +130,17 @@ class Backend(ABC):
         return None
 
     def regularized_workspace_spec(
-        self, cell: str, T: int, B: int, H: int, dtype: torch.dtype, save: bool
+        self,
+        cell: str,
+        T: int,
+        B: int,
+        H: int,
+        dtype: torch.dtype,
+        save: bool,
+        reg: Regularization | None = None,
     ) -> tuple[tuple[int, ...], torch.dtype]:
-        """As `workspace_spec`, for `regularized_forward` (none by default: backward
-        recomputes)."""
+        """As `workspace_spec`, for `regularized_forward` with `reg` (none by default:
+        backward recomputes)."""
         return (0,), dtype
 
     def regularized_forward(

@@ -24,7 +24,7 @@ from torch import Tensor
 from gpurnn import masks
 from gpurnn.backends.base import Backend, Grads, Inputs, LayerNormGrads, Regularization
 from gpurnn.backends.common import kernel_weight_grads, projection_grad
-from gpurnn.cells import INDRNN_CELLS
+from gpurnn.cells import GATES, INDRNN_CELLS
 
 try:  # triton is optional (e.g. macOS); the kernels module imports it at the top
     from gpurnn.kernels.triton import independent as _independent
@@ -147,7 +147,7 @@ class TritonBackend(Backend):
             inputs.cell, inputs.xg.contiguous(), _weights(inputs.w_hh, reg), _c(inputs.h0),
             _c(inputs.c0), _c(inputs.lengths), inputs.reverse, _c(inputs.b_hn), save,
             w_hr=_c(inputs.w_hr), precision=self.fp32_precision, defer_check=True,
-            **_kernel_regularizers(reg),
+            **_kernel_regularizers(reg, inputs.xg.dtype),
         )  # fmt: skip
 
     def check_deferred(self) -> None:
@@ -163,9 +163,10 @@ class TritonBackend(Backend):
     # ------------------------------------------------------------------ backward
 
     def backward(self, inputs, y, workspace, dy, dh_T, dc_T):
-        return self._backward(inputs, y, workspace, dy, dh_T, dc_T)
+        return self._backward(inputs, y, workspace, dy, dh_T, dc_T)[0]
 
     def _backward(self, inputs, y, workspace, dy, dh_T, dc_T, reg: Regularization | None = None):
+        """(Grads, LayerNormGrads) of the plain or the regularized recurrence."""
         cell, h0, c0, lengths, b_hn = inputs.cell, inputs.h0, inputs.c0, inputs.lengths, inputs.b_hn
         reverse = inputs.reverse
         T, B, H_out = y.shape  # H_out: P for a projected LSTM, else H
@@ -181,11 +182,11 @@ class TritonBackend(Backend):
         y = y.contiguous()
         workspace = workspace.contiguous()
         with _launching():
-            dxg, dhn, dh0, dc0 = _launch.backward(
+            dxg, dhn, dh0, dc0, *ln_out = _launch.backward(
                 cell, w_run, _c(h0), _c(c0), _c(lengths), reverse, y, workspace,
                 dy.contiguous(), dh_T.contiguous(), _c(dc_T) if cell == "lstm" else None,
                 w_hr=w_hr, precision=self.fp32_precision, defer_check=True,
-                **_kernel_regularizers(reg),
+                **_kernel_regularizers(reg, y.dtype),
             )  # fmt: skip
 
         dw_hr = None
@@ -198,8 +199,20 @@ class TritonBackend(Backend):
         if reg is not None and reg.recurrent_mask is not None:
             h_factors = masks.dropout_factors(reg.recurrent_mask, H_out, reg.recurrent_dropout,
                                               y.dtype)  # fmt: skip
-        dw_hh, db_hn = kernel_weight_grads(cell, dxg, dhn, y, h_init, lengths, reverse, b_hn,
+        ln_grads = LayerNormGrads()
+        if ln_out:
+            # LayerNorm: W_hh multiplied the gradient before LN_hh (drec), and b_hn joins
+            # after it (dhn); LN_hh's parameter gradients pair the gate gradients (GRU's n
+            # block: dhn) with the normalized W_hh h the workspace keeps
+            drec, dln_c = ln_out
+            dw_hh, _ = kernel_weight_grads(cell, drec, None, y, h_init, lengths, reverse, None,
                                            h_factors)  # fmt: skip
+            acc = workspace.dtype
+            db_hn = dhn.to(acc).sum((0, 1)).to(b_hn.dtype) if b_hn is not None else None
+            ln_grads = _layer_norm_grads(cell, reg, dxg, dhn, workspace, dln_c)
+        else:
+            dw_hh, db_hn = kernel_weight_grads(cell, dxg, dhn, y, h_init, lengths, reverse,
+                                               b_hn, h_factors)  # fmt: skip
         if reg is not None and reg.dropconnect_mask is not None:
             dw_hh = dw_hh * masks.dropout_factors(reg.dropconnect_mask, w_hh.shape[1],
                                                   reg.dropconnect, dw_hh.dtype)  # fmt: skip
@@ -210,22 +223,17 @@ class TritonBackend(Backend):
             c0=dc0.to(c0.dtype) if c0 is not None else None,
             b_hn=db_hn,
             w_hr=dw_hr.to(w_hr.dtype) if dw_hr is not None else None,
-        )
+        ), ln_grads
 
     # ------------------------------------------------------------ regularized recurrences
     # IndRNN: its own kernels (kernels/triton/independent.py: no exchange; masks and zoneout
     # fused). LSTM, GRU, RNN: the plain kernels with zoneout and recurrent dropout switched
-    # on in the step (ZONEOUT, RDROP), DropConnect a masked W_hh once per launch. LayerNorm
-    # and projections are not in the kernels yet: refused by name.
+    # on in the step (ZONEOUT, RDROP, LN, LN_C), DropConnect a masked W_hh once per launch.
+    # Projections are not in those kernels yet: refused by name.
 
     def regularized_unsupported_reason(self, cell, device, dtype, projected, kinds):
         if cell in INDRNN_CELLS:
             return self.unsupported_reason("rnn_tanh", device, dtype, False)
-        if "layer_norm" in kinds:
-            return (
-                "layer_norm is not in the triton kernels yet (zoneout, recurrent_dropout and "
-                "dropconnect are); the torch and numpy backends run it"
-            )
         if projected:
             return (
                 "the projected LSTM kernels (proj_size) have no regularizers yet; the torch "
@@ -239,10 +247,16 @@ class TritonBackend(Backend):
             return "the regularized triton kernels have not yet passed their GPU tests"
         return None
 
-    def regularized_workspace_spec(self, cell, T, B, H, dtype, save):
+    def regularized_workspace_spec(self, cell, T, B, H, dtype, save, reg=None):
         if cell in INDRNN_CELLS:
             return (0,), dtype  # its backward recomputes each step from y
-        return self.workspace_spec(cell, T, B, H, dtype, save)
+        if reg is None or reg.ln_hh_weight is None:
+            return self.workspace_spec(cell, T, B, H, dtype, save)
+        # LayerNorm: its normalized W_hh h and row statistics, in the accumulation dtype
+        acc = _accumulation_dtype(dtype)
+        if not save or self.recompute:
+            return (0,), acc
+        return _launch.workspace_shape(cell, T, B, H, True, reg.ln_c_weight is not None), acc
 
     def regularized_forward(self, inputs, reg, save):
         if inputs.cell not in INDRNN_CELLS:
@@ -255,7 +269,7 @@ class TritonBackend(Backend):
 
     def regularized_backward(self, inputs, reg, y, workspace, dy, dh_T, dc_T):
         if inputs.cell not in INDRNN_CELLS:
-            return self._backward(inputs, y, workspace, dy, dh_T, dc_T, reg), LayerNormGrads()
+            return self._backward(inputs, y, workspace, dy, dh_T, dc_T, reg)
         h0 = inputs.h0
         dxg, du, dh0 = _independent.backward(
             inputs.cell, inputs.xg.contiguous(), inputs.w_hh.contiguous(), _c(h0),
@@ -276,11 +290,44 @@ def _weights(w_hh: Tensor, reg: Regularization | None) -> Tensor:
     return w_hh * factors
 
 
-def _kernel_regularizers(reg: Regularization | None) -> dict:
-    """The launchers' keywords for what the step itself does (zoneout, recurrent dropout)."""
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _kernel_regularizers(reg: Regularization | None, dtype: torch.dtype) -> dict:
+    """The launchers' keywords for what the step itself does (zoneout, recurrent dropout,
+    LayerNorm of W_hh h and of c, its parameters in the accumulation dtype of `dtype`)."""
     if reg is None:
         return {}
+    acc = _accumulation_dtype(dtype)
+
+    def params(weight, bias):
+        if weight is None:
+            return None
+        return weight.to(acc).contiguous(), bias.to(acc).contiguous()
+
     return dict(
         zoneout=reg.zoneout, zoneout_h=_c(reg.zoneout_h), zoneout_c=_c(reg.zoneout_c),
         recurrent_dropout=reg.recurrent_dropout, recurrent_mask=_c(reg.recurrent_mask),
+        ln_hh=params(reg.ln_hh_weight, reg.ln_hh_bias), ln_c=params(reg.ln_c_weight, reg.ln_c_bias),
     )  # fmt: skip
+
+
+def _layer_norm_grads(cell: str, reg: Regularization, dxg: Tensor, dhn: Tensor | None,
+                      workspace: Tensor, dln_c: Tensor | None) -> LayerNormGrads:  # fmt: skip
+    """LN_hh's weight and bias gradients: sums over every (t, b) of the gradient of the
+    normalized W_hh h (the gate gradients, GRU's n block from dhn) times the normalized
+    value the workspace keeps (its fields after the cell's own), and alone; LN_c's come
+    summed from the kernel (dln_c). Rows past a sequence's end hold zeros and add nothing."""
+    T, B, GH = dxg.shape
+    H = GH // GATES[cell]
+    acc = workspace.dtype
+    d_norm = dxg if dhn is None else torch.cat([dxg[..., : 2 * H], dhn], dim=-1)
+    first = len(_launch.WS_FIELDS[cell]) * H
+    normalized = workspace[..., first : first + GH]
+    d_norm = d_norm.to(acc)
+    w, b = reg.ln_hh_weight, reg.ln_hh_bias
+    grads = [(d_norm * normalized).sum((0, 1)).to(w.dtype), d_norm.sum((0, 1)).to(b.dtype)]
+    if dln_c is not None:
+        grads += [dln_c[0].to(reg.ln_c_weight.dtype), dln_c[1].to(reg.ln_c_bias.dtype)]
+    return LayerNormGrads(*grads)

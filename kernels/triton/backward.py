@@ -15,7 +15,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .cell_math import GRU, LSTM, RNN_TANH, _lstm_cell_backward
+from .cell_math import GRU, LSTM, RNN_TANH, _lstm_cell_backward, _tanh
 from .exchange import (
     _after_wait,
     _any_pending,
@@ -26,6 +26,7 @@ from .exchange import (
     _wait_clock,
     _wait_over,
 )
+from .norm import _exchange_pair, _row_sums
 from .tiles import (
     _dgates_dots,
     _dgates_ptrs,
@@ -112,12 +113,13 @@ def _dgates_polled(dxg_ptr, dhn_ptr, tn, B64, xrow, hrow, nvalid, w_res, s, cloc
 @triton.jit
 def _bwd_own_loads(
     s, T, B64, L, mb, mj, offs_j, hrow, wrow, y_ptr, h0_ptr, c0_ptr, ws_ptr, dy_ptr,
-    CELL: tl.constexpr, NW: tl.constexpr, H: tl.constexpr, REVERSE: tl.constexpr,
-    ACC: tl.constexpr,
+    CELL: tl.constexpr, NF: tl.constexpr, WSR: tl.constexpr, H: tl.constexpr,
+    REVERSE: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
     """Everything of backward step s that only this program's units need (and that no other
-    program writes during the launch): dy, the saved fields, and c_{t-1} / h_{t-1} (c0 / h0
-    at a sequence's first step; the launcher passes zeros for a missing one)."""
+    program writes during the launch): dy, the saved fields (the first NF of a workspace row
+    WSR wide), and c_{t-1} / h_{t-1} (c0 / h0 at a sequence's first step; the launcher
+    passes zeros for a missing one)."""
     # backward step s handles forward step T-1-s
     t = _time(T - 1 - s, T, REVERSE)
     if REVERSE:
@@ -132,11 +134,11 @@ def _bwd_own_loads(
     poff = tp.to(tl.int64) * B64
     own = hrow[:, None] + offs_j[None, :]
     dy = tl.load(dy_ptr + toff * H + own, mask=mv, other=0.0).to(ACC)
-    f0, f1, f2, f3, f4 = _load_fields(ws_ptr, toff * (NW * H) + wrow, offs_j, mv, H, NW, ACC)
+    f0, f1, f2, f3, f4 = _load_fields(ws_ptr, toff * WSR + wrow, offs_j, mv, H, NF, ACC)
     mp = pvalid[:, None] & mj[None, :]
     mf = first[:, None] & mj[None, :]
     if CELL == LSTM:
-        pv = tl.load(ws_ptr + poff * (NW * H) + wrow[:, None] + 4 * H + offs_j[None, :], mask=mp,
+        pv = tl.load(ws_ptr + poff * WSR + wrow[:, None] + 4 * H + offs_j[None, :], mask=mp,
                      other=0.0).to(ACC)  # fmt: skip
         pv += tl.load(c0_ptr + own, mask=mf, other=0.0).to(ACC)
     elif CELL == GRU:
@@ -147,12 +149,32 @@ def _bwd_own_loads(
     return dy, f0, f1, f2, f3, f4, pv
 
 
+@triton.jit
+def _ln_own_loads(s, T, B64, L, mb, mj, offs_j, wrow, ws_ptr, G: tl.constexpr,
+                  NW: tl.constexpr, WSR: tl.constexpr, H: tl.constexpr, LN_C: tl.constexpr,
+                  REVERSE: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
+    """LayerNorm's saved values of backward step s (as `_bwd_own_loads`): the normalized
+    W_hh h of the own units (fields NW - G ..), 1/σ_hh and LN_c's μ_c, 1/σ_c of each row."""
+    t = _time(T - 1 - s, T, REVERSE)
+    valid = mb & (t < L) & (s < T)
+    row = t.to(tl.int64) * B64 * WSR + wrow
+    n0, n1, n2, n3, _ = _load_fields(ws_ptr, row + (NW - G) * H, offs_j,
+                                     valid[:, None] & mj[None, :], H, G, ACC)  # fmt: skip
+    rstd_hh = tl.load(ws_ptr + row + NW * H, mask=valid, other=0.0).to(ACC)
+    mu_c = rstd_hh
+    rstd_c = rstd_hh
+    if LN_C:
+        mu_c = tl.load(ws_ptr + row + NW * H + 1, mask=valid, other=0.0).to(ACC)
+        rstd_c = tl.load(ws_ptr + row + NW * H + 2, mask=valid, other=0.0).to(ACC)
+    return n0, n1, n2, n3, rstd_hh, mu_c, rstd_c
+
+
 @triton.jit(do_not_specialize=["T", "B", "nrows", "s_begin", "s_end", "wait_bound"])
 def _recurrence_bwd_kernel(
     whh_ptr, h0_ptr, c0_ptr, len_ptr, y_ptr, ws_ptr, dy_ptr,
     dxg_ptr, dhn_ptr, dhs_ptr, dcs_ptr,
-    zh_ptr, zc_ptr, rmask_ptr, rates_ptr, sync_ptr,
-    T, B, nrows, s_begin, s_end, wait_bound,
+    zh_ptr, zc_ptr, rmask_ptr, rates_ptr, lnw_ptr, lncw_ptr, lncb_ptr, drec_ptr, st_ptr,
+    lng_ptr, sync_ptr, T, B, nrows, s_begin, s_end, wait_bound,
     CELL: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, NW: tl.constexpr, H: tl.constexpr,
     KC: tl.constexpr, NKC: tl.constexpr, BH: tl.constexpr, BLOCK_B: tl.constexpr,
     CHUNKS_PER_TRIP: tl.constexpr, ON_CHIP: tl.constexpr, RESIDENT: tl.constexpr,
@@ -160,6 +182,8 @@ def _recurrence_bwd_kernel(
     POLL: tl.constexpr, ASM: tl.constexpr, SENTINEL: tl.constexpr,
     PREC: tl.constexpr, ACC: tl.constexpr, COUNT_POLLS: tl.constexpr = False,
     KSPLIT: tl.constexpr = 1, ZONEOUT: tl.constexpr = 0, RDROP: tl.constexpr = False,
+    LN: tl.constexpr = False, LN_C: tl.constexpr = False, LN_STOP: tl.constexpr = 0,
+    NHP: tl.constexpr = 1, NS: tl.constexpr = 0, LN_SENTINEL: tl.constexpr = 0,
 ):  # fmt: skip
     """Steps s in [0, T]: step s < T handles forward step T-1-s; step T only adds the last
     dgates' recurrent contribution (to dh0). dgates (= dxg, except GRU's n block, kept apart in
@@ -168,7 +192,13 @@ def _recurrence_bwd_kernel(
     dxg and dhn start as the sentinel and are polled, as the forward's exchange rows.
     Regularized (the forward's ZONEOUT and RDROP): the recurrent product, the gradient of
     the masked h_t, is multiplied by the mask; zoneout splits dh_t (dc_t) between h̃_t and
-    h_{t-1} by the step's weights."""
+    h_{t-1} by the step's weights.
+    LayerNorm (the forward's LN, LN_C, LN_STOP): LN_c's backward needs two row sums over H
+    and LN_hh's two over G*H (exchanged through st, as the forward's statistics); what
+    enters the recurrent product is then the gradient of h_{t-1} W_hhᵀ before the
+    normalization, written to drec and exchanged through it (dxg and dhn stay the gate
+    gradients); LN_c's weight and bias gradients are summed over the steps per (row,
+    unit) into lng (2, B, H)."""
     pid_h = tl.program_id(0)
     pid_b = tl.program_id(1)
     nprog = tl.num_programs(0) * tl.num_programs(1)
@@ -179,7 +209,9 @@ def _recurrence_bwd_kernel(
     B64 = B.to(tl.int64)
     hrow = offs_b.to(tl.int64) * H
     xrow = offs_b.to(tl.int64) * (G * H)
-    wrow = offs_b.to(tl.int64) * (NW * H)
+    WSR: tl.constexpr = NW * H + NS  # workspace row (the forward's)
+    NF: tl.constexpr = NW - G if LN else NW  # the cell's own fields (LayerNorm's follow)
+    wrow = offs_b.to(tl.int64) * WSR
     GH: tl.constexpr = G * H
     own = hrow[:, None] + offs_j[None, :]
     xd = dxg_ptr.dtype.element_ty
@@ -194,6 +226,30 @@ def _recurrence_bwd_kernel(
         dc_c = tl.load(dcs_ptr + own, mask=m_own, other=0.0).to(ACC)
     zone_p, r_keep = _regularizer_constants(rates_ptr, rmask_ptr, offs_b, offs_j, m_own,
                                             ZONEOUT, RDROP, H, ACC)  # fmt: skip
+    NX: tl.constexpr = LN + LN_C  # exchanges of row sums per step (the forward's)
+    NB: tl.constexpr = 1 + NX
+    st_rows = (B64 + BLOCK_B - 1) // BLOCK_B * BLOCK_B  # a statistics slot's rows
+    # what the recurrent product reads: with LayerNorm its own buffer, every gate alike
+    if LN:
+        xch_ptr = drec_ptr
+        XCELL: tl.constexpr = LSTM
+        lw0 = tl.load(lnw_ptr + offs_j, mask=mj, other=0.0).to(ACC)
+        lw1 = lw0
+        lw2 = lw0
+        lw3 = lw0
+        if G > 1:
+            lw1 = tl.load(lnw_ptr + H + offs_j, mask=mj, other=0.0).to(ACC)
+            lw2 = tl.load(lnw_ptr + 2 * H + offs_j, mask=mj, other=0.0).to(ACC)
+        if G > 3:
+            lw3 = tl.load(lnw_ptr + 3 * H + offs_j, mask=mj, other=0.0).to(ACC)
+    else:
+        xch_ptr = dxg_ptr
+        XCELL: tl.constexpr = CELL
+    if LN_C:
+        lnc_w = tl.load(lncw_ptr + offs_j, mask=mj, other=0.0).to(ACC)
+        lnc_b = tl.load(lncb_ptr + offs_j, mask=mj, other=0.0).to(ACC)
+        g_cw = tl.load(lng_ptr + own, mask=m_own, other=0.0).to(ACC)
+        g_cb = tl.load(lng_ptr + B64 * H + own, mask=m_own, other=0.0).to(ACC)
 
     # W_hh[:, own units], gate-major: ON_CHIP G (BH, BH) tiles; RESIDENT G*NKC (KC, BH) tiles
     if ON_CHIP:
@@ -223,8 +279,12 @@ def _recurrence_bwd_kernel(
 
     dy, f0, f1, f2, f3, f4, pv = _bwd_own_loads(
         s_begin, T, B64, L, mb, mj, offs_j, hrow, wrow, y_ptr, h0_ptr, c0_ptr, ws_ptr, dy_ptr,
-        CELL, NW, H, REVERSE, ACC,
+        CELL, NF, WSR, H, REVERSE, ACC,
     )  # fmt: skip
+    if LN:
+        n0, n1, n2, n3, rstd_hh, mu_c, rstd_c = _ln_own_loads(
+            s_begin, T, B64, L, mb, mj, offs_j, wrow, ws_ptr, G, NW, WSR, H, LN_C, REVERSE, ACC
+        )
     t_first = _time(T - 1 - s_begin, T, REVERSE)
     w_h, w_c = _zoneout_weights(zh_ptr, zc_ptr, zone_p, t_first, mb & (t_first < L) & (s_begin < T),
                                 B64, offs_b, offs_j, mj, ZONEOUT, CELL, H, ACC)  # fmt: skip
@@ -238,6 +298,9 @@ def _recurrence_bwd_kernel(
         else:
             tn = t + 1
         nvalid = mb & (s > 0) & (tn < L)
+        # LayerNorm's statistics slot: the final step (s == T, t outside [0, T)) reads one
+        # that exists, and drops it
+        slot = tl.minimum(tl.maximum(t, 0), T - 1)
 
         # dh_t += dgates_{next} @ W_hh[:, own units] (rows past a sequence's end hold 0).
         # One accumulator per gate: independent HMMA chains instead of one G*H deep.
@@ -255,22 +318,22 @@ def _recurrence_bwd_kernel(
             clock = _wait_clock()
             over = 1 - waits_ok
             rec, clock, over, failed_polls = _dgates_polled(
-                dxg_ptr, dhn_ptr, tn, B64, xrow, hrow, nvalid, w_res, s, clock, over,
-                failed_polls, wait_bound, CELL, G, GP, H, KC, NKC, BLOCK_B, BH, CHUNKS_PER_TRIP,
+                xch_ptr, dhn_ptr, tn, B64, xrow, hrow, nvalid, w_res, s, clock, over,
+                failed_polls, wait_bound, XCELL, G, GP, H, KC, NKC, BLOCK_B, BH, CHUNKS_PER_TRIP,
                 KSPLIT, SENTINEL, ASM, COUNT_POLLS, PREC, ACC,
             )  # fmt: skip
             waits_ok = _after_wait(1 - over, waits_ok, sync_ptr)
         elif RESIDENT:
-            rec = _dgates_dots(dxg_ptr, dhn_ptr, tn, B64, xrow, hrow, nvalid, w_res, whh_ptr,
-                               offs_j, mj, s, CELL, G, GP, H, H, KC, NKC, BLOCK_B, BH,
+            rec = _dgates_dots(xch_ptr, dhn_ptr, tn, B64, xrow, hrow, nvalid, w_res, whh_ptr,
+                               offs_j, mj, s, XCELL, G, GP, H, H, KC, NKC, BLOCK_B, BH,
                                CHUNKS_PER_TRIP, True, True, False, PREC, ACC)  # fmt: skip
         else:
             for k0 in range(0, H, KC):
                 offs_k = k0 + tl.arange(0, KC)
                 mk = offs_k < H
                 for g in tl.static_range(G):
-                    gk = _load_dgates(dxg_ptr, dhn_ptr, tn, B64, xrow, hrow, offs_k, nvalid, g,
-                                      CELL, G, H)  # fmt: skip
+                    gk = _load_dgates(xch_ptr, dhn_ptr, tn, B64, xrow, hrow, offs_k, nvalid, g,
+                                      XCELL, G, H)  # fmt: skip
                     wk = _load_w(whh_ptr, offs_k, offs_j, mk, mj, g, H, True)
                     rec += tl.dot(gk, wk, input_precision=PREC, out_dtype=ACC)
         if RDROP:
@@ -284,7 +347,42 @@ def _recurrence_bwd_kernel(
             dh = (1.0 - w_h) * dh
 
         # gate backward for the own units (fields f0.. as WS_FIELDS lays them out, launch.py)
-        if CELL == LSTM:
+        if CELL == LSTM and LN_C:
+            # c̃_t (the workspace keeps it, or with zoneout the blended c_t), its LN_c
+            c_t = f4
+            if ZONEOUT != 0:
+                c_t = f1 * pv + f0 * f2
+            c_hat = (c_t - mu_c[:, None]) * rstd_c[:, None]
+            tc = _tanh(c_hat * lnc_w[None, :] + lnc_b[None, :])
+            dcn = tl.where(v2, dh * f3 * (1.0 - tc * tc), 0.0)  # d LN_c(c̃_t)
+            g_cw += dcn * c_hat
+            g_cb += dcn
+            dch = dcn * lnc_w[None, :]
+            s1, s2 = _row_sums(tl.where(m_own, dch, 0.0), tl.where(m_own, dch * c_hat, 0.0))
+            if not ON_CHIP:
+                a_p, b_p, waits_ok, failed_polls = _exchange_pair(
+                    st_ptr, slot * NX, offs_b, mb & (s < T), st_rows, s1, s2, waits_ok,
+                    failed_polls,
+                    wait_bound, sync_ptr, ((s - s_begin) * NB + 1) * nprog,
+                    LN_STOP == 0 or LN_STOP >= 1, LN_STOP == 0, NHP, USE_BARRIER, POLL,
+                    LN_SENTINEL, ASM, COUNT_POLLS,
+                )  # fmt: skip
+                s1, s2 = _row_sums(a_p, b_p)
+            dc = rstd_c[:, None] * (dch - s1[:, None] / H - c_hat * (s2[:, None] / H))
+            if ZONEOUT != 0:
+                dc += (1.0 - w_c) * dc_c
+            else:
+                dc += dc_c
+            d0 = dc * f2 * f0 * (1.0 - f0)
+            d1 = dc * pv * f1 * (1.0 - f1)
+            d2 = dc * f0 * (1.0 - f2 * f2)
+            d3 = dh * tc * f3 * (1.0 - f3)
+            if ZONEOUT != 0:
+                dc_c = tl.where(v2, dc * f1 + w_c * dc_c, dc_c)
+            else:
+                dc_c = tl.where(v2, dc * f1, dc_c)
+            direct = tl.zeros([BLOCK_B, BH], dtype=ACC)
+        elif CELL == LSTM:
             if ZONEOUT != 0:
                 # f4 is the blended c_t; h̃_t came from c̃_t = f c_{t-1} + i g
                 d0, d1, d2, d3, dc = _lstm_cell_backward(dh, (1.0 - w_c) * dc_c, f0, f1, f2, f3,
@@ -317,7 +415,7 @@ def _recurrence_bwd_kernel(
         toff = t.to(tl.int64) * B64
         ms = m_own & (s < T)
         gp = dxg_ptr + toff * GH + xrow[:, None] + offs_j[None, :]
-        relaxed: tl.constexpr = ASM and POLL
+        relaxed: tl.constexpr = ASM and POLL and not LN  # (with LayerNorm drec is exchanged)
         q0 = tl.where(v2, d0, 0.0).to(xd)
         _store_exchange(gp, q0, ms, relaxed)
         if G > 1:
@@ -331,6 +429,55 @@ def _recurrence_bwd_kernel(
         if CELL == GRU:
             qn = tl.where(v2, dhn, 0.0).to(xd)
             _store_exchange(dhn_ptr + toff * H + own, qn, ms, relaxed)
+        if LN:
+            # LN_hh backward: the gradient of the normalized W_hh h (GRU's n block: dhn)
+            # times the weight, its two row sums over all G*H columns, then the gradient
+            # before the normalization, which is what W_hh multiplies
+            mv = m_own & v2
+            r0 = tl.where(mv, d0 * lw0[None, :], 0.0)
+            r1 = r0
+            r2 = r0
+            r3 = r0
+            if G > 1:
+                r1 = tl.where(mv, d1 * lw1[None, :], 0.0)
+                if CELL == GRU:
+                    r2 = tl.where(mv, dhn * lw2[None, :], 0.0)
+                else:
+                    r2 = tl.where(mv, d2 * lw2[None, :], 0.0)
+            if G > 3:
+                r3 = tl.where(mv, d3 * lw3[None, :], 0.0)
+            r_sum = r0
+            rn_sum = r0 * n0
+            if G > 1:
+                r_sum += r1 + r2
+                rn_sum += r1 * n1 + r2 * n2
+            if G > 3:
+                r_sum += r3
+                rn_sum += r3 * n3
+            s1, s2 = _row_sums(r_sum, rn_sum)
+            if not ON_CHIP:
+                a_p, b_p, waits_ok, failed_polls = _exchange_pair(
+                    st_ptr, slot * NX + LN_C, offs_b, mb & (s < T), st_rows, s1, s2,
+                    waits_ok, failed_polls, wait_bound, sync_ptr, ((s - s_begin) * NB + NX) * nprog,
+                    LN_STOP == 0 or LN_STOP >= NX, LN_STOP == 0, NHP, USE_BARRIER, POLL,
+                    LN_SENTINEL, ASM, COUNT_POLLS,
+                )  # fmt: skip
+                s1, s2 = _row_sums(a_p, b_p)
+            m1 = (s1 / GH)[:, None]
+            m2 = (s2 / GH)[:, None]
+            rs = rstd_hh[:, None]
+            q0 = tl.where(v2, rs * (r0 - m1 - n0 * m2), 0.0).to(xd)
+            rp = drec_ptr + toff * GH + xrow[:, None] + offs_j[None, :]
+            _store_exchange(rp, q0, ms, ASM and POLL)
+            if G > 1:
+                q1 = tl.where(v2, rs * (r1 - m1 - n1 * m2), 0.0).to(xd)
+                qn = tl.where(v2, rs * (r2 - m1 - n2 * m2), 0.0).to(xd)
+                q2 = qn
+                _store_exchange(rp + H, q1, ms, ASM and POLL)
+                _store_exchange(rp + 2 * H, qn, ms, ASM and POLL)
+            if G > 3:
+                q3 = tl.where(v2, rs * (r3 - m1 - n3 * m2), 0.0).to(xd)
+                _store_exchange(rp + 3 * H, q3, ms, ASM and POLL)
         if ON_CHIP:
             e0 = tl.where(m_own, q0, 0.0)
             if G > 1:
@@ -349,18 +496,26 @@ def _recurrence_bwd_kernel(
 
         dy, f0, f1, f2, f3, f4, pv = _bwd_own_loads(
             s + 1, T, B64, L, mb, mj, offs_j, hrow, wrow, y_ptr, h0_ptr, c0_ptr, ws_ptr, dy_ptr,
-            CELL, NW, H, REVERSE, ACC,
+            CELL, NF, WSR, H, REVERSE, ACC,
         )  # fmt: skip
+        if LN:
+            n0, n1, n2, n3, rstd_hh, mu_c, rstd_c = _ln_own_loads(
+                s + 1, T, B64, L, mb, mj, offs_j, wrow, ws_ptr, G, NW, WSR, H, LN_C, REVERSE,
+                ACC)  # fmt: skip
         t_next = _time(T - 2 - s, T, REVERSE)
         w_h, w_c = _zoneout_weights(zh_ptr, zc_ptr, zone_p, t_next,
                                     mb & (t_next < L) & (s + 1 < T), B64, offs_b, offs_j, mj,
                                     ZONEOUT, CELL, H, ACC)  # fmt: skip
         if USE_BARRIER:
             if s + 1 < s_end:
-                _barrier_wait(sync_ptr, (s - s_begin + 1) * nprog, wait_bound, ASM)
+                _barrier_wait(sync_ptr, (s - s_begin + 1) * NB * nprog, wait_bound, ASM)
 
-    tl.store(dhs_ptr + own, dh_c, mask=m_own)
-    if CELL == LSTM:
-        tl.store(dcs_ptr + own, dc_c, mask=m_own)
+    if LN_STOP == 0:  # (a stopping launch keeps nothing but its sums)
+        tl.store(dhs_ptr + own, dh_c, mask=m_own)
+        if CELL == LSTM:
+            tl.store(dcs_ptr + own, dc_c, mask=m_own)
+        if LN_C:
+            tl.store(lng_ptr + own, g_cw, mask=m_own)
+            tl.store(lng_ptr + B64 * H + own, g_cb, mask=m_own)
     if COUNT_POLLS:
         _count_failed_polls(sync_ptr, failed_polls)

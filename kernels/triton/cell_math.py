@@ -1,6 +1,6 @@
 """Per-unit cell math of the kernels: the compile-time cell switch (LSTM, GRU, RNN_TANH,
-RNN_RELU; CELL_CODE maps a cell's name to it), the activations, the LSTM cell forward and
-backward on (BLOCK_B, BH) tiles, and the split of a gate-major tile into its gates.
+RNN_RELU; CELL_CODE maps a cell's name to it), the activations, the LSTM gates and cell forward
+and backward on (BLOCK_B, BH) tiles, and the split of a gate-major tile into its gates.
 Device code only (@triton.jit); imports nothing else of the package. The float64 ground
 truth of the same math is gpurnn.reference.
 """
@@ -30,14 +30,21 @@ def _tanh(x):
 
 
 @triton.jit
-def _lstm_cell(x0, x1, x2, x3, a0, a1, a2, a3, c_prev):
-    """One LSTM step of the own units from the pre-activations x + W_hh h (PyTorch's gate
-    order i, f, g, o): the gates, c_t and o * tanh(c_t) (h_t, or m_t before a projection)."""
+def _lstm_gates(x0, x1, x2, x3, a0, a1, a2, a3, c_prev):
+    """The LSTM gates of the own units from the pre-activations x + W_hh h (PyTorch's gate
+    order i, f, g, o) and c_t = f c_{t-1} + i g."""
     ig = _sigmoid(x0 + a0)
     fg = _sigmoid(x1 + a1)
     gg = _tanh(x2 + a2)
     og = _sigmoid(x3 + a3)
-    c_new = fg * c_prev + ig * gg
+    return ig, fg, gg, og, fg * c_prev + ig * gg
+
+
+@triton.jit
+def _lstm_cell(x0, x1, x2, x3, a0, a1, a2, a3, c_prev):
+    """One LSTM step of the own units: the gates, c_t and o * tanh(c_t) (h_t, or m_t before
+    a projection)."""
+    ig, fg, gg, og, c_new = _lstm_gates(x0, x1, x2, x3, a0, a1, a2, a3, c_prev)
     return ig, fg, gg, og, c_new, og * _tanh(c_new)
 
 

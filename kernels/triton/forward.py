@@ -15,7 +15,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .cell_math import GRU, LSTM, RNN_TANH, _lstm_cell, _sigmoid, _split_gates, _tanh
+from .cell_math import GRU, LSTM, RNN_TANH, _lstm_cell, _lstm_gates, _sigmoid, _split_gates, _tanh
 from .exchange import (
     _after_wait,
     _any_pending,
@@ -28,6 +28,7 @@ from .exchange import (
     _wait_clock,
     _wait_over,
 )
+from .norm import _combine_moments, _exchange_pair, _program_counts, _row_moments, _rstd
 from .tiles import _regularizer_constants, _row_tile, _runtime_zeros, _time, _zoneout_weights
 
 
@@ -79,25 +80,56 @@ def _load_xg(xg_ptr, s, s_begin, s_end, T, B64, xrow, col_n, mb, mn, L, G: tl.co
                    mask=xv[:, None] & mn[None, :], other=0.0)  # fmt: skip
 
 
+@triton.jit
+def _store_row_number(ptr, value, valid, first, mask):
+    """A per-row number (BLOCK_B,) of a tile's layout stored from the tile itself: by its
+    `first` column (a (1, N) mask) of every row, all columns pointing at the row's entry;
+    so it needs no layout conversion (a block barrier or two each)."""
+    v = tl.where(valid, value, 0.0)[:, None] + tl.zeros_like(first.to(value.dtype))
+    tl.store(ptr[:, None] + tl.zeros_like(first.to(tl.int32)), v.to(ptr.dtype.element_ty),
+             mask=mask[:, None] & first)  # fmt: skip
+
+
+@triton.jit
+def _store_normalized(ws_ptr, row, wrow, col_n, mb, mn, valid, mr, a_hat, rstd_hh,
+                      G: tl.constexpr, NW: tl.constexpr, H: tl.constexpr):  # fmt: skip
+    """LayerNorm's workspace entries of a step (rows from `row` on): the normalized W_hh h
+    of the own units (fields NW - G ..: column n of the fused tile is field NW - G + gate,
+    unit j, so it is stored as it is, with no split) and, from one program per row (mr),
+    1/σ_hh after the fields."""
+    wd = ws_ptr.dtype.element_ty
+    wn = ws_ptr + row + wrow[:, None] + (NW - G) * H + col_n[None, :]
+    tl.store(wn, tl.where(valid[:, None], a_hat, 0.0).to(wd), mask=mb[:, None] & mn[None, :])
+    _store_row_number(ws_ptr + row + wrow + NW * H, rstd_hh, valid, (col_n == 0)[None, :], mr)
+
+
 @triton.jit(do_not_specialize=["T", "B", "nrows", "s_begin", "s_end", "wait_bound"])
 def _recurrence_fwd_kernel(
     xg_ptr, whh_ptr, bhn_ptr, len_ptr,
     hx_ptr, y_ptr, hs_ptr, cs_ptr, ws_ptr,
-    zh_ptr, zc_ptr, rmask_ptr, rates_ptr, sync_ptr,
-    T, B, nrows, s_begin, s_end, wait_bound,
+    zh_ptr, zc_ptr, rmask_ptr, rates_ptr, lnw_ptr, lnb_ptr, lncw_ptr, lncb_ptr, st_ptr,
+    sync_ptr, T, B, nrows, s_begin, s_end, wait_bound,
     CELL: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, NW: tl.constexpr, H: tl.constexpr,
     KC: tl.constexpr, NKC: tl.constexpr, BH: tl.constexpr, BLOCK_B: tl.constexpr,
     ON_CHIP: tl.constexpr, RESIDENT: tl.constexpr, HAS_LEN: tl.constexpr,
     REVERSE: tl.constexpr, SAVE: tl.constexpr, USE_BARRIER: tl.constexpr, POLL: tl.constexpr,
     ASM: tl.constexpr, SENTINEL: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
     COUNT_POLLS: tl.constexpr = False, ZONEOUT: tl.constexpr = 0, RDROP: tl.constexpr = False,
+    LN: tl.constexpr = False, LN_C: tl.constexpr = False, LN_STOP: tl.constexpr = 0,
+    NHP: tl.constexpr = 1, NS: tl.constexpr = 0, LN_SENTINEL: tl.constexpr = 0,
 ):  # fmt: skip
     """Regularized (gpurnn.regularized; all off by default, and then compiled out):
     ZONEOUT 1 blends each own unit's h (and c) with its previous value by the step's packed
     bits zh (zc), 2 by the rate rates[0] (eval); RDROP multiplies what enters W_hh by the
     recurrent-dropout mask (packed, (B, ⌈H/8⌉)) times rates[1] = 1/(1 − p): the exchange
     rows then hold that product, and y is written apart. DropConnect is the launcher's (a
-    masked W_hh, once per launch)."""
+    masked W_hh, once per launch).
+    LN: LayerNorm of h_{t-1} W_hhᵀ over each row's G*H columns (weight and bias lnw, lnb),
+    LN_C (LSTM) of c̃_t over H (lncw, lncb), the rows' statistics exchanged through st
+    (norm.py; NHP = n_h padded to a power of two). The workspace then adds the normalized
+    W_hh h as G more fields and NS = 1 (3) numbers per row: 1/σ_hh (and μ_c, 1/σ_c). The
+    per-step fallback runs a step in 1 + LN + LN_C launches: LN_STOP k ends the launch's
+    work after publishing statistics k (nothing else it writes is kept), 0 runs it whole."""
     pid_h = tl.program_id(0)
     pid_b = tl.program_id(1)
     nprog = tl.num_programs(0) * tl.num_programs(1)
@@ -108,7 +140,8 @@ def _recurrence_fwd_kernel(
     B64 = B.to(tl.int64)
     hrow = offs_b.to(tl.int64) * H
     xrow = offs_b.to(tl.int64) * (G * H)
-    wrow = offs_b.to(tl.int64) * (NW * H)
+    WSR: tl.constexpr = NW * H + NS  # workspace row: NW fields of H units, NS row numbers
+    wrow = offs_b.to(tl.int64) * WSR
     own = hrow[:, None] + offs_j[None, :]
     hd = hx_ptr.dtype.element_ty
     # Reverse with lengths: a row's steps past its end come first and must carry h0 through
@@ -134,6 +167,11 @@ def _recurrence_fwd_kernel(
         bhn = tl.load(bhn_ptr + offs_j, mask=mj, other=0.0).to(ACC)
     zone_p, r_keep = _regularizer_constants(rates_ptr, rmask_ptr, offs_b, offs_j, m_own,
                                             ZONEOUT, RDROP, H, ACC)  # fmt: skip
+    # LayerNorm: barriers per step (each exchange of statistics, then h's), and where the
+    # step's statistics go: slot t * NX + k - 1 for exchange k
+    NX: tl.constexpr = LN + LN_C
+    NB: tl.constexpr = 1 + NX
+    st_rows = (B64 + BLOCK_B - 1) // BLOCK_B * BLOCK_B  # a statistics slot's rows
 
     # Gates fused along N: column n of the (K, GP*BH) weight tile is unit n % BH of gate
     # n // BH (GP = G padded to a power of two), so the 4 warps split one dot by gate instead
@@ -144,6 +182,14 @@ def _recurrence_fwd_kernel(
     unit_n = pid_h * BH + offs_n % BH
     mn = (gate_n < G) & (unit_n < H)
     col_n = gate_n * H + unit_n  # column of xg, row of W_hh
+    if LN:
+        ln_w = tl.load(lnw_ptr + col_n, mask=mn, other=0.0).to(ACC)
+        ln_b = tl.load(lnb_ptr + col_n, mask=mn, other=0.0).to(ACC)
+        counts_hh = _program_counts(NHP, BH, H, G, ACC)
+    if LN_C:
+        lnc_w = tl.load(lncw_ptr + offs_j, mask=mj, other=0.0).to(ACC)
+        lnc_b = tl.load(lncb_ptr + offs_j, mask=mj, other=0.0).to(ACC)
+        counts_c = _program_counts(NHP, BH, H, 1, ACC)
     # Weights loaded once, before the time loop (they live in shared memory from then on).
     # ON_CHIP: this program owns every unit (BH >= H), so K = BH and h never leaves it.
     # RESIDENT: K in NKC chunks of KC. Otherwise streamed from L2 in KC chunks every step.
@@ -241,11 +287,55 @@ def _recurrence_fwd_kernel(
                         mask=mk[:, None] & mn[None, :], other=0.0,
                     )  # fmt: skip
                     acc = tl.dot(hp, wk, acc, input_precision=PREC, out_dtype=ACC)
+        if LN:
+            # LN_hh: the row's moments over the own columns, then over all G*H
+            mu_hh, m2 = _row_moments(acc, mb[:, None] & mn[None, :])
+            if ON_CHIP:
+                rstd_hh = _rstd(m2, G * H)
+            else:
+                a_p, b_p, waits_ok, failed_polls = _exchange_pair(
+                    st_ptr, t * NX, offs_b, mb, st_rows, mu_hh, m2, waits_ok, failed_polls,
+                    wait_bound, sync_ptr, ((s - s_begin) * NB + 1) * nprog,
+                    LN_STOP == 0 or LN_STOP >= 1, LN_STOP == 0, NHP, USE_BARRIER, POLL,
+                    LN_SENTINEL, ASM, COUNT_POLLS,
+                )  # fmt: skip
+                mu_hh, rstd_hh = _combine_moments(a_p, b_p, counts_hh, G * H)
+            a_hat = (acc - mu_hh[:, None]) * rstd_hh[:, None]
+            acc = a_hat * ln_w[None, :] + ln_b[None, :]
         a0, a1, a2, a3 = _split_gates(acc, BLOCK_B, BH, GP)
         x0, x1, x2, x3 = _split_gates(x, BLOCK_B, BH, GP)
 
         # gates (fp32, fp64 for fp64 inputs)
-        if CELL == LSTM:
+        if CELL == LSTM and LN_C:
+            ig, fg, gg, og, c_new = _lstm_gates(x0, x1, x2, x3, a0, a1, a2, a3, cs)
+            if SAVE:
+                # stored before LN_c's exchange, whose wait they overlap, and so that they
+                # are not held in registers through its polling loop
+                row = t.to(tl.int64) * B64 * WSR
+                wp = ws_ptr + row + wrow[:, None] + offs_j[None, :]
+                wd = ws_ptr.dtype.element_ty
+                v2 = valid[:, None]
+                tl.store(wp, tl.where(v2, ig, 0.0).to(wd), mask=m_own)
+                tl.store(wp + H, tl.where(v2, fg, 0.0).to(wd), mask=m_own)
+                tl.store(wp + 2 * H, tl.where(v2, gg, 0.0).to(wd), mask=m_own)
+                tl.store(wp + 3 * H, tl.where(v2, og, 0.0).to(wd), mask=m_own)
+                _store_normalized(ws_ptr, row, wrow, col_n, mb, mn, valid, mb & (pid_h == 0), a_hat,
+                                  rstd_hh, G, NW, H)  # fmt: skip
+            # LN_c: c̃_t's moments over the own units, then over all H
+            mu_c, m2 = _row_moments(c_new, m_own)
+            if ON_CHIP:
+                rstd_c = _rstd(m2, H)
+            else:
+                a_p, b_p, waits_ok, failed_polls = _exchange_pair(
+                    st_ptr, t * NX + 1, offs_b, mb, st_rows, mu_c, m2, waits_ok, failed_polls,
+                    wait_bound, sync_ptr, ((s - s_begin) * NB + 2) * nprog,
+                    LN_STOP == 0 or LN_STOP >= 2, LN_STOP == 0, NHP, USE_BARRIER, POLL,
+                    LN_SENTINEL, ASM, COUNT_POLLS,
+                )  # fmt: skip
+                mu_c, rstd_c = _combine_moments(a_p, b_p, counts_c, H)
+            c_norm = (c_new - mu_c[:, None]) * rstd_c[:, None] * lnc_w[None, :] + lnc_b[None, :]
+            h_new = og * _tanh(c_norm)
+        elif CELL == LSTM:
             ig, fg, gg, og, c_new, h_new = _lstm_cell(x0, x1, x2, x3, a0, a1, a2, a3, cs)
         elif CELL == GRU:
             hn = a2 + bhn[None, :]
@@ -294,13 +384,14 @@ def _recurrence_fwd_kernel(
         if SEPARATE_Y:
             tl.store(y_ptr + toff * H + own, tl.where(v2, h_new, 0.0).to(hd), mask=m_own)
         if SAVE:
-            wp = ws_ptr + toff * (NW * H) + wrow[:, None] + offs_j[None, :]
+            wp = ws_ptr + toff * WSR + wrow[:, None] + offs_j[None, :]
             wd = ws_ptr.dtype.element_ty
             if CELL == LSTM:
-                tl.store(wp, tl.where(v2, ig, 0.0).to(wd), mask=m_own)
-                tl.store(wp + H, tl.where(v2, fg, 0.0).to(wd), mask=m_own)
-                tl.store(wp + 2 * H, tl.where(v2, gg, 0.0).to(wd), mask=m_own)
-                tl.store(wp + 3 * H, tl.where(v2, og, 0.0).to(wd), mask=m_own)
+                if not LN_C:  # (with LN_c, stored before its exchange)
+                    tl.store(wp, tl.where(v2, ig, 0.0).to(wd), mask=m_own)
+                    tl.store(wp + H, tl.where(v2, fg, 0.0).to(wd), mask=m_own)
+                    tl.store(wp + 2 * H, tl.where(v2, gg, 0.0).to(wd), mask=m_own)
+                    tl.store(wp + 3 * H, tl.where(v2, og, 0.0).to(wd), mask=m_own)
                 tl.store(wp + 4 * H, tl.where(v2, c_new, 0.0).to(wd), mask=m_own)
             elif CELL == GRU:
                 tl.store(wp, tl.where(v2, rg, 0.0).to(wd), mask=m_own)
@@ -309,6 +400,15 @@ def _recurrence_fwd_kernel(
                 tl.store(wp + 3 * H, tl.where(v2, hn, 0.0).to(wd), mask=m_own)
             else:
                 tl.store(wp, tl.where(v2, h_act, 0.0).to(wd), mask=m_own)
+            mr = mb & (pid_h == 0)  # (one program writes a row's numbers)
+            if LN_C:
+                wr = ws_ptr + toff * WSR + wrow + NW * H
+                first = (offs_j == 0)[None, :]
+                _store_row_number(wr + 1, mu_c, valid, first, mr)
+                _store_row_number(wr + 2, rstd_c, valid, first, mr)
+            elif LN:
+                _store_normalized(ws_ptr, toff * WSR, wrow, col_n, mb, mn, valid, mr, a_hat,
+                                  rstd_hh, G, NW, H)  # fmt: skip
         if ON_CHIP:
             x = x_next.to(ACC)
         else:
@@ -319,10 +419,11 @@ def _recurrence_fwd_kernel(
                                     CELL, H, ACC)  # fmt: skip
         if USE_BARRIER:
             if s + 1 < s_end:
-                _barrier_wait(sync_ptr, (s - s_begin + 1) * nprog, wait_bound, ASM)
+                _barrier_wait(sync_ptr, (s - s_begin + 1) * NB * nprog, wait_bound, ASM)
 
-    tl.store(hs_ptr + own, hs, mask=m_own)
-    if CELL == LSTM:
-        tl.store(cs_ptr + own, cs, mask=m_own)
+    if LN_STOP == 0:  # (a stopping launch keeps nothing but its statistics)
+        tl.store(hs_ptr + own, hs, mask=m_own)
+        if CELL == LSTM:
+            tl.store(cs_ptr + own, cs, mask=m_own)
     if COUNT_POLLS:
         _count_failed_polls(sync_ptr, failed_polls)

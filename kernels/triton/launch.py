@@ -77,8 +77,17 @@ def _alloc(shape, dtype, device):
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def workspace_shape(cell: str, T: int, B: int, H: int) -> tuple[int, int, int]:
-    return (T, B, len(WS_FIELDS[cell]) * H)
+def workspace_shape(cell: str, T: int, B: int, H: int, layer_norm: bool = False,
+                    ln_c: bool = False) -> tuple[int, int, int]:  # fmt: skip
+    """(T, B, NW*H), with LayerNorm (LN_FIELDS) (T, B, (NW + G)*H + 1), + 2 more with LN_c."""
+    if not layer_norm:
+        return (T, B, len(WS_FIELDS[cell]) * H)
+    return (T, B, (len(WS_FIELDS[cell]) + GATES[cell]) * H + _ln_numbers(ln_c))
+
+
+def _ln_numbers(ln_c: bool) -> int:
+    """Per-row numbers of a LayerNorm workspace after its fields: 1/σ_hh (μ_c, 1/σ_c)."""
+    return 3 if ln_c else 1
 
 
 def unpack_workspace(cell: str, workspace: torch.Tensor, H: int) -> dict[str, torch.Tensor]:
@@ -126,27 +135,31 @@ def _launch_persistent(kernel, plan: Plan, T, B, n_steps, args, kw, wait_bound, 
 
 
 def _launch_steps(kernel, plan: Plan, T: int, B: int, n_steps: int, args, kw, wait_bound: int,
-                  device, batch_axes, defer=False):  # fmt: skip
+                  device, batch_axes, defer=False, ln_exchanges: int = 0):  # fmt: skip
     """Run steps [0, n_steps): persistent launches (the batch tiles in turns if not all fit
     at once), each with its exchange per step (polled, a grid barrier, or nothing with one
     program), or one launch per step. Raises if a wait timed out. `plan` is the fitted one
     (`_fit`: the launchers fit it first, since it decides how they fill the buffers).
+    ln_exchanges: LayerNorm's exchanges of statistics per step (one more barrier each; the
+    per-step fallback runs a step in that many stopping launches, then a whole one).
     Returns the sync words (`_launch_persistent`)."""
     kw = _plan_kw(plan, kw)
     if plan.persistent:
         use_barrier = _uses_barrier(plan, kw)
         return _launch_persistent(kernel, plan, T, B, n_steps, args, kw, wait_bound, device,
                                   batch_axes, use_barrier, use_barrier or kw.get("POLL"),
-                                  barriers_per_step=1, defer=defer)  # fmt: skip
+                                  barriers_per_step=1 + ln_exchanges, defer=defer)  # fmt: skip
     else:
         if plan.on_chip:
             raise ValueError("an on-chip plan keeps state in registers: it must be persistent")
         sync = torch.zeros(2, dtype=torch.int32, device=device)
         grid = (plan.n_h, plan.n_b)
+        stops = [{"LN_STOP": k} for k in range(1, ln_exchanges + 1)] + [{}]
         for s in range(n_steps):
-            kernel[grid](*args, sync, T, B, B, s, s + 1, wait_bound,
-                         USE_BARRIER=False, num_warps=plan.num_warps, num_stages=1,
-                         **kw)  # fmt: skip
+            for stop in stops:
+                kernel[grid](*args, sync, T, B, B, s, s + 1, wait_bound,
+                             USE_BARRIER=False, num_warps=plan.num_warps, num_stages=1,
+                             **kw, **stop)  # fmt: skip
         return sync
 
 
@@ -262,6 +275,27 @@ def _regularized(cell, acc_t, dev, H, zoneout, zoneout_h, zoneout_c, recurrent_d
     return args, axes, dict(ZONEOUT=zone, RDROP=recurrent_mask is not None), r_keep
 
 
+def _layer_norm(cell: str, plan: Plan, T: int, B: int, acc_t, dev, ln_hh, ln_c, dummy):
+    """LayerNorm's kernel arguments: the parameters (LN_hh's weight and bias, LN_c's; absent
+    ones `dummy`) and the statistics buffer (T * NX slots of (B padded to whole batch tiles,
+    NHP, 2): norm.py; the
+    caller fills it with the sentinel once the plan is fitted), their batch axes, the
+    switches, and NX, the exchanges of statistics per step (LN_hh's, and LN_c's)."""
+    if ln_hh is None:
+        if ln_c is not None:
+            raise ValueError("LayerNorm of c needs LayerNorm of W_hh h as well")
+        return (dummy,) * 5, (None,) * 5, {}, 0
+    nx = 1 + (ln_c is not None)
+    rows = triton.cdiv(B, plan.BLOCK_B) * plan.BLOCK_B  # (whole batch tiles: norm.py)
+    st = torch.zeros((T * nx, rows, _next_pow2(plan.n_h), 2), dtype=acc_t, device=dev)
+    lnc_w, lnc_b = ln_c if ln_c is not None else (dummy, dummy)
+    args = (ln_hh[0], ln_hh[1], lnc_w, lnc_b, st)
+    kw = dict(LN=True, LN_C=ln_c is not None, NHP=_next_pow2(plan.n_h),
+              NS=_ln_numbers(ln_c is not None), LN_SENTINEL=_SENTINEL[acc_t],
+              NW=len(WS_FIELDS[cell]) + GATES[cell])  # fmt: skip
+    return args, (None, None, None, None, 1), kw, nx
+
+
 def _check_poll_counter(poll_counter, device) -> None:
     if poll_counter is None:
         return
@@ -301,14 +335,19 @@ def forward(
     zoneout_c: torch.Tensor | None = None,
     recurrent_dropout: float = 0.0,
     recurrent_mask: torch.Tensor | None = None,
+    ln_hh: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ln_c: tuple[torch.Tensor, torch.Tensor] | None = None,
 ):
     """Returns y (T, B, H), h_T (B, H), c_T (B, H) or None, workspace ((0,) unless save),
-    all in xg.dtype. Inputs must be contiguous (the backend makes them so).
+    all in xg.dtype (the workspace in the accumulation dtype with LayerNorm). Inputs must be
+    contiguous (the backend makes them so).
 
     Regularized (gpurnn.regularized's formulas; not with w_hr): zoneout with the packed
     masks zoneout_h, zoneout_c (training) or its rate alone (eval), recurrent dropout with
     the packed (B, ⌈H/8⌉) recurrent_mask (training only). The LSTM workspace then keeps the
-    blended c_t. DropConnect is the caller's: a masked w_hh.
+    blended c_t. DropConnect is the caller's: a masked w_hh. LayerNorm: ln_hh = (weight,
+    bias) (G*H,) of h W_hhᵀ, ln_c = (weight, bias) (H,) of c̃_t (LSTM); the workspace then
+    adds the normalized h W_hhᵀ and the rows' statistics (`workspace_shape`).
 
     h_{t-1} is exchanged through a (T+1)-row buffer whose first row in processing order
     (0, or T in reverse) holds h0: the step loop has no special first step. y is a view of
@@ -325,10 +364,10 @@ def forward(
     x steps for the attempts per step beyond the first), on the device.
     defer_check: on a GPU, do not sync to check for a timed-out wait; `check_pending` raises
     it later (the backend defers, and gpurnn.functional checks once per module call)."""
-    regularized = zoneout > 0 or recurrent_mask is not None
+    regularized = zoneout > 0 or recurrent_mask is not None or ln_hh is not None
     if w_hr is not None:
         if regularized:
-            raise ValueError("the projected LSTM kernels have no zoneout or recurrent dropout")
+            raise ValueError("the projected LSTM kernels have no regularizers")
         return _forward_proj(xg, w_hh, w_hr, h0, c0, lengths, reverse, save, plan, precision,
                              wait_bound, poll_counter, defer_check)  # fmt: skip
     _check_poll_counter(poll_counter, xg.device)
@@ -345,7 +384,9 @@ def forward(
     cs = hs
     if cell == "lstm":
         cs = c0.to(acc_t).clone() if c0 is not None else torch.zeros_like(hs)
-    ws = _alloc(workspace_shape(cell, T, B, H), dt, dev) if save else xg.new_empty((0,))
+    ws_dt = acc_t if ln_hh is not None else dt  # (LayerNorm's statistics need it)
+    ws_shape = workspace_shape(cell, T, B, H, ln_hh is not None, ln_c is not None)
+    ws = _alloc(ws_shape, ws_dt, dev) if save else xg.new_empty((0,), dtype=ws_dt)
     if T == 0:
         return xg.new_empty((0, B, H)), hs.to(dt), (cs.to(dt) if cell == "lstm" else None), ws
     hx = _alloc((T + 1, B, H), dt, dev)
@@ -355,6 +396,8 @@ def forward(
         cell, acc_t, dev, H, zoneout, zoneout_h, zoneout_c, recurrent_dropout,
         recurrent_mask, dummy,
     )  # fmt: skip
+    ln_args, ln_axes, ln_kw, ln_x = _layer_norm(cell, plan, T, B, acc_t, dev, ln_hh, ln_c,
+                                                dummy)  # fmt: skip
     if (lengths is not None and reverse) or reg_kw["RDROP"]:
         y = _alloc((T, B, H), dt, dev)  # the exchange rows are not y (SEPARATE_Y)
     else:
@@ -365,7 +408,7 @@ def forward(
         bhn = dummy
     args = (
         xg, w_hh, bhn, lengths if lengths is not None else dummy,
-        hx, y, hs, cs, ws if save else dummy, *reg_args,
+        hx, y, hs, cs, ws if save else dummy, *reg_args, *ln_args,
     )  # fmt: skip
     kw = dict(
         CELL=CELL_CODE[cell], G=G, GP=_next_pow2(G), NW=NW, H=H,
@@ -373,14 +416,18 @@ def forward(
         PREC=_prec(dt, precision), ACC=_acc_dtype(dt), POLL=False, ASM=not interpreting(),
         SENTINEL=_SENTINEL[dt], COUNT_POLLS=poll_counter is not None, **reg_kw,
     )  # fmt: skip
+    kw.update(ln_kw)
     plan = _fit(_recurrence_fwd_kernel, plan, args, kw, dev)
     _fill_polled(plan, dt, hx)  # every row but h0's
+    if ln_x:
+        _fill_stats(plan, acc_t, ln_args[-1], B)
     # what enters W_hh at the first step: h0, masked with recurrent dropout
     _put_h0(plan, dt, hx[first], h0 if r_keep is None or h0 is None else h0 * r_keep)
     has_len = lengths is not None
-    axes = (1, None, None, 0 if has_len else None, 1, 1, 0, 0, 1 if save else None, *reg_axes)
+    axes = (1, None, None, 0 if has_len else None, 1, 1, 0, 0, 1 if save else None, *reg_axes,
+            *ln_axes)  # fmt: skip
     sync = _launch_steps(_recurrence_fwd_kernel, plan, T, B, T, args, kw,
-                  _wait_bound(wait_bound), dev, axes, defer_check)  # fmt: skip
+                         _wait_bound(wait_bound), dev, axes, defer_check, ln_x)  # fmt: skip
     _add_failed_polls(poll_counter, sync)
     return y, hs.to(dt), (cs.to(dt) if cell == "lstm" else None), ws
 
@@ -391,6 +438,19 @@ def _fill_polled(plan: Plan, dtype: torch.dtype, *buffers) -> None:
         for b in buffers:
             if b is not None:
                 b.view(_BITS[dtype]).fill_(_SENTINEL[dtype])
+
+
+def _ln_c_grads(lng: torch.Tensor | None):
+    """LN_c's (weight, bias) gradients from the kernel's sums per (row, unit), (2, B, H)."""
+    return (lng[0].sum(0), lng[1].sum(0)) if lng is not None else None
+
+
+def _fill_stats(plan: Plan, acc_t: torch.dtype, st: torch.Tensor, B: int) -> None:
+    """LayerNorm's statistics start as the sentinel where a persistent launch polls them;
+    one step per launch finds them complete (its stopping launches read zeros where a
+    program has not published yet, and drop what follows from them)."""
+    if plan.persistent:
+        _fill_polled(plan, acc_t, st[:, :B, : plan.n_h])  # (the padding stays 0)
 
 
 def _put_h0(plan: Plan, dtype: torch.dtype, row: torch.Tensor, h0) -> None:
@@ -513,6 +573,8 @@ def backward(
     zoneout_c: torch.Tensor | None = None,
     recurrent_dropout: float = 0.0,
     recurrent_mask: torch.Tensor | None = None,
+    ln_hh: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ln_c: tuple[torch.Tensor, torch.Tensor] | None = None,
 ):
     """Recurrent part of backward-through-time. Returns
       dxg (T, B, G*H)  gradient of the pre-activations = of xg (0 past a sequence's end),
@@ -526,10 +588,17 @@ def backward(
     dW_hr = sum over t of dhp[t]^T m_t, m_t = o_t * tanh(c_t) from the workspace; dh0 is
     (B, P). wait_bound, poll_counter, defer_check and the regularizers: as in `forward` (with
     recurrent dropout, dxg is the gradient of the pre-activations as ever; the weight
-    gradients take h_{t-1} masked, as it entered W_hh)."""
+    gradients take h_{t-1} masked, as it entered W_hh).
+
+    LayerNorm (ln_hh, ln_c as in `forward`, whose workspace it reads): dxg and dhn are still
+    the gradients of the gates' pre-activations, and two more outputs follow: drec (T, B,
+    G*H), the gradient of h_{t-1} W_hhᵀ before the normalization (dW_hh is its GEMM against
+    h_{t-1}), and dln_c, LN_c's weight and bias gradients ((H,) each, fp32 / fp64; None
+    without ln_c). LN_hh's are sums over (t, b) of (dxg, GRU's n block dhn) times the workspace's
+    normalized W_hh h, and of the same alone (the caller's)."""
     if w_hr is not None:
-        if zoneout > 0 or recurrent_mask is not None:
-            raise ValueError("the projected LSTM kernels have no zoneout or recurrent dropout")
+        if zoneout > 0 or recurrent_mask is not None or ln_hh is not None:
+            raise ValueError("the projected LSTM kernels have no regularizers")
         return _backward_proj(w_hh, w_hr, c0, lengths, reverse, y, workspace, dy, dh_T, dc_T,
                               plan, precision, wait_bound, poll_counter, defer_check)  # fmt: skip
     _check_poll_counter(poll_counter, y.device)
@@ -546,8 +615,12 @@ def backward(
     dcs = dhs
     if cell == "lstm":
         dcs = dc_T.to(acc_t).clone() if dc_T is not None else torch.zeros_like(dhs)
+    # LayerNorm: what W_hh multiplies, and LN_c's parameter gradients per (row, unit)
+    drec = _alloc((T, B, G * H), dt, dev) if ln_hh is not None else None
+    lng = torch.zeros((2, B, H), dtype=acc_t, device=dev) if ln_c is not None else None
+    ln_out = () if ln_hh is None else (drec, _ln_c_grads(lng))
     if T == 0:
-        return dxg, dhn, dhs, (dcs if cell == "lstm" else None)
+        return dxg, dhn, dhs, (dcs if cell == "lstm" else None), *ln_out
     zeros = None
     if h0 is None or (cell == "lstm" and c0 is None):
         zeros = torch.zeros(B, H, dtype=dt, device=dev)
@@ -555,11 +628,18 @@ def backward(
         cell, acc_t, dev, H, zoneout, zoneout_h, zoneout_c, recurrent_dropout,
         recurrent_mask, y,
     )  # fmt: skip
+    ln_args, ln_axes, ln_kw, ln_x = _layer_norm(cell, plan, T, B, acc_t, dev, ln_hh, ln_c, y)
+    if ln_x:  # the backward's: LN_hh's weight, LN_c's, drec, st, lng
+        ln_args = (ln_args[0], ln_args[2], ln_args[3], drec, ln_args[4],
+                   lng if lng is not None else y)  # fmt: skip
+        ln_axes = (None, None, None, 1, 1, 1 if lng is not None else None)
+    else:
+        ln_args, ln_axes = (y,) * 6, (None,) * 6
     args = (
         w_hh, h0 if h0 is not None else zeros,
         (c0 if c0 is not None else zeros) if cell == "lstm" else y,
         lengths if lengths is not None else y, y, workspace, dy,
-        dxg, dhn if dhn is not None else y, dhs, dcs, *reg_args,
+        dxg, dhn if dhn is not None else y, dhs, dcs, *reg_args, *ln_args,
     )  # fmt: skip
     kw = dict(
         CELL=CELL_CODE[cell], G=G, GP=_next_pow2(G), NW=NW, H=H,
@@ -568,13 +648,21 @@ def backward(
         ACC=_acc_dtype(dt), POLL=False, ASM=not interpreting(), SENTINEL=_SENTINEL[dt],
         COUNT_POLLS=poll_counter is not None, **reg_kw,
     )  # fmt: skip
+    kw.update(ln_kw)
     plan = _fit(_recurrence_bwd_kernel, plan, args, kw, dev)
-    # every dgates element is written once, by the step that owns it: polled
-    _fill_polled(plan, dt, dxg, dhn)
+    # every dgates element is written once, by the step that owns it: polled (with
+    # LayerNorm what is exchanged is drec, and the row sums)
+    if ln_x:
+        _fill_polled(plan, dt, drec)
+        _fill_stats(plan, acc_t, ln_args[4], B)
+    else:
+        _fill_polled(plan, dt, dxg, dhn)
     # T + 1 steps: the last one only folds the first step's dgates into dh0
     axes = (None, 0, 0 if cell == "lstm" else None, 0 if lengths is not None else None, 1, 1,
-            1, 1, 1 if dhn is not None else None, 0, 0, *reg_axes)  # fmt: skip
+            1, 1, 1 if dhn is not None else None, 0, 0, *reg_axes, *ln_axes)  # fmt: skip
     sync = _launch_steps(_recurrence_bwd_kernel, plan, T, B, T + 1, args, kw,
-                  _wait_bound(wait_bound), dev, axes, defer_check)  # fmt: skip
+                         _wait_bound(wait_bound), dev, axes, defer_check, ln_x)  # fmt: skip
     _add_failed_polls(poll_counter, sync)
-    return dxg, dhn, dhs, (dcs if cell == "lstm" else None)
+    if ln_x:
+        ln_out = (drec, _ln_c_grads(lng))
+    return dxg, dhn, dhs, (dcs if cell == "lstm" else None), *ln_out

@@ -1,0 +1,164 @@
+"""LayerNorm inside the step (gpurnn.regularized's layer_norm): a row's partial moments over
+the columns a program owns, their exchange between the programs of a batch tile, and how
+they combine. Device code only (@triton.jit); imports the exchange protocol (exchange).
+
+LN_hh normalizes each batch row of h_{t-1} W_hhᵀ over all G*H columns, LN_c (LSTM) each
+row of c̃_t over H, and their backward needs two row sums of the same widths; a program owns
+G*BH (BH) of those columns. So each such reduction is an exchange of two numbers per row and
+program: published into one slot of a statistics buffer (slots, B padded to whole batch
+tiles, NHP, 2) in the accumulation dtype (NHP: n_h's power of two; what pads stays 0), each
+slot written once per launch, and gathered whole by every program of the batch tile
+(`_gather_pairs`: whole rows, one wave of unmasked loads off one address): polled for the
+sentinel like the h rows (POLL), after a grid barrier, or, with one program or one step
+per launch, after a block barrier. Forward pairs are (mean, centred sum of squares),
+reduced and combined as Chan et al. combine moments (one block reduction each, and no
+cancellation of E[x²] − E[x]²); backward pairs are plain sums. On-chip plans own every
+column and reduce in registers (`_row_moments` over the whole row).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .exchange import (
+    _after_wait,
+    _any_pending,
+    _barrier_arrive,
+    _barrier_wait,
+    _store_exchange,
+    _wait_clock,
+    _wait_over,
+)
+
+EPS: tl.constexpr = tl.constexpr(1e-5)  # gpurnn.cells.LAYER_NORM_EPS (checked by the tests)
+
+
+@triton.jit
+def _chan(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
+    """Two groups' (count, mean, centred sum of squares) as one (Chan et al.): the combine of
+    one-pass reductions, so that a row's moments take one block reduction, not two."""
+    n = n_a + n_b
+    w = n_b / tl.maximum(n, 1.0)  # (counts are whole numbers: 0 only when both are empty)
+    d = mean_b - mean_a
+    return n, mean_a + d * w, m2_a + m2_b + d * d * n_a * w
+
+
+@triton.jit
+def _row_moments(v, m):
+    """(mean, centred sum of squares) of each row of v over the columns where m."""
+    _, mean, m2 = tl.reduce((m.to(v.dtype), tl.where(m, v, 0.0), tl.zeros_like(v)), 1, _chan)
+    return mean, m2
+
+
+@triton.jit
+def _add_pairs(a0, b0, a1, b1):
+    return a0 + a1, b0 + b1
+
+
+@triton.jit
+def _row_sums(a, b):
+    """Each row's sums of a and of b, in one block reduction."""
+    return tl.reduce((a, b), 1, _add_pairs)
+
+
+@triton.jit
+def _rstd(m2, n):
+    return 1.0 / tl.sqrt(m2 / n + EPS)
+
+
+@triton.jit
+def _slot_ptrs(st_ptr, slot, offs_b, offs_p, rows, NHP: tl.constexpr):
+    """Where program column offs_p publishes rows offs_b of a slot: (slot, b, p, 0). A slot
+    holds `rows` (B padded to whole batch tiles) rows of NHP (a compile-time power of two)
+    pairs, those past the batch and the grid's programs 0, so a gather is whole rows of
+    whole tiles: vector loads off one address, no mask."""
+    base = st_ptr + slot.to(tl.int64) * rows * (NHP * 2)
+    return base + (offs_b.to(tl.int64) * (NHP * 2) + offs_p * 2)
+
+
+@triton.jit
+def _publish_pair(st_ptr, slot, offs_b, mask, rows, a, b, NHP: tl.constexpr,
+                  ASM: tl.constexpr):  # fmt: skip
+    """This program's two row numbers (a, b: (BLOCK_B,)) into a slot (relaxed when polled)."""
+    p = _slot_ptrs(st_ptr, slot, offs_b, tl.program_id(0), rows, NHP)
+    _store_exchange(p, a, mask, ASM)
+    _store_exchange(p + 1, b, mask, ASM)
+
+
+@triton.jit
+def _load_pairs(st_ptr, slot, offs_b, rows, NHP: tl.constexpr, POLL: tl.constexpr):
+    """(BLOCK_B, NHP, 2): every program's pair of the rows, contiguous per row."""
+    p = _slot_ptrs(st_ptr, slot, offs_b[:, None, None], tl.arange(0, NHP)[None, :, None], rows,
+                   NHP)  # fmt: skip
+    p = p + tl.arange(0, 2)[None, None, :]
+    if POLL:
+        return tl.load(p, volatile=True)
+    else:
+        return tl.load(p, cache_modifier=".cg")
+
+
+@triton.jit
+def _gather_pairs(st_ptr, slot, offs_b, rows, waits_ok, failed_polls, wait_bound, sync_ptr,
+                  NHP: tl.constexpr, POLL: tl.constexpr, SENTINEL: tl.constexpr,
+                  ASM: tl.constexpr, COUNT_POLLS: tl.constexpr):  # fmt: skip
+    """Every program's pair of a slot (one that exists: the caller clamps it), (BLOCK_B,
+    NHP) each (rows past the batch: 0). POLL: loaded again until no element is the sentinel
+    or the wait runs out, as the h rows are (exchange.py). Returns (a, b, waits_ok,
+    failed_polls)."""
+    pairs = _load_pairs(st_ptr, slot, offs_b, rows, NHP, POLL)
+    if POLL:
+        # compared in plain code, not `_any_pending`'s inline PTX: that is ordered among the
+        # volatile loads of one tile, and held each load back until the one before arrived
+        pending = _any_pending((pairs,), SENTINEL, False)
+        clock = _wait_clock()
+        over = 1 - waits_ok
+        while (pending != 0) & (over == 0):
+            if COUNT_POLLS:
+                failed_polls += 1
+            pairs = _load_pairs(st_ptr, slot, offs_b, rows, NHP, POLL)
+            pending = _any_pending((pairs,), SENTINEL, False)
+            if pending != 0:
+                clock, over = _wait_over(clock, wait_bound, ASM)
+        waits_ok = _after_wait((pending == 0).to(tl.int32), waits_ok, sync_ptr)
+    a, b = tl.split(pairs)
+    return a, b, waits_ok, failed_polls
+
+
+@triton.jit
+def _combine_moments(means, m2s, counts, n):
+    """Mean and 1/sqrt(var + eps) per row from every program's (mean, centred sum of
+    squares) over counts[p] columns ((BLOCK_B, NHP), (NHP,); n = their total)."""
+    c = tl.zeros_like(means) + counts[None, :]
+    _, mean, m2 = tl.reduce((c, means, m2s), 1, _chan)
+    return mean, _rstd(m2, n)
+
+
+@triton.jit
+def _program_counts(NHP: tl.constexpr, BH: tl.constexpr, H: tl.constexpr, G: tl.constexpr,
+                    ACC: tl.constexpr):  # fmt: skip
+    """Columns each program column owns of a G*H-wide row (G = 1: of an H-wide one)."""
+    units = tl.minimum(tl.maximum(H - tl.arange(0, NHP) * BH, 0), BH)
+    return (units * G).to(ACC)
+
+
+@triton.jit
+def _exchange_pair(st_ptr, slot, offs_b, mask, rows, a, b, waits_ok, failed_polls, wait_bound,
+                   sync_ptr, target, PUBLISH: tl.constexpr, WAIT: tl.constexpr,
+                   NHP: tl.constexpr, USE_BARRIER: tl.constexpr, POLL: tl.constexpr,
+                   SENTINEL: tl.constexpr, ASM: tl.constexpr,
+                   COUNT_POLLS: tl.constexpr):  # fmt: skip
+    """Publish this program's pair (a, b) into a slot and gather every program's: polled
+    (POLL), behind a grid barrier (USE_BARRIER: the target-th arrival of the launch), or
+    after a block barrier (one program, or one step per launch). A stopping launch of the
+    per-step fallback publishes only what it stops after (PUBLISH) and never polls
+    (WAIT off: what it gathers after that is discarded). Returns `_gather_pairs`'s."""
+    if PUBLISH:
+        _publish_pair(st_ptr, slot, offs_b, mask, rows, a, b, NHP, ASM and POLL)
+    if USE_BARRIER:
+        _barrier_arrive(sync_ptr)
+        _barrier_wait(sync_ptr, target, wait_bound, ASM)
+    elif not POLL:
+        tl.debug_barrier()
+    return _gather_pairs(st_ptr, slot, offs_b, rows, waits_ok, failed_polls, wait_bound,
+                         sync_ptr, NHP, POLL and WAIT, SENTINEL, ASM, COUNT_POLLS)  # fmt: skip
