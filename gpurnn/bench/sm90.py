@@ -8,9 +8,9 @@ size (H=768, B=16, bf16) forward and backward, plus one of each other kind of pl
 chip, 64-row batch tiles, streamed weights, fp16/fp32), the LSTM with projection (its
 own kernels; a sixth field P names the projection), and the regularized step at the
 headline size (a seventh field: "masks", zoneout in training and recurrent dropout fused
-into the plain kernels). fp32 compiles as the backend runs it (tf32 dots). Every
-compile-time switch is passed explicitly, as a launch binds it (a defaulted one left out
-of an ASTSource compiles differently).
+into the plain kernels; "ln", LayerNorm of W_hh h and, for the LSTM, of c). fp32 compiles
+as the backend runs it (tf32 dots). Every compile-time switch is passed explicitly, as a
+launch binds it (a defaulted one left out of an ASTSource compiles differently).
 
     python -m gpurnn.bench.sm90                    # the table (and one JSON line)
     python -m gpurnn.bench.sm90 --record main      # into benchmarks/sass_counts.json as "main"
@@ -76,8 +76,10 @@ VARIANTS = [
     ("lstm", "bf16", 1024, 64, False, 256),
     ("lstm", "bf16", 1024, 64, True, 256),
     # (cell, dtype, H, B, backward, P, regularizers): zoneout masks + recurrent dropout
+    # ("masks"), LayerNorm (of W_hh h, and of c for the LSTM: "ln")
     *[
-        (cell, "bf16", 768, 16, bwd, 0, "masks")
+        (cell, "bf16", 768, 16, bwd, 0, reg)
+        for reg in ("masks", "ln")
         for cell in ("lstm", "gru")
         for bwd in (False, True)
     ],  # fmt: skip
@@ -86,7 +88,7 @@ VARIANTS = [
 
 def _fields(v):
     """(cell, dtype, H, B, backward, P, regularizers), P = 0 without projection,
-    regularizers "" (none) or "masks"."""
+    regularizers "" (none), "masks" or "ln"."""
     return (*v, 0, "")[:7] if len(v) == 5 else (*v, "")[:7]
 
 
@@ -103,14 +105,19 @@ def plan_for(v) -> Plan:
                      sm_count=H100_SMS, proj_size=P or None)  # fmt: skip
 
 
-def _signature(fn, dt: str) -> dict[str, str]:
+# pointers in the accumulation dtype (LayerNorm's workspace too), and the packed masks
+_FP32_PTRS = ("hs_ptr", "cs_ptr", "dhs_ptr", "dcs_ptr", "rates_ptr", "lnw_ptr", "lnb_ptr",
+              "lncw_ptr", "lncb_ptr", "st_ptr", "lng_ptr")  # fmt: skip
+_BIT_PTRS = ("zh_ptr", "zc_ptr", "rmask_ptr")
+
+
+def _signature(fn, dt: str, reg: str = "") -> dict[str, str]:
     sig = {}
     for name in fn.arg_names:
         if name.endswith("_ptr"):
             sig[name] = ("*i64" if name == "len_ptr" else "*i32" if name == "sync_ptr"
-                         else "*fp32" if name in ("hs_ptr", "cs_ptr", "dhs_ptr", "dcs_ptr",
-                                                  "rates_ptr")
-                         else "*u8" if name in ("zh_ptr", "zc_ptr", "rmask_ptr")
+                         else "*fp32" if name in _FP32_PTRS or (name == "ws_ptr" and reg == "ln")
+                         else "*u8" if name in _BIT_PTRS
                          else "*" + dt)  # fmt: skip
         elif name in ("T", "B", "nrows", "s_begin", "s_end", "wait_bound"):
             sig[name] = "i32"
@@ -148,9 +155,15 @@ def compile_variant(v) -> dict:
         kw.update(GP=_next_pow2(G), SAVE=True)
     kw.update(POLL=_polls(plan), ASM=True, SENTINEL=_SENTINEL[TORCH_DT[dt]], COUNT_POLLS=False)
     if not P:
-        kw.update(ZONEOUT=1 if reg else 0, RDROP=bool(reg))
+        ln = reg == "ln"
+        kw.update(ZONEOUT=1 if reg == "masks" else 0, RDROP=reg == "masks", LN=ln,
+                  LN_C=ln and cell == "lstm", LN_STOP=0, NHP=_next_pow2(plan.n_h) if ln else 1,
+                  NS=launch._ln_numbers(cell == "lstm") if ln else 0,
+                  LN_SENTINEL=_SENTINEL[torch.float32] if ln else 0)  # fmt: skip
+        if ln:
+            kw["NW"] += G
     kw["USE_BARRIER"] = kw["USE_BARRIER"] and not kw["POLL"]
-    sig = _signature(fn, dt)
+    sig = _signature(fn, dt, reg)
     # torch allocations are 16-byte aligned; the JIT tells the compiler so, and so do we
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]]
              for n in sig if n.endswith("_ptr")}  # fmt: skip
@@ -177,7 +190,9 @@ def compile_variant(v) -> dict:
             desc += f" ks{kw['KSPLIT']}"
     if kw.get("POLL"):
         desc += " poll"
-    grid_barriers = (2 if P else 1) if kw["USE_BARRIER"] else 0
+    # per step: the projected kernels' two phases; LayerNorm's exchanges of statistics, h's
+    per_step = 2 if P else 1 + kw.get("LN", 0) + kw.get("LN_C", 0)
+    grid_barriers = per_step if kw["USE_BARRIER"] else 0
     return dict(plan=desc, regs=regs, stack=stack, local=local, smem=k.metadata.shared + shared,
                 num_warps=plan.num_warps, backward=bool(bwd), polled=bool(kw["POLL"]),
                 grid_barrier=grid_barriers, inner_repeats=repeats,

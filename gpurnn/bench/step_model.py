@@ -99,14 +99,16 @@ def features(c: dict) -> dict[str, float]:
 
 
 # a kernel row's shape ends with this when zoneout and recurrent dropout were on (step
-# timing's masked cases); its counts are the sm_90 variant's with regularizers "masks"
+# timing's masked cases); its counts are the sm_90 variant's with regularizers "masks".
+# LayerNorm's cases (of W_hh h, and of c for the LSTM) end with LN_SHAPE, variant "ln".
 MASKED_SHAPE = "-zo-rd"
+LN_SHAPE = "-ln"
 
 
 def variant_id(cell: str, dtype: str, H: int, B: int, backward: bool, P: int = 0,
-               masks: bool = False) -> str:  # fmt: skip
+               masks: bool = False, layer_norm: bool = False) -> str:  # fmt: skip
     proj = f"-P{P}" if P else ""
-    reg = "-masks" if masks else ""
+    reg = "-masks" if masks else "-ln" if layer_norm else ""
     return f"{cell}-{dtype}-H{H}{proj}-B{B}{reg}-{'bwd' if backward else 'fwd'}"
 
 
@@ -124,7 +126,8 @@ def measured_rows(path: Path = RESULTS_CSV) -> list[dict]:
             out.append(dict(
                 card=r["card"], commit=r["commit"], date=r["date"][:10],
                 variant=variant_id(r["cell"], r["dtype"], int(r["H"]), int(r["B"]),
-                                   r["mode"] == "bwd", P, r["shape"].endswith(MASKED_SHAPE)),
+                                   r["mode"] == "bwd", P, r["shape"].endswith(MASKED_SHAPE),
+                                   r["shape"].endswith(LN_SHAPE)),
                 us=float(r["us_per_step"]),
                 failed_polls=float(r["failed_polls"]) if r.get("failed_polls") else None,
             ))  # fmt: skip

@@ -6,8 +6,9 @@ process torch.nn's LSTM/GRU/RNN (cuDNN) at the same shape, forward (no_grad) and
 forward + backward, for the ratio. cuDNN's numbers are whole layers (its input GEMM
 included), so the ratio bounds what gpurnn's whole layer can reach with these kernels.
 For the headline case, where a kernel polls what it exchanges, the same kernel with a grid
-barrier instead is timed beside it, and so is the regularized step (zoneout and recurrent
-dropout fused; its rows' shape ends with -zo-rd).
+barrier instead is timed beside it, and so are the regularized steps (zoneout and
+recurrent dropout fused, rows' shape ending with -zo-rd; LayerNorm of W_hh h and of c, its
+statistics exchanged every step, ending with -ln).
 
     python -m gpurnn.bench.step_timing --out out/step_timing.jsonl --csv out/results.csv
     python -m gpurnn.bench.step_timing --cases lstm-bf16-H768-B16 --steps 1024
@@ -35,7 +36,7 @@ import sys
 import time
 from pathlib import Path
 
-from gpurnn.bench.step_model import MASKED_SHAPE
+from gpurnn.bench.step_model import LN_SHAPE, MASKED_SHAPE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,13 +51,19 @@ class Case:
     barrier_too: bool = False
     # zoneout (training masks, p = 0.1) and recurrent dropout (p = 0.25) fused into the step
     masks: bool = False
+    # LayerNorm of W_hh h (and of c for the LSTM), its statistics exchanged every step
+    layer_norm: bool = False
+
+    @property
+    def regularized(self) -> bool:
+        return self.masks or self.layer_norm
 
     @property
     def id(self) -> str:
         proj = f"-P{self.P}" if self.P else ""
         steps = f"-T{self.T}" if self.T else ""
-        masks = "-masks" if self.masks else ""
-        return f"{self.cell}-{self.dtype}-H{self.H}{proj}-B{self.B}{steps}{masks}"
+        reg = "-masks" if self.masks else "-ln" if self.layer_norm else ""
+        return f"{self.cell}-{self.dtype}-H{self.H}{proj}-B{self.B}{steps}{reg}"
 
 
 # the shapes the benchmarks and the dispatch table turn on, most telling first: the
@@ -68,7 +75,8 @@ CASES = [
     Case("lstm", "bf16", 768, 64),
     Case("gru", "bf16", 768, 16),
     Case("rnn_tanh", "bf16", 768, 16),
-    Case("lstm", "bf16", 768, 16, masks=True),  # the regularized step beside the headline's
+    Case("lstm", "bf16", 768, 16, masks=True),  # the regularized steps beside the headline's
+    Case("lstm", "bf16", 768, 16, layer_norm=True),
     Case("lstm", "bf16", 1024, 256),
     Case("lstm", "fp16", 768, 16),
     Case("lstm", "bf16", 1024, 16, P=256, T=1024),  # LSTMP, cuDNN's nn.LSTM(proj_size=256)
@@ -77,7 +85,8 @@ CASES = [
 ]
 # without a GPU: the interpreter runs fp32 only (its bf16 dot is broken), tiny sizes
 DRY_RUN_CASES = [Case("lstm", "fp32", 16, 2), Case("lstm", "fp32", 16, 2, P=8),
-                 Case("lstm", "fp32", 16, 2, masks=True)]  # fmt: skip
+                 Case("lstm", "fp32", 16, 2, masks=True),
+                 Case("lstm", "fp32", 16, 2, layer_norm=True)]  # fmt: skip
 
 
 def parse_args(argv=None):
@@ -136,8 +145,9 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         steps = case.T if (case.T and not args.dry_run) else T
         try:
-            # a masked case is read against the plain case's kernels, whose cuDNN it shares
-            baseline = not (args.kernels_only or case.masks)
+            # a regularized case is read against the plain case's kernels, whose cuDNN it
+            # shares (cuDNN has no regularized layer)
+            baseline = not (args.kernels_only or case.regularized)
             result = time_case(case, steps, args.reps, device, baseline=baseline)
         except Exception as e:  # noqa: BLE001 - one failing case is a result; go on
             result = {"error": f"{type(e).__name__}: {e}".splitlines()[0][:300]}
@@ -169,7 +179,7 @@ def kernel_rows(r: dict, run: dict) -> list[dict]:
         if us is None:
             continue
         polls = r.get(key + "_failed_polls")
-        masked = MASKED_SHAPE if r.get("masks") else ""
+        masked = MASKED_SHAPE if r.get("masks") else LN_SHAPE if r.get("layer_norm") else ""
         rows.append({
             **run, "suite": "kernel",
             "shape": f"{r['cell']}-T{r['T']}-B{r['B']}-H{r['H']}{masked}",
@@ -242,7 +252,7 @@ def time_case(case: Case, T: int, reps: int, device, baseline: bool = True) -> d
     c0 = torch.zeros(B, H, device=device, dtype=dtype) if cell == "lstm" else None
     b_hn = rand(H) if cell == "gru" else None
 
-    reg = _masks(case, T, B, H, device)
+    reg = _regularizers(case, T, B, H, device)
 
     def fwd(save):
         return launch.forward(cell, xg, w_hh, h0, c0, None, False, b_hn, save, w_hr=w_hr,
@@ -307,13 +317,25 @@ def time_case(case: Case, T: int, reps: int, device, baseline: bool = True) -> d
     return out
 
 
-def _masks(case: Case, T: int, B: int, H: int, device) -> dict:
-    """The launchers' regularizer keywords of a masked case (drawn as gpurnn.regularized
-    draws them), else none."""
-    if not case.masks:
-        return {}
+def _regularizers(case: Case, T: int, B: int, H: int, device) -> dict:
+    """The launchers' regularizer keywords of a regularized case: masks drawn as
+    gpurnn.regularized draws them, or LayerNorm's weights and biases (fp32, near their
+    initial 1 and 0); else none."""
     import torch
 
+    if case.layer_norm:
+        from gpurnn.cells import GATES
+
+        g = torch.Generator(device=device).manual_seed(1)
+
+        def affine(n):
+            return (1 + 0.1 * torch.randn(n, generator=g, device=device),
+                    0.1 * torch.randn(n, generator=g, device=device))  # fmt: skip
+
+        return dict(ln_hh=affine(GATES[case.cell] * H),
+                    ln_c=affine(H) if case.cell == "lstm" else None)  # fmt: skip
+    if not case.masks:
+        return {}
     from gpurnn import masks
 
     torch.manual_seed(0)
