@@ -859,7 +859,8 @@ def test_proj_module_matches_torch_nn(packed):
 
 def test_layer_norm_eps_is_the_modules():
     """The kernels' LayerNorm epsilon is the one the modules and the reference use."""
-    from gpurnn.cells import LAYER_NORM_EPS
     from gpurnn.kernels.triton import norm
+
+    from gpurnn.cells import LAYER_NORM_EPS
 
     assert norm.EPS.value == LAYER_NORM_EPS
