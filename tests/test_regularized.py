@@ -27,6 +27,8 @@ from tests.helpers import TOLERANCES, assert_close, uneven_lengths
 
 F64 = torch.float64
 CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu", "indrnn_tanh", "indrnn_relu")
+TRITON_REASON = gpurnn.available_backends()["triton"]
+needs_triton = pytest.mark.skipif(TRITON_REASON is not None, reason=f"triton: {TRITON_REASON}")
 KEYWORDS = {
     "zoneout": dict(zoneout=0.3),
     "recurrent_dropout": dict(recurrent_dropout=0.4),
@@ -250,10 +252,11 @@ def test_gradcheck_numpy(cell):
 
 @pytest.mark.parametrize("cell", ["lstm"])
 def test_second_order_through_modules(cell):
-    """create_graph=True through a stacked module: the torch backend's double backward
-    equals the numpy backend's (whose op-level double backward is gradgradchecked above)."""
+    """create_graph=True through a stacked module with every regularizer: the torch (and
+    triton: its first backward from the kernels) backend's double backward equals the numpy
+    backend's (whose op-level double backward is gradgradchecked above)."""
     results = {}
-    for backend in ("numpy", "torch"):
+    for backend in ("numpy", "torch", *(("triton",) if TRITON_REASON is None else ())):
         module = _make(cell, KEYWORDS["all"], input_size=2, hidden_size=2, num_layers=2)
         _randomize(module, seeded_generator("second-order", cell))
         x = torch.randn(3, 2, 2, generator=seeded_generator("x2", cell), dtype=F64).requires_grad_()
@@ -263,7 +266,8 @@ def test_second_order_through_modules(cell):
             (gx,) = torch.autograd.grad(out.pow(2).sum(), x, create_graph=True)
             gx.pow(2).sum().backward()
         results[backend] = {"gx": gx, **{n: p.grad for n, p in module.named_parameters()}}
-    _compare(results["torch"], results["numpy"], F64)
+    for backend in results:
+        _compare(results[backend], results["numpy"], F64)
 
 
 # ------------------------------------------------------------------ randomness
@@ -275,12 +279,14 @@ def test_same_seed_same_masks_across_backends_and_runs():
     module = gpurnn.GRU(3, 8, dtype=F64, zoneout=0.5, recurrent_dropout=0.3, dropconnect=0.3)
     x = torch.randn(6, 4, 3, generator=seeded_generator("seed-x"), dtype=F64)
     outs = {}
-    for backend in ("numpy", "torch", "torch"):
+    triton = ("triton",) if TRITON_REASON is None else ()
+    for backend in ("numpy", "torch", "torch", *triton):
         torch.manual_seed(1234)
         with gpurnn.use_backend(backend), torch.no_grad():
             outs.setdefault(backend, []).append(module(x)[0])
     kept = {b: (o[0][1:] == o[0][:-1]) for b, o in outs.items()}
-    assert torch.equal(kept["numpy"], kept["torch"])
+    for backend in kept:
+        assert torch.equal(kept[backend], kept["numpy"]), backend
     assert 0.3 < kept["torch"].double().mean() < 0.7
     assert torch.equal(outs["torch"][0], outs["torch"][1])
     torch.manual_seed(1235)
@@ -486,8 +492,6 @@ def test_bad_arguments():
 
 # ------------------------------------------------------------------ the Triton kernels
 
-TRITON_REASON = gpurnn.available_backends()["triton"]
-needs_triton = pytest.mark.skipif(TRITON_REASON is not None, reason=f"triton: {TRITON_REASON}")
 MASKS = dict(zoneout=0.3, recurrent_dropout=0.3, dropconnect=0.3)
 ALL = dict(MASKS, layer_norm=True)
 _PLAIN_CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
