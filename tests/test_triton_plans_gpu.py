@@ -93,3 +93,82 @@ def test_streamed_batch_tile_64():
     assert not plan.resident and plan.BLOCK_B == 64
     case, gin = make_case("lstm", T, B, H, torch.bfloat16)
     run_vs_reference("lstm", case, gin, False, TOL[torch.bfloat16])
+
+
+_LN_PLANS = {
+    "polled": dict(H=768, B=16, kw=dict()),
+    "grid-barrier": dict(H=768, B=16, kw=dict(poll=False)),
+    "tiles-in-turns": dict(H=256, B=200, kw=dict(b_chunk=2)),
+    "streamed": dict(H=256, B=16, kw=dict(resident=False)),
+}
+
+
+@pytest.mark.parametrize("layout", _LN_PLANS)
+@pytest.mark.parametrize("cell", ("lstm", "gru"))
+def test_layer_norm_between_programs(cell, layout):
+    """LayerNorm of W_hh h (and of c) with its row statistics exchanged between the
+    programs of a batch tile (polled, behind the grid barrier, with batch tiles in turns,
+    weights streamed), zoneout and recurrent dropout beside it, reverse with lengths: the
+    kernels against the float64 reference, every output and gradient."""
+    from gpurnn.kernels.triton import launch
+
+    from gpurnn import masks
+    from gpurnn.backends.base import Inputs, Regularization
+    from gpurnn.backends.common import kernel_weight_grads
+    from gpurnn.backends.numpy import NumpyBackend
+    from gpurnn.backends.triton import _kernel_regularizers, _layer_norm_grads
+
+    T, H, B = 24, _LN_PLANS[layout]["H"], _LN_PLANS[layout]["B"]
+    G = GATES[cell]
+    plan = make_plan(H, B, G, torch.bfloat16, DEV, **_LN_PLANS[layout]["kw"])
+    assert plan.persistent and plan.nprog > 1 and not plan.on_chip
+    L = _lengths(B, T, (cell, "ln", layout))
+    case, gin = make_case(cell, T, B, H, torch.bfloat16, lengths=L, reverse=True)
+    g = seeded_generator("ln-plans", cell, layout)
+    torch.manual_seed(int(g.initial_seed() % 2**31))
+
+    def affine(n):
+        return ((1 + 0.3 * torch.randn(n, generator=g)).cuda(),
+                (0.3 * torch.randn(n, generator=g)).cuda())  # fmt: skip
+
+    ln_hh, ln_c = affine(G * H), affine(H) if cell == "lstm" else (None, None)
+    reg = Regularization(
+        0.2, masks.draw((T, B, H), 0.2, DEV), masks.draw((T, B, H), 0.2, DEV) if cell == "lstm"
+        else None, 0.25, masks.draw((B, H), 0.75, DEV), 0.0, None, *ln_hh, *ln_c,
+    )  # fmt: skip
+    c = case
+    inputs = Inputs(cell, c["xg"], c["w_hh"], c["h0"], c["c0"], c["lengths"], True, c["b_hn"])
+    kw = _kernel_regularizers(reg, torch.bfloat16)
+    y, h_T, c_T, ws = launch.forward(cell, *inputs[1:8], True, plan=plan, **kw)
+    bplan = make_plan(H, B, G, torch.bfloat16, DEV, backward=True, **_LN_PLANS[layout]["kw"])
+    dxg, dhn, dh0, dc0, drec, dln_c = launch.backward(
+        cell, c["w_hh"], c["h0"], c["c0"], c["lengths"], True, y, ws, gin["dy"], gin["dh_T"],
+        gin["dc_T"], plan=bplan, **kw,
+    )  # fmt: skip
+    factors = masks.dropout_factors(reg.recurrent_mask, H, reg.recurrent_dropout, y.dtype)
+    dw_hh, _ = kernel_weight_grads(cell, drec, None, y, c["h0"], c["lengths"], True, None,
+                                   factors)  # fmt: skip
+    got = dict(y=y, h_T=h_T, c_T=c_T, xg=dxg, h0=dh0, c0=dc0, w_hh=dw_hh,
+               **_layer_norm_grads(cell, reg, dxg, dhn, ws, dln_c)._asdict())  # fmt: skip
+
+    def cpu(t):  # (float64 on the CPU; masks and lengths as they are)
+        if not torch.is_tensor(t):
+            return t
+        return t.detach().cpu().double() if t.is_floating_point() else t.cpu()
+
+    numpy = NumpyBackend()
+    ref_inputs = Inputs(*(cpu(v) for v in inputs))
+    ref_reg = Regularization(*(cpu(v) for v in reg))
+    ry, rh, rc, _ = numpy.regularized_forward(ref_inputs, ref_reg, False)
+    grads, ln_grads = numpy.regularized_backward(ref_inputs, ref_reg, ry, None, cpu(gin["dy"]),
+                                                 cpu(gin["dh_T"]), cpu(gin["dc_T"]))  # fmt: skip
+    want = dict(y=ry, h_T=rh, c_T=rc, xg=grads.xg, h0=grads.h0, c0=grads.c0, w_hh=grads.w_hh,
+                **ln_grads._asdict())  # fmt: skip
+    torch.cuda.synchronize()
+    for name, expected in want.items():
+        if expected is None:
+            assert got[name] is None, name
+            continue
+        e = torch.as_tensor(expected).double()
+        err = (cpu(got[name]) - e).abs().max().item() / max(1.0, e.abs().max().item())
+        assert err <= TOL[torch.bfloat16], f"{cell} {layout} {name}: {err}"
