@@ -16,7 +16,10 @@ imports the planner (plan), the kernels (forward, backward, projected) and the s
 Workspace (what backward reads): (T, B, NW*H) in the input dtype, field k of unit j at
 column k*H + j, the fields as gpurnn.cells lists them (WS_FIELDS; `unpack_workspace` names
 them): lstm NW=5 i, f, g, o, c; gru NW=4 r, z, n, hn; rnn NW=1 h (the activation, before
-rounding to the output dtype). Entries of (t, b) past a sequence's end are 0.
+rounding to the output dtype). Entries of (t, b) past a sequence's end are 0. With
+LayerNorm it is in the accumulation dtype and adds G fields, the normalized h W_hhᵀ (gate
+g of unit j at column (NW + g)*H + j), then per row 1/σ_hh and, with LN_c, μ_c and 1/σ_c
+(`workspace_shape`).
 """
 
 from __future__ import annotations
