@@ -529,6 +529,28 @@ def test_triton_layers_match_reference(cell, training, keywords):
 
 
 @needs_triton
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_triton_projected_dropconnect(training):
+    """proj_size with DropConnect (a masked W_hh, nothing in the step) and recurrent dropout
+    in eval (the identity) runs the projected kernels: 2 layers, bidirectional, packed, hx,
+    against the reference; what needs the step there (zoneout, ...) is refused by name."""
+    kw = dict(dropconnect=0.3, recurrent_dropout=0.3)
+    module = gpurnn.LSTM(3, 5, proj_size=3, num_layers=2, bidirectional=True, dropout=0.2,
+                         dtype=F64, **kw)  # fmt: skip
+    _randomize(module, seeded_generator("triton-proj-dc"))
+    module.train(training)
+    x, hx, lengths = _inputs("lstm", 4, 3, 3, 3, 2, 2, ("x-triton-proj-dc",))
+    hx = (hx[0], torch.randn(4, 3, 5, generator=seeded_generator("c0-proj-dc"), dtype=F64))
+    expected = _run(module, "numpy", 29, x, hx, lengths, False)
+    if training:
+        with pytest.raises(RuntimeError, match="proj_size.*recurrent_dropout"):
+            _run(module, "triton", 29, x, hx, lengths, False)
+        module.recurrent_dropout = 0.0  # DropConnect alone runs
+        expected = _run(module, "numpy", 29, x, hx, lengths, False)
+    _compare(_run(module, "triton", 29, x, hx, lengths, False), expected, F64)
+
+
+@needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("cell", ["gru", "indrnn_tanh"])
 def test_triton_regularized_dtypes(cell, dtype):

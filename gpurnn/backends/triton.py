@@ -229,17 +229,19 @@ class TritonBackend(Backend):
     # IndRNN: its own kernels (kernels/triton/independent.py: no exchange; masks and zoneout
     # fused). LSTM, GRU, RNN: the plain kernels with zoneout and recurrent dropout switched
     # on in the step (ZONEOUT, RDROP, LN, LN_C), DropConnect a masked W_hh once per launch.
-    # Projections are not in those kernels yet: refused by name.
+    # The projected LSTM kernels have none of those switches: with proj_size only DropConnect
+    # (which needs nothing in the step) runs, the rest is refused by name.
 
     def regularized_unsupported_reason(self, cell, device, dtype, projected, kinds):
         if cell in INDRNN_CELLS:
             return self.unsupported_reason("rnn_tanh", device, dtype, False)
-        if projected:
+        missing = [k for k in kinds if k != "dropconnect"]
+        if projected and missing:
             return (
-                "the projected LSTM kernels (proj_size) have no regularizers yet; the torch "
-                "and numpy backends run them"
+                f"the projected LSTM kernels (proj_size) have no {', '.join(missing)} yet "
+                "(dropconnect runs there); the torch and numpy backends run them"
             )
-        return self.unsupported_reason(cell, device, dtype, False)
+        return self.unsupported_reason(cell, device, dtype, projected)
 
     def regularized_auto_reason(self, cell):
         if torch.cuda.is_available():
