@@ -530,24 +530,22 @@ def test_triton_layers_match_reference(cell, training, keywords):
 
 @needs_triton
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_triton_projected_dropconnect(training):
-    """proj_size with DropConnect (a masked W_hh, nothing in the step) and recurrent dropout
-    in eval (the identity) runs the projected kernels: 2 layers, bidirectional, packed, hx,
-    against the reference; what needs the step there (zoneout, ...) is refused by name."""
-    kw = dict(dropconnect=0.3, recurrent_dropout=0.3)
+def test_triton_projected_regularized(training):
+    """proj_size with zoneout, recurrent dropout and DropConnect runs the projected kernels:
+    2 layers, bidirectional, packed, hx, inter-layer dropout, against the reference;
+    LayerNorm there is refused by name."""
+    kw = dict(zoneout=0.3, dropconnect=0.3, recurrent_dropout=0.3)
     module = gpurnn.LSTM(3, 5, proj_size=3, num_layers=2, bidirectional=True, dropout=0.2,
                          dtype=F64, **kw)  # fmt: skip
-    _randomize(module, seeded_generator("triton-proj-dc"))
+    _randomize(module, seeded_generator("triton-proj-reg"))
     module.train(training)
-    x, hx, lengths = _inputs("lstm", 4, 3, 3, 3, 2, 2, ("x-triton-proj-dc",))
-    hx = (hx[0], torch.randn(4, 3, 5, generator=seeded_generator("c0-proj-dc"), dtype=F64))
+    x, hx, lengths = _inputs("lstm", 4, 3, 3, 3, 2, 2, ("x-triton-proj-reg",))
+    hx = (hx[0], torch.randn(4, 3, 5, generator=seeded_generator("c0-proj-reg"), dtype=F64))
     expected = _run(module, "numpy", 29, x, hx, lengths, False)
-    if training:
-        with pytest.raises(RuntimeError, match="proj_size.*recurrent_dropout"):
-            _run(module, "triton", 29, x, hx, lengths, False)
-        module.recurrent_dropout = 0.0  # DropConnect alone runs
-        expected = _run(module, "numpy", 29, x, hx, lengths, False)
     _compare(_run(module, "triton", 29, x, hx, lengths, False), expected, F64)
+    ln = gpurnn.LSTM(3, 5, proj_size=3, layer_norm=True, dtype=F64, backend="triton")
+    with pytest.raises(RuntimeError, match="proj_size.*layer_norm"):
+        ln(x)
 
 
 @needs_triton
@@ -592,14 +590,17 @@ _GPU_KEYWORDS = {
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("cell, keywords", [("lstm", "masks"), ("lstm", "ln"), ("gru", "ln"),
-                                            ("indrnn_tanh", "indrnn")])  # fmt: skip
-def test_triton_regularized_gpu_real_size(cell, keywords, dtype):
-    """H=768, B=16, T=1024 on a GPU with zoneout, recurrent dropout and DropConnect, or
-    LayerNorm (its statistics exchanged between 96 programs): the kernels against the torch
-    loop in float64, the same masks."""
+@pytest.mark.parametrize("cell, keywords, proj", [
+    ("lstm", "masks", 0), ("lstm", "ln", 0), ("gru", "ln", 0), ("indrnn_tanh", "indrnn", 0),
+    ("lstm", "masks", 256),
+])  # fmt: skip
+def test_triton_regularized_gpu_real_size(cell, keywords, proj, dtype):
+    """H=768, B=16, T=1024 on a GPU with zoneout, recurrent dropout and DropConnect (also
+    with proj_size=256, in the projected kernels), or LayerNorm (its statistics exchanged
+    between 96 programs): the kernels against the torch loop in float64, the same masks."""
     kw = _GPU_KEYWORDS[keywords]
-    module = _make(cell, kw, input_size=768, hidden_size=768, dtype=torch.float32).cuda()
+    layout = dict(input_size=768, hidden_size=768, **({"proj_size": proj} if proj else {}))
+    module = _make(cell, kw, **layout, dtype=torch.float32).cuda()
     x = torch.randn(1024, 16, 768, device="cuda")
     results = {}
     for backend, dt in (("torch", F64), ("triton", dtype)):

@@ -131,13 +131,14 @@ MASKED = [i for i, v in enumerate(VARIANTS) if _fields(v)[6] == "masks"]
 
 @pytest.mark.parametrize("index", MASKED, ids=[IDS[i] for i in MASKED])
 def test_masks_add_no_round_trip(resources, index):
-    """Zoneout and recurrent dropout fused into the step cost no memory round trip: the
-    same dependent exchange loads and exposed own loads as the plain kernel's step."""
+    """Zoneout and recurrent dropout fused into the step (the projected LSTM's too) cost no
+    memory round trip: the same dependent exchange loads as the plain kernel's step, and no
+    more exposed own loads (their bit tiles load a step ahead)."""
     fields = _fields(VARIANTS[index])
     plain = next(i for i, v in enumerate(VARIANTS) if _fields(v) == (*fields[:6], ""))
     r, base = resources[index], resources[plain]
     assert r["spills"] == 0 and r["local"] == 0, r
-    assert (r["trips"], r["own_trips"]) == (base["trips"], base["own_trips"]), (r, base)
+    assert r["trips"] == base["trips"] and r["own_trips"] <= base["own_trips"], (r, base)
 
 
 NORMALIZED = [i for i, v in enumerate(VARIANTS) if _fields(v)[6] == "ln"]

@@ -769,6 +769,73 @@ def test_proj_many_programs_per_phase_launches(poll, reverse, resident, BP):
     run_and_compare_proj(case, gin, reverse, torch.float64, plan_fwd=plan, plan_bwd=plan)
 
 
+# one program through the backend; units and outputs over 3 programs, batch over 2 tiles,
+# each phase its own launch, the exchanges polled (weights resident) or not (streamed)
+PROJ_REG_PLANS = {
+    "backend": None,
+    "polled": Plan(BH=8, BLOCK_B=4, n_h=3, n_b=2, resident=True, persistent=False, KC=16, BP=4,
+                   poll=True),
+    "streamed": Plan(BH=8, BLOCK_B=4, n_h=3, n_b=2, resident=False, persistent=False, KC=16,
+                     BP=4),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("training", (True, False), ids=("train", "eval"))
+@pytest.mark.parametrize("reverse", (False, True), ids=("fwd", "rev"))
+@pytest.mark.parametrize("layout", PROJ_REG_PLANS)
+def test_proj_regularized_step(layout, reverse, training):
+    """The projected LSTM with zoneout (h P wide in the projection phase, c H wide in the
+    gates phase), recurrent dropout (its mask on the P-wide h that enters W_hh) and
+    DropConnect (a masked W_hh): every output and gradient, dW_hr too (its m rebuilt from
+    c̃ where zoneout blended the saved c), against the float64 reference."""
+    from gpurnn import masks
+    from gpurnn.backends.base import Regularization
+    from gpurnn.backends.numpy import NumpyBackend
+    from gpurnn.backends.triton import _kernel_regularizers, _weights
+
+    T, B, H, P = 4, 5, 20, 10
+    L = torch.tensor([4, 2, 0, 3, 1])
+    case, gin = make_proj_case(T, B, H, P, torch.float64, lengths=L,
+                               key=("proj-reg", layout, reverse, training))  # fmt: skip
+    torch.manual_seed(int(_gen("proj-reg", layout, reverse).initial_seed() % 2**31))
+    if training:
+        reg = Regularization(
+            0.3, masks.draw((T, B, P), 0.3, DEVICE), masks.draw((T, B, H), 0.3, DEVICE),
+            0.4, masks.draw((B, P), 0.6, DEVICE), 0.3, masks.draw((4 * H, P), 0.7, DEVICE),
+        )  # fmt: skip
+    else:
+        reg = Regularization(zoneout=0.3)
+    c = case
+    inputs = Inputs("lstm", c["xg"], c["w_hh"], c["h0"], c["c0"], L, reverse, None, c["w_hr"])
+    be = TritonBackend()
+    be.fp32_precision = "ieee"
+    plan = PROJ_REG_PLANS[layout]
+    if plan is None:
+        y, h_T, c_T, ws = be.regularized_forward(inputs, reg, True)
+        g, _ = be.regularized_backward(inputs, reg, y, ws, gin["dy"], gin["dh_T"], gin["dc_T"])
+        got = dict(y=y, h_T=h_T, c_T=c_T, xg=g.xg, h0=g.h0, c0=g.c0, w_hh=g.w_hh, w_hr=g.w_hr)
+    else:
+        kw = _kernel_regularizers(reg, torch.float64)
+        del kw["ln_hh"], kw["ln_c"]
+        w_run = _weights(c["w_hh"], reg)
+        y, h_T, c_T, ws = launch.forward("lstm", c["xg"], w_run, c["h0"], c["c0"], L, reverse,
+                                         None, True, w_hr=c["w_hr"], plan=plan,
+                                         precision="ieee", **kw)  # fmt: skip
+        dxg, _, dh0, dc0 = launch.backward(
+            "lstm", w_run, c["h0"], c["c0"], L, reverse, y, ws, gin["dy"], gin["dh_T"],
+            gin["dc_T"], w_hr=c["w_hr"], plan=plan, precision="ieee", **kw,
+        )  # fmt: skip
+        got = dict(y=y, h_T=h_T, c_T=c_T, xg=dxg, h0=dh0, c0=dc0)
+    numpy = NumpyBackend()
+    ry, rh, rc, _ = numpy.regularized_forward(inputs, reg, False)
+    grads, _ = numpy.regularized_backward(inputs, reg, ry, None, gin["dy"], gin["dh_T"],
+                                          gin["dc_T"])  # fmt: skip
+    want = dict(y=ry, h_T=rh, c_T=rc, xg=grads.xg, h0=grads.h0, c0=grads.c0, w_hh=grads.w_hh,
+                w_hr=grads.w_hr)  # fmt: skip
+    for name, value in got.items():
+        check(value, _np(want[name]), torch.float64, f"proj {layout} {name}")
+
+
 @pytest.mark.parametrize("chunks_per_trip", (1, 2))
 def test_proj_k_chunks(chunks_per_trip):
     """H = 40 and P = 20 over K chunks of 16 (the last ones partial), one program, no

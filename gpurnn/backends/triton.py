@@ -193,7 +193,11 @@ class TritonBackend(Backend):
         if w_hr is not None:
             # the kernel's second output is then dhp, each step's projected-output gradient
             dhp, dhn = dhn, None
-            dw_hr = projection_grad(dhp, workspace, w_hr.shape[1])
+            H = w_hr.shape[1]
+            c_init = None  # zoneout: m_t came from c̃_t, rebuilt from the blended c
+            if reg is not None and reg.zoneout > 0:
+                c_init = c0 if c0 is not None else y.new_zeros(B, H)
+            dw_hr = projection_grad(dhp, workspace, H, c_init, lengths, reverse)
         h_init = h0 if h0 is not None else y.new_zeros(B, H_out)
         h_factors = None  # recurrent dropout: h_{t-1} entered W_hh masked
         if reg is not None and reg.recurrent_mask is not None:
@@ -229,17 +233,16 @@ class TritonBackend(Backend):
     # IndRNN: its own kernels (kernels/triton/independent.py: no exchange; masks and zoneout
     # fused). LSTM, GRU, RNN: the plain kernels with zoneout and recurrent dropout switched
     # on in the step (ZONEOUT, RDROP, LN, LN_C), DropConnect a masked W_hh once per launch.
-    # The projected LSTM kernels have none of those switches: with proj_size only DropConnect
-    # (which needs nothing in the step) runs, the rest is refused by name.
+    # The projected LSTM kernels have ZONEOUT and RDROP too, not LayerNorm: refused by name.
 
     def regularized_unsupported_reason(self, cell, device, dtype, projected, kinds):
         if cell in INDRNN_CELLS:
             return self.unsupported_reason("rnn_tanh", device, dtype, False)
-        missing = [k for k in kinds if k != "dropconnect"]
-        if projected and missing:
+        if projected and "layer_norm" in kinds:
             return (
-                f"the projected LSTM kernels (proj_size) have no {', '.join(missing)} yet "
-                "(dropconnect runs there); the torch and numpy backends run them"
+                "the projected LSTM kernels (proj_size) have no layer_norm yet (zoneout, "
+                "recurrent_dropout and dropconnect run there); the torch and numpy backends "
+                "run it"
             )
         return self.unsupported_reason(cell, device, dtype, projected)
 

@@ -8,9 +8,10 @@ size (H=768, B=16, bf16) forward and backward, plus one of each other kind of pl
 chip, 64-row batch tiles, streamed weights, fp16/fp32), the LSTM with projection (its
 own kernels; a sixth field P names the projection), and the regularized step at the
 headline size (a seventh field: "masks", zoneout in training and recurrent dropout fused
-into the plain kernels; "ln", LayerNorm of W_hh h and, for the LSTM, of c). fp32 compiles
-as the backend runs it (tf32 dots). Every compile-time switch is passed explicitly, as a
-launch binds it (a defaulted one left out of an ASTSource compiles differently).
+into the plain kernels and the projected ones; "ln", LayerNorm of W_hh h and, for the LSTM,
+of c). fp32 compiles as the backend runs it (tf32 dots). Every compile-time switch is passed
+explicitly, as a launch binds it (a defaulted one left out of an ASTSource compiles
+differently).
 
     python -m gpurnn.bench.sm90                    # the table (and one JSON line)
     python -m gpurnn.bench.sm90 --record main      # into benchmarks/sass_counts.json as "main"
@@ -76,13 +77,16 @@ VARIANTS = [
     ("lstm", "bf16", 1024, 64, False, 256),
     ("lstm", "bf16", 1024, 64, True, 256),
     # (cell, dtype, H, B, backward, P, regularizers): zoneout masks + recurrent dropout
-    # ("masks"), LayerNorm (of W_hh h, and of c for the LSTM: "ln")
+    # ("masks"), LayerNorm (of W_hh h, and of c for the LSTM: "ln"); the projected LSTM's
+    # masks
     *[
         (cell, "bf16", 768, 16, bwd, 0, reg)
         for reg in ("masks", "ln")
         for cell in ("lstm", "gru")
         for bwd in (False, True)
     ],  # fmt: skip
+    ("lstm", "bf16", 1024, 16, False, 256, "masks"),
+    ("lstm", "bf16", 1024, 16, True, 256, "masks"),
 ]
 
 
@@ -154,10 +158,11 @@ def compile_variant(v) -> dict:
         fn = _recurrence_fwd_kernel
         kw.update(GP=_next_pow2(G), SAVE=True)
     kw.update(POLL=_polls(plan), ASM=True, SENTINEL=_SENTINEL[TORCH_DT[dt]], COUNT_POLLS=False)
+    kw.update(ZONEOUT=1 if reg == "masks" else 0, RDROP=reg == "masks")
     if not P:
         ln = reg == "ln"
-        kw.update(ZONEOUT=1 if reg == "masks" else 0, RDROP=reg == "masks", LN=ln,
-                  LN_C=ln and cell == "lstm", LN_STOP=0, NHP=_next_pow2(plan.n_h) if ln else 1,
+        kw.update(LN=ln, LN_C=ln and cell == "lstm", LN_STOP=0,
+                  NHP=_next_pow2(plan.n_h) if ln else 1,
                   NS=launch._ln_numbers(cell == "lstm") if ln else 0,
                   LN_SENTINEL=_SENTINEL[torch.float32] if ln else 0)  # fmt: skip
         if ln:

@@ -253,19 +253,24 @@ def _launch_phases(kernel, plan: Plan, T: int, B: int, n_steps: int, args, kw, w
 
 
 def _regularized(cell, acc_t, dev, H, zoneout, zoneout_h, zoneout_c, recurrent_dropout,
-                 recurrent_mask, dummy):  # fmt: skip
+                 recurrent_mask, dummy, H_out=None):  # fmt: skip
     """The regularized kernels' extra arguments (zh, zc, rmask, rates: masks packed as
     gpurnn.masks keeps them, rates = [zoneout p, 1/(1 − recurrent dropout p)] in the
     accumulation dtype), their batch axes, the switches ZONEOUT / RDROP, and the factors
-    (B, H) by which h enters W_hh (None without recurrent dropout)."""
-    if zoneout_h is not None and (zoneout_h.shape[-1] != masks.packed_width(H)
-                                  or (cell == "lstm") != (zoneout_c is not None)):  # fmt: skip
+    (B, H_out) by which h enters W_hh (None without recurrent dropout). H_out: the width of
+    h (P with a projection; H by default); c's masks are H wide."""
+    H_out = H_out or H
+    if zoneout_h is not None and (
+        zoneout_h.shape[-1] != masks.packed_width(H_out)
+        or (cell == "lstm") != (zoneout_c is not None)
+        or (zoneout_c is not None and zoneout_c.shape[-1] != masks.packed_width(H))
+    ):
         raise ValueError("zoneout needs packed (T, B, ⌈H/8⌉) masks of h, and of c for lstm")
     rates = torch.tensor([zoneout, masks.dropout_scale(recurrent_dropout)], dtype=acc_t,
                          device=dev)  # fmt: skip
     r_keep = None
     if recurrent_mask is not None:
-        r_keep = masks.dropout_factors(recurrent_mask, H, recurrent_dropout, acc_t)
+        r_keep = masks.dropout_factors(recurrent_mask, H_out, recurrent_dropout, acc_t)
     zone = 1 if zoneout_h is not None else 2 if zoneout > 0 else 0
     args = (
         zoneout_h if zoneout_h is not None else dummy,
@@ -281,9 +286,9 @@ def _regularized(cell, acc_t, dev, H, zoneout, zoneout_h, zoneout_c, recurrent_d
 def _layer_norm(cell: str, plan: Plan, T: int, B: int, acc_t, dev, ln_hh, ln_c, dummy):
     """LayerNorm's kernel arguments: the parameters (LN_hh's weight and bias, LN_c's; absent
     ones `dummy`) and the statistics buffer (T * NX slots of (B padded to whole batch tiles,
-    NHP, 2): norm.py; the
-    caller fills it with the sentinel once the plan is fitted), their batch axes, the
-    switches, and NX, the exchanges of statistics per step (LN_hh's, and LN_c's)."""
+    NHP, 2): norm.py; the caller fills it with the sentinel once the plan is fitted), their
+    batch axes, the switches, and NX, the exchanges of statistics per step (LN_hh's, and
+    LN_c's)."""
     if ln_hh is None:
         if ln_c is not None:
             raise ValueError("LayerNorm of c needs LayerNorm of W_hh h as well")
@@ -345,12 +350,13 @@ def forward(
     all in xg.dtype (the workspace in the accumulation dtype with LayerNorm). Inputs must be
     contiguous (the backend makes them so).
 
-    Regularized (gpurnn.regularized's formulas; not with w_hr): zoneout with the packed
-    masks zoneout_h, zoneout_c (training) or its rate alone (eval), recurrent dropout with
-    the packed (B, ⌈H/8⌉) recurrent_mask (training only). The LSTM workspace then keeps the
-    blended c_t. DropConnect is the caller's: a masked w_hh. LayerNorm: ln_hh = (weight,
-    bias) (G*H,) of h W_hhᵀ, ln_c = (weight, bias) (H,) of c̃_t (LSTM); the workspace then
-    adds the normalized h W_hhᵀ and the rows' statistics (`workspace_shape`).
+    Regularized (gpurnn.regularized's formulas): zoneout with the packed masks zoneout_h,
+    zoneout_c (training) or its rate alone (eval), recurrent dropout with the packed
+    (B, ⌈H_out/8⌉) recurrent_mask (training only; H_out = P with w_hr). The LSTM workspace
+    then keeps the blended c_t. DropConnect is the caller's: a masked w_hh. LayerNorm (not
+    with w_hr): ln_hh = (weight, bias) (G*H,) of h W_hhᵀ, ln_c = (weight, bias) (H,) of c̃_t
+    (LSTM); the workspace then adds the normalized h W_hhᵀ and the rows' statistics
+    (`workspace_shape`).
 
     h_{t-1} is exchanged through a (T+1)-row buffer whose first row in processing order
     (0, or T in reverse) holds h0: the step loop has no special first step. y is a view of
@@ -367,12 +373,12 @@ def forward(
     x steps for the attempts per step beyond the first), on the device.
     defer_check: on a GPU, do not sync to check for a timed-out wait; `check_pending` raises
     it later (the backend defers, and gpurnn.functional checks once per module call)."""
-    regularized = zoneout > 0 or recurrent_mask is not None or ln_hh is not None
     if w_hr is not None:
-        if regularized:
-            raise ValueError("the projected LSTM kernels have no regularizers")
+        if ln_hh is not None:
+            raise ValueError("the projected LSTM kernels have no LayerNorm")
+        reg = (zoneout, zoneout_h, zoneout_c, recurrent_dropout, recurrent_mask)
         return _forward_proj(xg, w_hh, w_hr, h0, c0, lengths, reverse, save, plan, precision,
-                             wait_bound, poll_counter, defer_check)  # fmt: skip
+                             wait_bound, poll_counter, defer_check, reg)  # fmt: skip
     _check_poll_counter(poll_counter, xg.device)
     T, B, GH = xg.shape
     H = w_hh.shape[1]
@@ -468,7 +474,7 @@ def _put_h0(plan: Plan, dtype: torch.dtype, row: torch.Tensor, h0) -> None:
 
 
 def _forward_proj(xg, w_hh, w_hr, h0, c0, lengths, reverse, save, plan, precision, wait_bound,
-                  poll_counter, defer_check):  # fmt: skip
+                  poll_counter, defer_check, reg):  # fmt: skip
     T, B, GH = xg.shape
     P, H = w_hr.shape
     assert GH == 4 * H and tuple(w_hh.shape) == (4 * H, P), (xg.shape, w_hh.shape, w_hr.shape)
@@ -486,22 +492,23 @@ def _forward_proj(xg, w_hh, w_hr, h0, c0, lengths, reverse, save, plan, precisio
         return xg.new_empty((0, B, P)), hs.to(dt), cs.to(dt), ws
     hx = _alloc((T + 1, B, P), dt, dev)
     first = T if reverse else 0
-    if lengths is not None and reverse:
+    dummy = xg
+    reg_args, reg_axes, reg_kw, r_keep = _regularized("lstm", acc_t, dev, H, *reg, dummy, P)
+    if (lengths is not None and reverse) or reg_kw["RDROP"]:
         y = _alloc((T, B, P), dt, dev)
     else:
         y = hx[:T] if reverse else hx[1:]
     # m exchange: one row per step when polled (each written once), else per step parity
     mx = _alloc((T if _polls(plan) else 2, B, H), dt, dev)
-    dummy = xg
     args = (
         xg, w_hh, w_hr, lengths if lengths is not None else dummy,
-        hx, y, mx, hs, cs, ws if save else dummy,
+        hx, y, mx, hs, cs, ws if save else dummy, *reg_args,
     )  # fmt: skip
     kw = dict(
         G=4, GP=4, NW=len(WS_FIELDS["lstm"]), H=H, P=P, CHUNKS_PER_TRIP=plan.chunks_per_trip,
         HAS_LEN=lengths is not None, REVERSE=bool(reverse), SAVE=bool(save), PHASES=3,
         PREC=_prec(dt, precision), ACC=_acc_dtype(dt), POLL=False, ASM=not interpreting(),
-        SENTINEL=_SENTINEL[dt], COUNT_POLLS=poll_counter is not None,
+        SENTINEL=_SENTINEL[dt], COUNT_POLLS=poll_counter is not None, **reg_kw,
     )  # fmt: skip
     fitted = _fit(_lstmp_fwd_kernel, plan, args, kw, dev)
     if _polls(fitted) != _polls(plan):  # weights streamed after all: m by step parity
@@ -509,9 +516,10 @@ def _forward_proj(xg, w_hh, w_hr, h0, c0, lengths, reverse, save, plan, precisio
         args = args[:6] + (mx,) + args[7:]
     plan = fitted
     _fill_polled(plan, dt, hx, mx)
-    _put_h0(plan, dt, hx[first], h0)
+    # what enters W_hh at the first step: h0, masked with recurrent dropout
+    _put_h0(plan, dt, hx[first], h0 if r_keep is None or h0 is None else h0 * r_keep)
     axes = (1, None, None, 0 if lengths is not None else None, 1, 1, 1, 0, 0,
-            1 if save else None)  # fmt: skip
+            1 if save else None, *reg_axes)  # fmt: skip
     sync = _launch_phases(_lstmp_fwd_kernel, plan, T, B, T, args, kw,
                    _wait_bound(wait_bound), dev, axes, defer_check)  # fmt: skip
     _add_failed_polls(poll_counter, sync)
@@ -519,7 +527,7 @@ def _forward_proj(xg, w_hh, w_hr, h0, c0, lengths, reverse, save, plan, precisio
 
 
 def _backward_proj(w_hh, w_hr, c0, lengths, reverse, y, workspace, dy, dh_T, dc_T, plan,
-                   precision, wait_bound, poll_counter, defer_check):  # fmt: skip
+                   precision, wait_bound, poll_counter, defer_check, reg):  # fmt: skip
     T, B, P = y.shape
     H = w_hr.shape[1]
     dev, dt = y.device, y.dtype
@@ -533,19 +541,20 @@ def _backward_proj(w_hh, w_hr, c0, lengths, reverse, y, workspace, dy, dh_T, dc_
     if T == 0:
         return dxg, dhp, dhs, dcs
     c0_ = c0 if c0 is not None else torch.zeros(B, H, dtype=dt, device=dev)
+    reg_args, reg_axes, reg_kw, _ = _regularized("lstm", acc_t, dev, H, *reg, y, P)
     args = (
         w_hh, w_hr, c0_, lengths if lengths is not None else y, workspace, dy,
-        dxg, dhp, dhs, dcs,
+        dxg, dhp, dhs, dcs, *reg_args,
     )  # fmt: skip
     kw = dict(
         G=4, GP=4, NW=len(WS_FIELDS["lstm"]), H=H, P=P, CHUNKS_PER_TRIP=plan.chunks_per_trip,
         HAS_LEN=lengths is not None, REVERSE=bool(reverse), PHASES=3,
         PREC=_prec(dt, precision), ACC=_acc_dtype(dt), POLL=False, ASM=not interpreting(),
-        SENTINEL=_SENTINEL[dt], COUNT_POLLS=poll_counter is not None,
+        SENTINEL=_SENTINEL[dt], COUNT_POLLS=poll_counter is not None, **reg_kw,
     )  # fmt: skip
     plan = _fit(_lstmp_bwd_kernel, plan, args, kw, dev)
     _fill_polled(plan, dt, dxg, dhp)
-    axes = (None, None, 0, 0 if lengths is not None else None, 1, 1, 1, 1, 0, 0)
+    axes = (None, None, 0, 0 if lengths is not None else None, 1, 1, 1, 1, 0, 0, *reg_axes)
     sync = _launch_phases(_lstmp_bwd_kernel, plan, T, B, T + 1, args, kw,
                    _wait_bound(wait_bound), dev, axes, defer_check)  # fmt: skip
     _add_failed_polls(poll_counter, sync)
@@ -600,10 +609,12 @@ def backward(
     without ln_c). LN_hh's are sums over (t, b) of (dxg, GRU's n block dhn) times the workspace's
     normalized W_hh h, and of the same alone (the caller's)."""
     if w_hr is not None:
-        if zoneout > 0 or recurrent_mask is not None or ln_hh is not None:
-            raise ValueError("the projected LSTM kernels have no regularizers")
+        if ln_hh is not None:
+            raise ValueError("the projected LSTM kernels have no LayerNorm")
+        reg = (zoneout, zoneout_h, zoneout_c, recurrent_dropout, recurrent_mask)
         return _backward_proj(w_hh, w_hr, c0, lengths, reverse, y, workspace, dy, dh_T, dc_T,
-                              plan, precision, wait_bound, poll_counter, defer_check)  # fmt: skip
+                              plan, precision, wait_bound, poll_counter, defer_check,
+                              reg)  # fmt: skip
     _check_poll_counter(poll_counter, y.device)
     T, B, H = y.shape
     G = GATES[cell]

@@ -7,6 +7,8 @@ Two phases per step (gates on the own BH units, m exchanged; projection on the o
 h exchanged; backward: dh on the own BP outputs, exchanged; dm and the gate backward on the
 own units), each ended by a grid barrier (or, polled, none); the per-step fallback launches
 each phase apart. The workspace is the plain LSTM's (m = o * tanh c follows from it).
+Zoneout and recurrent dropout are the plain kernels' switches (ZONEOUT, RDROP), off by
+default and compiled out; LayerNorm is not here.
 """
 
 from __future__ import annotations
@@ -27,7 +29,16 @@ from .exchange import (
     _wait_clock,
     _wait_over,
 )
-from .tiles import _dgates_dots, _load_fields, _load_whh_cols, _row_tile, _runtime_zeros, _time
+from .tiles import (
+    _dgates_dots,
+    _load_fields,
+    _load_whh_cols,
+    _regularizer_constants,
+    _row_tile,
+    _runtime_zeros,
+    _time,
+    _zoneout_weight,
+)
 
 
 @triton.jit
@@ -115,8 +126,8 @@ def _lstmp_proj_dots(mx_ptr, mrow, hrow, mb_p, w_r, whr_ptr, offs_p, mp, BLOCK_B
 @triton.jit(do_not_specialize=["T", "B", "nrows", "s_begin", "s_end", "wait_bound"])
 def _lstmp_fwd_kernel(
     xg_ptr, whh_ptr, whr_ptr, len_ptr,
-    hx_ptr, y_ptr, mx_ptr, hs_ptr, cs_ptr, ws_ptr, sync_ptr,
-    T, B, nrows, s_begin, s_end, wait_bound,
+    hx_ptr, y_ptr, mx_ptr, hs_ptr, cs_ptr, ws_ptr, zh_ptr, zc_ptr, rmask_ptr, rates_ptr,
+    sync_ptr, T, B, nrows, s_begin, s_end, wait_bound,
     G: tl.constexpr, GP: tl.constexpr, NW: tl.constexpr, H: tl.constexpr, P: tl.constexpr,
     KC: tl.constexpr, NKC: tl.constexpr, NKP: tl.constexpr, BH: tl.constexpr,
     BP: tl.constexpr, BLOCK_B: tl.constexpr, CHUNKS_PER_TRIP: tl.constexpr,
@@ -124,7 +135,7 @@ def _lstmp_fwd_kernel(
     SAVE: tl.constexpr,
     USE_BARRIER: tl.constexpr, PHASES: tl.constexpr, POLL: tl.constexpr, ASM: tl.constexpr,
     SENTINEL: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
-    COUNT_POLLS: tl.constexpr = False,
+    COUNT_POLLS: tl.constexpr = False, ZONEOUT: tl.constexpr = 0, RDROP: tl.constexpr = False,
 ):  # fmt: skip
     """LSTM with projection (W_hh (4H, P), W_hr (P, H)), two phases per step:
     1. gates: program p owns units [p*BH, p*BH+BH): the gate dot of h_{t-1} (B, P) from the
@@ -135,7 +146,11 @@ def _lstmp_fwd_kernel(
     A grid barrier follows each phase, or (POLL, resident weights) none: mx then has a row
     per step, and hx and mx start as the sentinel and are polled, as in the unprojected
     kernels. PHASES selects the phases (1, 2, or 3 = both): the per-step fallback launches
-    each phase on its own, which is also how the interpreter runs several programs."""
+    each phase on its own, which is also how the interpreter runs several programs.
+    Regularized (the plain kernels' switches; off by default, and then compiled out):
+    ZONEOUT blends c_t of the own units in phase 1 (packed bits zc, H wide; m comes from
+    c̃_t) and h_t of the own outputs in phase 2 (zh, P wide); RDROP stores h_t times the
+    recurrent-dropout mask ((B, ⌈P/8⌉) packed, rates[1]) in the exchange rows, and y apart."""
     pid_h = tl.program_id(0)
     pid_b = tl.program_id(1)
     nprog = tl.num_programs(0) * tl.num_programs(1)
@@ -154,13 +169,17 @@ def _lstmp_fwd_kernel(
     own = hrow[:, None] + offs_j[None, :]
     ownp = prow[:, None] + offs_p[None, :]
     hd = hx_ptr.dtype.element_ty
-    SEPARATE_Y: tl.constexpr = HAS_LEN and REVERSE  # as in the unprojected kernel
+    # as in the unprojected kernel: the exchange rows are not y with recurrent dropout
+    SEPARATE_Y: tl.constexpr = (HAS_LEN and REVERSE) or RDROP
     waits_ok = 1  # 0 once a wait of this program timed out
     failed_polls = 0  # COUNT_POLLS: polls that found data still on its way
 
     # running state: the projected h of the own outputs, c of the own units
     hs = tl.load(hs_ptr + ownp, mask=m_ownp, other=0.0).to(ACC)
     cs = tl.load(cs_ptr + own, mask=m_own, other=0.0).to(ACC)
+    # what enters W_hh is h over the own outputs times the recurrent-dropout factors (P wide)
+    zone_p, r_keep = _regularizer_constants(rates_ptr, rmask_ptr, offs_b, offs_p, m_ownp,
+                                            ZONEOUT, RDROP, P, ACC)  # fmt: skip
 
     # gates fused along N as in the unprojected kernel: column n is unit n % BH of gate n // BH
     NG: tl.constexpr = GP * BH
@@ -185,13 +204,18 @@ def _lstmp_fwd_kernel(
         w_g = ()  # streamed: the products load them
         w_r = ()
 
+    # the step's own inputs are loaded a step ahead (xg and the zoneout weights of c for
+    # phase 1, those of h for phase 2): first those of the launch's first step
+    t = _time(s_begin, T, REVERSE)
+    xv = mb & (t < L) & (s_begin < s_end)
     if PHASES % 2 == 1:
-        t = _time(s_begin, T, REVERSE)
-        xv = mb & (t < L) & (s_begin < s_end)
         x = tl.load(
             xg_ptr + t.to(tl.int64) * B64 * (G * H) + xrow[:, None] + col_n[None, :],
             mask=xv[:, None] & mn[None, :], other=0.0,
         ).to(ACC)  # fmt: skip
+        w_c = _zoneout_weight(zc_ptr, zone_p, t, xv, B64, offs_b, offs_j, mj, ZONEOUT, H, ACC)
+    if PHASES >= 2:
+        w_h = _zoneout_weight(zh_ptr, zone_p, t, xv, B64, offs_b, offs_p, mp, ZONEOUT, P, ACC)
 
     for s in range(s_begin, s_end):
         t = _time(s, T, REVERSE)
@@ -234,6 +258,9 @@ def _lstmp_fwd_kernel(
             a0, a1, a2, a3 = _split_gates(acc, BLOCK_B, BH, GP)
             x0, x1, x2, x3 = _split_gates(x, BLOCK_B, BH, GP)
             ig, fg, gg, og, c_new, m_new = _lstm_cell(x0, x1, x2, x3, a0, a1, a2, a3, cs)
+            if ZONEOUT != 0:
+                # c_t blends c̃_t (whose tanh made m_t) with c_{t-1}; the workspace keeps c_t
+                c_new = w_c * cs + (1.0 - w_c) * c_new
             cs = tl.where(v2, c_new, cs)
             _store_exchange(mx_ptr + mrow + own, tl.where(v2, m_new, 0.0).to(hd), m_own,
                             ASM and POLL)  # fmt: skip
@@ -276,11 +303,17 @@ def _lstmp_fwd_kernel(
                 hproj = _lstmp_proj_dots(mx_ptr, mrow, hrow, mb_p, w_r, whr_ptr, offs_p, mp,
                                          BLOCK_B, BP, H, KC, NKC, CHUNKS_PER_TRIP, RESIDENT,
                                          POLL, PREC, ACC)  # fmt: skip
+            if ZONEOUT != 0:
+                hproj = w_h * hs + (1.0 - w_h) * hproj
             # h_t into its exchange row: t + 1 (forward) or t (reverse)
             out = (t + 1 - REVERSE).to(tl.int64) * B64 * P
             if SEPARATE_Y:
                 hs = tl.where(v2, hproj.to(hd).to(ACC), hs)
-                _store_exchange(hx_ptr + out + ownp, hs.to(hd), m_ownp, ASM and POLL)
+                if RDROP:
+                    _store_exchange(hx_ptr + out + ownp, (hs * r_keep).to(hd), m_ownp,
+                                    ASM and POLL)  # fmt: skip
+                else:
+                    _store_exchange(hx_ptr + out + ownp, hs.to(hd), m_ownp, ASM and POLL)
             else:
                 yv = tl.where(v2, hproj, 0.0).to(hd)
                 _store_exchange(hx_ptr + out + ownp, yv, m_ownp, ASM and POLL)
@@ -293,14 +326,18 @@ def _lstmp_fwd_kernel(
             # work that needs nobody else's data, overlapping the barrier
             if SEPARATE_Y:
                 tl.store(y_ptr + toff * P + ownp, tl.where(v2, hproj, 0.0).to(hd), mask=m_ownp)
+        tn = _time(s + 1, T, REVERSE)
+        xv = mb & (tn < L) & (s + 1 < s_end)
         if PHASES % 2 == 1:
-            tn = _time(s + 1, T, REVERSE)
-            xv = mb & (tn < L) & (s + 1 < s_end)
             x = tl.load(
                 xg_ptr + tn.to(tl.int64) * B64 * (G * H) + xrow[:, None] + col_n[None, :],
                 mask=xv[:, None] & mn[None, :], other=0.0,
             ).to(ACC)  # fmt: skip
+            w_c = _zoneout_weight(zc_ptr, zone_p, tn, xv, B64, offs_b, offs_j, mj, ZONEOUT, H,
+                                  ACC)  # fmt: skip
         if PHASES >= 2:
+            w_h = _zoneout_weight(zh_ptr, zone_p, tn, xv, B64, offs_b, offs_p, mp, ZONEOUT, P,
+                                  ACC)  # fmt: skip
             if USE_BARRIER:
                 if s + 1 < s_end:
                     _barrier_wait(sync_ptr, (k_bar + 2) * nprog, wait_bound, ASM)
@@ -337,7 +374,7 @@ def _lstmp_dm_dots(dhp_ptr, toff, prow, valid, w_r, whr_ptr, offs_j, mj, s, H: t
 @triton.jit(do_not_specialize=["T", "B", "nrows", "s_begin", "s_end", "wait_bound"])
 def _lstmp_bwd_kernel(
     whh_ptr, whr_ptr, c0_ptr, len_ptr, ws_ptr, dy_ptr,
-    dxg_ptr, dhp_ptr, dhs_ptr, dcs_ptr, sync_ptr,
+    dxg_ptr, dhp_ptr, dhs_ptr, dcs_ptr, zh_ptr, zc_ptr, rmask_ptr, rates_ptr, sync_ptr,
     T, B, nrows, s_begin, s_end, wait_bound,
     G: tl.constexpr, GP: tl.constexpr, NW: tl.constexpr, H: tl.constexpr, P: tl.constexpr,
     KC: tl.constexpr, NKC: tl.constexpr, NKP: tl.constexpr, BH: tl.constexpr,
@@ -346,6 +383,7 @@ def _lstmp_bwd_kernel(
     USE_BARRIER: tl.constexpr,
     PHASES: tl.constexpr, POLL: tl.constexpr, ASM: tl.constexpr, SENTINEL: tl.constexpr,
     PREC: tl.constexpr, ACC: tl.constexpr, COUNT_POLLS: tl.constexpr = False,
+    ZONEOUT: tl.constexpr = 0, RDROP: tl.constexpr = False,
 ):  # fmt: skip
     """Backward of `_lstmp_fwd_kernel`, steps s in [0, T] (step s < T handles forward step
     T-1-s; step T only folds the first step's dgates into dh0), two phases per step:
@@ -355,7 +393,9 @@ def _lstmp_bwd_kernel(
     2. program p owns units [p*BH, p*BH+BH): dm = dh_t (B, P) @ W_hr[:, own] (K = P), the
        LSTM gate backward with dm for dh, dgates to dxg[t].
     A grid barrier follows each phase, or (POLL) none: dxg and dhp start as the sentinel and
-    are polled (PHASES as in the forward)."""
+    are polled (PHASES as in the forward). Regularized (the forward's ZONEOUT, RDROP): the
+    recurrent product, the gradient of the masked h_t, is multiplied by the mask; zoneout
+    splits dh_t between h̃_t (dhp, 1 − w) and h_{t-1} (w), and dc_t likewise in phase 2."""
     pid_h = tl.program_id(0)
     pid_b = tl.program_id(1)
     nprog = tl.num_programs(0) * tl.num_programs(1)
@@ -380,6 +420,13 @@ def _lstmp_bwd_kernel(
     # carries: dh of the own outputs (P wide), dc of the own units
     dh_c = tl.load(dhs_ptr + ownp, mask=m_ownp, other=0.0).to(ACC)
     dc_c = tl.load(dcs_ptr + own, mask=m_own, other=0.0).to(ACC)
+    zone_p, r_keep = _regularizer_constants(rates_ptr, rmask_ptr, offs_b, offs_p, m_ownp,
+                                            ZONEOUT, RDROP, P, ACC)  # fmt: skip
+    # the zoneout weights, loaded a step ahead (h's for phase 1, c's for phase 2)
+    t = _time(T - 1 - s_begin, T, REVERSE)
+    zv = mb & (t < L) & (s_begin < T)
+    w_h = _zoneout_weight(zh_ptr, zone_p, t, zv, B64, offs_b, offs_p, mp, ZONEOUT, P, ACC)
+    w_c = _zoneout_weight(zc_ptr, zone_p, t, zv, B64, offs_b, offs_j, mj, ZONEOUT, H, ACC)
     if RESIDENT:
         # W_hh[:, own outputs] as NKC (GP, KC, BP) chunks (gates as the batch dimension of a
         # 3-D dot, as in the unprojected backward); W_hr[:, own units] as NKP (KC, BH) chunks
@@ -438,13 +485,20 @@ def _lstmp_bwd_kernel(
                                    offs_p, mp, s, LSTM, G, GP, H, P, KC, NKC, BLOCK_B, BP,
                                    CHUNKS_PER_TRIP, RESIDENT, BLOCK_B < 64, POLL, PREC,
                                    ACC)  # fmt: skip
+            if RDROP:
+                rec = rec * r_keep  # it is the gradient of the masked h_t
             dh_c += rec
             dy = tl.load(dy_ptr + toff * P + ownp, mask=v2 & mp[None, :], other=0.0).to(ACC)
             dh = dh_c + dy
+            kept = 0.0
+            if ZONEOUT != 0:
+                # of dh_t, w goes straight to h_{t-1}, (1 − w) through the projection (h̃_t)
+                kept = w_h * dh
+                dh = (1.0 - w_h) * dh
             # rows past a sequence's end: dhp 0, the carry rides on to the sequence's end
             _store_exchange(dhp_ptr + toff * P + ownp, tl.where(v2, dh, 0.0).to(xd),
                             m_ownp & (s < T), ASM and POLL)  # fmt: skip
-            dh_c = tl.where(v2, 0.0, dh_c)
+            dh_c = tl.where(v2, kept, dh_c)
             if USE_BARRIER:
                 if s < T:
                     _barrier_arrive(sync_ptr)
@@ -493,8 +547,14 @@ def _lstmp_bwd_kernel(
             else:
                 dm = _lstmp_dm_dots(dhp_ptr, toff, prow, valid, w_r, whr_ptr, offs_j, mj, s, H, P,
                                     KC, NKP, BLOCK_B, BH, RESIDENT, POLL, PREC, ACC)  # fmt: skip
-            d0, d1, d2, d3, dc = _lstm_cell_backward(dm, dc_c, f0, f1, f2, f3, f4, pv)
-            dc_c = tl.where(v2, dc * f1, dc_c)
+            if ZONEOUT != 0:
+                # f4 is the blended c_t; m_t came from c̃_t = f c_{t-1} + i g
+                d0, d1, d2, d3, dc = _lstm_cell_backward(dm, (1.0 - w_c) * dc_c, f0, f1, f2, f3,
+                                                         f1 * pv + f0 * f2, pv)  # fmt: skip
+                dc_c = tl.where(v2, dc * f1 + w_c * dc_c, dc_c)
+            else:
+                d0, d1, d2, d3, dc = _lstm_cell_backward(dm, dc_c, f0, f1, f2, f3, f4, pv)
+                dc_c = tl.where(v2, dc * f1, dc_c)
             ms = m_own & (s < T)
             gp = dxg_ptr + toff * (G * H) + xrow[:, None] + offs_j[None, :]
             relaxed: tl.constexpr = ASM and POLL
@@ -502,6 +562,14 @@ def _lstmp_bwd_kernel(
             _store_exchange(gp + H, tl.where(v2, d1, 0.0).to(xd), ms, relaxed)
             _store_exchange(gp + 2 * H, tl.where(v2, d2, 0.0).to(xd), ms, relaxed)
             _store_exchange(gp + 3 * H, tl.where(v2, d3, 0.0).to(xd), ms, relaxed)
+        t_next = _time(T - 2 - s, T, REVERSE)
+        zv = mb & (t_next < L) & (s + 1 < T)
+        if PHASES % 2 == 1:
+            w_h = _zoneout_weight(zh_ptr, zone_p, t_next, zv, B64, offs_b, offs_p, mp, ZONEOUT, P,
+                                  ACC)  # fmt: skip
+        if PHASES >= 2:
+            w_c = _zoneout_weight(zc_ptr, zone_p, t_next, zv, B64, offs_b, offs_j, mj, ZONEOUT, H,
+                                  ACC)  # fmt: skip
             if USE_BARRIER:
                 if s + 1 < s_end:
                     _barrier_arrive(sync_ptr)

@@ -71,21 +71,27 @@ def _regularizer_constants(rates_ptr, rmask_ptr, offs_b, offs_j, m_own, ZONEOUT:
 
 
 @triton.jit
+def _zoneout_weight(z_ptr, p, t, valid, B64, offs_b, offs_u, mu, ZONEOUT: tl.constexpr,
+                    W: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
+    """How much of its previous value each own unit offs_u (of W) keeps at step t: the step's
+    zoneout bits in training (ZONEOUT 1: a (T, B, ⌈W/8⌉) packed mask), the rate p in eval
+    (2), nothing off (0: a scalar, unused). The regularized step is
+    h_t = w h_{t-1} + (1 − w) h̃_t."""
+    if ZONEOUT == 1:
+        row = (B64 * t + offs_b) * ((W + 7) // 8)  # (t may be a Python int, interpreted)
+        return _load_bits(z_ptr, row[:, None], offs_u[None, :], valid[:, None] & mu[None, :], ACC)
+    else:
+        return p
+
+
+@triton.jit
 def _zoneout_weights(zh_ptr, zc_ptr, p, t, valid, B64, offs_b, offs_j, mj, ZONEOUT: tl.constexpr,
                      CELL: tl.constexpr, H: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
-    """How much of its previous h (c) each own unit keeps at step t, (w_h, w_c): the step's
-    zoneout bits in training (ZONEOUT 1: (T, B, ⌈H/8⌉) packed masks), the rate p in eval (2),
-    nothing off (0: scalars, unused). The regularized step is h_t = w h_{t-1} + (1 − w) h̃_t."""
-    if ZONEOUT == 1:
-        row = (B64 * t + offs_b) * ((H + 7) // 8)  # (t may be a Python int, interpreted)
-        m = valid[:, None] & mj[None, :]
-        w_h = _load_bits(zh_ptr, row[:, None], offs_j[None, :], m, ACC)
-        w_c = w_h
-        if CELL == LSTM:
-            w_c = _load_bits(zc_ptr, row[:, None], offs_j[None, :], m, ACC)
-    else:
-        w_h = p
-        w_c = p
+    """`_zoneout_weight` of h and (LSTM) of c for the own units, (w_h, w_c)."""
+    w_h = _zoneout_weight(zh_ptr, p, t, valid, B64, offs_b, offs_j, mj, ZONEOUT, H, ACC)
+    w_c = w_h
+    if CELL == LSTM:
+        w_c = _zoneout_weight(zc_ptr, p, t, valid, B64, offs_b, offs_j, mj, ZONEOUT, H, ACC)
     return w_h, w_c
 
 
