@@ -15,7 +15,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .cell_math import GRU, LSTM, RNN_TANH, _lstm_cell_backward, _tanh
+from .cell_math import GRU, LSTM, RNN_TANH, _lstm_step_backward, _tanh
 from .exchange import (
     _after_wait,
     _any_pending,
@@ -383,14 +383,8 @@ def _recurrence_bwd_kernel(
                 dc_c = tl.where(v2, dc * f1, dc_c)
             direct = tl.zeros([BLOCK_B, BH], dtype=ACC)
         elif CELL == LSTM:
-            if ZONEOUT != 0:
-                # f4 is the blended c_t; h̃_t came from c̃_t = f c_{t-1} + i g
-                d0, d1, d2, d3, dc = _lstm_cell_backward(dh, (1.0 - w_c) * dc_c, f0, f1, f2, f3,
-                                                         f1 * pv + f0 * f2, pv)  # fmt: skip
-                dc_c = tl.where(v2, dc * f1 + w_c * dc_c, dc_c)
-            else:
-                d0, d1, d2, d3, dc = _lstm_cell_backward(dh, dc_c, f0, f1, f2, f3, f4, pv)
-                dc_c = tl.where(v2, dc * f1, dc_c)
+            d0, d1, d2, d3, dc_c = _lstm_step_backward(dh, dc_c, w_c, f0, f1, f2, f3, f4, pv, v2,
+                                                       ZONEOUT)  # fmt: skip
             direct = tl.zeros([BLOCK_B, BH], dtype=ACC)
         elif CELL == GRU:
             rg = f0

@@ -63,6 +63,23 @@ def _lstm_cell_backward(dh, dc_next, ig, fg, gg, og, c, c_prev):
 
 
 @triton.jit
+def _lstm_step_backward(dh, dc_c, w_c, ig, fg, gg, og, c, c_prev, valid2,
+                        ZONEOUT: tl.constexpr):  # fmt: skip
+    """`_lstm_cell_backward` of one step with c's carry dc_c: (d0, d1, d2, d3, the carry
+    into c_{t-1}), the carry riding on where not valid2. ZONEOUT: c is the saved, blended
+    c_t and w_c its weights; h̃_t (m_t) came from c̃_t = f c_{t-1} + i g, and of dc_t
+    (1 − w) goes through the cell, w straight to c_{t-1}."""
+    if ZONEOUT != 0:
+        d0, d1, d2, d3, dc = _lstm_cell_backward(dh, (1.0 - w_c) * dc_c, ig, fg, gg, og,
+                                                 fg * c_prev + ig * gg, c_prev)  # fmt: skip
+        dc_c = tl.where(valid2, dc * fg + w_c * dc_c, dc_c)
+    else:
+        d0, d1, d2, d3, dc = _lstm_cell_backward(dh, dc_c, ig, fg, gg, og, c, c_prev)
+        dc_c = tl.where(valid2, dc * fg, dc_c)
+    return d0, d1, d2, d3, dc_c
+
+
+@triton.jit
 def _split_gates(a, BLOCK_B: tl.constexpr, BH: tl.constexpr, GP: tl.constexpr):
     """(BLOCK_B, GP*BH) gate-major tile -> GP (BLOCK_B, BH) tiles (unused ones alias)."""
     if GP == 1:

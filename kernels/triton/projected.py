@@ -16,7 +16,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .cell_math import LSTM, _lstm_cell, _lstm_cell_backward, _split_gates
+from .cell_math import LSTM, _lstm_cell, _lstm_step_backward, _split_gates
 from .exchange import (
     _after_wait,
     _barrier_arrive,
@@ -547,14 +547,8 @@ def _lstmp_bwd_kernel(
             else:
                 dm = _lstmp_dm_dots(dhp_ptr, toff, prow, valid, w_r, whr_ptr, offs_j, mj, s, H, P,
                                     KC, NKP, BLOCK_B, BH, RESIDENT, POLL, PREC, ACC)  # fmt: skip
-            if ZONEOUT != 0:
-                # f4 is the blended c_t; m_t came from c̃_t = f c_{t-1} + i g
-                d0, d1, d2, d3, dc = _lstm_cell_backward(dm, (1.0 - w_c) * dc_c, f0, f1, f2, f3,
-                                                         f1 * pv + f0 * f2, pv)  # fmt: skip
-                dc_c = tl.where(v2, dc * f1 + w_c * dc_c, dc_c)
-            else:
-                d0, d1, d2, d3, dc = _lstm_cell_backward(dm, dc_c, f0, f1, f2, f3, f4, pv)
-                dc_c = tl.where(v2, dc * f1, dc_c)
+            d0, d1, d2, d3, dc_c = _lstm_step_backward(dm, dc_c, w_c, f0, f1, f2, f3, f4, pv, v2,
+                                                       ZONEOUT)  # fmt: skip
             ms = m_own & (s < T)
             gp = dxg_ptr + toff * (G * H) + xrow[:, None] + offs_j[None, :]
             relaxed: tl.constexpr = ASM and POLL
