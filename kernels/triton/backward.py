@@ -15,7 +15,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .cell_math import GRU, LSTM, RNN_TANH, _lstm_step_backward, _tanh
+from .cell_math import GRU, LSTM, RNN_TANH, _lstm_step_backward, _lstm_step_backward_from
 from .exchange import (
     _after_wait,
     _any_pending,
@@ -26,7 +26,7 @@ from .exchange import (
     _wait_clock,
     _wait_over,
 )
-from .norm import _exchange_pair, _row_sums
+from .norm import _ln_c_backward, _ln_hh_backward, _ln_own_loads
 from .tiles import (
     _dgates_dots,
     _dgates_ptrs,
@@ -147,26 +147,6 @@ def _bwd_own_loads(
     else:
         pv = dy
     return dy, f0, f1, f2, f3, f4, pv
-
-
-@triton.jit
-def _ln_own_loads(s, T, B64, L, mb, mj, offs_j, wrow, ws_ptr, G: tl.constexpr,
-                  NW: tl.constexpr, WSR: tl.constexpr, H: tl.constexpr, LN_C: tl.constexpr,
-                  REVERSE: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
-    """LayerNorm's saved values of backward step s (as `_bwd_own_loads`): the normalized
-    W_hh h of the own units (fields NW - G ..), 1/σ_hh and LN_c's μ_c, 1/σ_c of each row."""
-    t = _time(T - 1 - s, T, REVERSE)
-    valid = mb & (t < L) & (s < T)
-    row = t.to(tl.int64) * B64 * WSR + wrow
-    n0, n1, n2, n3, _ = _load_fields(ws_ptr, row + (NW - G) * H, offs_j,
-                                     valid[:, None] & mj[None, :], H, G, ACC)  # fmt: skip
-    rstd_hh = tl.load(ws_ptr + row + NW * H, mask=valid, other=0.0).to(ACC)
-    mu_c = rstd_hh
-    rstd_c = rstd_hh
-    if LN_C:
-        mu_c = tl.load(ws_ptr + row + NW * H + 1, mask=valid, other=0.0).to(ACC)
-        rstd_c = tl.load(ws_ptr + row + NW * H + 2, mask=valid, other=0.0).to(ACC)
-    return n0, n1, n2, n3, rstd_hh, mu_c, rstd_c
 
 
 @triton.jit(do_not_specialize=["T", "B", "nrows", "s_begin", "s_end", "wait_bound"])
@@ -348,39 +328,16 @@ def _recurrence_bwd_kernel(
 
         # gate backward for the own units (fields f0.. as WS_FIELDS lays them out, launch.py)
         if CELL == LSTM and LN_C:
-            # c̃_t (the workspace keeps it, or with zoneout the blended c_t), its LN_c
-            c_t = f4
-            if ZONEOUT != 0:
-                c_t = f1 * pv + f0 * f2
-            c_hat = (c_t - mu_c[:, None]) * rstd_c[:, None]
-            tc = _tanh(c_hat * lnc_w[None, :] + lnc_b[None, :])
-            dcn = tl.where(v2, dh * f3 * (1.0 - tc * tc), 0.0)  # d LN_c(c̃_t)
-            g_cw += dcn * c_hat
-            g_cb += dcn
-            dch = dcn * lnc_w[None, :]
-            s1, s2 = _row_sums(tl.where(m_own, dch, 0.0), tl.where(m_own, dch * c_hat, 0.0))
-            if not ON_CHIP:
-                a_p, b_p, waits_ok, failed_polls = _exchange_pair(
-                    st_ptr, slot * NX, offs_b, mb & (s < T), st_rows, s1, s2, waits_ok,
-                    failed_polls,
-                    wait_bound, sync_ptr, ((s - s_begin) * NB + 1) * nprog,
-                    LN_STOP == 0 or LN_STOP >= 1, LN_STOP == 0, NHP, USE_BARRIER, POLL,
-                    LN_SENTINEL, ASM, COUNT_POLLS,
-                )  # fmt: skip
-                s1, s2 = _row_sums(a_p, b_p)
-            dc = rstd_c[:, None] * (dch - s1[:, None] / H - c_hat * (s2[:, None] / H))
-            if ZONEOUT != 0:
-                dc += (1.0 - w_c) * dc_c
-            else:
-                dc += dc_c
-            d0 = dc * f2 * f0 * (1.0 - f0)
-            d1 = dc * pv * f1 * (1.0 - f1)
-            d2 = dc * f0 * (1.0 - f2 * f2)
-            d3 = dh * tc * f3 * (1.0 - f3)
-            if ZONEOUT != 0:
-                dc_c = tl.where(v2, dc * f1 + w_c * dc_c, dc_c)
-            else:
-                dc_c = tl.where(v2, dc * f1, dc_c)
+            # h̃_t = o tanh(LN_c(c̃_t)): the gradient of c̃_t through LN_c (exchange 1)
+            dc_ln, tc, g_cw, g_cb, waits_ok, failed_polls = _ln_c_backward(
+                dh, f0, f1, f2, f3, f4, pv, mu_c, rstd_c, lnc_w, lnc_b, g_cw, g_cb, v2, m_own,
+                H, st_ptr, slot * NX, offs_b, mb & (s < T), st_rows, waits_ok, failed_polls,
+                wait_bound, sync_ptr, ((s - s_begin) * NB + 1) * nprog,
+                LN_STOP == 0 or LN_STOP >= 1, LN_STOP == 0, ON_CHIP, ZONEOUT, NHP, USE_BARRIER,
+                POLL, LN_SENTINEL, ASM, COUNT_POLLS,
+            )  # fmt: skip
+            d0, d1, d2, d3, dc_c = _lstm_step_backward_from(dc_ln, dh, tc, dc_c, w_c, f0, f1, f2,
+                                                            f3, pv, v2, ZONEOUT)  # fmt: skip
             direct = tl.zeros([BLOCK_B, BH], dtype=ACC)
         elif CELL == LSTM:
             d0, d1, d2, d3, dc_c = _lstm_step_backward(dh, dc_c, w_c, f0, f1, f2, f3, f4, pv, v2,
@@ -424,53 +381,36 @@ def _recurrence_bwd_kernel(
             qn = tl.where(v2, dhn, 0.0).to(xd)
             _store_exchange(dhn_ptr + toff * H + own, qn, ms, relaxed)
         if LN:
-            # LN_hh backward: the gradient of the normalized W_hh h (GRU's n block: dhn)
-            # times the weight, its two row sums over all G*H columns, then the gradient
-            # before the normalization, which is what W_hh multiplies
-            mv = m_own & v2
-            r0 = tl.where(mv, d0 * lw0[None, :], 0.0)
-            r1 = r0
-            r2 = r0
-            r3 = r0
-            if G > 1:
-                r1 = tl.where(mv, d1 * lw1[None, :], 0.0)
-                if CELL == GRU:
-                    r2 = tl.where(mv, dhn * lw2[None, :], 0.0)
-                else:
-                    r2 = tl.where(mv, d2 * lw2[None, :], 0.0)
-            if G > 3:
-                r3 = tl.where(mv, d3 * lw3[None, :], 0.0)
-            r_sum = r0
-            rn_sum = r0 * n0
-            if G > 1:
-                r_sum += r1 + r2
-                rn_sum += r1 * n1 + r2 * n2
-            if G > 3:
-                r_sum += r3
-                rn_sum += r3 * n3
-            s1, s2 = _row_sums(r_sum, rn_sum)
-            if not ON_CHIP:
-                a_p, b_p, waits_ok, failed_polls = _exchange_pair(
-                    st_ptr, slot * NX + LN_C, offs_b, mb & (s < T), st_rows, s1, s2,
-                    waits_ok, failed_polls, wait_bound, sync_ptr, ((s - s_begin) * NB + NX) * nprog,
-                    LN_STOP == 0 or LN_STOP >= NX, LN_STOP == 0, NHP, USE_BARRIER, POLL,
-                    LN_SENTINEL, ASM, COUNT_POLLS,
-                )  # fmt: skip
-                s1, s2 = _row_sums(a_p, b_p)
-            m1 = (s1 / GH)[:, None]
-            m2 = (s2 / GH)[:, None]
-            rs = rstd_hh[:, None]
-            q0 = tl.where(v2, rs * (r0 - m1 - n0 * m2), 0.0).to(xd)
+            # LN_hh backward (exchange NX): the gradient before the normalization, which is
+            # what W_hh multiplies, into drec (the exchange the next step reads)
+            if CELL == GRU:
+                dn2 = dhn  # (the normalized n block's gradient: b_hn joins after LN_hh)
+            elif G > 1:
+                dn2 = d2
+            else:
+                dn2 = d0
+            if G < 4:
+                d3 = d0
+            if G < 2:
+                d1 = d0
+            q0, q1, q2, q3, waits_ok, failed_polls = _ln_hh_backward(
+                d0, d1, dn2, d3, lw0, lw1, lw2, lw3, n0, n1, n2, n3, rstd_hh, v2, m_own, G, H,
+                st_ptr, slot * NX + LN_C, offs_b, mb & (s < T), st_rows, waits_ok, failed_polls,
+                wait_bound, sync_ptr, ((s - s_begin) * NB + NX) * nprog,
+                LN_STOP == 0 or LN_STOP >= NX, LN_STOP == 0, ON_CHIP, NHP, USE_BARRIER, POLL,
+                LN_SENTINEL, ASM, COUNT_POLLS,
+            )  # fmt: skip
+            q0 = q0.to(xd)
             rp = drec_ptr + toff * GH + xrow[:, None] + offs_j[None, :]
             _store_exchange(rp, q0, ms, ASM and POLL)
             if G > 1:
-                q1 = tl.where(v2, rs * (r1 - m1 - n1 * m2), 0.0).to(xd)
-                qn = tl.where(v2, rs * (r2 - m1 - n2 * m2), 0.0).to(xd)
+                q1 = q1.to(xd)
+                qn = q2.to(xd)
                 q2 = qn
                 _store_exchange(rp + H, q1, ms, ASM and POLL)
                 _store_exchange(rp + 2 * H, qn, ms, ASM and POLL)
             if G > 3:
-                q3 = tl.where(v2, rs * (r3 - m1 - n3 * m2), 0.0).to(xd)
+                q3 = q3.to(xd)
                 _store_exchange(rp + 3 * H, q3, ms, ASM and POLL)
         if ON_CHIP:
             e0 = tl.where(m_own, q0, 0.0)

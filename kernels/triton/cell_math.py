@@ -49,16 +49,24 @@ def _lstm_cell(x0, x1, x2, x3, a0, a1, a2, a3, c_prev):
 
 
 @triton.jit
+def _lstm_gates_backward(dc, dh, tc, ig, fg, gg, og, c_prev):
+    """The four pre-activations' gradients from dc_t, the gradient of c_t (every path), dh,
+    that of o * tc, and tc, the tanh h_t took (of c_t, or of LayerNorm's LN_c(c_t))."""
+    d0 = dc * gg * ig * (1.0 - ig)
+    d1 = dc * c_prev * fg * (1.0 - fg)
+    d2 = dc * ig * (1.0 - gg * gg)
+    d3 = dh * tc * og * (1.0 - og)
+    return d0, d1, d2, d3
+
+
+@triton.jit
 def _lstm_cell_backward(dh, dc_next, ig, fg, gg, og, c, c_prev):
     """The LSTM step backwards: from the saved gates and cell states and the gradients of
     o * tanh(c_t) (dh) and of c_t from the step after (dc_next), the gradients of the four
     pre-activations and dc_t (dc_{t-1} = dc_t * f)."""
     tc = _tanh(c)
     dc = dc_next + dh * og * (1.0 - tc * tc)
-    d0 = dc * gg * ig * (1.0 - ig)
-    d1 = dc * c_prev * fg * (1.0 - fg)
-    d2 = dc * ig * (1.0 - gg * gg)
-    d3 = dh * tc * og * (1.0 - og)
+    d0, d1, d2, d3 = _lstm_gates_backward(dc, dh, tc, ig, fg, gg, og, c_prev)
     return d0, d1, d2, d3, dc
 
 
@@ -75,6 +83,22 @@ def _lstm_step_backward(dh, dc_c, w_c, ig, fg, gg, og, c, c_prev, valid2,
         dc_c = tl.where(valid2, dc * fg + w_c * dc_c, dc_c)
     else:
         d0, d1, d2, d3, dc = _lstm_cell_backward(dh, dc_c, ig, fg, gg, og, c, c_prev)
+        dc_c = tl.where(valid2, dc * fg, dc_c)
+    return d0, d1, d2, d3, dc_c
+
+
+@triton.jit
+def _lstm_step_backward_from(dc_h, dh, tc, dc_c, w_c, ig, fg, gg, og, c_prev, valid2,
+                             ZONEOUT: tl.constexpr):  # fmt: skip
+    """`_lstm_step_backward` where h̃_t's path into c̃_t is given: dc_h its gradient, tc the
+    tanh h̃_t took (LayerNorm's LN_c sits between). Zoneout as there."""
+    if ZONEOUT != 0:
+        dc = dc_h + (1.0 - w_c) * dc_c
+        d0, d1, d2, d3 = _lstm_gates_backward(dc, dh, tc, ig, fg, gg, og, c_prev)
+        dc_c = tl.where(valid2, dc * fg + w_c * dc_c, dc_c)
+    else:
+        dc = dc_h + dc_c
+        d0, d1, d2, d3 = _lstm_gates_backward(dc, dh, tc, ig, fg, gg, og, c_prev)
         dc_c = tl.where(valid2, dc * fg, dc_c)
     return d0, d1, d2, d3, dc_c
 

@@ -28,7 +28,7 @@ from .exchange import (
     _wait_clock,
     _wait_over,
 )
-from .norm import _combine_moments, _exchange_pair, _program_counts, _row_moments, _rstd
+from .norm import _normalize_rows, _program_counts
 from .tiles import _regularizer_constants, _row_tile, _runtime_zeros, _time, _zoneout_weights
 
 
@@ -288,19 +288,13 @@ def _recurrence_fwd_kernel(
                     )  # fmt: skip
                     acc = tl.dot(hp, wk, acc, input_precision=PREC, out_dtype=ACC)
         if LN:
-            # LN_hh: the row's moments over the own columns, then over all G*H
-            mu_hh, m2 = _row_moments(acc, mb[:, None] & mn[None, :])
-            if ON_CHIP:
-                rstd_hh = _rstd(m2, G * H)
-            else:
-                a_p, b_p, waits_ok, failed_polls = _exchange_pair(
-                    st_ptr, t * NX, offs_b, mb, st_rows, mu_hh, m2, waits_ok, failed_polls,
-                    wait_bound, sync_ptr, ((s - s_begin) * NB + 1) * nprog,
-                    LN_STOP == 0 or LN_STOP >= 1, LN_STOP == 0, NHP, USE_BARRIER, POLL,
-                    LN_SENTINEL, ASM, COUNT_POLLS,
-                )  # fmt: skip
-                mu_hh, rstd_hh = _combine_moments(a_p, b_p, counts_hh, G * H)
-            a_hat = (acc - mu_hh[:, None]) * rstd_hh[:, None]
+            # LN_hh over the row's G*H columns (exchange 1 of the step)
+            a_hat, _, rstd_hh, waits_ok, failed_polls = _normalize_rows(
+                acc, mb[:, None] & mn[None, :], G * H, counts_hh, st_ptr, t * NX, offs_b, mb,
+                st_rows, waits_ok, failed_polls, wait_bound, sync_ptr,
+                ((s - s_begin) * NB + 1) * nprog, LN_STOP == 0 or LN_STOP >= 1, LN_STOP == 0,
+                ON_CHIP, NHP, USE_BARRIER, POLL, LN_SENTINEL, ASM, COUNT_POLLS,
+            )  # fmt: skip
             acc = a_hat * ln_w[None, :] + ln_b[None, :]
         a0, a1, a2, a3 = _split_gates(acc, BLOCK_B, BH, GP)
         x0, x1, x2, x3 = _split_gates(x, BLOCK_B, BH, GP)
@@ -321,20 +315,14 @@ def _recurrence_fwd_kernel(
                 tl.store(wp + 3 * H, tl.where(v2, og, 0.0).to(wd), mask=m_own)
                 _store_normalized(ws_ptr, row, wrow, col_n, mb, mn, valid, mb & (pid_h == 0), a_hat,
                                   rstd_hh, G, NW, H)  # fmt: skip
-            # LN_c: c̃_t's moments over the own units, then over all H
-            mu_c, m2 = _row_moments(c_new, m_own)
-            if ON_CHIP:
-                rstd_c = _rstd(m2, H)
-            else:
-                a_p, b_p, waits_ok, failed_polls = _exchange_pair(
-                    st_ptr, t * NX + 1, offs_b, mb, st_rows, mu_c, m2, waits_ok, failed_polls,
-                    wait_bound, sync_ptr, ((s - s_begin) * NB + 2) * nprog,
-                    LN_STOP == 0 or LN_STOP >= 2, LN_STOP == 0, NHP, USE_BARRIER, POLL,
-                    LN_SENTINEL, ASM, COUNT_POLLS,
-                )  # fmt: skip
-                mu_c, rstd_c = _combine_moments(a_p, b_p, counts_c, H)
-            c_norm = (c_new - mu_c[:, None]) * rstd_c[:, None] * lnc_w[None, :] + lnc_b[None, :]
-            h_new = og * _tanh(c_norm)
+            # LN_c over the row's H units (exchange 2)
+            c_hat, mu_c, rstd_c, waits_ok, failed_polls = _normalize_rows(
+                c_new, m_own, H, counts_c, st_ptr, t * NX + 1, offs_b, mb, st_rows, waits_ok,
+                failed_polls, wait_bound, sync_ptr, ((s - s_begin) * NB + 2) * nprog,
+                LN_STOP == 0 or LN_STOP >= 2, LN_STOP == 0, ON_CHIP, NHP, USE_BARRIER, POLL,
+                LN_SENTINEL, ASM, COUNT_POLLS,
+            )  # fmt: skip
+            h_new = og * _tanh(c_hat * lnc_w[None, :] + lnc_b[None, :])
         elif CELL == LSTM:
             ig, fg, gg, og, c_new, h_new = _lstm_cell(x0, x1, x2, x3, a0, a1, a2, a3, cs)
         elif CELL == GRU:

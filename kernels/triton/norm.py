@@ -1,6 +1,8 @@
 """LayerNorm inside the step (gpurnn.regularized's layer_norm): a row's partial moments over
 the columns a program owns, their exchange between the programs of a batch tile, and how
-they combine. Device code only (@triton.jit); imports the exchange protocol (exchange).
+they combine, and the backward's loads of what the forward saved of it. Device code only
+(@triton.jit); imports the exchange protocol (exchange), the activations (cell_math) and
+the tile helpers (tiles).
 
 LN_hh normalizes each batch row of h_{t-1} W_hhᵀ over all G*H columns, LN_c (LSTM) each
 row of c̃_t over H, and their backward needs two row sums of the same widths; a program owns
@@ -21,6 +23,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .cell_math import _tanh
 from .exchange import (
     _after_wait,
     _any_pending,
@@ -30,6 +33,7 @@ from .exchange import (
     _wait_clock,
     _wait_over,
 )
+from .tiles import _load_fields, _time
 
 EPS: tl.constexpr = tl.constexpr(1e-5)  # gpurnn.cells.LAYER_NORM_EPS (checked by the tests)
 
@@ -162,3 +166,143 @@ def _exchange_pair(st_ptr, slot, offs_b, mask, rows, a, b, waits_ok, failed_poll
         tl.debug_barrier()
     return _gather_pairs(st_ptr, slot, offs_b, rows, waits_ok, failed_polls, wait_bound,
                          sync_ptr, NHP, POLL and WAIT, SENTINEL, ASM, COUNT_POLLS)  # fmt: skip
+
+
+@triton.jit
+def _normalize_rows(v, m, n, counts, st_ptr, slot, offs_b, mb, st_rows, waits_ok, failed_polls,
+                    wait_bound, sync_ptr, target, PUBLISH: tl.constexpr, WAIT: tl.constexpr,
+                    ON_CHIP: tl.constexpr, NHP: tl.constexpr, USE_BARRIER: tl.constexpr,
+                    POLL: tl.constexpr, SENTINEL: tl.constexpr, ASM: tl.constexpr,
+                    COUNT_POLLS: tl.constexpr):  # fmt: skip
+    """Each row of v normalized over all n columns of the batch tile's programs (the own
+    ones where m; counts[p] each, from `_program_counts`): on chip in registers, else its
+    moments exchanged through a slot (`_exchange_pair`). Returns (v̂, mean, 1/σ, waits_ok,
+    failed_polls)."""
+    mean, m2 = _row_moments(v, m)
+    if ON_CHIP:
+        rstd = _rstd(m2, n)
+    else:
+        a, b, waits_ok, failed_polls = _exchange_pair(
+            st_ptr, slot, offs_b, mb, st_rows, mean, m2, waits_ok, failed_polls, wait_bound,
+            sync_ptr, target, PUBLISH, WAIT, NHP, USE_BARRIER, POLL, SENTINEL, ASM, COUNT_POLLS,
+        )  # fmt: skip
+        mean, rstd = _combine_moments(a, b, counts, n)
+    return (v - mean[:, None]) * rstd[:, None], mean, rstd, waits_ok, failed_polls
+
+
+@triton.jit
+def _exchanged_row_sums(a, b, st_ptr, slot, offs_b, mb, st_rows, waits_ok, failed_polls,
+                        wait_bound, sync_ptr, target, PUBLISH: tl.constexpr,
+                        WAIT: tl.constexpr, ON_CHIP: tl.constexpr, NHP: tl.constexpr,
+                        USE_BARRIER: tl.constexpr, POLL: tl.constexpr, SENTINEL: tl.constexpr,
+                        ASM: tl.constexpr, COUNT_POLLS: tl.constexpr):  # fmt: skip
+    """Each row's sums of a and of b over all columns of the batch tile's programs (the
+    backward's two sums per normalization): on chip in registers, else exchanged through a
+    slot. Returns (Σ a, Σ b, waits_ok, failed_polls)."""
+    s1, s2 = _row_sums(a, b)
+    if not ON_CHIP:
+        a_p, b_p, waits_ok, failed_polls = _exchange_pair(
+            st_ptr, slot, offs_b, mb, st_rows, s1, s2, waits_ok, failed_polls, wait_bound,
+            sync_ptr, target, PUBLISH, WAIT, NHP, USE_BARRIER, POLL, SENTINEL, ASM, COUNT_POLLS,
+        )  # fmt: skip
+        s1, s2 = _row_sums(a_p, b_p)
+    return s1, s2, waits_ok, failed_polls
+
+
+@triton.jit
+def _ln_own_loads(s, T, B64, L, mb, mj, offs_j, wrow, ws_ptr, G: tl.constexpr,
+                  NW: tl.constexpr, WSR: tl.constexpr, H: tl.constexpr, LN_C: tl.constexpr,
+                  REVERSE: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
+    """LayerNorm's saved values of backward step s (as the kernels' own loads): the
+    normalized W_hh h of the own units (fields NW - G ..), 1/σ_hh and LN_c's μ_c, 1/σ_c of
+    each row."""
+    t = _time(T - 1 - s, T, REVERSE)
+    valid = mb & (t < L) & (s < T)
+    row = t.to(tl.int64) * B64 * WSR + wrow
+    n0, n1, n2, n3, _ = _load_fields(ws_ptr, row + (NW - G) * H, offs_j,
+                                     valid[:, None] & mj[None, :], H, G, ACC)  # fmt: skip
+    rstd_hh = tl.load(ws_ptr + row + NW * H, mask=valid, other=0.0).to(ACC)
+    mu_c = rstd_hh
+    rstd_c = rstd_hh
+    if LN_C:
+        mu_c = tl.load(ws_ptr + row + NW * H + 1, mask=valid, other=0.0).to(ACC)
+        rstd_c = tl.load(ws_ptr + row + NW * H + 2, mask=valid, other=0.0).to(ACC)
+    return n0, n1, n2, n3, rstd_hh, mu_c, rstd_c
+
+
+@triton.jit
+def _ln_c_backward(dh, ig, fg, gg, og, c, c_prev, mu_c, rstd_c, w, b, g_w, g_b, valid2, m_own,
+                   H: tl.constexpr, st_ptr, slot, offs_b, mb, st_rows, waits_ok, failed_polls,
+                   wait_bound, sync_ptr, target, PUBLISH: tl.constexpr, WAIT: tl.constexpr,
+                   ON_CHIP: tl.constexpr, ZONEOUT: tl.constexpr, NHP: tl.constexpr,
+                   USE_BARRIER: tl.constexpr, POLL: tl.constexpr, SENTINEL: tl.constexpr,
+                   ASM: tl.constexpr, COUNT_POLLS: tl.constexpr):  # fmt: skip
+    """The LSTM's h̃_t = o tanh(w ĉ + b), ĉ = LN_c(c̃_t), backwards into c̃_t, for the own
+    units: c̃_t is the saved c (with zoneout the blended c_t, so rebuilt as f c_{t-1} + i g),
+    ĉ from the saved row statistics; the two row sums (Σ dĉ, Σ dĉ ĉ) over all H units are
+    exchanged. Adds LN_c's weight and bias gradients of the step to g_w, g_b. Returns (the
+    gradient of c̃_t through h̃_t, the tanh, g_w, g_b, waits_ok, failed_polls)."""
+    if ZONEOUT != 0:
+        c = fg * c_prev + ig * gg
+    c_hat = (c - mu_c[:, None]) * rstd_c[:, None]
+    tc = _tanh(c_hat * w[None, :] + b[None, :])
+    d_norm = tl.where(valid2, dh * og * (1.0 - tc * tc), 0.0)  # of LN_c(c̃_t)
+    g_w += d_norm * c_hat
+    g_b += d_norm
+    d_hat = d_norm * w[None, :]
+    s1, s2, waits_ok, failed_polls = _exchanged_row_sums(
+        tl.where(m_own, d_hat, 0.0), tl.where(m_own, d_hat * c_hat, 0.0), st_ptr, slot, offs_b,
+        mb, st_rows, waits_ok, failed_polls, wait_bound, sync_ptr, target, PUBLISH, WAIT,
+        ON_CHIP, NHP, USE_BARRIER, POLL, SENTINEL, ASM, COUNT_POLLS,
+    )  # fmt: skip
+    dc = rstd_c[:, None] * (d_hat - s1[:, None] / H - c_hat * (s2[:, None] / H))
+    return dc, tc, g_w, g_b, waits_ok, failed_polls
+
+
+@triton.jit
+def _ln_hh_backward(d0, d1, d2, d3, w0, w1, w2, w3, n0, n1, n2, n3, rstd, valid2, m_own,
+                    G: tl.constexpr, H: tl.constexpr, st_ptr, slot, offs_b, mb, st_rows,
+                    waits_ok, failed_polls, wait_bound, sync_ptr, target,
+                    PUBLISH: tl.constexpr, WAIT: tl.constexpr, ON_CHIP: tl.constexpr,
+                    NHP: tl.constexpr, USE_BARRIER: tl.constexpr, POLL: tl.constexpr,
+                    SENTINEL: tl.constexpr, ASM: tl.constexpr,
+                    COUNT_POLLS: tl.constexpr):  # fmt: skip
+    """LN_hh backwards for the own units: from the gradients of the normalized W_hh h, gate
+    by gate (d0.. of the first G; w0.. LN_hh's weight there, n0.. the saved normalized
+    values), the gradient before the normalization, rstd (x̂'s d − mean(d) − x̂ mean(d x̂)),
+    the row means over all G*H columns exchanged. Returns (q0, q1, q2, q3, waits_ok,
+    failed_polls), 0 where not valid2 (unused gates alias q0)."""
+    mv = m_own & valid2
+    r0 = tl.where(mv, d0 * w0[None, :], 0.0)
+    r1 = r0
+    r2 = r0
+    r3 = r0
+    r_sum = r0
+    rn_sum = r0 * n0
+    if G > 1:
+        r1 = tl.where(mv, d1 * w1[None, :], 0.0)
+        r2 = tl.where(mv, d2 * w2[None, :], 0.0)
+        r_sum += r1 + r2
+        rn_sum += r1 * n1 + r2 * n2
+    if G > 3:
+        r3 = tl.where(mv, d3 * w3[None, :], 0.0)
+        r_sum += r3
+        rn_sum += r3 * n3
+    s1, s2, waits_ok, failed_polls = _exchanged_row_sums(
+        r_sum, rn_sum, st_ptr, slot, offs_b, mb, st_rows, waits_ok, failed_polls, wait_bound,
+        sync_ptr, target, PUBLISH, WAIT, ON_CHIP, NHP, USE_BARRIER, POLL, SENTINEL, ASM,
+        COUNT_POLLS,
+    )  # fmt: skip
+    m1 = (s1 / (G * H))[:, None]
+    m2 = (s2 / (G * H))[:, None]
+    rs = rstd[:, None]
+    q0 = tl.where(valid2, rs * (r0 - m1 - n0 * m2), 0.0)
+    q1 = q0
+    q2 = q0
+    q3 = q0
+    if G > 1:
+        q1 = tl.where(valid2, rs * (r1 - m1 - n1 * m2), 0.0)
+        q2 = tl.where(valid2, rs * (r2 - m1 - n2 * m2), 0.0)
+    if G > 3:
+        q3 = tl.where(valid2, rs * (r3 - m1 - n3 * m2), 0.0)
+    return q0, q1, q2, q3, waits_ok, failed_polls
