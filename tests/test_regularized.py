@@ -457,11 +457,16 @@ def test_torch_compile_fullgraph():
 # ------------------------------------------------------------------ refusals, bad input
 
 
-def test_triton_refuses_by_name_and_auto_routes_to_torch(monkeypatch):
-    reason = gpurnn.available_backends()["triton"]
-    module = gpurnn.LSTM(3, 4, proj_size=2, layer_norm=True, backend="triton")
-    with pytest.raises(RuntimeError, match="proj_size" if reason is None else "triton"):
-        module(torch.randn(2, 1, 3))
+def test_cupy_refuses_by_name_and_auto_routes_to_torch(monkeypatch):
+    """The cupy kernels have no regularizers: they say so, naming what is on; auto (which
+    keeps the interpreted triton kernels out, and on a GPU the regularized ones until their
+    GPU tests pass) sends a regularized layer to torch."""
+    from gpurnn.backends import get_backend
+
+    reason = get_backend("cupy").regularized_unsupported_reason(
+        "lstm", torch.device("cpu"), F64, True, ("zoneout", "layer_norm")
+    )
+    assert "cupy" in reason and "zoneout, layer_norm" in reason
     monkeypatch.setenv("GPURNN_BACKEND", "auto")
     assert (
         regularized.choose_backend(None, "lstm", torch.device("cpu"), F64, False, ("zoneout",))
@@ -531,10 +536,10 @@ def test_triton_layers_match_reference(cell, training, keywords):
 @needs_triton
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_triton_projected_regularized(training):
-    """proj_size with zoneout, recurrent dropout and DropConnect runs the projected kernels:
-    2 layers, bidirectional, packed, hx, inter-layer dropout, against the reference;
-    LayerNorm there is refused by name."""
-    kw = dict(zoneout=0.3, dropconnect=0.3, recurrent_dropout=0.3)
+    """proj_size with zoneout, recurrent dropout, DropConnect and LayerNorm runs the
+    projected kernels: 2 layers, bidirectional, packed, hx, inter-layer dropout, every
+    output and gradient (LayerNorm's parameters and W_hr's too) against the reference."""
+    kw = dict(zoneout=0.3, dropconnect=0.3, recurrent_dropout=0.3, layer_norm=True)
     module = gpurnn.LSTM(3, 5, proj_size=3, num_layers=2, bidirectional=True, dropout=0.2,
                          dtype=F64, **kw)  # fmt: skip
     _randomize(module, seeded_generator("triton-proj-reg"))
@@ -543,9 +548,6 @@ def test_triton_projected_regularized(training):
     hx = (hx[0], torch.randn(4, 3, 5, generator=seeded_generator("c0-proj-reg"), dtype=F64))
     expected = _run(module, "numpy", 29, x, hx, lengths, False)
     _compare(_run(module, "triton", 29, x, hx, lengths, False), expected, F64)
-    ln = gpurnn.LSTM(3, 5, proj_size=3, layer_norm=True, dtype=F64, backend="triton")
-    with pytest.raises(RuntimeError, match="proj_size.*layer_norm"):
-        ln(x)
 
 
 @needs_triton
@@ -592,12 +594,12 @@ _GPU_KEYWORDS = {
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("cell, keywords, proj", [
     ("lstm", "masks", 0), ("lstm", "ln", 0), ("gru", "ln", 0), ("indrnn_tanh", "indrnn", 0),
-    ("lstm", "masks", 256),
+    ("lstm", "masks", 256), ("lstm", "ln", 256),
 ])  # fmt: skip
 def test_triton_regularized_gpu_real_size(cell, keywords, proj, dtype):
-    """H=768, B=16, T=1024 on a GPU with zoneout, recurrent dropout and DropConnect (also
-    with proj_size=256, in the projected kernels), or LayerNorm (its statistics exchanged
-    between 96 programs): the kernels against the torch loop in float64, the same masks."""
+    """H=768, B=16, T=1024 on a GPU with zoneout, recurrent dropout and DropConnect, or
+    LayerNorm (its statistics exchanged between 96 programs), also with proj_size=256 (the
+    projected kernels): the kernels against the torch loop in float64, the same masks."""
     kw = _GPU_KEYWORDS[keywords]
     layout = dict(input_size=768, hidden_size=768, **({"proj_size": proj} if proj else {}))
     module = _make(cell, kw, **layout, dtype=torch.float32).cuda()

@@ -141,7 +141,9 @@ def test_masks_add_no_round_trip(resources, index):
     assert r["trips"] == base["trips"] and r["own_trips"] <= base["own_trips"], (r, base)
 
 
-NORMALIZED = [i for i, v in enumerate(VARIANTS) if _fields(v)[6] == "ln"]
+# (the projected kernels' LayerNorm variants are held to no spills only, as the projected
+# kernels are: their steps have two phases and other ceilings)
+NORMALIZED = [i for i, v in enumerate(VARIANTS) if _fields(v)[6] == "ln" and not _fields(v)[5]]
 
 
 @pytest.mark.parametrize("index", NORMALIZED, ids=[IDS[i] for i in NORMALIZED])

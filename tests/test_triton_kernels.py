@@ -780,14 +780,17 @@ PROJ_REG_PLANS = {
 }  # fmt: skip
 
 
+@pytest.mark.parametrize("layer_norm", (False, True), ids=("masks", "masks-ln"))
 @pytest.mark.parametrize("training", (True, False), ids=("train", "eval"))
 @pytest.mark.parametrize("reverse", (False, True), ids=("fwd", "rev"))
 @pytest.mark.parametrize("layout", PROJ_REG_PLANS)
-def test_proj_regularized_step(layout, reverse, training):
+def test_proj_regularized_step(layout, reverse, training, layer_norm):
     """The projected LSTM with zoneout (h P wide in the projection phase, c H wide in the
-    gates phase), recurrent dropout (its mask on the P-wide h that enters W_hh) and
-    DropConnect (a masked W_hh): every output and gradient, dW_hr too (its m rebuilt from
-    c̃ where zoneout blended the saved c), against the float64 reference."""
+    gates phase), recurrent dropout (its mask on the P-wide h that enters W_hh),
+    DropConnect (a masked W_hh) and LayerNorm of W_hh h and of c (in the gates phase, its
+    statistics exchanged between the programs): every output and gradient, dW_hr too (its
+    m rebuilt from c̃, and LN_c, where the saved c is blended), LayerNorm's parameters
+    through the backend, against the float64 reference."""
     from gpurnn import masks
     from gpurnn.backends.base import Regularization
     from gpurnn.backends.numpy import NumpyBackend
@@ -796,15 +799,20 @@ def test_proj_regularized_step(layout, reverse, training):
     T, B, H, P = 4, 5, 20, 10
     L = torch.tensor([4, 2, 0, 3, 1])
     case, gin = make_proj_case(T, B, H, P, torch.float64, lengths=L,
-                               key=("proj-reg", layout, reverse, training))  # fmt: skip
-    torch.manual_seed(int(_gen("proj-reg", layout, reverse).initial_seed() % 2**31))
+                               key=("proj-reg", layout, reverse, training, layer_norm))  # fmt: skip
+    g = _gen("proj-reg", layout, reverse, layer_norm)
+    torch.manual_seed(int(g.initial_seed() % 2**31))
+    ln = ()
+    if layer_norm:
+        ln = tuple(torch.randn(n, generator=g, dtype=torch.float64) * 0.3 + shift
+                   for n, shift in ((4 * H, 1.0), (4 * H, 0.0), (H, 1.0), (H, 0.0)))  # fmt: skip
     if training:
         reg = Regularization(
             0.3, masks.draw((T, B, P), 0.3, DEVICE), masks.draw((T, B, H), 0.3, DEVICE),
-            0.4, masks.draw((B, P), 0.6, DEVICE), 0.3, masks.draw((4 * H, P), 0.7, DEVICE),
+            0.4, masks.draw((B, P), 0.6, DEVICE), 0.3, masks.draw((4 * H, P), 0.7, DEVICE), *ln,
         )  # fmt: skip
     else:
-        reg = Regularization(zoneout=0.3)
+        reg = Regularization(0.3, None, None, 0.0, None, 0.0, None, *ln)
     c = case
     inputs = Inputs("lstm", c["xg"], c["w_hh"], c["h0"], c["c0"], L, reverse, None, c["w_hr"])
     be = TritonBackend()
@@ -812,26 +820,27 @@ def test_proj_regularized_step(layout, reverse, training):
     plan = PROJ_REG_PLANS[layout]
     if plan is None:
         y, h_T, c_T, ws = be.regularized_forward(inputs, reg, True)
-        g, _ = be.regularized_backward(inputs, reg, y, ws, gin["dy"], gin["dh_T"], gin["dc_T"])
-        got = dict(y=y, h_T=h_T, c_T=c_T, xg=g.xg, h0=g.h0, c0=g.c0, w_hh=g.w_hh, w_hr=g.w_hr)
+        gr, ln_grads = be.regularized_backward(inputs, reg, y, ws, gin["dy"], gin["dh_T"],
+                                               gin["dc_T"])  # fmt: skip
+        got = dict(y=y, h_T=h_T, c_T=c_T, xg=gr.xg, h0=gr.h0, c0=gr.c0, w_hh=gr.w_hh,
+                   w_hr=gr.w_hr, **(ln_grads._asdict() if layer_norm else {}))  # fmt: skip
     else:
         kw = _kernel_regularizers(reg, torch.float64)
-        del kw["ln_hh"], kw["ln_c"]
         w_run = _weights(c["w_hh"], reg)
         y, h_T, c_T, ws = launch.forward("lstm", c["xg"], w_run, c["h0"], c["c0"], L, reverse,
                                          None, True, w_hr=c["w_hr"], plan=plan,
                                          precision="ieee", **kw)  # fmt: skip
-        dxg, _, dh0, dc0 = launch.backward(
+        dxg, _, dh0, dc0, *_ = launch.backward(
             "lstm", w_run, c["h0"], c["c0"], L, reverse, y, ws, gin["dy"], gin["dh_T"],
             gin["dc_T"], w_hr=c["w_hr"], plan=plan, precision="ieee", **kw,
         )  # fmt: skip
         got = dict(y=y, h_T=h_T, c_T=c_T, xg=dxg, h0=dh0, c0=dc0)
     numpy = NumpyBackend()
     ry, rh, rc, _ = numpy.regularized_forward(inputs, reg, False)
-    grads, _ = numpy.regularized_backward(inputs, reg, ry, None, gin["dy"], gin["dh_T"],
-                                          gin["dc_T"])  # fmt: skip
+    grads, ref_ln = numpy.regularized_backward(inputs, reg, ry, None, gin["dy"], gin["dh_T"],
+                                               gin["dc_T"])  # fmt: skip
     want = dict(y=ry, h_T=rh, c_T=rc, xg=grads.xg, h0=grads.h0, c0=grads.c0, w_hh=grads.w_hh,
-                w_hr=grads.w_hr)  # fmt: skip
+                w_hr=grads.w_hr, **ref_ln._asdict())  # fmt: skip
     for name, value in got.items():
         check(value, _np(want[name]), torch.float64, f"proj {layout} {name}")
 

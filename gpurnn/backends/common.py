@@ -68,18 +68,21 @@ def kernel_weight_grads(cell, dxg, dhn, y, h_init, lengths, reverse, b_hn, h_fac
 
 
 def projection_grad(dhp: Tensor, workspace: Tensor, H: int, c_init: Tensor | None = None,
-                    lengths: Tensor | None = None, reverse: bool = False) -> Tensor:  # fmt: skip
+                    lengths: Tensor | None = None, reverse: bool = False,
+                    normalize_c=None) -> Tensor:  # fmt: skip
     """dW_hr (P, H) of an LSTM with projection = the sum over every (t, b) of
     dhp[t, b]^T m[t, b], one GEMM, with m = o * tanh(c) recomputed from the workspace's o and
-    c (field k of unit j at column k*H + j, the cell table's order; every GPU backend saves
-    the same LSTM fields). Rows past a sequence's end have dhp = 0 and add nothing. With
-    zoneout (c_init given: c0 or zeros) the saved c is the blended c_t, and m_t came from
-    c̃_t = f c_{t-1} + i g: rebuilt from the step before's c (c_init at a sequence's first)."""
+    c (field k of unit j at column k*H + j, the cell table's order, first in each row; every
+    GPU backend saves the same LSTM fields). Rows past a sequence's end have dhp = 0 and add
+    nothing. With zoneout (c_init given: c0 or zeros) the saved c is the blended c_t, and
+    m_t came from c̃_t = f c_{t-1} + i g: rebuilt from the step before's c (c_init at a
+    sequence's first). With LayerNorm of c, normalize_c maps c̃ (T*B, H) to LN_c(c̃)."""
     P = dhp.shape[-1]
     if dhp.numel() == 0:
         return torch.zeros(P, H, dtype=torch.float32, device=dhp.device)
     names = saved_fields("lstm")
-    fields = workspace.reshape(-1, len(names), H)
+    T, B = dhp.shape[:2]
+    fields = workspace.reshape(T * B, -1)[:, : len(names) * H].reshape(-1, len(names), H)
     acc = torch.float64 if torch.float64 in (dhp.dtype, workspace.dtype) else torch.float32
 
     def field(name):
@@ -90,6 +93,8 @@ def projection_grad(dhp: Tensor, workspace: Tensor, H: int, c_init: Tensor | Non
         T, B = dhp.shape[:2]
         c_prev = previous_states(c.reshape(T, B, H), c_init.to(acc), lengths, reverse)
         c = field("f") * c_prev.reshape(-1, H) + field("i") * field("g")
+    if normalize_c is not None:
+        c = normalize_c(c)
     m = o * torch.tanh(c)
     if dhp.device.type == "cuda" and dhp.dtype != torch.float64:
         # 16-bit GEMM (cuBLAS accumulates in fp32), m rounded as the kernels exchange it

@@ -197,7 +197,10 @@ class TritonBackend(Backend):
             c_init = None  # zoneout: m_t came from c̃_t, rebuilt from the blended c
             if reg is not None and reg.zoneout > 0:
                 c_init = c0 if c0 is not None else y.new_zeros(B, H)
-            dw_hr = projection_grad(dhp, workspace, H, c_init, lengths, reverse)
+            normalize_c = None  # LayerNorm of c: m_t = o tanh(LN_c(c̃_t))
+            if reg is not None and reg.ln_c_weight is not None:
+                normalize_c = _ln_c_of(reg, workspace, H)
+            dw_hr = projection_grad(dhp, workspace, H, c_init, lengths, reverse, normalize_c)
         h_init = h0 if h0 is not None else y.new_zeros(B, H_out)
         h_factors = None  # recurrent dropout: h_{t-1} entered W_hh masked
         if reg is not None and reg.recurrent_mask is not None:
@@ -232,18 +235,12 @@ class TritonBackend(Backend):
     # ------------------------------------------------------------ regularized recurrences
     # IndRNN: its own kernels (kernels/triton/independent.py: no exchange; masks and zoneout
     # fused). LSTM, GRU, RNN: the plain kernels with zoneout and recurrent dropout switched
-    # on in the step (ZONEOUT, RDROP, LN, LN_C), DropConnect a masked W_hh once per launch.
-    # The projected LSTM kernels have ZONEOUT and RDROP too, not LayerNorm: refused by name.
+    # on in the step (ZONEOUT, RDROP, LN, LN_C), DropConnect a masked W_hh once per launch;
+    # the projected LSTM kernels take the same switches.
 
     def regularized_unsupported_reason(self, cell, device, dtype, projected, kinds):
         if cell in INDRNN_CELLS:
             return self.unsupported_reason("rnn_tanh", device, dtype, False)
-        if projected and "layer_norm" in kinds:
-            return (
-                "the projected LSTM kernels (proj_size) have no layer_norm yet (zoneout, "
-                "recurrent_dropout and dropconnect run there); the torch and numpy backends "
-                "run it"
-            )
         return self.unsupported_reason(cell, device, dtype, projected)
 
     def regularized_auto_reason(self, cell):
@@ -318,18 +315,24 @@ def _kernel_regularizers(reg: Regularization | None, dtype: torch.dtype) -> dict
     )  # fmt: skip
 
 
+def _ln_c_of(reg: Regularization, workspace: Tensor, H: int):
+    """c̃ (T*B, H) -> LN_c(c̃), with the row statistics the forward saved."""
+    stats = _launch.unpack_layer_norm("lstm", workspace, H)
+    mu, rstd = stats["mu_c"].reshape(-1, 1), stats["rstd_c"].reshape(-1, 1)
+    w, b = reg.ln_c_weight.to(workspace.dtype), reg.ln_c_bias.to(workspace.dtype)
+    return lambda c: (c - mu) * rstd * w + b
+
+
 def _layer_norm_grads(cell: str, reg: Regularization, dxg: Tensor, dhn: Tensor | None,
                       workspace: Tensor, dln_c: Tensor | None) -> LayerNormGrads:  # fmt: skip
     """LN_hh's weight and bias gradients: sums over every (t, b) of the gradient of the
     normalized W_hh h (the gate gradients, GRU's n block from dhn) times the normalized
     value the workspace keeps (its fields after the cell's own), and alone; LN_c's come
     summed from the kernel (dln_c). Rows past a sequence's end hold zeros and add nothing."""
-    T, B, GH = dxg.shape
-    H = GH // GATES[cell]
+    H = dxg.shape[-1] // GATES[cell]
     acc = workspace.dtype
     d_norm = dxg if dhn is None else torch.cat([dxg[..., : 2 * H], dhn], dim=-1)
-    first = len(_launch.WS_FIELDS[cell]) * H
-    normalized = workspace[..., first : first + GH]
+    normalized = _launch.unpack_layer_norm(cell, workspace, H)["normalized"]
     d_norm = d_norm.to(acc)
     w, b = reg.ln_hh_weight, reg.ln_hh_bias
     grads = [(d_norm * normalized).sum((0, 1)).to(w.dtype), d_norm.sum((0, 1)).to(b.dtype)]

@@ -7,9 +7,9 @@ nvdisasm (`gpurnn.bench.sass` counts the step loop). Variants: every cell at the
 size (H=768, B=16, bf16) forward and backward, plus one of each other kind of plan (on
 chip, 64-row batch tiles, streamed weights, fp16/fp32), the LSTM with projection (its
 own kernels; a sixth field P names the projection), and the regularized step at the
-headline size (a seventh field: "masks", zoneout in training and recurrent dropout fused
-into the plain kernels and the projected ones; "ln", LayerNorm of W_hh h and, for the LSTM,
-of c). fp32 compiles as the backend runs it (tf32 dots). Every compile-time switch is passed
+headline size and the projected one's (a seventh field: "masks", zoneout in training and
+recurrent dropout fused into the step; "ln", LayerNorm of W_hh h and, for the LSTM, of c).
+fp32 compiles as the backend runs it (tf32 dots). Every compile-time switch is passed
 explicitly, as a launch binds it (a defaulted one left out of an ASTSource compiles
 differently).
 
@@ -78,15 +78,17 @@ VARIANTS = [
     ("lstm", "bf16", 1024, 64, True, 256),
     # (cell, dtype, H, B, backward, P, regularizers): zoneout masks + recurrent dropout
     # ("masks"), LayerNorm (of W_hh h, and of c for the LSTM: "ln"); the projected LSTM's
-    # masks
     *[
         (cell, "bf16", 768, 16, bwd, 0, reg)
         for reg in ("masks", "ln")
         for cell in ("lstm", "gru")
         for bwd in (False, True)
     ],  # fmt: skip
-    ("lstm", "bf16", 1024, 16, False, 256, "masks"),
-    ("lstm", "bf16", 1024, 16, True, 256, "masks"),
+    *[
+        ("lstm", "bf16", 1024, 16, bwd, 256, reg)
+        for reg in ("masks", "ln")
+        for bwd in (False, True)
+    ],
 ]
 
 
@@ -158,15 +160,13 @@ def compile_variant(v) -> dict:
         fn = _recurrence_fwd_kernel
         kw.update(GP=_next_pow2(G), SAVE=True)
     kw.update(POLL=_polls(plan), ASM=True, SENTINEL=_SENTINEL[TORCH_DT[dt]], COUNT_POLLS=False)
-    kw.update(ZONEOUT=1 if reg == "masks" else 0, RDROP=reg == "masks")
-    if not P:
-        ln = reg == "ln"
-        kw.update(LN=ln, LN_C=ln and cell == "lstm", LN_STOP=0,
-                  NHP=_next_pow2(plan.n_h) if ln else 1,
-                  NS=launch._ln_numbers(cell == "lstm") if ln else 0,
-                  LN_SENTINEL=_SENTINEL[torch.float32] if ln else 0)  # fmt: skip
-        if ln:
-            kw["NW"] += G
+    ln = reg == "ln"
+    kw.update(ZONEOUT=1 if reg == "masks" else 0, RDROP=reg == "masks", LN=ln,
+              LN_C=ln and cell == "lstm", LN_STOP=0, NHP=_next_pow2(plan.n_h) if ln else 1,
+              NS=launch._ln_numbers(cell == "lstm") if ln else 0,
+              LN_SENTINEL=_SENTINEL[torch.float32] if ln else 0)  # fmt: skip
+    if ln:
+        kw["NW"] += G
     kw["USE_BARRIER"] = kw["USE_BARRIER"] and not kw["POLL"]
     sig = _signature(fn, dt, reg)
     # torch allocations are 16-byte aligned; the JIT tells the compiler so, and so do we
@@ -196,7 +196,7 @@ def compile_variant(v) -> dict:
     if kw.get("POLL"):
         desc += " poll"
     # per step: the projected kernels' two phases; LayerNorm's exchanges of statistics, h's
-    per_step = 2 if P else 1 + kw.get("LN", 0) + kw.get("LN_C", 0)
+    per_step = (2 if P else 1) + kw["LN"] + kw["LN_C"]
     grid_barriers = per_step if kw["USE_BARRIER"] else 0
     return dict(plan=desc, regs=regs, stack=stack, local=local, smem=k.metadata.shared + shared,
                 num_warps=plan.num_warps, backward=bool(bwd), polled=bool(kw["POLL"]),

@@ -28,7 +28,7 @@ from .exchange import (
     _wait_clock,
     _wait_over,
 )
-from .norm import _normalize_rows, _program_counts
+from .norm import _normalize_rows, _program_counts, _store_normalized, _store_row_number
 from .tiles import _regularizer_constants, _row_tile, _runtime_zeros, _time, _zoneout_weights
 
 
@@ -78,29 +78,6 @@ def _load_xg(xg_ptr, s, s_begin, s_end, T, B64, xrow, col_n, mb, mn, L, G: tl.co
     xv = mb & (t < L) & (s < s_end) & (s >= s_begin)
     return tl.load(xg_ptr + t.to(tl.int64) * B64 * (G * H) + xrow[:, None] + col_n[None, :],
                    mask=xv[:, None] & mn[None, :], other=0.0)  # fmt: skip
-
-
-@triton.jit
-def _store_row_number(ptr, value, valid, first, mask):
-    """A per-row number (BLOCK_B,) of a tile's layout stored from the tile itself: by its
-    `first` column (a (1, N) mask) of every row, all columns pointing at the row's entry;
-    so it needs no layout conversion (a block barrier or two each)."""
-    v = tl.where(valid, value, 0.0)[:, None] + tl.zeros_like(first.to(value.dtype))
-    tl.store(ptr[:, None] + tl.zeros_like(first.to(tl.int32)), v.to(ptr.dtype.element_ty),
-             mask=mask[:, None] & first)  # fmt: skip
-
-
-@triton.jit
-def _store_normalized(ws_ptr, row, wrow, col_n, mb, mn, valid, mr, a_hat, rstd_hh,
-                      G: tl.constexpr, NW: tl.constexpr, H: tl.constexpr):  # fmt: skip
-    """LayerNorm's workspace entries of a step (rows from `row` on): the normalized W_hh h
-    of the own units (fields NW - G ..: column n of the fused tile is field NW - G + gate,
-    unit j, so it is stored as it is, with no split) and, from one program per row (mr),
-    1/σ_hh after the fields."""
-    wd = ws_ptr.dtype.element_ty
-    wn = ws_ptr + row + wrow[:, None] + (NW - G) * H + col_n[None, :]
-    tl.store(wn, tl.where(valid[:, None], a_hat, 0.0).to(wd), mask=mb[:, None] & mn[None, :])
-    _store_row_number(ws_ptr + row + wrow + NW * H, rstd_hh, valid, (col_n == 0)[None, :], mr)
 
 
 @triton.jit(do_not_specialize=["T", "B", "nrows", "s_begin", "s_end", "wait_bound"])

@@ -93,6 +93,18 @@ def _ln_numbers(ln_c: bool) -> int:
     return 3 if ln_c else 1
 
 
+def unpack_layer_norm(cell: str, workspace: torch.Tensor, H: int) -> dict[str, torch.Tensor]:
+    """A LayerNorm workspace's own part (`workspace_shape`), as views: "normalized" (T, B,
+    G*H), the normalized h W_hhᵀ; "rstd_hh" (T, B); with LN_c "mu_c", "rstd_c" (T, B)."""
+    T, B, width = workspace.shape
+    first = len(WS_FIELDS[cell]) * H
+    numbers = first + GATES[cell] * H
+    out = dict(normalized=workspace[..., first:numbers], rstd_hh=workspace[..., numbers])
+    if width - numbers == _ln_numbers(True):
+        out.update(mu_c=workspace[..., numbers + 1], rstd_c=workspace[..., numbers + 2])
+    return out
+
+
 def unpack_workspace(cell: str, workspace: torch.Tensor, H: int) -> dict[str, torch.Tensor]:
     """Every step's gate activations and cell states from a saved workspace (T, B, NW*H),
     as (T, B, H) views, named as in WS_FIELDS: lstm i, f, g, o, c (c after the step);
@@ -229,9 +241,12 @@ def _timeout_message(kernel, plan: Plan, wait_bound: int) -> str:
 
 
 def _launch_phases(kernel, plan: Plan, T: int, B: int, n_steps: int, args, kw, wait_bound: int,
-                   device, batch_axes, defer=False):  # fmt: skip
+                   device, batch_axes, defer=False, ln_exchanges: int = 0,
+                   ln_phase: int = 1):  # fmt: skip
     """`_launch_steps` for the projected LSTM kernels (two phases, so two grid barriers, per
-    step): persistent launches, or two launches per step (one per phase)."""
+    step, and one more per LayerNorm exchange of statistics): persistent launches, or two
+    launches per step (one per phase), phase ln_phase (LayerNorm's: the forward's gates, the
+    backward's gate backward) after its stopping launches (`_launch_steps`)."""
     if plan.on_chip:
         raise ValueError("the projected LSTM kernels have no on-chip plan")
     kw = _plan_kw(plan, kw)
@@ -240,15 +255,20 @@ def _launch_phases(kernel, plan: Plan, T: int, B: int, n_steps: int, args, kw, w
         use_barrier = use_barrier and not kw.get("POLL")
         return _launch_persistent(kernel, plan, T, B, n_steps, args, kw, wait_bound, device,
                                   batch_axes, use_barrier, use_barrier or kw.get("POLL"),
-                                  barriers_per_step=2, defer=defer)  # fmt: skip
+                                  barriers_per_step=2 + ln_exchanges, defer=defer)  # fmt: skip
     else:
         sync = torch.zeros(2, dtype=torch.int32, device=device)
         grid = (plan.n_h, plan.n_b)
+        launches = []
+        for phase in (1, 2):
+            if phase == ln_phase:
+                launches += [{"PHASES": phase, "LN_STOP": k} for k in range(1, ln_exchanges + 1)]
+            launches.append({"PHASES": phase})
         for s in range(n_steps):
-            for phase in (1, 2):
+            for launch_kw in launches:
                 kernel[grid](*args, sync, T, B, B, s, s + 1, wait_bound, USE_BARRIER=False,
                              num_warps=plan.num_warps, num_stages=1,
-                             **{**kw, "PHASES": phase})  # fmt: skip
+                             **{**kw, **launch_kw})  # fmt: skip
         return sync
 
 
@@ -302,6 +322,17 @@ def _layer_norm(cell: str, plan: Plan, T: int, B: int, acc_t, dev, ln_hh, ln_c, 
               NS=_ln_numbers(ln_c is not None), LN_SENTINEL=_SENTINEL[acc_t],
               NW=len(WS_FIELDS[cell]) + GATES[cell])  # fmt: skip
     return args, (None, None, None, None, 1), kw, nx
+
+
+def _backward_layer_norm(cell, plan, T, B, acc_t, dev, ln_hh, ln_c, drec, lng, dummy):
+    """`_layer_norm` for the backward kernels: LN_hh's weight, LN_c's weight and bias, drec
+    (what W_hh multiplies), the statistics buffer and lng (LN_c's parameter gradients per
+    (row, unit)), their batch axes, the switches and NX."""
+    args, axes, kw, nx = _layer_norm(cell, plan, T, B, acc_t, dev, ln_hh, ln_c, dummy)
+    if not nx:
+        return (dummy,) * 6, (None,) * 6, kw, nx
+    args = (args[0], args[2], args[3], drec, args[4], lng if lng is not None else dummy)
+    return args, (None, None, None, 1, 1, 1 if lng is not None else None), kw, nx
 
 
 def _check_poll_counter(poll_counter, device) -> None:
@@ -374,11 +405,9 @@ def forward(
     defer_check: on a GPU, do not sync to check for a timed-out wait; `check_pending` raises
     it later (the backend defers, and gpurnn.functional checks once per module call)."""
     if w_hr is not None:
-        if ln_hh is not None:
-            raise ValueError("the projected LSTM kernels have no LayerNorm")
         reg = (zoneout, zoneout_h, zoneout_c, recurrent_dropout, recurrent_mask)
         return _forward_proj(xg, w_hh, w_hr, h0, c0, lengths, reverse, save, plan, precision,
-                             wait_bound, poll_counter, defer_check, reg)  # fmt: skip
+                             wait_bound, poll_counter, defer_check, reg, ln_hh, ln_c)  # fmt: skip
     _check_poll_counter(poll_counter, xg.device)
     T, B, GH = xg.shape
     H = w_hh.shape[1]
@@ -474,7 +503,7 @@ def _put_h0(plan: Plan, dtype: torch.dtype, row: torch.Tensor, h0) -> None:
 
 
 def _forward_proj(xg, w_hh, w_hr, h0, c0, lengths, reverse, save, plan, precision, wait_bound,
-                  poll_counter, defer_check, reg):  # fmt: skip
+                  poll_counter, defer_check, reg, ln_hh, ln_c):  # fmt: skip
     T, B, GH = xg.shape
     P, H = w_hr.shape
     assert GH == 4 * H and tuple(w_hh.shape) == (4 * H, P), (xg.shape, w_hh.shape, w_hr.shape)
@@ -487,13 +516,17 @@ def _forward_proj(xg, w_hh, w_hr, h0, c0, lengths, reverse, save, plan, precisio
     acc_t = torch.float64 if dt == torch.float64 else torch.float32
     hs = h0.to(acc_t).clone() if h0 is not None else torch.zeros(B, P, dtype=acc_t, device=dev)
     cs = c0.to(acc_t).clone() if c0 is not None else torch.zeros(B, H, dtype=acc_t, device=dev)
-    ws = _alloc(workspace_shape("lstm", T, B, H), dt, dev) if save else xg.new_empty((0,))
+    ws_dt = acc_t if ln_hh is not None else dt  # (LayerNorm's statistics need it)
+    ws_shape = workspace_shape("lstm", T, B, H, ln_hh is not None, ln_c is not None)
+    ws = _alloc(ws_shape, ws_dt, dev) if save else xg.new_empty((0,), dtype=ws_dt)
     if T == 0:
         return xg.new_empty((0, B, P)), hs.to(dt), cs.to(dt), ws
     hx = _alloc((T + 1, B, P), dt, dev)
     first = T if reverse else 0
     dummy = xg
     reg_args, reg_axes, reg_kw, r_keep = _regularized("lstm", acc_t, dev, H, *reg, dummy, P)
+    ln_args, ln_axes, ln_kw, ln_x = _layer_norm("lstm", plan, T, B, acc_t, dev, ln_hh, ln_c,
+                                                dummy)  # fmt: skip
     if (lengths is not None and reverse) or reg_kw["RDROP"]:
         y = _alloc((T, B, P), dt, dev)
     else:
@@ -502,7 +535,7 @@ def _forward_proj(xg, w_hh, w_hr, h0, c0, lengths, reverse, save, plan, precisio
     mx = _alloc((T if _polls(plan) else 2, B, H), dt, dev)
     args = (
         xg, w_hh, w_hr, lengths if lengths is not None else dummy,
-        hx, y, mx, hs, cs, ws if save else dummy, *reg_args,
+        hx, y, mx, hs, cs, ws if save else dummy, *reg_args, *ln_args,
     )  # fmt: skip
     kw = dict(
         G=4, GP=4, NW=len(WS_FIELDS["lstm"]), H=H, P=P, CHUNKS_PER_TRIP=plan.chunks_per_trip,
@@ -510,24 +543,28 @@ def _forward_proj(xg, w_hh, w_hr, h0, c0, lengths, reverse, save, plan, precisio
         PREC=_prec(dt, precision), ACC=_acc_dtype(dt), POLL=False, ASM=not interpreting(),
         SENTINEL=_SENTINEL[dt], COUNT_POLLS=poll_counter is not None, **reg_kw,
     )  # fmt: skip
+    kw.update(ln_kw)
     fitted = _fit(_lstmp_fwd_kernel, plan, args, kw, dev)
     if _polls(fitted) != _polls(plan):  # weights streamed after all: m by step parity
         mx = _alloc((T if _polls(fitted) else 2, B, H), dt, dev)
         args = args[:6] + (mx,) + args[7:]
     plan = fitted
     _fill_polled(plan, dt, hx, mx)
+    if ln_x:
+        _fill_stats(plan, acc_t, ln_args[-1], B)
     # what enters W_hh at the first step: h0, masked with recurrent dropout
     _put_h0(plan, dt, hx[first], h0 if r_keep is None or h0 is None else h0 * r_keep)
     axes = (1, None, None, 0 if lengths is not None else None, 1, 1, 1, 0, 0,
-            1 if save else None, *reg_axes)  # fmt: skip
-    sync = _launch_phases(_lstmp_fwd_kernel, plan, T, B, T, args, kw,
-                   _wait_bound(wait_bound), dev, axes, defer_check)  # fmt: skip
+            1 if save else None, *reg_axes, *ln_axes)  # fmt: skip
+    sync = _launch_phases(_lstmp_fwd_kernel, plan, T, B, T, args, kw, _wait_bound(wait_bound),
+                          dev, axes, defer_check, ln_x, ln_phase=1)  # fmt: skip
     _add_failed_polls(poll_counter, sync)
     return y, hs.to(dt), cs.to(dt), ws
 
 
 def _backward_proj(w_hh, w_hr, c0, lengths, reverse, y, workspace, dy, dh_T, dc_T, plan,
-                   precision, wait_bound, poll_counter, defer_check, reg):  # fmt: skip
+                   precision, wait_bound, poll_counter, defer_check, reg, ln_hh,
+                   ln_c):  # fmt: skip
     T, B, P = y.shape
     H = w_hr.shape[1]
     dev, dt = y.device, y.dtype
@@ -538,13 +575,18 @@ def _backward_proj(w_hh, w_hr, c0, lengths, reverse, y, workspace, dy, dh_T, dc_
     dhs = dh_T.to(acc_t).clone()
     dcs = dc_T.to(acc_t).clone() if dc_T is not None else torch.zeros(B, H, dtype=acc_t,
                                                                        device=dev)  # fmt: skip
+    drec = _alloc((T, B, 4 * H), dt, dev) if ln_hh is not None else None
+    lng = torch.zeros((2, B, H), dtype=acc_t, device=dev) if ln_c is not None else None
+    ln_out = () if ln_hh is None else (drec, _ln_c_grads(lng))
     if T == 0:
-        return dxg, dhp, dhs, dcs
+        return dxg, dhp, dhs, dcs, *ln_out
     c0_ = c0 if c0 is not None else torch.zeros(B, H, dtype=dt, device=dev)
     reg_args, reg_axes, reg_kw, _ = _regularized("lstm", acc_t, dev, H, *reg, y, P)
+    ln_args, ln_axes, ln_kw, ln_x = _backward_layer_norm("lstm", plan, T, B, acc_t, dev, ln_hh,
+                                                         ln_c, drec, lng, y)  # fmt: skip
     args = (
         w_hh, w_hr, c0_, lengths if lengths is not None else y, workspace, dy,
-        dxg, dhp, dhs, dcs, *reg_args,
+        dxg, dhp, dhs, dcs, *reg_args, *ln_args,
     )  # fmt: skip
     kw = dict(
         G=4, GP=4, NW=len(WS_FIELDS["lstm"]), H=H, P=P, CHUNKS_PER_TRIP=plan.chunks_per_trip,
@@ -552,13 +594,21 @@ def _backward_proj(w_hh, w_hr, c0, lengths, reverse, y, workspace, dy, dh_T, dc_
         PREC=_prec(dt, precision), ACC=_acc_dtype(dt), POLL=False, ASM=not interpreting(),
         SENTINEL=_SENTINEL[dt], COUNT_POLLS=poll_counter is not None, **reg_kw,
     )  # fmt: skip
+    kw.update(ln_kw)
     plan = _fit(_lstmp_bwd_kernel, plan, args, kw, dev)
-    _fill_polled(plan, dt, dxg, dhp)
-    axes = (None, None, 0, 0 if lengths is not None else None, 1, 1, 1, 1, 0, 0, *reg_axes)
-    sync = _launch_phases(_lstmp_bwd_kernel, plan, T, B, T + 1, args, kw,
-                   _wait_bound(wait_bound), dev, axes, defer_check)  # fmt: skip
+    if ln_x:  # with LayerNorm the dgates exchanged are drec (dxg is only written)
+        _fill_polled(plan, dt, drec, dhp)
+        _fill_stats(plan, acc_t, ln_args[4], B)
+    else:
+        _fill_polled(plan, dt, dxg, dhp)
+    axes = (None, None, 0, 0 if lengths is not None else None, 1, 1, 1, 1, 0, 0, *reg_axes,
+            *ln_axes)  # fmt: skip
+    sync = _launch_phases(_lstmp_bwd_kernel, plan, T, B, T + 1, args, kw, _wait_bound(wait_bound),
+                          dev, axes, defer_check, ln_x, ln_phase=2)  # fmt: skip
     _add_failed_polls(poll_counter, sync)
-    return dxg, dhp, dhs, dcs
+    if ln_x:
+        ln_out = (drec, _ln_c_grads(lng))
+    return dxg, dhp, dhs, dcs, *ln_out
 
 
 def backward(
@@ -609,12 +659,10 @@ def backward(
     without ln_c). LN_hh's are sums over (t, b) of (dxg, GRU's n block dhn) times the workspace's
     normalized W_hh h, and of the same alone (the caller's)."""
     if w_hr is not None:
-        if ln_hh is not None:
-            raise ValueError("the projected LSTM kernels have no LayerNorm")
         reg = (zoneout, zoneout_h, zoneout_c, recurrent_dropout, recurrent_mask)
         return _backward_proj(w_hh, w_hr, c0, lengths, reverse, y, workspace, dy, dh_T, dc_T,
-                              plan, precision, wait_bound, poll_counter, defer_check,
-                              reg)  # fmt: skip
+                              plan, precision, wait_bound, poll_counter, defer_check, reg,
+                              ln_hh, ln_c)  # fmt: skip
     _check_poll_counter(poll_counter, y.device)
     T, B, H = y.shape
     G = GATES[cell]
@@ -642,13 +690,8 @@ def backward(
         cell, acc_t, dev, H, zoneout, zoneout_h, zoneout_c, recurrent_dropout,
         recurrent_mask, y,
     )  # fmt: skip
-    ln_args, ln_axes, ln_kw, ln_x = _layer_norm(cell, plan, T, B, acc_t, dev, ln_hh, ln_c, y)
-    if ln_x:  # the backward's: LN_hh's weight, LN_c's, drec, st, lng
-        ln_args = (ln_args[0], ln_args[2], ln_args[3], drec, ln_args[4],
-                   lng if lng is not None else y)  # fmt: skip
-        ln_axes = (None, None, None, 1, 1, 1 if lng is not None else None)
-    else:
-        ln_args, ln_axes = (y,) * 6, (None,) * 6
+    ln_args, ln_axes, ln_kw, ln_x = _backward_layer_norm(cell, plan, T, B, acc_t, dev, ln_hh,
+                                                         ln_c, drec, lng, y)  # fmt: skip
     args = (
         w_hh, h0 if h0 is not None else zeros,
         (c0 if c0 is not None else zeros) if cell == "lstm" else y,

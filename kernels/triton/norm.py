@@ -1,6 +1,6 @@
 """LayerNorm inside the step (gpurnn.regularized's layer_norm): a row's partial moments over
 the columns a program owns, their exchange between the programs of a batch tile, and how
-they combine, and the backward's loads of what the forward saved of it. Device code only
+they combine, what the forward saves of it and the backward's loads of that. Device code only
 (@triton.jit); imports the exchange protocol (exchange), the activations (cell_math) and
 the tile helpers (tiles).
 
@@ -306,3 +306,26 @@ def _ln_hh_backward(d0, d1, d2, d3, w0, w1, w2, w3, n0, n1, n2, n3, rstd, valid2
     if G > 3:
         q3 = tl.where(valid2, rs * (r3 - m1 - n3 * m2), 0.0)
     return q0, q1, q2, q3, waits_ok, failed_polls
+
+
+@triton.jit
+def _store_row_number(ptr, value, valid, first, mask):
+    """A per-row number (BLOCK_B,) of a tile's layout stored from the tile itself: by its
+    `first` column (a (1, N) mask) of every row, all columns pointing at the row's entry;
+    so it needs no layout conversion (a block barrier or two each)."""
+    v = tl.where(valid, value, 0.0)[:, None] + tl.zeros_like(first.to(value.dtype))
+    tl.store(ptr[:, None] + tl.zeros_like(first.to(tl.int32)), v.to(ptr.dtype.element_ty),
+             mask=mask[:, None] & first)  # fmt: skip
+
+
+@triton.jit
+def _store_normalized(ws_ptr, row, wrow, col_n, mb, mn, valid, mr, a_hat, rstd_hh,
+                      G: tl.constexpr, NW: tl.constexpr, H: tl.constexpr):  # fmt: skip
+    """LayerNorm's workspace entries of a step (rows from `row` on): the normalized W_hh h
+    of the own units (fields NW - G ..: column n of the fused tile is field NW - G + gate,
+    unit j, so it is stored as it is, with no split) and, from one program per row (mr),
+    1/σ_hh after the fields."""
+    wd = ws_ptr.dtype.element_ty
+    wn = ws_ptr + row + wrow[:, None] + (NW - G) * H + col_n[None, :]
+    tl.store(wn, tl.where(valid[:, None], a_hat, 0.0).to(wd), mask=mb[:, None] & mn[None, :])
+    _store_row_number(ws_ptr + row + wrow + NW * H, rstd_hh, valid, (col_n == 0)[None, :], mr)

@@ -16,7 +16,15 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .cell_math import LSTM, _lstm_cell, _lstm_step_backward, _split_gates
+from .cell_math import (
+    LSTM,
+    _lstm_cell,
+    _lstm_gates,
+    _lstm_step_backward,
+    _lstm_step_backward_from,
+    _split_gates,
+    _tanh,
+)
 from .exchange import (
     _after_wait,
     _barrier_arrive,
@@ -28,6 +36,15 @@ from .exchange import (
     _store_exchange,
     _wait_clock,
     _wait_over,
+)
+from .norm import (
+    _ln_c_backward,
+    _ln_hh_backward,
+    _ln_own_loads,
+    _normalize_rows,
+    _program_counts,
+    _store_normalized,
+    _store_row_number,
 )
 from .tiles import (
     _dgates_dots,
@@ -127,7 +144,8 @@ def _lstmp_proj_dots(mx_ptr, mrow, hrow, mb_p, w_r, whr_ptr, offs_p, mp, BLOCK_B
 def _lstmp_fwd_kernel(
     xg_ptr, whh_ptr, whr_ptr, len_ptr,
     hx_ptr, y_ptr, mx_ptr, hs_ptr, cs_ptr, ws_ptr, zh_ptr, zc_ptr, rmask_ptr, rates_ptr,
-    sync_ptr, T, B, nrows, s_begin, s_end, wait_bound,
+    lnw_ptr, lnb_ptr, lncw_ptr, lncb_ptr, st_ptr, sync_ptr, T, B, nrows, s_begin, s_end,
+    wait_bound,
     G: tl.constexpr, GP: tl.constexpr, NW: tl.constexpr, H: tl.constexpr, P: tl.constexpr,
     KC: tl.constexpr, NKC: tl.constexpr, NKP: tl.constexpr, BH: tl.constexpr,
     BP: tl.constexpr, BLOCK_B: tl.constexpr, CHUNKS_PER_TRIP: tl.constexpr,
@@ -136,6 +154,8 @@ def _lstmp_fwd_kernel(
     USE_BARRIER: tl.constexpr, PHASES: tl.constexpr, POLL: tl.constexpr, ASM: tl.constexpr,
     SENTINEL: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
     COUNT_POLLS: tl.constexpr = False, ZONEOUT: tl.constexpr = 0, RDROP: tl.constexpr = False,
+    LN: tl.constexpr = False, LN_C: tl.constexpr = False, LN_STOP: tl.constexpr = 0,
+    NHP: tl.constexpr = 1, NS: tl.constexpr = 0, LN_SENTINEL: tl.constexpr = 0,
 ):  # fmt: skip
     """LSTM with projection (W_hh (4H, P), W_hr (P, H)), two phases per step:
     1. gates: program p owns units [p*BH, p*BH+BH): the gate dot of h_{t-1} (B, P) from the
@@ -150,7 +170,9 @@ def _lstmp_fwd_kernel(
     Regularized (the plain kernels' switches; off by default, and then compiled out):
     ZONEOUT blends c_t of the own units in phase 1 (packed bits zc, H wide; m comes from
     c̃_t) and h_t of the own outputs in phase 2 (zh, P wide); RDROP stores h_t times the
-    recurrent-dropout mask ((B, ⌈P/8⌉) packed, rates[1]) in the exchange rows, and y apart."""
+    recurrent-dropout mask ((B, ⌈P/8⌉) packed, rates[1]) in the exchange rows, and y apart.
+    LN, LN_C, LN_STOP as in the plain forward, in phase 1 (the gates): one more barrier per
+    exchange of statistics; the per-step fallback's stopping launches run phase 1."""
     pid_h = tl.program_id(0)
     pid_b = tl.program_id(1)
     nprog = tl.num_programs(0) * tl.num_programs(1)
@@ -165,7 +187,8 @@ def _lstmp_fwd_kernel(
     hrow = offs_b.to(tl.int64) * H
     prow = offs_b.to(tl.int64) * P
     xrow = offs_b.to(tl.int64) * (G * H)
-    wrow = offs_b.to(tl.int64) * (NW * H)
+    WSR: tl.constexpr = NW * H + NS  # workspace row: NW fields of H units, NS row numbers
+    wrow = offs_b.to(tl.int64) * WSR
     own = hrow[:, None] + offs_j[None, :]
     ownp = prow[:, None] + offs_p[None, :]
     hd = hx_ptr.dtype.element_ty
@@ -180,6 +203,11 @@ def _lstmp_fwd_kernel(
     # what enters W_hh is h over the own outputs times the recurrent-dropout factors (P wide)
     zone_p, r_keep = _regularizer_constants(rates_ptr, rmask_ptr, offs_b, offs_p, m_ownp,
                                             ZONEOUT, RDROP, P, ACC)  # fmt: skip
+    # LayerNorm (phase 1): barriers per step (its exchanges, then the two phases'), and the
+    # step's slots t * NX + k - 1 of the statistics
+    NX: tl.constexpr = LN + LN_C
+    NBP: tl.constexpr = 2 + NX
+    st_rows = (B64 + BLOCK_B - 1) // BLOCK_B * BLOCK_B
 
     # gates fused along N as in the unprojected kernel: column n is unit n % BH of gate n // BH
     NG: tl.constexpr = GP * BH
@@ -188,6 +216,14 @@ def _lstmp_fwd_kernel(
     unit_n = pid_h * BH + offs_n % BH
     mn = (gate_n < G) & (unit_n < H)
     col_n = gate_n * H + unit_n  # column of xg, row of W_hh
+    if LN:
+        ln_w = tl.load(lnw_ptr + col_n, mask=mn, other=0.0).to(ACC)
+        ln_b = tl.load(lnb_ptr + col_n, mask=mn, other=0.0).to(ACC)
+        counts_hh = _program_counts(NHP, BH, H, G, ACC)
+    if LN_C:
+        lnc_w = tl.load(lncw_ptr + offs_j, mask=mj, other=0.0).to(ACC)
+        lnc_b = tl.load(lncb_ptr + offs_j, mask=mj, other=0.0).to(ACC)
+        counts_c = _program_counts(NHP, BH, H, 1, ACC)
     if RESIDENT:
         # W_hh^T (P, GP*BH) in NKP chunks of KC rows; W_hr^T (H, BP) in NKC chunks
         w_g = ()
@@ -229,7 +265,7 @@ def _lstmp_fwd_kernel(
             mrow = toff * H
         else:
             mrow = (s % 2) * B64 * H
-        k_bar = 2 * (s - s_begin)
+        k_bar = NBP * (s - s_begin)
         if PHASES % 2 == 1:
             # exchange row of h_{t-1}: t (forward; row 0 is h0) or t + 1 (reverse; row T)
             prev = (t + REVERSE).to(tl.int64) * B64 * P
@@ -255,9 +291,29 @@ def _lstmp_fwd_kernel(
                 acc = _lstmp_gate_dots(hx_ptr, prev, prow, mb, w_g, whh_ptr, col_n, mn, s,
                                        BLOCK_B, NG, P, KC, NKP, CHUNKS_PER_TRIP, RESIDENT,
                                        POLL, PREC, ACC)  # fmt: skip
+            if LN:
+                # LN_hh over the row's 4H columns (exchange 1 of the step)
+                a_hat, _, rstd_hh, waits_ok, failed_polls = _normalize_rows(
+                    acc, mb[:, None] & mn[None, :], G * H, counts_hh, st_ptr, t * NX, offs_b,
+                    mb, st_rows, waits_ok, failed_polls, wait_bound, sync_ptr,
+                    (k_bar + 1) * nprog, LN_STOP == 0 or LN_STOP >= 1, LN_STOP == 0, False, NHP,
+                    USE_BARRIER, POLL, LN_SENTINEL, ASM, COUNT_POLLS,
+                )  # fmt: skip
+                acc = a_hat * ln_w[None, :] + ln_b[None, :]
             a0, a1, a2, a3 = _split_gates(acc, BLOCK_B, BH, GP)
             x0, x1, x2, x3 = _split_gates(x, BLOCK_B, BH, GP)
-            ig, fg, gg, og, c_new, m_new = _lstm_cell(x0, x1, x2, x3, a0, a1, a2, a3, cs)
+            if LN_C:
+                ig, fg, gg, og, c_new = _lstm_gates(x0, x1, x2, x3, a0, a1, a2, a3, cs)
+                # LN_c over the row's H units (exchange 2)
+                c_hat, mu_c, rstd_c, waits_ok, failed_polls = _normalize_rows(
+                    c_new, m_own, H, counts_c, st_ptr, t * NX + 1, offs_b, mb, st_rows,
+                    waits_ok, failed_polls, wait_bound, sync_ptr, (k_bar + 2) * nprog,
+                    LN_STOP == 0 or LN_STOP >= 2, LN_STOP == 0, False, NHP, USE_BARRIER, POLL,
+                    LN_SENTINEL, ASM, COUNT_POLLS,
+                )  # fmt: skip
+                m_new = og * _tanh(c_hat * lnc_w[None, :] + lnc_b[None, :])
+            else:
+                ig, fg, gg, og, c_new, m_new = _lstm_cell(x0, x1, x2, x3, a0, a1, a2, a3, cs)
             if ZONEOUT != 0:
                 # c_t blends c̃_t (whose tanh made m_t) with c_{t-1}; the workspace keeps c_t
                 c_new = w_c * cs + (1.0 - w_c) * c_new
@@ -269,15 +325,24 @@ def _lstmp_fwd_kernel(
             elif not POLL:
                 tl.debug_barrier()
             if SAVE:
-                wp = ws_ptr + toff * (NW * H) + wrow[:, None] + offs_j[None, :]
+                wp = ws_ptr + toff * WSR + wrow[:, None] + offs_j[None, :]
                 wd = ws_ptr.dtype.element_ty
                 tl.store(wp, tl.where(v2, ig, 0.0).to(wd), mask=m_own)
                 tl.store(wp + H, tl.where(v2, fg, 0.0).to(wd), mask=m_own)
                 tl.store(wp + 2 * H, tl.where(v2, gg, 0.0).to(wd), mask=m_own)
                 tl.store(wp + 3 * H, tl.where(v2, og, 0.0).to(wd), mask=m_own)
                 tl.store(wp + 4 * H, tl.where(v2, c_new, 0.0).to(wd), mask=m_own)
+                if LN:
+                    mr = mb & (pid_h == 0)  # (one program writes a row's numbers)
+                    _store_normalized(ws_ptr, toff * WSR, wrow, col_n, mb, mn, valid, mr, a_hat,
+                                      rstd_hh, G, NW, H)  # fmt: skip
+                    if LN_C:
+                        wr = ws_ptr + toff * WSR + wrow + NW * H
+                        first = (offs_j == 0)[None, :]
+                        _store_row_number(wr + 1, mu_c, valid, first, mr)
+                        _store_row_number(wr + 2, rstd_c, valid, first, mr)
             if USE_BARRIER:
-                _barrier_wait(sync_ptr, (k_bar + 1) * nprog, wait_bound, ASM)
+                _barrier_wait(sync_ptr, (k_bar + NX + 1) * nprog, wait_bound, ASM)
         if PHASES >= 2:
             # a program past P loads nothing (it only keeps step with the barriers)
             mb_p = mb & (pid_h * BP < P)
@@ -340,10 +405,11 @@ def _lstmp_fwd_kernel(
                                   ACC)  # fmt: skip
             if USE_BARRIER:
                 if s + 1 < s_end:
-                    _barrier_wait(sync_ptr, (k_bar + 2) * nprog, wait_bound, ASM)
+                    _barrier_wait(sync_ptr, (k_bar + NBP) * nprog, wait_bound, ASM)
 
-    tl.store(hs_ptr + ownp, hs, mask=m_ownp)
-    tl.store(cs_ptr + own, cs, mask=m_own)
+    if LN_STOP == 0:  # (a stopping launch keeps nothing but its statistics)
+        tl.store(hs_ptr + ownp, hs, mask=m_ownp)
+        tl.store(cs_ptr + own, cs, mask=m_own)
     if COUNT_POLLS:
         _count_failed_polls(sync_ptr, failed_polls)
 
@@ -374,7 +440,8 @@ def _lstmp_dm_dots(dhp_ptr, toff, prow, valid, w_r, whr_ptr, offs_j, mj, s, H: t
 @triton.jit(do_not_specialize=["T", "B", "nrows", "s_begin", "s_end", "wait_bound"])
 def _lstmp_bwd_kernel(
     whh_ptr, whr_ptr, c0_ptr, len_ptr, ws_ptr, dy_ptr,
-    dxg_ptr, dhp_ptr, dhs_ptr, dcs_ptr, zh_ptr, zc_ptr, rmask_ptr, rates_ptr, sync_ptr,
+    dxg_ptr, dhp_ptr, dhs_ptr, dcs_ptr, zh_ptr, zc_ptr, rmask_ptr, rates_ptr,
+    lnw_ptr, lncw_ptr, lncb_ptr, drec_ptr, st_ptr, lng_ptr, sync_ptr,
     T, B, nrows, s_begin, s_end, wait_bound,
     G: tl.constexpr, GP: tl.constexpr, NW: tl.constexpr, H: tl.constexpr, P: tl.constexpr,
     KC: tl.constexpr, NKC: tl.constexpr, NKP: tl.constexpr, BH: tl.constexpr,
@@ -383,7 +450,9 @@ def _lstmp_bwd_kernel(
     USE_BARRIER: tl.constexpr,
     PHASES: tl.constexpr, POLL: tl.constexpr, ASM: tl.constexpr, SENTINEL: tl.constexpr,
     PREC: tl.constexpr, ACC: tl.constexpr, COUNT_POLLS: tl.constexpr = False,
-    ZONEOUT: tl.constexpr = 0, RDROP: tl.constexpr = False,
+    ZONEOUT: tl.constexpr = 0, RDROP: tl.constexpr = False, LN: tl.constexpr = False,
+    LN_C: tl.constexpr = False, LN_STOP: tl.constexpr = 0, NHP: tl.constexpr = 1,
+    NS: tl.constexpr = 0, LN_SENTINEL: tl.constexpr = 0,
 ):  # fmt: skip
     """Backward of `_lstmp_fwd_kernel`, steps s in [0, T] (step s < T handles forward step
     T-1-s; step T only folds the first step's dgates into dh0), two phases per step:
@@ -395,7 +464,10 @@ def _lstmp_bwd_kernel(
     A grid barrier follows each phase, or (POLL) none: dxg and dhp start as the sentinel and
     are polled (PHASES as in the forward). Regularized (the forward's ZONEOUT, RDROP): the
     recurrent product, the gradient of the masked h_t, is multiplied by the mask; zoneout
-    splits dh_t between h̃_t (dhp, 1 − w) and h_{t-1} (w), and dc_t likewise in phase 2."""
+    splits dh_t between h̃_t (dhp, 1 − w) and h_{t-1} (w), and dc_t likewise in phase 2.
+    LayerNorm (the forward's LN, LN_C): its backward in phase 2, as the plain backward's
+    (drec is then what the next step's first phase multiplies, and is polled; lng sums
+    LN_c's parameter gradients); the per-step fallback's stopping launches run phase 2."""
     pid_h = tl.program_id(0)
     pid_b = tl.program_id(1)
     nprog = tl.num_programs(0) * tl.num_programs(1)
@@ -410,7 +482,9 @@ def _lstmp_bwd_kernel(
     hrow = offs_b.to(tl.int64) * H
     prow = offs_b.to(tl.int64) * P
     xrow = offs_b.to(tl.int64) * (G * H)
-    wrow = offs_b.to(tl.int64) * (NW * H)
+    WSR: tl.constexpr = NW * H + NS  # workspace row (the forward's)
+    NF: tl.constexpr = NW - G if LN else NW  # the cell's own fields (LayerNorm's follow)
+    wrow = offs_b.to(tl.int64) * WSR
     own = hrow[:, None] + offs_j[None, :]
     ownp = prow[:, None] + offs_p[None, :]
     xd = dxg_ptr.dtype.element_ty
@@ -422,6 +496,23 @@ def _lstmp_bwd_kernel(
     dc_c = tl.load(dcs_ptr + own, mask=m_own, other=0.0).to(ACC)
     zone_p, r_keep = _regularizer_constants(rates_ptr, rmask_ptr, offs_b, offs_p, m_ownp,
                                             ZONEOUT, RDROP, P, ACC)  # fmt: skip
+    # LayerNorm (phase 2): barriers per step, the statistics' rows, what phase 1 reads
+    NX: tl.constexpr = LN + LN_C
+    NBP: tl.constexpr = 2 + NX
+    st_rows = (B64 + BLOCK_B - 1) // BLOCK_B * BLOCK_B
+    if LN:
+        xch_ptr = drec_ptr
+        lw0 = tl.load(lnw_ptr + offs_j, mask=mj, other=0.0).to(ACC)
+        lw1 = tl.load(lnw_ptr + H + offs_j, mask=mj, other=0.0).to(ACC)
+        lw2 = tl.load(lnw_ptr + 2 * H + offs_j, mask=mj, other=0.0).to(ACC)
+        lw3 = tl.load(lnw_ptr + 3 * H + offs_j, mask=mj, other=0.0).to(ACC)
+    else:
+        xch_ptr = dxg_ptr
+    if LN_C:
+        lnc_w = tl.load(lncw_ptr + offs_j, mask=mj, other=0.0).to(ACC)
+        lnc_b = tl.load(lncb_ptr + offs_j, mask=mj, other=0.0).to(ACC)
+        g_cw = tl.load(lng_ptr + own, mask=m_own, other=0.0).to(ACC)
+        g_cb = tl.load(lng_ptr + B64 * H + own, mask=m_own, other=0.0).to(ACC)
     # the zoneout weights, loaded a step ahead (h's for phase 1, c's for phase 2)
     t = _time(T - 1 - s_begin, T, REVERSE)
     zv = mb & (t < L) & (s_begin < T)
@@ -450,7 +541,10 @@ def _lstmp_bwd_kernel(
         valid = mb & (t < L) & (s < T)
         v2 = valid[:, None]
         toff = t.to(tl.int64) * B64
-        k_bar = 2 * (s - s_begin)
+        k_bar = NBP * (s - s_begin)
+        slot = tl.minimum(tl.maximum(t, 0), T - 1)  # (the final step's: one that exists)
+        # phase 2's grid-barrier arrivals so far in the step: the final step's phase 1 has none
+        k_ln = k_bar + (s < T).to(tl.int32)
         if PHASES % 2 == 1:
             # the forward step after this one (processed by the previous backward step)
             if REVERSE:
@@ -466,14 +560,14 @@ def _lstmp_bwd_kernel(
                 clock = _wait_clock()
                 over = 1 - waits_ok
                 while (arrived == 0) & (over == 0):
-                    rec = _dgates_dots(dxg_ptr, dxg_ptr, tn, B64, xrow, hrow, nvalid, w_g,
+                    rec = _dgates_dots(xch_ptr, xch_ptr, tn, B64, xrow, hrow, nvalid, w_g,
                                        whh_ptr, offs_p, mp, s, LSTM, G, GP, H, P, KC, NKC,
                                        BLOCK_B, BP, CHUNKS_PER_TRIP, RESIDENT, BLOCK_B < 64,
                                        POLL, PREC, ACC)  # fmt: skip
                     arrived = _product_arrived(rec, complete)
                     if arrived == 0:
                         row_off = tn.to(tl.int64) * B64 * (G * H)
-                        complete = 1 - _rows_pending(dxg_ptr, row_off, xrow, nvalid, G * H, KC,
+                        complete = 1 - _rows_pending(xch_ptr, row_off, xrow, nvalid, G * H, KC,
                                                      SENTINEL)  # fmt: skip
                     if arrived == 0:
                         clock, over = _wait_over(clock, wait_bound, ASM)
@@ -481,7 +575,7 @@ def _lstmp_bwd_kernel(
                             failed_polls += 1
                 waits_ok = _after_wait(arrived, waits_ok, sync_ptr)
             else:
-                rec = _dgates_dots(dxg_ptr, dxg_ptr, tn, B64, xrow, hrow, nvalid, w_g, whh_ptr,
+                rec = _dgates_dots(xch_ptr, xch_ptr, tn, B64, xrow, hrow, nvalid, w_g, whh_ptr,
                                    offs_p, mp, s, LSTM, G, GP, H, P, KC, NKC, BLOCK_B, BP,
                                    CHUNKS_PER_TRIP, RESIDENT, BLOCK_B < 64, POLL, PREC,
                                    ACC)  # fmt: skip
@@ -507,7 +601,7 @@ def _lstmp_bwd_kernel(
         if PHASES >= 2:
             # the own units' saved fields and c_{t-1}, overlapping the barrier
             mv = v2 & mj[None, :]
-            f0, f1, f2, f3, f4 = _load_fields(ws_ptr, toff * (NW * H) + wrow, offs_j, mv, H, NW,
+            f0, f1, f2, f3, f4 = _load_fields(ws_ptr, toff * WSR + wrow, offs_j, mv, H, NF,
                                               ACC)  # fmt: skip
             # c_{t-1}: the saved c of the previous step, c0 at a sequence's first step
             if REVERSE:
@@ -516,14 +610,18 @@ def _lstmp_bwd_kernel(
                 tp = t - 1
             pvalid = valid & (tp >= 0) & (tp < L)
             first = valid & ~pvalid
-            pv = tl.load(ws_ptr + tp.to(tl.int64) * B64 * (NW * H) + wrow[:, None] + 4 * H
+            pv = tl.load(ws_ptr + tp.to(tl.int64) * B64 * WSR + wrow[:, None] + 4 * H
                          + offs_j[None, :], mask=pvalid[:, None] & mj[None, :],
                          other=0.0).to(ACC)  # fmt: skip
             pv += tl.load(c0_ptr + own, mask=first[:, None] & mj[None, :], other=0.0).to(ACC)
+            if LN:
+                n0, n1, n2, n3, rstd_hh, mu_c, rstd_c = _ln_own_loads(
+                    s, T, B64, L, mb, mj, offs_j, wrow, ws_ptr, G, NW, WSR, H, LN_C, REVERSE, ACC
+                )  # fmt: skip
         if PHASES % 2 == 1:
             if USE_BARRIER:
                 if s < T:
-                    _barrier_wait(sync_ptr, (k_bar + 1) * nprog, wait_bound, ASM)
+                    _barrier_wait(sync_ptr, (k_bar + 1) * nprog, wait_bound, ASM)  # (phase 1's)
         if PHASES >= 2:
             if POLL:
                 dm = tl.zeros([BLOCK_B, BH], dtype=ACC)
@@ -547,15 +645,42 @@ def _lstmp_bwd_kernel(
             else:
                 dm = _lstmp_dm_dots(dhp_ptr, toff, prow, valid, w_r, whr_ptr, offs_j, mj, s, H, P,
                                     KC, NKP, BLOCK_B, BH, RESIDENT, POLL, PREC, ACC)  # fmt: skip
-            d0, d1, d2, d3, dc_c = _lstm_step_backward(dm, dc_c, w_c, f0, f1, f2, f3, f4, pv, v2,
-                                                       ZONEOUT)  # fmt: skip
+            if LN_C:
+                # m_t = o tanh(LN_c(c̃_t)): the gradient of c̃_t through LN_c (exchange 1)
+                dc_ln, tc, g_cw, g_cb, waits_ok, failed_polls = _ln_c_backward(
+                    dm, f0, f1, f2, f3, f4, pv, mu_c, rstd_c, lnc_w, lnc_b, g_cw, g_cb, v2,
+                    m_own, H, st_ptr, slot * NX, offs_b, mb & (s < T), st_rows, waits_ok,
+                    failed_polls, wait_bound, sync_ptr, (k_ln + 1) * nprog,
+                    LN_STOP == 0 or LN_STOP >= 1, LN_STOP == 0, False, ZONEOUT, NHP,
+                    USE_BARRIER, POLL, LN_SENTINEL, ASM, COUNT_POLLS,
+                )  # fmt: skip
+                d0, d1, d2, d3, dc_c = _lstm_step_backward_from(dc_ln, dm, tc, dc_c, w_c, f0, f1,
+                                                                f2, f3, pv, v2,
+                                                                ZONEOUT)  # fmt: skip
+            else:
+                d0, d1, d2, d3, dc_c = _lstm_step_backward(dm, dc_c, w_c, f0, f1, f2, f3, f4, pv,
+                                                           v2, ZONEOUT)  # fmt: skip
             ms = m_own & (s < T)
             gp = dxg_ptr + toff * (G * H) + xrow[:, None] + offs_j[None, :]
-            relaxed: tl.constexpr = ASM and POLL
+            relaxed: tl.constexpr = ASM and POLL and not LN  # (with LayerNorm drec is exchanged)
             _store_exchange(gp, tl.where(v2, d0, 0.0).to(xd), ms, relaxed)
             _store_exchange(gp + H, tl.where(v2, d1, 0.0).to(xd), ms, relaxed)
             _store_exchange(gp + 2 * H, tl.where(v2, d2, 0.0).to(xd), ms, relaxed)
             _store_exchange(gp + 3 * H, tl.where(v2, d3, 0.0).to(xd), ms, relaxed)
+            if LN:
+                # LN_hh backward (exchange NX): what W_hh multiplies next step, into drec
+                q0, q1, q2, q3, waits_ok, failed_polls = _ln_hh_backward(
+                    d0, d1, d2, d3, lw0, lw1, lw2, lw3, n0, n1, n2, n3, rstd_hh, v2, m_own, G, H,
+                    st_ptr, slot * NX + LN_C, offs_b, mb & (s < T), st_rows, waits_ok,
+                    failed_polls, wait_bound, sync_ptr, (k_ln + NX) * nprog,
+                    LN_STOP == 0 or LN_STOP >= NX, LN_STOP == 0, False, NHP, USE_BARRIER, POLL,
+                    LN_SENTINEL, ASM, COUNT_POLLS,
+                )  # fmt: skip
+                rp = drec_ptr + toff * (G * H) + xrow[:, None] + offs_j[None, :]
+                _store_exchange(rp, q0.to(xd), ms, ASM and POLL)
+                _store_exchange(rp + H, q1.to(xd), ms, ASM and POLL)
+                _store_exchange(rp + 2 * H, q2.to(xd), ms, ASM and POLL)
+                _store_exchange(rp + 3 * H, q3.to(xd), ms, ASM and POLL)
         t_next = _time(T - 2 - s, T, REVERSE)
         zv = mb & (t_next < L) & (s + 1 < T)
         if PHASES % 2 == 1:
@@ -567,11 +692,15 @@ def _lstmp_bwd_kernel(
             if USE_BARRIER:
                 if s + 1 < s_end:
                     _barrier_arrive(sync_ptr)
-                    _barrier_wait(sync_ptr, (k_bar + 2) * nprog, wait_bound, ASM)
+                    _barrier_wait(sync_ptr, (k_bar + NBP) * nprog, wait_bound, ASM)
             elif not POLL:
                 tl.debug_barrier()
 
-    tl.store(dhs_ptr + ownp, dh_c, mask=m_ownp)
-    tl.store(dcs_ptr + own, dc_c, mask=m_own)
+    if LN_STOP == 0:  # (a stopping launch keeps nothing but its sums)
+        tl.store(dhs_ptr + ownp, dh_c, mask=m_ownp)
+        tl.store(dcs_ptr + own, dc_c, mask=m_own)
+        if LN_C:
+            tl.store(lng_ptr + own, g_cw, mask=m_own)
+            tl.store(lng_ptr + B64 * H + own, g_cb, mask=m_own)
     if COUNT_POLLS:
         _count_failed_polls(sync_ptr, failed_polls)
