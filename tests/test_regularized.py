@@ -501,15 +501,17 @@ MASKS = dict(zoneout=0.3, recurrent_dropout=0.3, dropconnect=0.3)
 ALL = dict(MASKS, layer_norm=True)
 _PLAIN_CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
 # (cell, training, keywords): every regularizer at once on each cell of the plain kernels,
-# LayerNorm alone, eval, and IndRNN's kernels (which have no LayerNorm)
+# each alone (each its own compile-time switch, or none), eval, and IndRNN's kernels (which
+# have no LayerNorm)
 TRITON_CASES = (
     [(cell, True, "all") for cell in _PLAIN_CELLS]
     + [(cell, True, "layer_norm") for cell in ("lstm", "gru", "rnn_tanh")]
+    + [("lstm", True, k) for k in ("zoneout", "recurrent_dropout", "dropconnect")]
     + [(cell, False, "all") for cell in ("lstm", "gru")]
     + [(cell, t, "masks") for cell in ("indrnn_tanh", "indrnn_relu") for t in (True, False)]
     + [("lstm", True, "masks")]
 )
-_TRITON_KEYWORDS = {"all": ALL, "layer_norm": dict(layer_norm=True), "masks": MASKS}
+_TRITON_KEYWORDS = {**KEYWORDS, "all": ALL, "masks": MASKS}
 
 
 @needs_triton

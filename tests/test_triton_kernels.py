@@ -530,6 +530,8 @@ def test_regularized_step(cell, layout, training, layer_norm):
 
     if layout != "polled" and not training:
         pytest.skip("eval's zoneout is one rate: the polled layout covers it")
+    if layer_norm and cell == "rnn_relu" and layout != "polled":
+        pytest.skip("LayerNorm's step is rnn_tanh's but for the activation: polled covers it")
     T, B, H = 5, 3, 20
     L = torch.tensor([5, 2, 0])
     case, gin = make_case(cell, T, B, H, torch.float64, lengths=L, reverse=True,
@@ -780,16 +782,17 @@ PROJ_REG_PLANS = {
 }  # fmt: skip
 
 
-# every layout x direction x mode with the masks; LayerNorm (whose per-phase launches run
-# phase 1 three times a step under the interpreter: slow) through the backend in all four,
-# and in training across programs, polled in reverse and streamed forward
+# through the backend every direction x mode, masks alone and with LayerNorm; across
+# programs in training (eval's zoneout is one rate: the backend's cases cover it), the
+# masks both ways, LayerNorm (whose per-phase launches run phase 1 three times a step
+# under the interpreter: slow) polled in reverse and streamed forward
 PROJ_REG_CASES = [
     (layout, reverse, training, ln)
     for layout in PROJ_REG_PLANS
     for reverse in (False, True)
     for training in (True, False)
     for ln in (False, True)
-    if not ln or layout == "backend" or (training and (layout == "polled") == reverse)
+    if layout == "backend" or (training and (not ln or (layout == "polled") == reverse))
 ]
 
 
