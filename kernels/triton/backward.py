@@ -26,7 +26,7 @@ from .exchange import (
     _wait_clock,
     _wait_over,
 )
-from .norm import _ln_c_backward, _ln_hh_backward, _ln_own_loads
+from .norm import _backward_params, _ln_c_backward, _ln_hh_backward, _ln_own_loads
 from .tiles import (
     _dgates_dots,
     _dgates_ptrs,
@@ -213,23 +213,12 @@ def _recurrence_bwd_kernel(
     if LN:
         xch_ptr = drec_ptr
         XCELL: tl.constexpr = LSTM
-        lw0 = tl.load(lnw_ptr + offs_j, mask=mj, other=0.0).to(ACC)
-        lw1 = lw0
-        lw2 = lw0
-        lw3 = lw0
-        if G > 1:
-            lw1 = tl.load(lnw_ptr + H + offs_j, mask=mj, other=0.0).to(ACC)
-            lw2 = tl.load(lnw_ptr + 2 * H + offs_j, mask=mj, other=0.0).to(ACC)
-        if G > 3:
-            lw3 = tl.load(lnw_ptr + 3 * H + offs_j, mask=mj, other=0.0).to(ACC)
     else:
         xch_ptr = dxg_ptr
         XCELL: tl.constexpr = CELL
-    if LN_C:
-        lnc_w = tl.load(lncw_ptr + offs_j, mask=mj, other=0.0).to(ACC)
-        lnc_b = tl.load(lncb_ptr + offs_j, mask=mj, other=0.0).to(ACC)
-        g_cw = tl.load(lng_ptr + own, mask=m_own, other=0.0).to(ACC)
-        g_cb = tl.load(lng_ptr + B64 * H + own, mask=m_own, other=0.0).to(ACC)
+    lw0, lw1, lw2, lw3, lnc_w, lnc_b, g_cw, g_cb = _backward_params(
+        lnw_ptr, lncw_ptr, lncb_ptr, lng_ptr, offs_j, mj, own, m_own, B64, G, H, LN, LN_C, ACC
+    )  # fmt: skip
 
     # W_hh[:, own units], gate-major: ON_CHIP G (BH, BH) tiles; RESIDENT G*NKC (KC, BH) tiles
     if ON_CHIP:

@@ -28,7 +28,7 @@ from .exchange import (
     _wait_clock,
     _wait_over,
 )
-from .norm import _normalize_rows, _program_counts, _store_normalized, _store_row_number
+from .norm import _forward_params, _normalize_rows, _store_normalized, _store_row_number
 from .tiles import _regularizer_constants, _row_tile, _runtime_zeros, _time, _zoneout_weights
 
 
@@ -159,14 +159,9 @@ def _recurrence_fwd_kernel(
     unit_n = pid_h * BH + offs_n % BH
     mn = (gate_n < G) & (unit_n < H)
     col_n = gate_n * H + unit_n  # column of xg, row of W_hh
-    if LN:
-        ln_w = tl.load(lnw_ptr + col_n, mask=mn, other=0.0).to(ACC)
-        ln_b = tl.load(lnb_ptr + col_n, mask=mn, other=0.0).to(ACC)
-        counts_hh = _program_counts(NHP, BH, H, G, ACC)
-    if LN_C:
-        lnc_w = tl.load(lncw_ptr + offs_j, mask=mj, other=0.0).to(ACC)
-        lnc_b = tl.load(lncb_ptr + offs_j, mask=mj, other=0.0).to(ACC)
-        counts_c = _program_counts(NHP, BH, H, 1, ACC)
+    ln_w, ln_b, counts_hh, lnc_w, lnc_b, counts_c = _forward_params(
+        lnw_ptr, lnb_ptr, lncw_ptr, lncb_ptr, col_n, mn, offs_j, mj, NHP, BH, H, G, LN, LN_C, ACC
+    )  # fmt: skip
     # Weights loaded once, before the time loop (they live in shared memory from then on).
     # ON_CHIP: this program owns every unit (BH >= H), so K = BH and h never leaves it.
     # RESIDENT: K in NKC chunks of KC. Otherwise streamed from L2 in KC chunks every step.

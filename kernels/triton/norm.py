@@ -329,3 +329,60 @@ def _store_normalized(ws_ptr, row, wrow, col_n, mb, mn, valid, mr, a_hat, rstd_h
     wn = ws_ptr + row + wrow[:, None] + (NW - G) * H + col_n[None, :]
     tl.store(wn, tl.where(valid[:, None], a_hat, 0.0).to(wd), mask=mb[:, None] & mn[None, :])
     _store_row_number(ws_ptr + row + wrow + NW * H, rstd_hh, valid, (col_n == 0)[None, :], mr)
+
+
+@triton.jit
+def _forward_params(lnw_ptr, lnb_ptr, lncw_ptr, lncb_ptr, col_n, mn, offs_j, mj,
+                    NHP: tl.constexpr, BH: tl.constexpr, H: tl.constexpr, G: tl.constexpr,
+                    LN: tl.constexpr, LN_C: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
+    """What a forward launch keeps of LayerNorm for all its steps: LN_hh's weight and bias
+    at the fused gate columns col_n and the program columns' counts of them, LN_c's at the
+    own units and their counts (scalars where off: unused)."""
+    ln_w = 0.0
+    ln_b = 0.0
+    counts_hh = 0.0
+    lnc_w = 0.0
+    lnc_b = 0.0
+    counts_c = 0.0
+    if LN:
+        ln_w = tl.load(lnw_ptr + col_n, mask=mn, other=0.0).to(ACC)
+        ln_b = tl.load(lnb_ptr + col_n, mask=mn, other=0.0).to(ACC)
+        counts_hh = _program_counts(NHP, BH, H, G, ACC)
+    if LN_C:
+        lnc_w = tl.load(lncw_ptr + offs_j, mask=mj, other=0.0).to(ACC)
+        lnc_b = tl.load(lncb_ptr + offs_j, mask=mj, other=0.0).to(ACC)
+        counts_c = _program_counts(NHP, BH, H, 1, ACC)
+    return ln_w, ln_b, counts_hh, lnc_w, lnc_b, counts_c
+
+
+@triton.jit
+def _backward_params(lnw_ptr, lncw_ptr, lncb_ptr, lng_ptr, offs_j, mj, own, m_own, B64,
+                     G: tl.constexpr, H: tl.constexpr, LN: tl.constexpr, LN_C: tl.constexpr,
+                     ACC: tl.constexpr):  # fmt: skip
+    """What a backward launch keeps of LayerNorm: LN_hh's weight at the own units, gate by
+    gate (unused gates alias the first), LN_c's weight and bias, and LN_c's parameter
+    gradients so far per (row, unit) (lng, (2, B, H); scalars where off: unused)."""
+    lw0 = 0.0
+    lw1 = 0.0
+    lw2 = 0.0
+    lw3 = 0.0
+    lnc_w = 0.0
+    lnc_b = 0.0
+    g_cw = 0.0
+    g_cb = 0.0
+    if LN:
+        lw0 = tl.load(lnw_ptr + offs_j, mask=mj, other=0.0).to(ACC)
+        lw1 = lw0
+        lw2 = lw0
+        lw3 = lw0
+        if G > 1:
+            lw1 = tl.load(lnw_ptr + H + offs_j, mask=mj, other=0.0).to(ACC)
+            lw2 = tl.load(lnw_ptr + 2 * H + offs_j, mask=mj, other=0.0).to(ACC)
+        if G > 3:
+            lw3 = tl.load(lnw_ptr + 3 * H + offs_j, mask=mj, other=0.0).to(ACC)
+    if LN_C:
+        lnc_w = tl.load(lncw_ptr + offs_j, mask=mj, other=0.0).to(ACC)
+        lnc_b = tl.load(lncb_ptr + offs_j, mask=mj, other=0.0).to(ACC)
+        g_cw = tl.load(lng_ptr + own, mask=m_own, other=0.0).to(ACC)
+        g_cb = tl.load(lng_ptr + B64 * H + own, mask=m_own, other=0.0).to(ACC)
+    return lw0, lw1, lw2, lw3, lnc_w, lnc_b, g_cw, g_cb

@@ -38,11 +38,12 @@ from .exchange import (
     _wait_over,
 )
 from .norm import (
+    _backward_params,
+    _forward_params,
     _ln_c_backward,
     _ln_hh_backward,
     _ln_own_loads,
     _normalize_rows,
-    _program_counts,
     _store_normalized,
     _store_row_number,
 )
@@ -216,14 +217,9 @@ def _lstmp_fwd_kernel(
     unit_n = pid_h * BH + offs_n % BH
     mn = (gate_n < G) & (unit_n < H)
     col_n = gate_n * H + unit_n  # column of xg, row of W_hh
-    if LN:
-        ln_w = tl.load(lnw_ptr + col_n, mask=mn, other=0.0).to(ACC)
-        ln_b = tl.load(lnb_ptr + col_n, mask=mn, other=0.0).to(ACC)
-        counts_hh = _program_counts(NHP, BH, H, G, ACC)
-    if LN_C:
-        lnc_w = tl.load(lncw_ptr + offs_j, mask=mj, other=0.0).to(ACC)
-        lnc_b = tl.load(lncb_ptr + offs_j, mask=mj, other=0.0).to(ACC)
-        counts_c = _program_counts(NHP, BH, H, 1, ACC)
+    ln_w, ln_b, counts_hh, lnc_w, lnc_b, counts_c = _forward_params(
+        lnw_ptr, lnb_ptr, lncw_ptr, lncb_ptr, col_n, mn, offs_j, mj, NHP, BH, H, G, LN, LN_C, ACC
+    )  # fmt: skip
     if RESIDENT:
         # W_hh^T (P, GP*BH) in NKP chunks of KC rows; W_hr^T (H, BP) in NKC chunks
         w_g = ()
@@ -502,17 +498,11 @@ def _lstmp_bwd_kernel(
     st_rows = (B64 + BLOCK_B - 1) // BLOCK_B * BLOCK_B
     if LN:
         xch_ptr = drec_ptr
-        lw0 = tl.load(lnw_ptr + offs_j, mask=mj, other=0.0).to(ACC)
-        lw1 = tl.load(lnw_ptr + H + offs_j, mask=mj, other=0.0).to(ACC)
-        lw2 = tl.load(lnw_ptr + 2 * H + offs_j, mask=mj, other=0.0).to(ACC)
-        lw3 = tl.load(lnw_ptr + 3 * H + offs_j, mask=mj, other=0.0).to(ACC)
     else:
         xch_ptr = dxg_ptr
-    if LN_C:
-        lnc_w = tl.load(lncw_ptr + offs_j, mask=mj, other=0.0).to(ACC)
-        lnc_b = tl.load(lncb_ptr + offs_j, mask=mj, other=0.0).to(ACC)
-        g_cw = tl.load(lng_ptr + own, mask=m_own, other=0.0).to(ACC)
-        g_cb = tl.load(lng_ptr + B64 * H + own, mask=m_own, other=0.0).to(ACC)
+    lw0, lw1, lw2, lw3, lnc_w, lnc_b, g_cw, g_cb = _backward_params(
+        lnw_ptr, lncw_ptr, lncb_ptr, lng_ptr, offs_j, mj, own, m_own, B64, G, H, LN, LN_C, ACC
+    )  # fmt: skip
     # the zoneout weights, loaded a step ahead (h's for phase 1, c's for phase 2)
     t = _time(T - 1 - s_begin, T, REVERSE)
     zv = mb & (t < L) & (s_begin < T)
