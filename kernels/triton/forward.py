@@ -28,7 +28,7 @@ from .exchange import (
     _wait_clock,
     _wait_over,
 )
-from .norm import _forward_params, _normalize_rows, _store_normalized, _store_row_number
+from .norm import _forward_params, _normalize_rows, _store_c_numbers, _store_normalized
 from .tiles import _regularizer_constants, _row_tile, _runtime_zeros, _time, _zoneout_weights
 
 
@@ -362,10 +362,7 @@ def _recurrence_fwd_kernel(
                 tl.store(wp, tl.where(v2, h_act, 0.0).to(wd), mask=m_own)
             mr = mb & (pid_h == 0)  # (one program writes a row's numbers)
             if LN_C:
-                wr = ws_ptr + toff * WSR + wrow + NW * H
-                first = (offs_j == 0)[None, :]
-                _store_row_number(wr + 1, mu_c, valid, first, mr)
-                _store_row_number(wr + 2, rstd_c, valid, first, mr)
+                _store_c_numbers(ws_ptr, toff * WSR, wrow, offs_j, valid, mr, mu_c, rstd_c, NW, H)
             elif LN:
                 _store_normalized(ws_ptr, toff * WSR, wrow, col_n, mb, mn, valid, mr, a_hat,
                                   rstd_hh, G, NW, H)  # fmt: skip

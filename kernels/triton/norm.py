@@ -386,3 +386,14 @@ def _backward_params(lnw_ptr, lncw_ptr, lncb_ptr, lng_ptr, offs_j, mj, own, m_ow
         g_cw = tl.load(lng_ptr + own, mask=m_own, other=0.0).to(ACC)
         g_cb = tl.load(lng_ptr + B64 * H + own, mask=m_own, other=0.0).to(ACC)
     return lw0, lw1, lw2, lw3, lnc_w, lnc_b, g_cw, g_cb
+
+
+@triton.jit
+def _store_c_numbers(ws_ptr, row, wrow, offs_j, valid, mr, mu_c, rstd_c, NW: tl.constexpr,
+                     H: tl.constexpr):  # fmt: skip
+    """LN_c's row numbers of a step (rows from `row` on), μ_c and 1/σ_c after 1/σ_hh, from
+    the program of the first units (mr)."""
+    wr = ws_ptr + row + wrow + NW * H
+    first = (offs_j == 0)[None, :]
+    _store_row_number(wr + 1, mu_c, valid, first, mr)
+    _store_row_number(wr + 2, rstd_c, valid, first, mr)

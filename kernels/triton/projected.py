@@ -44,8 +44,8 @@ from .norm import (
     _ln_hh_backward,
     _ln_own_loads,
     _normalize_rows,
+    _store_c_numbers,
     _store_normalized,
-    _store_row_number,
 )
 from .tiles import (
     _dgates_dots,
@@ -333,10 +333,8 @@ def _lstmp_fwd_kernel(
                     _store_normalized(ws_ptr, toff * WSR, wrow, col_n, mb, mn, valid, mr, a_hat,
                                       rstd_hh, G, NW, H)  # fmt: skip
                     if LN_C:
-                        wr = ws_ptr + toff * WSR + wrow + NW * H
-                        first = (offs_j == 0)[None, :]
-                        _store_row_number(wr + 1, mu_c, valid, first, mr)
-                        _store_row_number(wr + 2, rstd_c, valid, first, mr)
+                        _store_c_numbers(ws_ptr, toff * WSR, wrow, offs_j, valid, mr, mu_c,
+                                         rstd_c, NW, H)  # fmt: skip
             if USE_BARRIER:
                 _barrier_wait(sync_ptr, (k_bar + NX + 1) * nprog, wait_bound, ASM)
         if PHASES >= 2:
