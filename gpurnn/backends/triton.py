@@ -234,9 +234,9 @@ class TritonBackend(Backend):
 
     # ------------------------------------------------------------ regularized recurrences
     # IndRNN: its own kernels (kernels/triton/independent.py: no exchange; masks and zoneout
-    # fused). LSTM, GRU, RNN: the plain kernels with zoneout and recurrent dropout switched
-    # on in the step (ZONEOUT, RDROP, LN, LN_C), DropConnect a masked W_hh once per launch;
-    # the projected LSTM kernels take the same switches.
+    # fused). LSTM, GRU, RNN: the plain kernels with zoneout, recurrent dropout and LayerNorm
+    # switched on in the step (ZONEOUT, RDROP, LN, LN_C), DropConnect a masked W_hh once per
+    # launch; the projected LSTM kernels take the same switches.
 
     def regularized_unsupported_reason(self, cell, device, dtype, projected, kinds):
         if cell in INDRNN_CELLS:
