@@ -275,8 +275,7 @@ def _recurrence_fwd_kernel(
         if CELL == LSTM and LN_C:
             ig, fg, gg, og, c_new = _lstm_gates(x0, x1, x2, x3, a0, a1, a2, a3, cs)
             if SAVE:
-                # stored before LN_c's exchange, whose wait they overlap, and so that they
-                # are not held in registers through its polling loop
+                # stored before LN_c's exchange, whose wait they overlap
                 row = t.to(tl.int64) * B64 * WSR
                 wp = ws_ptr + row + wrow[:, None] + offs_j[None, :]
                 wd = ws_ptr.dtype.element_ty
