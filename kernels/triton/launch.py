@@ -422,9 +422,7 @@ def forward(
     cs = hs
     if cell == "lstm":
         cs = c0.to(acc_t).clone() if c0 is not None else torch.zeros_like(hs)
-    ws_dt = acc_t if ln_hh is not None else dt  # (LayerNorm's statistics need it)
-    ws_shape = workspace_shape(cell, T, B, H, ln_hh is not None, ln_c is not None)
-    ws = _alloc(ws_shape, ws_dt, dev) if save else xg.new_empty((0,), dtype=ws_dt)
+    ws = _workspace(cell, T, B, H, dt, acc_t, dev, save, ln_hh, ln_c)
     if T == 0:
         return xg.new_empty((0, B, H)), hs.to(dt), (cs.to(dt) if cell == "lstm" else None), ws
     hx = _alloc((T + 1, B, H), dt, dev)
@@ -478,9 +476,30 @@ def _fill_polled(plan: Plan, dtype: torch.dtype, *buffers) -> None:
                 b.view(_BITS[dtype]).fill_(_SENTINEL[dtype])
 
 
-def _ln_c_grads(lng: torch.Tensor | None):
-    """LN_c's (weight, bias) gradients from the kernel's sums per (row, unit), (2, B, H)."""
-    return (lng[0].sum(0), lng[1].sum(0)) if lng is not None else None
+def _workspace(cell, T, B, H, dt, acc_t, dev, save, ln_hh, ln_c) -> torch.Tensor:
+    """The forward's workspace (`workspace_shape`; (0,) unless save): in the input dtype, in
+    the accumulation dtype with LayerNorm (its statistics need it)."""
+    ws_dt = acc_t if ln_hh is not None else dt
+    if not save:
+        return torch.empty((0,), dtype=ws_dt, device=dev)
+    return _alloc(workspace_shape(cell, T, B, H, ln_hh is not None, ln_c is not None), ws_dt, dev)
+
+
+def _ln_grad_buffers(T, B, G, H, dt, acc_t, dev, ln_hh, ln_c):
+    """The backward's LayerNorm outputs, allocated: drec (T, B, G*H) and lng, LN_c's
+    parameter gradients per (row, unit) (2, B, H), summed as the kernels go (None where
+    off)."""
+    drec = _alloc((T, B, G * H), dt, dev) if ln_hh is not None else None
+    lng = torch.zeros((2, B, H), dtype=acc_t, device=dev) if ln_c is not None else None
+    return drec, lng
+
+
+def _ln_outputs(drec, lng) -> tuple:
+    """The backward's outputs after the first four: with LayerNorm drec and LN_c's (weight,
+    bias) gradients (None without LN_c), () without."""
+    if drec is None:
+        return ()
+    return drec, ((lng[0].sum(0), lng[1].sum(0)) if lng is not None else None)
 
 
 def _fill_stats(plan: Plan, acc_t: torch.dtype, st: torch.Tensor, B: int) -> None:
@@ -516,9 +535,7 @@ def _forward_proj(xg, w_hh, w_hr, h0, c0, lengths, reverse, save, plan, precisio
     acc_t = torch.float64 if dt == torch.float64 else torch.float32
     hs = h0.to(acc_t).clone() if h0 is not None else torch.zeros(B, P, dtype=acc_t, device=dev)
     cs = c0.to(acc_t).clone() if c0 is not None else torch.zeros(B, H, dtype=acc_t, device=dev)
-    ws_dt = acc_t if ln_hh is not None else dt  # (LayerNorm's statistics need it)
-    ws_shape = workspace_shape("lstm", T, B, H, ln_hh is not None, ln_c is not None)
-    ws = _alloc(ws_shape, ws_dt, dev) if save else xg.new_empty((0,), dtype=ws_dt)
+    ws = _workspace("lstm", T, B, H, dt, acc_t, dev, save, ln_hh, ln_c)
     if T == 0:
         return xg.new_empty((0, B, P)), hs.to(dt), cs.to(dt), ws
     hx = _alloc((T + 1, B, P), dt, dev)
@@ -575,11 +592,9 @@ def _backward_proj(w_hh, w_hr, c0, lengths, reverse, y, workspace, dy, dh_T, dc_
     dhs = dh_T.to(acc_t).clone()
     dcs = dc_T.to(acc_t).clone() if dc_T is not None else torch.zeros(B, H, dtype=acc_t,
                                                                        device=dev)  # fmt: skip
-    drec = _alloc((T, B, 4 * H), dt, dev) if ln_hh is not None else None
-    lng = torch.zeros((2, B, H), dtype=acc_t, device=dev) if ln_c is not None else None
-    ln_out = () if ln_hh is None else (drec, _ln_c_grads(lng))
+    drec, lng = _ln_grad_buffers(T, B, 4, H, dt, acc_t, dev, ln_hh, ln_c)
     if T == 0:
-        return dxg, dhp, dhs, dcs, *ln_out
+        return dxg, dhp, dhs, dcs, *_ln_outputs(drec, lng)
     c0_ = c0 if c0 is not None else torch.zeros(B, H, dtype=dt, device=dev)
     reg_args, reg_axes, reg_kw, _ = _regularized("lstm", acc_t, dev, H, *reg, y, P)
     ln_args, ln_axes, ln_kw, ln_x = _backward_layer_norm("lstm", plan, T, B, acc_t, dev, ln_hh,
@@ -606,9 +621,7 @@ def _backward_proj(w_hh, w_hr, c0, lengths, reverse, y, workspace, dy, dh_T, dc_
     sync = _launch_phases(_lstmp_bwd_kernel, plan, T, B, T + 1, args, kw, _wait_bound(wait_bound),
                           dev, axes, defer_check, ln_x, ln_phase=2)  # fmt: skip
     _add_failed_polls(poll_counter, sync)
-    if ln_x:
-        ln_out = (drec, _ln_c_grads(lng))
-    return dxg, dhp, dhs, dcs, *ln_out
+    return dxg, dhp, dhs, dcs, *_ln_outputs(drec, lng)
 
 
 def backward(
@@ -678,11 +691,9 @@ def backward(
     if cell == "lstm":
         dcs = dc_T.to(acc_t).clone() if dc_T is not None else torch.zeros_like(dhs)
     # LayerNorm: what W_hh multiplies, and LN_c's parameter gradients per (row, unit)
-    drec = _alloc((T, B, G * H), dt, dev) if ln_hh is not None else None
-    lng = torch.zeros((2, B, H), dtype=acc_t, device=dev) if ln_c is not None else None
-    ln_out = () if ln_hh is None else (drec, _ln_c_grads(lng))
+    drec, lng = _ln_grad_buffers(T, B, G, H, dt, acc_t, dev, ln_hh, ln_c)
     if T == 0:
-        return dxg, dhn, dhs, (dcs if cell == "lstm" else None), *ln_out
+        return dxg, dhn, dhs, (dcs if cell == "lstm" else None), *_ln_outputs(drec, lng)
     zeros = None
     if h0 is None or (cell == "lstm" and c0 is None):
         zeros = torch.zeros(B, H, dtype=dt, device=dev)
@@ -720,6 +731,4 @@ def backward(
     sync = _launch_steps(_recurrence_bwd_kernel, plan, T, B, T + 1, args, kw,
                          _wait_bound(wait_bound), dev, axes, defer_check, ln_x)  # fmt: skip
     _add_failed_polls(poll_counter, sync)
-    if ln_x:
-        ln_out = (drec, _ln_c_grads(lng))
-    return dxg, dhn, dhs, (dcs if cell == "lstm" else None), *ln_out
+    return dxg, dhn, dhs, (dcs if cell == "lstm" else None), *_ln_outputs(drec, lng)
