@@ -554,14 +554,11 @@ def test_regularized_step(cell, layout, training, layer_norm):
         from gpurnn import masks
 
         factors = masks.dropout_factors(reg.recurrent_mask, H, reg.recurrent_dropout, y.dtype)
+    drec, dln_c = ln_out if layer_norm else (None, None)  # (W_hh multiplied drec)
+    dw_hh, db_hn = kernel_weight_grads(cell, dxg, dhn, y, c["h0"], L, True, c["b_hn"], factors,
+                                       drec)  # fmt: skip
     if layer_norm:
-        drec, dln_c = ln_out
-        dw_hh, _ = kernel_weight_grads(cell, drec, None, y, c["h0"], L, True, None, factors)
-        db_hn = dhn.sum((0, 1)) if dhn is not None else None
         ln_grads = _layer_norm_grads(cell, reg, dxg, dhn, ws, dln_c)
-    else:
-        dw_hh, db_hn = kernel_weight_grads(cell, dxg, dhn, y, c["h0"], L, True, c["b_hn"],
-                                           factors)  # fmt: skip
 
     numpy = NumpyBackend()
     ry, rh, rc, _ = numpy.regularized_forward(inputs, reg, False)

@@ -46,17 +46,20 @@ def previous_states(states: Tensor, init: Tensor, lengths: Tensor | None, revers
     return torch.where(first[..., None], init[None], shifted)
 
 
-def kernel_weight_grads(cell, dxg, dhn, y, h_init, lengths, reverse, b_hn, h_factors=None):
+def kernel_weight_grads(cell, dxg, dhn, y, h_init, lengths, reverse, b_hn, h_factors=None,
+                        d_hidden=None):  # fmt: skip
     """dW_hh and db_hn after a fused backward kernel that wrote dxg (T, B, G*H) and, for GRU,
     dhn (T, B, H): the n block of d(W_hh h), which differs from dxg's by the factor r.
     One GEMM over every (t, b) against the state each step started from (times h_factors
     (B, H), the recurrent-dropout mask, where given: what entered W_hh); rows past a
-    sequence's end carry zero gradients and add nothing."""
+    sequence's end carry zero gradients and add nothing. d_hidden: d(W_hh h) where it is
+    neither (with LayerNorm, the gradient before LN_hh); db_hn is dhn's sum all the same."""
     H = y.shape[-1]
     h_prev = previous_states(y, h_init.to(y.dtype), lengths, reverse)
     if h_factors is not None:
         h_prev = h_prev * h_factors.to(y.dtype)
-    d_hidden = dxg if dhn is None else torch.cat([dxg[..., : 2 * H], dhn], dim=-1)
+    if d_hidden is None:
+        d_hidden = dxg if dhn is None else torch.cat([dxg[..., : 2 * H], dhn], dim=-1)
     d_hidden, h_prev = d_hidden.reshape(-1, d_hidden.shape[-1]), h_prev.reshape(-1, H)
     acc = torch.float64 if y.dtype == torch.float64 else torch.float32
     if y.device.type == "cuda" and y.dtype != torch.float64:

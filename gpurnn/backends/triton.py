@@ -206,20 +206,15 @@ class TritonBackend(Backend):
         if reg is not None and reg.recurrent_mask is not None:
             h_factors = masks.dropout_factors(reg.recurrent_mask, H_out, reg.recurrent_dropout,
                                               y.dtype)  # fmt: skip
+        # LayerNorm: W_hh multiplied the gradient before LN_hh (drec), and b_hn joins after
+        # it (dhn); LN_hh's parameter gradients pair the gate gradients (GRU's n block: dhn)
+        # with the normalized W_hh h the workspace keeps
+        drec, dln_c = ln_out if ln_out else (None, None)
+        dw_hh, db_hn = kernel_weight_grads(cell, dxg, dhn, y, h_init, lengths, reverse, b_hn,
+                                           h_factors, drec)  # fmt: skip
         ln_grads = LayerNormGrads()
-        if ln_out:
-            # LayerNorm: W_hh multiplied the gradient before LN_hh (drec), and b_hn joins
-            # after it (dhn); LN_hh's parameter gradients pair the gate gradients (GRU's n
-            # block: dhn) with the normalized W_hh h the workspace keeps
-            drec, dln_c = ln_out
-            dw_hh, _ = kernel_weight_grads(cell, drec, None, y, h_init, lengths, reverse, None,
-                                           h_factors)  # fmt: skip
-            acc = workspace.dtype
-            db_hn = dhn.to(acc).sum((0, 1)).to(b_hn.dtype) if b_hn is not None else None
+        if drec is not None:
             ln_grads = _layer_norm_grads(cell, reg, dxg, dhn, workspace, dln_c)
-        else:
-            dw_hh, db_hn = kernel_weight_grads(cell, dxg, dhn, y, h_init, lengths, reverse,
-                                               b_hn, h_factors)  # fmt: skip
         if reg is not None and reg.dropconnect_mask is not None:
             dw_hh = dw_hh * masks.dropout_factors(reg.dropconnect_mask, w_hh.shape[1],
                                                   reg.dropconnect, dw_hh.dtype)  # fmt: skip
